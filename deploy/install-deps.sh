@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 (bookworm) packages kvrecall needs to build, test and
+# benchmark. Idempotent: packages already present are skipped, and nothing is
+# downloaded from outside the Debian archive.
+set -euo pipefail
+
+PACKAGES=(
+  # toolchain
+  build-essential cmake ninja-build pkg-config git
+  # C++ libraries (STYLE.md pinned versions)
+  libabsl-dev libprotobuf-dev protobuf-compiler
+  libgrpc++-dev protobuf-compiler-grpc
+  librocksdb-dev libfaiss-dev libopenblas-dev libopenblas0-pthread libomp-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  libxxhash-dev libcpp-httplib-dev libcli11-dev
+  libzstd-dev liblz4-dev libsnappy-dev zlib1g-dev libbz2-dev
+  # Python client, tests and plots (all for /usr/bin/python3)
+  python3 python3-numpy python3-grpcio python3-protobuf python3-pytest
+  python3-faiss python3-hnswlib python3-matplotlib python3-xxhash
+  # peers for benchmarks
+  redis-server redis-tools
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]} == 0)); then
+  echo "install-deps: all ${#PACKAGES[@]} packages present"
+  exit 0
+fi
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+echo "install-deps: installing ${#missing[@]} packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
