@@ -135,7 +135,7 @@ Path ChoosePath() {
 
 const Path kPath = ChoosePath();
 
-inline float DotRow(const float* q, const void* row, DType dtype, int32_t d) {
+inline float DotRowDispatch(const float* q, const void* row, DType dtype, int32_t d) {
   switch (kPath) {
     case Path::kAvx512:
       return DotAvx512(q, row, dtype, d);
@@ -160,13 +160,19 @@ const char* ScoreKernelName() {
   }
 }
 
-float DotF32(const float* a, const float* b, int32_t d) { return DotRow(a, b, DType::kF32, d); }
+float DotF32(const float* a, const float* b, int32_t d) {
+  return DotRowDispatch(a, b, DType::kF32, d);
+}
+
+float DotRow(const float* query, const void* row, DType dtype, int32_t d) {
+  return DotRowDispatch(query, row, dtype, d);
+}
 
 void ScoreRows(const float* query, const void* keys, DType dtype, int64_t n, int32_t d,
                int64_t stride, float* scores) {
   const size_t row_bytes = static_cast<size_t>(stride) * DTypeSize(dtype);
   const char* base = static_cast<const char*>(keys);
-  for (int64_t i = 0; i < n; ++i) scores[i] = DotRow(query, base + i * row_bytes, dtype, d);
+  for (int64_t i = 0; i < n; ++i) scores[i] = DotRowDispatch(query, base + i * row_bytes, dtype, d);
 }
 
 void ScoreRowsGather(const float* query, const void* keys, DType dtype, int32_t d, int64_t stride,
@@ -175,7 +181,7 @@ void ScoreRowsGather(const float* query, const void* keys, DType dtype, int32_t 
   const char* base = static_cast<const char*>(keys);
   for (int64_t j = 0; j < m; ++j) {
     if (j + 4 < m) __builtin_prefetch(base + ids[j + 4] * row_bytes);
-    scores[j] = DotRow(query, base + ids[j] * row_bytes, dtype, d);
+    scores[j] = DotRowDispatch(query, base + ids[j] * row_bytes, dtype, d);
   }
 }
 

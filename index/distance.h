@@ -18,6 +18,10 @@ namespace kvrecall::index {
 // a·b over d f32 elements.
 float DotF32(const float* a, const float* b, int32_t d);
 
+// query · row for one row of `dtype` (f32, f16 or bf16 bits).
+//   query: [d] f32;  row: [d] elements of dtype
+float DotRow(const float* query, const void* row, DType dtype, int32_t d);
+
 // scores[i] = query · keys[i] for the n rows starting at `keys`.
 //   query:  [d] f32
 //   keys:   [n, stride] elements of `dtype` (f32, f16 or bf16 bits), row-major
