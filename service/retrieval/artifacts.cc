@@ -1,0 +1,127 @@
+// RetrievalService: versioned per-model artifacts in the catalog.
+#include "service/retrieval/retrieval_service.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <optional>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "common/thread_pool.h"
+#include "index/distance.h"
+#include "index/index_factory.h"
+#include "index/index_format.h"
+#include "service/retrieval/artifact_bundle.h"
+#include "service/retrieval/retrieval_internal.h"
+
+namespace kvrecall::retrieval {
+
+using internal::ArtifactKey;
+using internal::CheckDeadline;
+using internal::CheckFinite;
+using internal::ContextIndexPrefix;
+using internal::ContextRecordKey;
+using internal::DecodeContextRecord;
+using internal::EncodeContextRecord;
+using internal::IndexKey;
+using internal::IndexLatestKey;
+using internal::kArtifactSpace;
+using internal::kContextSpace;
+using internal::kIndexLatestSpace;
+using internal::kIndexSpace;
+using internal::MicrosSince;
+
+// ---------------------------------------------------------------- artifacts
+
+absl::StatusOr<int64_t> RetrievalService::PutArtifact(absl::string_view model_id,
+                                                      absl::string_view kind,
+                                                      absl::string_view bytes,
+                                                      absl::string_view description) {
+  KVR_RETURN_IF_ERROR(store_->GetModel(model_id).status());
+  if (kind.empty() || kind.find('\0') != absl::string_view::npos) {
+    return absl::InvalidArgumentError("artifact kind must be a non-empty name");
+  }
+  absl::MutexLock lock(&mu_);  // versions are assigned one at a time
+  const std::string prefix =
+      absl::StrCat(model_id, absl::string_view("\0", 1), kind, absl::string_view("\0", 1));
+  KVR_ASSIGN_OR_RETURN(auto existing, store_->CatalogScan(kArtifactSpace, prefix));
+  int64_t version = 1;
+  if (!existing.empty()) {
+    const std::string& last = existing.back().first;
+    int64_t v = 0;
+    for (size_t i = last.size() - 8; i < last.size(); ++i) {
+      v = (v << 8) | static_cast<unsigned char>(last[i]);
+    }
+    version = v + 1;
+  }
+  std::string value;
+  index::ByteWriter w(&value);
+  w.PutString(description);
+  w.Put<int64_t>(absl::ToUnixMicros(absl::Now()));
+  w.PutBytes(bytes.data(), bytes.size());
+  KVR_RETURN_IF_ERROR(store_->CatalogPut(kArtifactSpace, ArtifactKey(model_id, kind, version), value));
+  return version;
+}
+
+namespace {
+absl::StatusOr<std::pair<ArtifactInfo, std::string>> DecodeArtifact(absl::string_view key,
+                                                                     absl::string_view value) {
+  ArtifactInfo info;
+  std::vector<absl::string_view> parts = absl::StrSplit(key, absl::ByChar('\0'));
+  if (parts.size() != 3 || parts[2].size() != 8) return absl::DataLossError("bad artifact key");
+  info.model_id = std::string(parts[0]);
+  info.kind = std::string(parts[1]);
+  for (char c : parts[2]) info.version = (info.version << 8) | static_cast<unsigned char>(c);
+  index::ByteReader r(value);
+  KVR_ASSIGN_OR_RETURN(info.description, r.GetString());
+  KVR_ASSIGN_OR_RETURN(int64_t created, r.Get<int64_t>());
+  info.created = absl::FromUnixMicros(created);
+  std::string bytes(value.substr(value.size() - r.remaining()));
+  info.bytes = static_cast<int64_t>(bytes.size());
+  return std::make_pair(std::move(info), std::move(bytes));
+}
+}  // namespace
+
+absl::StatusOr<std::pair<ArtifactInfo, std::string>> RetrievalService::GetArtifact(
+    absl::string_view model_id, absl::string_view kind, int64_t version) const {
+  if (version < 0) return absl::InvalidArgumentError("artifact version must be >= 0");
+  if (version > 0) {
+    const std::string key = ArtifactKey(model_id, kind, version);
+    auto value = store_->CatalogGet(kArtifactSpace, key);
+    if (!value.ok()) {
+      if (absl::IsNotFound(value.status())) {
+        return absl::NotFoundError(absl::StrCat("no artifact ", kind, " version ", version,
+                                                " for model ", model_id));
+      }
+      return value.status();
+    }
+    return DecodeArtifact(key, *value);
+  }
+  const std::string prefix =
+      absl::StrCat(model_id, absl::string_view("\0", 1), kind, absl::string_view("\0", 1));
+  KVR_ASSIGN_OR_RETURN(auto all, store_->CatalogScan(kArtifactSpace, prefix));
+  if (all.empty()) {
+    return absl::NotFoundError(absl::StrCat("no artifact ", kind, " for model ", model_id));
+  }
+  return DecodeArtifact(all.back().first, all.back().second);
+}
+
+absl::StatusOr<std::vector<ArtifactInfo>> RetrievalService::ListArtifacts(
+    absl::string_view model_id) const {
+  KVR_ASSIGN_OR_RETURN(auto all, store_->CatalogScan(kArtifactSpace,
+                                                     absl::StrCat(model_id, absl::string_view("\0", 1))));
+  std::vector<ArtifactInfo> out;
+  for (const auto& [key, value] : all) {
+    KVR_ASSIGN_OR_RETURN(auto decoded, DecodeArtifact(key, value));
+    out.push_back(std::move(decoded.first));
+  }
+  return out;
+}
+
+}  // namespace kvrecall::retrieval

@@ -1,0 +1,583 @@
+#include "service/retrieval/retrieval_service.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <optional>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "common/thread_pool.h"
+#include "index/distance.h"
+#include "index/index_factory.h"
+#include "index/index_format.h"
+#include "service/retrieval/artifact_bundle.h"
+#include "service/retrieval/retrieval_internal.h"
+
+namespace kvrecall::retrieval {
+
+using internal::ArtifactKey;
+using internal::CheckDeadline;
+using internal::CheckFinite;
+using internal::ContextIndexPrefix;
+using internal::ContextRecordKey;
+using internal::DecodeContextRecord;
+using internal::EncodeContextRecord;
+using internal::IndexKey;
+using internal::IndexLatestKey;
+using internal::kArtifactSpace;
+using internal::kContextSpace;
+using internal::kIndexLatestSpace;
+using internal::kIndexSpace;
+using internal::MicrosSince;
+
+absl::string_view OperationStateName(OperationState state) {
+  switch (state) {
+    case OperationState::kPending:
+      return "pending";
+    case OperationState::kRunning:
+      return "running";
+    case OperationState::kDone:
+      return "done";
+    case OperationState::kFailed:
+      return "failed";
+    case OperationState::kCancelled:
+      return "cancelled";
+  }
+  return "unknown";
+}
+
+RetrievalService::RetrievalService(store::TieredStore* store, const RetrievalOptions& options)
+    : store_(store), options_(options) {}
+
+absl::StatusOr<std::unique_ptr<RetrievalService>> RetrievalService::Create(
+    store::TieredStore* store, const RetrievalOptions& options) {
+  if (store == nullptr) return absl::InvalidArgumentError("retrieval service needs a store");
+  if (options.concurrent_builds < 1 || options.concurrent_builds > 64) {
+    return absl::InvalidArgumentError("concurrent_builds must be in [1, 64]");
+  }
+  if (options.context_idle_ttl <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("context_idle_ttl must be positive");
+  }
+  std::unique_ptr<RetrievalService> service(new RetrievalService(store, options));
+  for (int i = 0; i < options.concurrent_builds; ++i) {
+    service->builders_.emplace_back([s = service.get()] { s->BuilderLoop(); });
+  }
+  return service;
+}
+
+RetrievalService::~RetrievalService() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    for (auto& [id, op] : operations_) op->cancel.store(true);
+  }
+  for (std::thread& t : builders_) t.join();
+  absl::MutexLock lock(&mu_);
+  for (auto& [key, entry] : contexts_) {
+    for (const auto& span : entry->context->spans()) {
+      store_->Unpin(span->key).IgnoreError();  // shutting down: pins are not persistent
+    }
+  }
+}
+
+// ---------------------------------------------------------------- contexts
+
+absl::StatusOr<OpenContextReply> RetrievalService::OpenContext(absl::string_view tenant,
+                                                               absl::string_view model_id,
+                                                               absl::Span<const Hash128> chain,
+                                                               absl::Time deadline) {
+  CloseIdleContexts();
+  if (chain.empty()) return absl::InvalidArgumentError("a context needs at least one span hash");
+  KVR_ASSIGN_OR_RETURN(store::ModelGeometry model, store_->GetModel(model_id));
+  const Hash128 id = chain.back();
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = contexts_.find({std::string(tenant), id});
+    if (it != contexts_.end() && it->second->context->model().model_id == model_id &&
+        it->second->context->chain() == std::vector<Hash128>(chain.begin(), chain.end())) {
+      it->second->last_used = absl::Now();
+      const auto& ctx = it->second->context;
+      return OpenContextReply{id, ctx->num_tokens(0), static_cast<int32_t>(chain.size()), false};
+    }
+  }
+  std::vector<store::StoredSpanPtr> spans;
+  std::vector<std::string> missing;
+  for (size_t i = 0; i < chain.size(); ++i) {
+    KVR_RETURN_IF_ERROR(CheckDeadline(deadline, "while promoting the context's spans"));
+    store::GetResult got = store_->Get(store::SpanKey{std::string(tenant), chain[i]}, model_id);
+    if (got.span == nullptr) {
+      missing.push_back(absl::StrCat(chain[i].ToHex(), " (span ", i, ": ",
+                                     store::MissReasonName(got.miss), ")"));
+      continue;
+    }
+    spans.push_back(std::move(got.span));
+  }
+  if (!missing.empty()) {
+    const size_t shown = std::min<size_t>(missing.size(), 8);
+    return absl::NotFoundError(absl::StrCat(
+        missing.size(), " of ", chain.size(), " spans of the context are not stored: ",
+        absl::StrJoin(missing.begin(), missing.begin() + shown, ", "),
+        missing.size() > shown ? ", ..." : ""));
+  }
+  for (size_t i = 0; i < spans.size(); ++i) {
+    if (i > 0 && spans[i]->meta.parent != spans[i - 1]->key.hash) {
+      return absl::InvalidArgumentError(absl::StrCat("span ", i, " (", chain[i].ToHex(),
+                                                     ") is not the child of span ", i - 1,
+                                                     ": the chain is not linked"));
+    }
+    if (i + 1 < spans.size() && spans[i]->meta.num_tokens != model.block_tokens) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "span ", i, " holds ", spans[i]->meta.num_tokens, " tokens; only the last span of a "
+          "context may hold fewer than ", model.block_tokens));
+    }
+  }
+  // Pin the spans in memory while the context is open.
+  for (size_t i = 0; i < spans.size(); ++i) {
+    absl::Status pinned = store_->Pin(spans[i]->key, absl::InfiniteDuration());
+    if (!pinned.ok()) {
+      for (size_t j = 0; j < i; ++j) store_->Unpin(spans[j]->key).IgnoreError();  // undo
+      return pinned;
+    }
+  }
+  auto ctx = std::make_shared<Context>(std::string(tenant), model, std::move(spans));
+  KVR_RETURN_IF_ERROR(store_->CatalogPut(kContextSpace, ContextRecordKey(tenant, id),
+                                         EncodeContextRecord(model_id, chain)));
+  bool raced = false;
+  {
+    absl::MutexLock lock(&mu_);
+    auto& slot = contexts_[{std::string(tenant), id}];
+    if (slot != nullptr) {
+      raced = true;
+    } else {
+      slot = std::make_shared<OpenContextEntry>();
+      slot->context = ctx;
+      slot->last_used = absl::Now();
+    }
+  }
+  if (raced) {  // another caller opened it meanwhile: drop our pins
+    for (const auto& s : ctx->spans()) store_->Unpin(s->key).IgnoreError();  // ours only
+    return OpenContextReply{id, ctx->prefix_tokens(), static_cast<int32_t>(chain.size()), false};
+  }
+  return OpenContextReply{id, ctx->prefix_tokens(), static_cast<int32_t>(chain.size()), true};
+}
+
+absl::Status RetrievalService::CloseContext(absl::string_view tenant, const Hash128& context) {
+  std::shared_ptr<OpenContextEntry> entry;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = contexts_.find({std::string(tenant), context});
+    if (it == contexts_.end()) {
+      return absl::NotFoundError(absl::StrCat("context ", context.ToHex(), " is not open"));
+    }
+    entry = it->second;
+    contexts_.erase(it);
+    // Indexes stay persisted; drop the loaded ones of this context.
+    const std::string prefix = ContextIndexPrefix(tenant, context);
+    for (auto i = indexes_.lower_bound(prefix); i != indexes_.end() && absl::StartsWith(i->first, prefix);) {
+      i = indexes_.erase(i);
+    }
+  }
+  for (const auto& s : entry->context->spans()) store_->Unpin(s->key).IgnoreError();  // best effort
+  return absl::OkStatus();
+}
+
+void RetrievalService::CloseIdleContexts() {
+  std::vector<std::shared_ptr<OpenContextEntry>> closed;
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = absl::Now();
+    for (auto it = contexts_.begin(); it != contexts_.end();) {
+      if (now - it->second->last_used > options_.context_idle_ttl &&
+          it->second->context.use_count() == 1) {
+        const std::string prefix = ContextIndexPrefix(it->first.first, it->first.second);
+        for (auto i = indexes_.lower_bound(prefix);
+             i != indexes_.end() && absl::StartsWith(i->first, prefix);) {
+          i = indexes_.erase(i);
+        }
+        closed.push_back(it->second);
+        it = contexts_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (const auto& e : closed) {
+    for (const auto& s : e->context->spans()) store_->Unpin(s->key).IgnoreError();  // best effort
+  }
+}
+
+absl::StatusOr<std::shared_ptr<Context>> RetrievalService::GetContext(absl::string_view tenant,
+                                                                      const Hash128& context,
+                                                                      absl::Time deadline) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = contexts_.find({std::string(tenant), context});
+    if (it != contexts_.end()) {
+      it->second->last_used = absl::Now();
+      return it->second->context;
+    }
+  }
+  return ReopenContext(tenant, context, deadline);
+}
+
+absl::StatusOr<std::shared_ptr<Context>> RetrievalService::ReopenContext(absl::string_view tenant,
+                                                                         const Hash128& context,
+                                                                         absl::Time deadline) {
+  auto record = store_->CatalogGet(kContextSpace, ContextRecordKey(tenant, context));
+  if (!record.ok()) {
+    if (absl::IsNotFound(record.status())) {
+      return absl::NotFoundError(absl::StrCat("unknown context ", context.ToHex(),
+                                              ": open it first with OpenContext"));
+    }
+    return record.status();
+  }
+  KVR_ASSIGN_OR_RETURN(auto decoded, DecodeContextRecord(*record));
+  auto opened = OpenContext(tenant, decoded.first, decoded.second, deadline);
+  if (!opened.ok()) {
+    if (absl::IsNotFound(opened.status())) {
+      // The context's spans are gone: its indexes go with it.
+      auto listed = store_->CatalogScan(kIndexSpace, ContextIndexPrefix(tenant, context));
+      if (listed.ok()) {
+        for (const auto& [key, value] : *listed) {
+          store_->CatalogDelete(kIndexSpace, key).IgnoreError();  // garbage collection
+        }
+      }
+      auto latest = store_->CatalogScan(kIndexLatestSpace, ContextIndexPrefix(tenant, context));
+      if (latest.ok()) {
+        for (const auto& [key, value] : *latest) {
+          store_->CatalogDelete(kIndexLatestSpace, key).IgnoreError();  // garbage collection
+        }
+      }
+      store_->CatalogDelete(kContextSpace, ContextRecordKey(tenant, context)).IgnoreError();
+      return absl::NotFoundError(absl::StrCat("context ", context.ToHex(),
+                                              " is no longer stored (its indexes were removed): ",
+                                              opened.status().message()));
+    }
+    return opened.status();
+  }
+  absl::MutexLock lock(&mu_);
+  auto it = contexts_.find({std::string(tenant), context});
+  if (it == contexts_.end()) return absl::InternalError("context closed while reopening");
+  return it->second->context;
+}
+
+absl::StatusOr<int64_t> RetrievalService::AppendTokens(absl::string_view tenant,
+                                                       const Hash128& context,
+                                                       const AppendBatch& batch) {
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Context> ctx,
+                       GetContext(tenant, context, absl::InfiniteFuture()));
+  if (!batch.queries.empty()) KVR_RETURN_IF_ERROR(CheckFinite(batch.queries, "query"));
+  KVR_ASSIGN_OR_RETURN(int64_t first, ctx->Append(batch));
+  // Add the new keys to every loaded index of those layers.
+  std::vector<std::shared_ptr<LoadedIndex>> affected;
+  {
+    absl::MutexLock lock(&mu_);
+    const std::string prefix = ContextIndexPrefix(tenant, context);
+    for (auto i = indexes_.lower_bound(prefix);
+         i != indexes_.end() && absl::StartsWith(i->first, prefix); ++i) {
+      if (i->second->layer >= batch.layer_begin && i->second->layer < batch.layer_end) {
+        affected.push_back(i->second);
+      }
+    }
+  }
+  for (const auto& li : affected) {
+    absl::MutexLock lock(&li->mu);
+    const int64_t have = li->index->size();
+    const int64_t want = ctx->num_tokens(li->layer);
+    if (have >= want) continue;
+    const std::string keys = ctx->GatherKeys(li->layer, li->kv_head, want);
+    const size_t row = static_cast<size_t>(ctx->model().head_dim) * DTypeSize(ctx->model().dtype);
+    index::VectorView view{keys.data() + have * row, want - have, ctx->model().head_dim,
+                           ctx->model().dtype, 0};
+    absl::Status added = li->index->Add(view);
+    if (!added.ok()) {
+      KVR_LOG(WARNING) << "index " << li->kind << " of layer " << li->layer << " head "
+                       << li->kv_head << " could not add appended tokens: " << added;
+    }
+  }
+  return first;
+}
+
+absl::Status RetrievalService::AddQueries(absl::string_view tenant, const Hash128& context,
+                                          int32_t layer, int64_t first_position, int64_t n,
+                                          absl::Span<const float> queries) {
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Context> ctx,
+                       GetContext(tenant, context, absl::InfiniteFuture()));
+  KVR_RETURN_IF_ERROR(CheckFinite(queries, "query"));
+  return ctx->AddQueries(layer, first_position, n, queries);
+}
+
+// Replaces every head's list by the union of its KV group's lists, with that
+// head's exact scores, descending.
+void RetrievalService::UnionPerGroup(const RetrieveRequest& request, const LayerKvView& view,
+                                     SearchReply* reply) {
+  const int32_t d = view.head_dim;
+  const int32_t hq = static_cast<int32_t>(reply->ids.size());
+  const int32_t g = hq / view.num_kv_heads;
+  for (int32_t kvh = 0; kvh < view.num_kv_heads; ++kvh) {
+    std::vector<int64_t> uni;
+    for (int32_t j = 0; j < g; ++j) {
+      const auto& ids = reply->ids[kvh * g + j];
+      uni.insert(uni.end(), ids.begin(), ids.end());
+    }
+    std::sort(uni.begin(), uni.end());
+    uni.erase(std::unique(uni.begin(), uni.end()), uni.end());
+    while (!uni.empty() && uni.front() < 0) uni.erase(uni.begin());
+    for (int32_t j = 0; j < g; ++j) {
+      const int32_t h = kvh * g + j;
+      std::vector<std::pair<float, int64_t>> scored;
+      scored.reserve(uni.size());
+      for (int64_t id : uni) {
+        scored.emplace_back(index::DotRow(request.queries.data() + h * d, view.KeyRow(kvh, id),
+                                          view.dtype, d),
+                            id);
+      }
+      std::sort(scored.begin(), scored.end(),
+                [](const auto& a, const auto& b) { return a.first > b.first; });
+      reply->ids[h].clear();
+      reply->scores[h].clear();
+      for (const auto& [sc, id] : scored) {
+        reply->ids[h].push_back(id);
+        reply->scores[h].push_back(sc);
+      }
+    }
+  }
+}
+
+absl::StatusOr<SearchReply> RetrievalService::SearchInternal(const RetrieveRequest& request,
+                                                             const Context& ctx, int64_t tokens,
+                                                             int32_t k, bool need_scores) {
+  const auto& m = ctx.model();
+  const int32_t d = m.head_dim, hq = m.num_q_heads, hkv = m.num_kv_heads, g = hq / hkv;
+  SearchReply reply;
+  reply.ids.resize(hq);
+  reply.scores.resize(hq);
+  reply.stats.context_tokens = tokens;
+  const absl::Time start = absl::Now();
+  const LayerKvView view = ctx.KvView(request.layer);
+
+  if (request.index.kind == "all") {
+    // No index: every non-excluded position; with k > 0, the exact top-k of them.
+    std::vector<int64_t> all;
+    all.reserve(tokens);
+    size_t e = 0;
+    for (int64_t p = 0; p < tokens; ++p) {
+      while (e < request.exclude.size() && request.exclude[e].end <= p) ++e;
+      if (e < request.exclude.size() && request.exclude[e].begin <= p) continue;
+      all.push_back(p);
+    }
+    reply.stats.keys_scanned = static_cast<int64_t>(all.size()) * hq;
+    if (k == 0 && !need_scores) {
+      for (int32_t h = 0; h < hq; ++h) reply.ids[h] = all;
+      reply.stats.search_us = MicrosSince(start);
+      return reply;
+    }
+    auto score_head = [&](int64_t begin, int64_t end) {
+      std::vector<float> s(all.size());
+      for (int64_t h = begin; h < end; ++h) {
+        const float* q = request.queries.data() + h * d;
+        for (size_t i = 0; i < all.size(); ++i) {
+          s[i] = index::DotRow(q, view.KeyRow(static_cast<int32_t>(h / g), all[i]), m.dtype, d);
+        }
+        const int32_t kk = k > 0 ? k : static_cast<int32_t>(all.size());
+        index::TopK top(kk);
+        for (size_t i = 0; i < all.size(); ++i) top.Push(s[i], all[i]);
+        std::vector<int64_t> ids(kk);
+        std::vector<float> sc(kk);
+        top.Drain(ids.data(), sc.data());
+        reply.ids[h] = std::move(ids);
+        reply.scores[h] = std::move(sc);
+      }
+    };
+    ThreadPool::Default()->ParallelFor(hq, 1, score_head);
+    if (request.gqa_mode == GqaMode::kUnion) UnionPerGroup(request, view, &reply);
+    reply.stats.search_us = MicrosSince(start);
+    return reply;
+  }
+
+  // One index search per KV head, in parallel over heads.
+  std::vector<std::shared_ptr<LoadedIndex>> found(hkv);
+  for (int32_t kvh = 0; kvh < hkv; ++kvh) {
+    KVR_ASSIGN_OR_RETURN(found[kvh], FindIndex(ctx, request.layer, kvh, request.index));
+  }
+  KVR_ASSIGN_OR_RETURN(index::ParamMap knobs, index::ParamMap::Parse(request.index.knobs));
+  std::vector<absl::Status> statuses(hkv);
+  std::vector<index::SearchResult> results(hkv);
+  auto search_head = [&](int64_t begin, int64_t end) {
+    for (int64_t kvh = begin; kvh < end; ++kvh) {
+      const LoadedIndex& li = *found[kvh];
+      absl::ReaderMutexLock lock(&li.mu);
+      index::SearchParams sp;
+      sp.knobs = knobs;
+      sp.num_threads = 1;
+      sp.exclude = request.exclude;
+      if (li.index->size() > tokens) {  // persisted past what this context holds now
+        sp.exclude.push_back(index::PositionRange{tokens, li.index->size()});
+      }
+      const absl::string_view knob = li.index->SearchEffortKnob();
+      if (request.index.effort > 0 && !knob.empty()) {
+        sp.knobs.SetInt(knob, std::min(request.index.effort, li.index->MaxSearchEffort()));
+      }
+      const int32_t kk = static_cast<int32_t>(std::min<int64_t>(k, li.index->size()));
+      auto r = li.index->Search(
+          index::VectorView::F32(request.queries.data() + kvh * g * d, g, d), kk, sp);
+      if (!r.ok()) {
+        statuses[kvh] = r.status();
+        continue;
+      }
+      results[kvh] = std::move(*r);
+    }
+  };
+  if (hkv > 1) {
+    ThreadPool::Default()->ParallelFor(hkv, 1, search_head);
+  } else {
+    search_head(0, hkv);
+  }
+  for (const absl::Status& s : statuses) KVR_RETURN_IF_ERROR(s);
+
+  for (int32_t kvh = 0; kvh < hkv; ++kvh) {
+    const index::SearchResult& r = results[kvh];
+    reply.stats.keys_scanned += r.stats.keys_scanned;
+    const int32_t kk = r.k;
+    if (request.gqa_mode == GqaMode::kPerHead) {
+      for (int32_t j = 0; j < g; ++j) {
+        const int32_t h = kvh * g + j;
+        for (int32_t i = 0; i < kk; ++i) {
+          const int64_t id = r.ids[static_cast<size_t>(j) * kk + i];
+          if (id < 0) break;
+          reply.ids[h].push_back(id);
+          reply.scores[h].push_back(r.scores[static_cast<size_t>(j) * kk + i]);
+        }
+      }
+    } else {
+      // Union mode: every head of the group first gets the group's lists.
+      for (int32_t j = 0; j < g; ++j) {
+        const int32_t h = kvh * g + j;
+        for (int64_t id : r.ids) {
+          if (id >= 0) reply.ids[h].push_back(id);
+        }
+      }
+    }
+  }
+  if (request.gqa_mode == GqaMode::kUnion) UnionPerGroup(request, view, &reply);
+  reply.stats.search_us = MicrosSince(start);
+  return reply;
+}
+
+namespace {
+
+// Validates the shared fields of Search/Attend; returns k.
+absl::StatusOr<int32_t> ValidateRetrieve(const RetrieveRequest& r, const store::ModelGeometry& m,
+                                         int64_t tokens) {
+  if (r.layer < 0 || r.layer >= m.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", r.layer, " is not within [0, ", m.num_layers, ")"));
+  }
+  const size_t want = static_cast<size_t>(m.num_q_heads) * m.head_dim;
+  if (r.queries.size() != want) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "queries must be [", m.num_q_heads, ", ", m.head_dim, "] f32 (", want,
+        " values) for model ", m.model_id, "; got ", r.queries.size()));
+  }
+  KVR_RETURN_IF_ERROR(CheckFinite(r.queries, "query"));
+  int64_t excluded = 0;
+  for (size_t i = 0; i < r.exclude.size(); ++i) {
+    const auto& e = r.exclude[i];
+    if (e.begin < 0 || e.end > tokens || e.begin >= e.end) {
+      return absl::InvalidArgumentError(absl::StrCat("exclude range [", e.begin, ", ", e.end,
+                                                     ") is empty or outside [0, ", tokens, ")"));
+    }
+    if (i > 0 && e.begin < r.exclude[i - 1].end) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "exclude ranges must be sorted and disjoint: [", r.exclude[i - 1].begin, ", ",
+          r.exclude[i - 1].end, ") and [", e.begin, ", ", e.end, ")"));
+    }
+    excluded += e.end - e.begin;
+  }
+  const int64_t available = tokens - excluded;
+  int64_t k = r.k;
+  if (k == 0) {
+    if (!(r.budget > 0 && r.budget <= 1)) {
+      if (r.index.kind == "all") return static_cast<int32_t>(0);
+      return absl::InvalidArgumentError("give k > 0 or a budget in (0, 1]");
+    }
+    k = static_cast<int64_t>(std::ceil(r.budget * static_cast<double>(tokens)));
+    k = std::min(k, available);
+  }
+  if (k < 0) return absl::InvalidArgumentError("k must not be negative");
+  if (r.index.kind != "all" && k > available) {
+    return absl::InvalidArgumentError(absl::StrCat("k = ", k, " is larger than the ", available,
+                                                   " positions of the context not excluded"));
+  }
+  if (k > (int64_t{1} << 24)) return absl::InvalidArgumentError("k is too large");
+  return static_cast<int32_t>(k);
+}
+
+}  // namespace
+
+absl::StatusOr<SearchReply> RetrievalService::Search(const RetrieveRequest& request) {
+  KVR_RETURN_IF_ERROR(CheckDeadline(request.deadline, "before the search started"));
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Context> ctx,
+                       GetContext(request.tenant, request.context, request.deadline));
+  if (request.layer < 0 || request.layer >= ctx->model().num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", request.layer, " is not within [0, ",
+                                                   ctx->model().num_layers, ")"));
+  }
+  const int64_t tokens = ctx->num_tokens(request.layer);
+  KVR_ASSIGN_OR_RETURN(int32_t k, ValidateRetrieve(request, ctx->model(), tokens));
+  return SearchInternal(request, *ctx, tokens, k, /*need_scores=*/true);
+}
+
+absl::StatusOr<AttendReply> RetrievalService::Attend(const RetrieveRequest& request) {
+  KVR_RETURN_IF_ERROR(CheckDeadline(request.deadline, "before the attention started"));
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Context> ctx,
+                       GetContext(request.tenant, request.context, request.deadline));
+  if (request.layer < 0 || request.layer >= ctx->model().num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", request.layer, " is not within [0, ",
+                                                   ctx->model().num_layers, ")"));
+  }
+  const int64_t tokens = ctx->num_tokens(request.layer);
+  KVR_ASSIGN_OR_RETURN(int32_t k, ValidateRetrieve(request, ctx->model(), tokens));
+  KVR_ASSIGN_OR_RETURN(SearchReply found,
+                       SearchInternal(request, *ctx, tokens, k, /*need_scores=*/false));
+  KVR_RETURN_IF_ERROR(CheckDeadline(request.deadline, "after the search"));
+  const auto& m = ctx->model();
+  const absl::Time start = absl::Now();
+  AttendReply reply;
+  PartialAttentionArgs args;
+  args.queries = request.queries.data();
+  args.num_q_heads = m.num_q_heads;
+  args.group_size = m.num_q_heads / m.num_kv_heads;
+  const bool shared =
+      request.gqa_mode == GqaMode::kUnion || (request.index.kind == "all" && k == 0);
+  std::vector<std::vector<int64_t>> sorted_ids;
+  if (shared) {
+    // One list per KV head (the group's lists are equal): read each row once for the group.
+    for (int32_t kvh = 0; kvh < m.num_kv_heads; ++kvh) {
+      std::vector<int64_t> ids = found.ids[kvh * args.group_size];
+      std::sort(ids.begin(), ids.end());
+      sorted_ids.push_back(std::move(ids));
+    }
+  } else {
+    for (int32_t h = 0; h < m.num_q_heads; ++h) {
+      std::vector<int64_t> ids = found.ids[h];
+      std::sort(ids.begin(), ids.end());  // sequential reads of the KV blocks
+      sorted_ids.push_back(std::move(ids));
+    }
+  }
+  for (const auto& ids : sorted_ids) args.ids.emplace_back(ids);
+  const LayerKvView view = ctx->KvView(request.layer);
+  KVR_RETURN_IF_ERROR(ComputePartialAttention(view, args, &reply.state));
+  reply.ids = std::move(found.ids);
+  reply.stats = found.stats;
+  reply.stats.attend_us = MicrosSince(start);
+  return reply;
+}
+
+}  // namespace kvrecall::retrieval

@@ -1,0 +1,396 @@
+#include "service/retrieval/retrieval_service.h"
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "common/checksum.h"
+#include "common/half.h"
+#include "common/span_hash.h"
+#include "gtest/gtest.h"
+#include "service/retrieval/artifact_bundle.h"
+#include "tests/testing/status_matchers.h"
+#include "tests/testing/test_data.h"
+
+namespace kvrecall::retrieval {
+namespace {
+
+using ::kvrecall::testing::IsOk;
+using ::kvrecall::testing::StatusIs;
+using ::testing::HasSubstr;
+
+constexpr int32_t kLayers = 2, kQHeads = 4, kKvHeads = 2, kDim = 32, kBlock = 16;
+
+store::ModelGeometry Geometry() {
+  store::ModelGeometry m;
+  m.model_id = "tiny";
+  m.num_layers = kLayers;
+  m.num_q_heads = kQHeads;
+  m.num_kv_heads = kKvHeads;
+  m.head_dim = kDim;
+  m.dtype = DType::kF32;
+  m.block_tokens = kBlock;
+  return m;
+}
+
+class RetrievalServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = testing::MakeTempDir("retrieval");
+    OpenAll();
+    KVR_ASSERT_OK(store_->RegisterModel(Geometry()));
+  }
+
+  void OpenAll() {
+    store::TieredStoreOptions so;
+    so.data_dir = dir_;
+    so.memory_capacity_bytes = 64 << 20;
+    so.disk_capacity_bytes = 64 << 20;
+    so.rocksdb_capacity_bytes = 64 << 20;
+    auto st = store::TieredStore::Open(so);
+    ASSERT_TRUE(st.ok()) << st.status();
+    store_ = std::move(*st);
+    auto rs = RetrievalService::Create(store_.get(), RetrievalOptions());
+    ASSERT_TRUE(rs.ok()) << rs.status();
+    service_ = std::move(*rs);
+  }
+
+  void Reopen() {
+    service_.reset();
+    store_.reset();
+    OpenAll();
+  }
+
+  // Stores `tokens` random tokens as spans; returns the chain.
+  std::vector<Hash128> StoreContext(int64_t tokens, uint32_t seed, bool durable = true) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> dist;
+    std::vector<uint32_t> ids(tokens);
+    for (auto& t : ids) t = rng() % 256;
+    Hash128 parent = SpanRootHash("tiny");
+    std::vector<Hash128> chain;
+    const auto m = Geometry();
+    for (int64_t begin = 0; begin < tokens; begin += kBlock) {
+      const int32_t n = static_cast<int32_t>(std::min<int64_t>(kBlock, tokens - begin));
+      store::StoredSpan span;
+      span.key.hash = SpanHash(parent, absl::MakeConstSpan(ids).subspan(begin, n));
+      span.meta.model_id = "tiny";
+      span.meta.parent = parent;
+      span.meta.num_tokens = n;
+      span.meta.durable = durable;
+      span.payload.resize(m.SpanPayloadBytes(n));
+      float* f = reinterpret_cast<float*>(span.payload.data());
+      for (size_t i = 0; i < span.payload.size() / 4; ++i) f[i] = dist(rng);
+      span.meta.payload_bytes = static_cast<int64_t>(span.payload.size());
+      span.meta.payload_checksum = Checksum64(span.payload);
+      parent = span.key.hash;
+      chain.push_back(parent);
+      auto put = store_->Put(std::move(span), store::PutOptions());
+      EXPECT_TRUE(put.ok()) << put.status();
+    }
+    return chain;
+  }
+
+  std::vector<float> RandomQueries(uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> dist;
+    std::vector<float> q(kQHeads * kDim);
+    for (float& x : q) x = 2.0f * dist(rng);
+    return q;
+  }
+
+  // Full attention over positions [0, tokens) minus `exclude`, in float64.
+  void Reference(const Context& ctx, int32_t layer, const std::vector<float>& q,
+                 const std::vector<index::PositionRange>& exclude, std::vector<double>* out,
+                 std::vector<double>* lse) {
+    const LayerKvView view = ctx.KvView(layer);
+    out->assign(kQHeads * kDim, 0.0);
+    lse->assign(kQHeads, 0.0);
+    for (int32_t h = 0; h < kQHeads; ++h) {
+      std::vector<std::pair<double, int64_t>> s;
+      for (int64_t p = 0; p < view.num_tokens; ++p) {
+        bool ex = false;
+        for (auto& e : exclude) ex = ex || (p >= e.begin && p < e.end);
+        if (ex) continue;
+        const float* k = static_cast<const float*>(view.KeyRow(h / 2, p));
+        double acc = 0;
+        for (int j = 0; j < kDim; ++j) acc += double(q[h * kDim + j]) * k[j];
+        s.emplace_back(acc / std::sqrt(double(kDim)), p);
+      }
+      double m = -INFINITY;
+      for (auto& [x, p] : s) m = std::max(m, x);
+      double l = 0;
+      for (auto& [x, p] : s) l += std::exp(x - m);
+      for (auto& [x, p] : s) {
+        const float* v = static_cast<const float*>(view.ValueRow(h / 2, p));
+        for (int j = 0; j < kDim; ++j) (*out)[h * kDim + j] += std::exp(x - m) / l * v[j];
+      }
+      (*lse)[h] = m + std::log(l);
+    }
+  }
+
+  std::shared_ptr<Context> OpenedContext(const std::vector<Hash128>& chain) {
+    // Build an equivalent Context for references (same spans, read from the store).
+    std::vector<store::StoredSpanPtr> spans;
+    for (const auto& h : chain) spans.push_back(store_->Get(store::SpanKey{"", h}, "tiny").span);
+    return std::make_shared<Context>("", Geometry(), spans);
+  }
+
+  OperationInfo BuildAndWait(const Hash128& ctx, const std::string& kind,
+                             const std::string& params = "") {
+    BuildIndexRequest req;
+    req.context = ctx;
+    req.kind = kind;
+    req.params = params;
+    auto id = service_->BuildIndex(req);
+    EXPECT_TRUE(id.ok()) << id.status();
+    auto info = service_->WaitOperation(*id, absl::InfiniteFuture());
+    EXPECT_TRUE(info.ok()) << info.status();
+    return *info;
+  }
+
+  std::string dir_;
+  std::unique_ptr<store::TieredStore> store_;
+  std::unique_ptr<RetrievalService> service_;
+};
+
+TEST_F(RetrievalServiceTest, OpenContextNamesMissingSpans) {
+  auto chain = StoreContext(40, 1);
+  Hash128 bogus{1, 2};
+  std::vector<Hash128> broken = chain;
+  broken.push_back(bogus);
+  EXPECT_THAT(service_->OpenContext("", "tiny", broken, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr(bogus.ToHex())));
+  EXPECT_THAT(service_->OpenContext("", "nope", chain, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(service_->OpenContext("", "tiny", {}, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  // Another tenant does not see the spans.
+  EXPECT_THAT(service_->OpenContext("other", "tiny", chain, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kNotFound));
+  KVR_ASSERT_OK_AND_ASSIGN(auto opened,
+                           service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()));
+  EXPECT_EQ(opened.context, chain.back());
+  EXPECT_EQ(opened.num_tokens, 40);
+  EXPECT_TRUE(opened.newly_opened);
+}
+
+TEST_F(RetrievalServiceTest, AttendAllEqualsFullAttentionAndMergesExactly) {
+  auto chain = StoreContext(100, 2);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  auto ctx = OpenedContext(chain);
+  const auto q = RandomQueries(3);
+  RetrieveRequest req;
+  req.context = chain.back();
+  req.layer = 1;
+  req.queries = q;
+  req.index.kind = "all";
+  req.exclude = {{0, 4}, {90, 100}};
+  KVR_ASSERT_OK_AND_ASSIGN(AttendReply remote, service_->Attend(req));
+
+  // The caller's local partial over the excluded positions, merged with the
+  // remote one, must equal full attention over everything.
+  std::vector<int64_t> local_ids;
+  for (auto& e : req.exclude) for (int64_t p = e.begin; p < e.end; ++p) local_ids.push_back(p);
+  PartialAttentionArgs args;
+  args.queries = q.data();
+  args.num_q_heads = kQHeads;
+  args.group_size = 2;
+  args.ids = {local_ids, local_ids};
+  PartialAttentionResult local, merged;
+  KVR_ASSERT_OK(ComputePartialAttention(ctx->KvView(1), args, &local));
+  MergeAttentionStates({&remote.state, &local}, kQHeads, kDim, &merged);
+  std::vector<double> ref, lse;
+  Reference(*ctx, 1, q, {}, &ref, &lse);
+  for (int h = 0; h < kQHeads; ++h) {
+    double num = 0, den = 0;
+    for (int j = 0; j < kDim; ++j) {
+      num += std::pow(merged.out[h * kDim + j] - ref[h * kDim + j], 2);
+      den += ref[h * kDim + j] * ref[h * kDim + j];
+    }
+    EXPECT_LT(std::sqrt(num / den), 1e-5) << "head " << h;
+    EXPECT_NEAR(merged.lse[h], lse[h], 1e-5 * (1 + std::abs(lse[h])));
+  }
+}
+
+TEST_F(RetrievalServiceTest, FlatIndexSearchIsExactAndHonoursExclusions) {
+  auto chain = StoreContext(200, 4);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  const OperationInfo op = BuildAndWait(chain.back(), "flat");
+  ASSERT_EQ(op.state, OperationState::kDone) << op.error;
+  EXPECT_EQ(op.fraction, 1.0);
+  const auto q = RandomQueries(5);
+  RetrieveRequest req;
+  req.context = chain.back();
+  req.layer = 0;
+  req.queries = q;
+  req.k = 10;
+  req.index.kind = "flat";
+  req.exclude = {{50, 60}};
+  KVR_ASSERT_OK_AND_ASSIGN(SearchReply got, service_->Search(req));
+  req.index.kind = "all";
+  KVR_ASSERT_OK_AND_ASSIGN(SearchReply exact, service_->Search(req));
+  for (int h = 0; h < kQHeads; ++h) {
+    ASSERT_EQ(got.ids[h].size(), 10u);
+    EXPECT_EQ(got.ids[h], exact.ids[h]) << "head " << h;
+    for (int64_t id : got.ids[h]) EXPECT_TRUE(id < 50 || id >= 60);
+  }
+  // Union mode gives every head of a group the same positions.
+  req.index.kind = "flat";
+  req.gqa_mode = GqaMode::kUnion;
+  KVR_ASSERT_OK_AND_ASSIGN(SearchReply uni, service_->Search(req));
+  auto sorted = [](std::vector<int64_t> v) {
+    std::sort(v.begin(), v.end());
+    return v;
+  };
+  EXPECT_EQ(sorted(uni.ids[0]), sorted(uni.ids[1]));
+  EXPECT_GE(uni.ids[0].size(), 10u);
+}
+
+TEST_F(RetrievalServiceTest, BadRequestsAreRejected) {
+  auto chain = StoreContext(64, 6);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  auto q = RandomQueries(7);
+  RetrieveRequest req;
+  req.context = chain.back();
+  req.queries = q;
+  req.k = 5;
+  req.index.kind = "roar";
+  EXPECT_THAT(service_->Search(req),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("BuildIndex")));
+  req.index.kind = "all";
+  req.layer = 9;
+  EXPECT_THAT(service_->Attend(req), StatusIs(absl::StatusCode::kInvalidArgument));
+  req.layer = 0;
+  req.k = 65;
+  EXPECT_THAT(service_->Search(req), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("larger")));
+  req.k = 5;
+  req.exclude = {{10, 20}, {15, 30}};
+  EXPECT_THAT(service_->Search(req), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("disjoint")));
+  req.exclude = {{60, 70}};
+  EXPECT_THAT(service_->Search(req), StatusIs(absl::StatusCode::kInvalidArgument));
+  req.exclude.clear();
+  q[3] = NAN;
+  EXPECT_THAT(service_->Attend(req), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("finite")));
+  q[3] = 0;
+  std::vector<float> short_q(kDim);
+  req.queries = short_q;
+  EXPECT_THAT(service_->Search(req), StatusIs(absl::StatusCode::kInvalidArgument));
+  req.queries = q;
+  req.deadline = absl::Now() - absl::Seconds(1);
+  EXPECT_THAT(service_->Attend(req), StatusIs(absl::StatusCode::kDeadlineExceeded));
+  req.deadline = absl::InfiniteFuture();
+  req.context = Hash128{5, 5};
+  EXPECT_THAT(service_->Attend(req), StatusIs(absl::StatusCode::kNotFound, HasSubstr("unknown context")));
+  BuildIndexRequest b;
+  b.context = chain.back();
+  b.kind = "nope";
+  EXPECT_THAT(service_->BuildIndex(b), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("roar")));
+  b.kind = "flat";
+  b.layers = {7};
+  EXPECT_THAT(service_->BuildIndex(b), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+TEST_F(RetrievalServiceTest, IndexesPersistAndReloadLazilyAfterRestart) {
+  auto chain = StoreContext(96, 8);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  ASSERT_EQ(BuildAndWait(chain.back(), "flat").state, OperationState::kDone);
+  const auto q = RandomQueries(9);
+  RetrieveRequest req;
+  req.context = chain.back();
+  req.layer = 1;
+  req.queries = q;
+  req.k = 8;
+  req.index.kind = "flat";
+  KVR_ASSERT_OK_AND_ASSIGN(AttendReply before, service_->Attend(req));
+  Reopen();
+  KVR_ASSERT_OK_AND_ASSIGN(auto listed, service_->ListIndexes("", chain.back()));
+  EXPECT_EQ(listed.size(), static_cast<size_t>(kLayers * kKvHeads));
+  for (const auto& info : listed) EXPECT_FALSE(info.loaded);
+  KVR_ASSERT_OK_AND_ASSIGN(AttendReply after, service_->Attend(req));  // reopens + reloads
+  EXPECT_EQ(after.ids, before.ids);
+  for (size_t i = 0; i < before.state.out.size(); ++i) {
+    EXPECT_FLOAT_EQ(after.state.out[i], before.state.out[i]);
+  }
+  KVR_ASSERT_OK(service_->DeleteIndex("", chain.back(), "flat", ""));
+  req.index.kind = "flat";
+  EXPECT_THAT(service_->Search(req), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+TEST_F(RetrievalServiceTest, AppendedTokensAreSearchable) {
+  auto chain = StoreContext(32, 10);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  ASSERT_EQ(BuildAndWait(chain.back(), "flat").state, OperationState::kDone);
+  const auto q = RandomQueries(11);
+  // Append 3 tokens to both layers whose keys equal 10 * q of head 0's group.
+  const int n = 3;
+  std::vector<float> k(kLayers * kKvHeads * n * kDim), v(k.size(), 1.0f);
+  for (int l = 0; l < kLayers; ++l)
+    for (int h = 0; h < kKvHeads; ++h)
+      for (int t = 0; t < n; ++t)
+        for (int j = 0; j < kDim; ++j)
+          k[((l * kKvHeads + h) * n + t) * kDim + j] = 10.0f * q[(h * 2) * kDim + j];
+  AppendBatch batch;
+  batch.layer_begin = 0;
+  batch.layer_end = kLayers;
+  batch.num_tokens = n;
+  batch.keys = absl::string_view(reinterpret_cast<const char*>(k.data()), k.size() * 4);
+  batch.values = absl::string_view(reinterpret_cast<const char*>(v.data()), v.size() * 4);
+  KVR_ASSERT_OK_AND_ASSIGN(int64_t first, service_->AppendTokens("", chain.back(), batch));
+  EXPECT_EQ(first, 32);
+  RetrieveRequest req;
+  req.context = chain.back();
+  req.layer = 1;
+  req.queries = q;
+  req.k = 3;
+  req.index.kind = "flat";
+  KVR_ASSERT_OK_AND_ASSIGN(SearchReply got, service_->Search(req));
+  std::vector<int64_t> ids = got.ids[0];
+  std::sort(ids.begin(), ids.end());
+  EXPECT_EQ(ids, (std::vector<int64_t>{32, 33, 34}));
+  // Layer 1 alone may run ahead of layer 0; a range over both is then out of step.
+  AppendBatch one = batch;
+  one.layer_begin = 1;
+  one.keys = batch.keys.substr(0, batch.keys.size() / 2);
+  one.values = batch.values.substr(0, batch.values.size() / 2);
+  KVR_ASSERT_OK(service_->AppendTokens("", chain.back(), one).status());
+  EXPECT_THAT(service_->AppendTokens("", chain.back(), batch),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+TEST_F(RetrievalServiceTest, ArtifactsAreVersioned) {
+  EXPECT_THAT(service_->PutArtifact("nope", "loki_basis", "x", ""),
+              StatusIs(absl::StatusCode::kNotFound));
+  KVR_ASSERT_OK_AND_ASSIGN(int64_t v1, service_->PutArtifact("tiny", "loki_basis", "one", "first"));
+  KVR_ASSERT_OK_AND_ASSIGN(int64_t v2, service_->PutArtifact("tiny", "loki_basis", "two", "second"));
+  KVR_ASSERT_OK_AND_ASSIGN(int64_t p1, service_->PutArtifact("tiny", "policy", "p", ""));
+  EXPECT_EQ(v1, 1);
+  EXPECT_EQ(v2, 2);
+  EXPECT_EQ(p1, 1);
+  KVR_ASSERT_OK_AND_ASSIGN(auto latest, service_->GetArtifact("tiny", "loki_basis", 0));
+  EXPECT_EQ(latest.second, "two");
+  EXPECT_EQ(latest.first.description, "second");
+  KVR_ASSERT_OK_AND_ASSIGN(auto first, service_->GetArtifact("tiny", "loki_basis", 1));
+  EXPECT_EQ(first.second, "one");
+  EXPECT_THAT(service_->GetArtifact("tiny", "loki_basis", 3), StatusIs(absl::StatusCode::kNotFound));
+  KVR_ASSERT_OK_AND_ASSIGN(auto all, service_->ListArtifacts("tiny"));
+  EXPECT_EQ(all.size(), 3u);
+}
+
+TEST(ArtifactBundleTest, RoundTripAndCorruption) {
+  ArtifactBundle b;
+  b.Put(ArtifactBundle::EntryName(3, 1), "basis-3-1");
+  b.Put("other", std::string(1000, 'x'));
+  const std::string bytes = b.Serialize();
+  KVR_ASSERT_OK_AND_ASSIGN(ArtifactBundle c, ArtifactBundle::Parse(bytes));
+  ASSERT_NE(c.Find("L3/H1"), nullptr);
+  EXPECT_EQ(*c.Find("L3/H1"), "basis-3-1");
+  EXPECT_EQ(c.Find("L0/H0"), nullptr);
+  std::string bad = bytes;
+  bad[20] ^= 1;
+  EXPECT_THAT(ArtifactBundle::Parse(bad), StatusIs(absl::StatusCode::kDataLoss));
+  EXPECT_THAT(ArtifactBundle::Parse("short"), StatusIs(absl::StatusCode::kDataLoss));
+}
+
+}  // namespace
+}  // namespace kvrecall::retrieval
