@@ -1,0 +1,53 @@
+#include "index/flat/search_input.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/status_matchers.h"
+
+namespace kvrecall::index {
+namespace {
+
+using ::kvrecall::testing::StatusIs;
+
+TEST(ExcludeSetTest, ContainsAndCountsClippedRanges) {
+  KVR_ASSERT_OK_AND_ASSIGN(ExcludeSet set, ExcludeSet::Create({{0, 4}, {10, 12}, {18, 40}}, 20));
+  EXPECT_TRUE(set.Contains(0));
+  EXPECT_TRUE(set.Contains(3));
+  EXPECT_FALSE(set.Contains(4));
+  EXPECT_TRUE(set.Contains(11));
+  EXPECT_FALSE(set.Contains(12));
+  EXPECT_TRUE(set.Contains(19));
+  EXPECT_EQ(set.included(), 20 - 4 - 2 - 2);
+  EXPECT_EQ(set.CountExcluded(2, 11), 2 + 1);
+  EXPECT_EQ(set.CountExcluded(4, 10), 0);
+  EXPECT_EQ(set.ranges().back().end, 20);
+}
+
+TEST(ExcludeSetTest, RejectsUnsortedOverlappingOrEmptyRanges) {
+  EXPECT_THAT(ExcludeSet::Create({{5, 8}, {2, 3}}, 10).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ExcludeSet::Create({{0, 5}, {4, 6}}, 10).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ExcludeSet::Create({{3, 3}}, 10).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ExcludeSet::Create({{-1, 3}}, 10).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  KVR_EXPECT_OK(ExcludeSet::Create({{0, 5}, {5, 6}}, 10).status());  // adjacent is fine
+}
+
+TEST(ValidateVectorsTest, RejectsMalformedViews) {
+  float data[4] = {};
+  EXPECT_THAT(ValidateVectors("keys", VectorView::F32(data, 1, 4), 3),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ValidateVectors("keys", VectorView::F32(nullptr, 1, 4), 4),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ValidateVectors("keys", VectorView{data, 1, 4, DType::kF32, 2}, 4),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ValidateVectors("keys", VectorView::F32(data, 1, 0), -1),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  KVR_EXPECT_OK(ValidateVectors("keys", VectorView::Empty(4), 4));
+  KVR_EXPECT_OK(ValidateVectors("keys", VectorView::F32(data, 1, 4), -1));
+}
+
+}  // namespace
+}  // namespace kvrecall::index
