@@ -1,0 +1,125 @@
+#pragma once
+
+// Quest (methods.md §6.1): keys grouped in pages of `page_size` consecutive
+// positions; per page the element-wise max M_p and min m_p of its keys. A
+// query ranks pages by the upper bound
+//   U_p = Σ_j max(q_j·M_{p,j}, q_j·m_{p,j}) = q⁺·M_p + q⁻·m_p
+// (q⁺ = max(q, 0), q⁻ = min(q, 0)), which is >= q·k for every key k of the
+// page, scores the keys of the top pages exactly, and returns the top k.
+//
+// Storage: the keys as given ([n, d], their dtype) and the bounds M, m
+// ([num_pages, d] each, in the keys' dtype: a min or max of representable
+// values is representable, so the bounds are exact). Pages are aligned to
+// positions: page p holds [p·page_size, (p+1)·page_size); the last page may be
+// partial and Add() widens it before opening new pages.
+//
+// Knobs (SearchParams::knobs):
+//   pages  the effort knob: pages scored exactly, >= 1; default
+//          8·ceil(k / page_size). Raised to ceil(k / page_size) so that k keys
+//          can be returned; at or above the number of eligible pages every
+//          eligible key is scored exactly, which is the flat result.
+// Exclusions: a page wholly inside excluded ranges is skipped (no bound); a
+// partly excluded page keeps its bound (still an upper bound of its eligible
+// keys) and only its eligible keys are scored.
+// Stats, per query: a bound reads two d-vectors, so keys_scanned counts 2 per
+// computed page bound plus 1 per exactly scored key; exact_scores counts the
+// exactly scored keys; visited counts the pages whose keys were scored
+// exactly. When every eligible page is selected no bound is computed (the
+// selection would be moot): keys_scanned = exact_scores = eligible keys.
+//
+// Build params (BuildIndex): page_size (default 16, range [1, 65536]).
+// Format of Serialize(): docs/formats/quest.md.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "common/progress.h"
+#include "index/key_index.h"
+#include "index/params.h"
+
+namespace kvrecall::index::quest {
+
+inline constexpr int32_t kMaxPageSize = 65536;
+
+struct QuestOptions {
+  // Positions per page, [1, kMaxPageSize]; default 16 (Quest's chunk size).
+  int32_t page_size = 16;
+  // Threads for computing bounds; 0 = the default pool, 1 = caller only.
+  int num_threads = 0;
+  // Progress ("bounds"); may be empty; returning false cancels.
+  ProgressCallback progress;
+
+  // Options from BuildIndex's build params (page_size). INVALID_ARGUMENT on
+  // an unknown key or a value out of range.
+  static absl::StatusOr<QuestOptions> FromBuild(const ParamMap& params);
+};
+
+// Thread-compatible (see KeyIndex): const methods may run concurrently.
+class QuestIndex final : public KeyIndex {
+ public:
+  static constexpr absl::string_view kKind = "quest";
+
+  // Indexes `keys` [n, d] (f16, bf16 or f32; n may be 0). INVALID_ARGUMENT on
+  // a bad page size, d < 1, or non-finite keys; CANCELLED.
+  static absl::StatusOr<std::unique_ptr<QuestIndex>> Create(const VectorView& keys,
+                                                           const QuestOptions& options);
+
+  // Restores Serialize() bytes (kind "quest"). DATA_LOSS on corrupt bytes;
+  // FAILED_PRECONDITION on unsupported versions; INVALID_ARGUMENT for another kind.
+  static absl::StatusOr<std::unique_ptr<QuestIndex>> Load(absl::string_view bytes);
+
+  absl::string_view kind() const override { return kKind; }
+  int32_t dim() const override { return dim_; }
+  int64_t size() const override { return size_; }
+
+  // Widens the last page's bounds and appends pages. INVALID_ARGUMENT when
+  // keys.dim != dim(), the dtype differs from the indexed keys', or a key is
+  // not finite; the index is unchanged then.
+  absl::Status Add(const VectorView& keys) override;
+
+  absl::StatusOr<SearchResult> Search(const VectorView& queries, int32_t k,
+                                      const SearchParams& params) const override;
+
+  absl::string_view SearchEffortKnob() const override { return "pages"; }
+  // num_pages(): every page scored exactly.
+  int64_t MaxSearchEffort() const override { return num_pages(); }
+
+  // The page bounds.
+  int64_t IndexBytes() const override { return static_cast<int64_t>(max_.size() + min_.size()); }
+  int64_t KeyBytes() const override { return static_cast<int64_t>(keys_.size()); }
+  const ParamMap& build_params() const override { return build_params_; }
+  absl::StatusOr<std::string> Serialize() const override;
+
+  // U_p of every page for one query (the page-scoring step of Search, also
+  // the CPU reference of a page-scoring kernel).
+  //   query:  [dim()] f32
+  //   bounds: [num_pages()] f32, U_p = q⁺·M_p + q⁻·m_p
+  void PageUpperBounds(const float* query, float* bounds) const;
+
+  int32_t page_size() const { return page_size_; }
+  int64_t num_pages() const { return (size_ + page_size_ - 1) / page_size_; }
+  DType key_dtype() const { return dtype_; }
+
+ private:
+  QuestIndex(int32_t dim, int32_t page_size, DType dtype, ParamMap build_params);
+
+  // Appends keys and updates/creates the bounds of the pages they fall in.
+  absl::Status AppendRows(const VectorView& keys, int num_threads,
+                          const ProgressCallback& progress);
+
+  int32_t dim_;
+  int32_t page_size_;
+  DType dtype_;
+  ParamMap build_params_;
+  int64_t size_ = 0;
+  std::vector<char> keys_;  // [size_, dim_] elements of dtype_, row-major
+  std::vector<char> max_;   // [num_pages(), dim_] elements of dtype_: element-wise max per page
+  std::vector<char> min_;   // [num_pages(), dim_] elements of dtype_: element-wise min per page
+};
+
+}  // namespace kvrecall::index::quest
