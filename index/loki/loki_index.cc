@@ -11,6 +11,7 @@
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
 #include "index/distance.h"
+#include "index/flat/search_input.h"
 #include "index/index_format.h"
 
 namespace kvrecall::index::loki {
@@ -18,41 +19,17 @@ namespace {
 
 constexpr uint32_t kLokiPayloadVersion = 1;
 
-// The complement of `exclude` in [0, n): the runs of positions a search may
-// return. INVALID_ARGUMENT when the ranges are not sorted and disjoint.
-absl::StatusOr<std::vector<PositionRange>> EligibleRuns(const std::vector<PositionRange>& exclude,
-                                                        int64_t n) {
+// The runs of [0, n) outside `exclude`: the positions a search may return.
+std::vector<PositionRange> IncludedRuns(const ExcludeSet& exclude, int64_t n) {
   std::vector<PositionRange> runs;
   int64_t pos = 0;
-  int64_t prev_end = std::numeric_limits<int64_t>::min();
-  for (const PositionRange& r : exclude) {
-    if (r.begin > r.end) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("exclude range [", r.begin, ", ", r.end, ") has begin > end"));
-    }
-    if (r.begin < prev_end) {
-      return absl::InvalidArgumentError("exclude ranges must be sorted and disjoint");
-    }
-    prev_end = r.end;
-    const int64_t b = std::clamp<int64_t>(r.begin, 0, n);
-    const int64_t e = std::clamp<int64_t>(r.end, 0, n);
-    if (b > pos) runs.push_back({pos, b});
-    pos = std::max(pos, e);
+  for (const PositionRange& r : exclude.ranges()) {
+    if (r.begin > pos) runs.push_back({pos, r.begin});
+    pos = r.end;
   }
   if (pos < n) runs.push_back({pos, n});
   return runs;
 }
-
-// Query rows as f32 [rows, dim].
-std::vector<float> RowsToF32(const VectorView& v) {
-  std::vector<float> out(static_cast<size_t>(v.rows) * v.dim);
-  for (int64_t i = 0; i < v.rows; ++i) {
-    ConvertToFloat(v.row(i), v.dtype, static_cast<size_t>(v.dim), out.data() + i * v.dim);
-  }
-  return out;
-}
-
-int Parallelism(int num_threads) { return num_threads <= 0 ? 0 : num_threads; }
 
 }  // namespace
 
@@ -79,13 +56,11 @@ LokiIndex::LokiIndex(PcaBasis basis, int32_t rank, DType dtype, ParamMap build_p
 
 absl::StatusOr<std::unique_ptr<LokiIndex>> LokiIndex::Create(const VectorView& keys,
                                                             const LokiOptions& options) {
+  KVR_RETURN_IF_ERROR(ValidateVectors("loki keys", keys, -1));
   const int32_t d = keys.dim;
-  if (d < 1 || d > kMaxPcaDim) {
+  if (d > kMaxPcaDim) {
     return absl::InvalidArgumentError(
-        absl::StrCat("loki: key dimension ", d, " is outside [1, ", kMaxPcaDim, "]"));
-  }
-  if (keys.rows < 0 || (keys.rows > 0 && keys.data == nullptr) || keys.row_stride() < d) {
-    return absl::InvalidArgumentError("loki: malformed key view");
+        absl::StrCat("loki: key dimension ", d, " is above ", kMaxPcaDim));
   }
   if (options.rank < 0 || options.rank > d) {
     return absl::InvalidArgumentError(
@@ -165,7 +140,7 @@ absl::Status LokiIndex::AppendRows(const VectorView& keys, int num_threads,
           }
         }
       },
-      Parallelism(num_threads));
+      ResolveThreads(num_threads));
   if (not_finite.load()) return absl::InvalidArgumentError("loki: keys contain NaN or Inf");
   if (cancelled.load()) return absl::CancelledError("loki build cancelled");
   keys_.insert(keys_.end(), new_keys.begin(), new_keys.end());
@@ -175,13 +150,7 @@ absl::Status LokiIndex::AppendRows(const VectorView& keys, int num_threads,
 }
 
 absl::Status LokiIndex::Add(const VectorView& keys) {
-  if (keys.dim != dim()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("loki: keys have dimension ", keys.dim, ", the index ", dim()));
-  }
-  if (keys.rows < 0 || (keys.rows > 0 && keys.data == nullptr) || keys.row_stride() < keys.dim) {
-    return absl::InvalidArgumentError("loki: malformed key view");
-  }
+  KVR_RETURN_IF_ERROR(ValidateVectors("loki keys", keys, dim()));
   if (keys.rows > 0 && keys.dtype != dtype_) {
     return absl::InvalidArgumentError(absl::StrCat("loki: keys are ", DTypeName(keys.dtype),
                                                    ", the index holds ", DTypeName(dtype_)));
@@ -192,20 +161,14 @@ absl::Status LokiIndex::Add(const VectorView& keys) {
 absl::StatusOr<SearchResult> LokiIndex::Search(const VectorView& queries, int32_t k,
                                                const SearchParams& params) const {
   const int32_t d = dim();
-  if (queries.dim != d) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("loki: queries have dimension ", queries.dim, ", the index ", d));
-  }
-  if (queries.rows < 0 || (queries.rows > 0 && queries.data == nullptr) ||
-      queries.row_stride() < d) {
-    return absl::InvalidArgumentError("loki: malformed query view");
-  }
-  if (k < 1) return absl::InvalidArgumentError(absl::StrCat("loki: k = ", k, " must be >= 1"));
+  KVR_RETURN_IF_ERROR(ValidateVectors("loki queries", queries, d));
+  KVR_RETURN_IF_ERROR(ValidateK(k));
   KVR_RETURN_IF_ERROR(params.knobs.CheckKnown("loki", {"rank", "candidates"}));
   KVR_ASSIGN_OR_RETURN(const int64_t rank, params.knobs.GetInt("rank", rank_, 1, rank_));
   KVR_ASSIGN_OR_RETURN(const int64_t candidates,
                        params.knobs.GetInt("candidates", 8 * static_cast<int64_t>(k), 1));
-  KVR_ASSIGN_OR_RETURN(const std::vector<PositionRange> runs, EligibleRuns(params.exclude, size_));
+  KVR_ASSIGN_OR_RETURN(const ExcludeSet exclude, ExcludeSet::Create(params.exclude, size_));
+  const std::vector<PositionRange> runs = IncludedRuns(exclude, size_);
   int64_t eligible = 0;
   for (const PositionRange& r : runs) eligible += r.end - r.begin;
   const int64_t k_prime = std::min(std::max<int64_t>(candidates, k), eligible);
@@ -218,7 +181,7 @@ absl::StatusOr<SearchResult> LokiIndex::Search(const VectorView& queries, int32_
   result.ids.assign(static_cast<size_t>(m) * k, -1);
   result.scores.assign(static_cast<size_t>(m) * k, -std::numeric_limits<float>::infinity());
   if (m == 0) return result;
-  const std::vector<float> q32 = RowsToF32(queries);
+  const std::vector<float> q32 = VectorsToF32(queries);
   const size_t esize = DTypeSize(dtype_);
 
   auto search_rows = [&](int64_t begin, int64_t end) {
@@ -278,7 +241,7 @@ absl::StatusOr<SearchResult> LokiIndex::Search(const VectorView& queries, int32_
   if (params.num_threads == 1 || m == 1) {
     search_rows(0, m);
   } else {
-    ThreadPool::Default()->ParallelFor(m, 1, search_rows, Parallelism(params.num_threads));
+    ThreadPool::Default()->ParallelFor(m, 1, search_rows, ResolveThreads(params.num_threads));
   }
   result.stats.keys_scanned = m * eligible;
   result.stats.exact_scores = m * k_prime;
@@ -311,12 +274,16 @@ absl::StatusOr<std::string> LokiIndex::Serialize() const {
 
 absl::StatusOr<std::unique_ptr<LokiIndex>> LokiIndex::Load(absl::string_view bytes) {
   KVR_ASSIGN_OR_RETURN(auto decoded, DecodeIndex(bytes));
-  const IndexHeader& header = decoded.first;
+  return Load(decoded.first, decoded.second);
+}
+
+absl::StatusOr<std::unique_ptr<LokiIndex>> LokiIndex::Load(const IndexHeader& header,
+                                                      absl::string_view payload) {
   if (header.kind != kKind) {
     return absl::InvalidArgumentError(
         absl::StrCat("index bytes hold kind '", header.kind, "', not 'loki'"));
   }
-  ByteReader r(decoded.second);
+  ByteReader r(payload);
   KVR_ASSIGN_OR_RETURN(uint32_t version, r.Get<uint32_t>());
   if (version != kLokiPayloadVersion) {
     return absl::FailedPreconditionError(

@@ -45,6 +45,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/progress.h"
+#include "index/index_format.h"
 #include "index/key_index.h"
 #include "index/loki/pca_basis.h"
 #include "index/params.h"
@@ -86,6 +87,9 @@ class LokiIndex final : public KeyIndex {
   // FAILED_PRECONDITION on unsupported versions; INVALID_ARGUMENT when the
   // bytes hold another kind.
   static absl::StatusOr<std::unique_ptr<LokiIndex>> Load(absl::string_view bytes);
+  // The same from a header and payload already split by DecodeIndex().
+  static absl::StatusOr<std::unique_ptr<LokiIndex>> Load(const IndexHeader& header,
+                                                      absl::string_view payload);
 
   absl::string_view kind() const override { return kKind; }
   int32_t dim() const override { return basis_.dim; }

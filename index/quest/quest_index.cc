@@ -12,6 +12,7 @@
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
 #include "index/distance.h"
+#include "index/flat/search_input.h"
 #include "index/index_format.h"
 
 namespace kvrecall::index::quest {
@@ -19,47 +20,18 @@ namespace {
 
 constexpr uint32_t kQuestPayloadVersion = 1;
 
-// The complement of `exclude` in [0, n): the runs of positions a search may
-// return. INVALID_ARGUMENT when the ranges are not sorted and disjoint.
-absl::StatusOr<std::vector<PositionRange>> EligibleRuns(const std::vector<PositionRange>& exclude,
-                                                        int64_t n) {
+// The runs of [0, n) outside `exclude`: the positions a search may return.
+std::vector<PositionRange> IncludedRuns(const ExcludeSet& exclude, int64_t n) {
   std::vector<PositionRange> runs;
   int64_t pos = 0;
-  int64_t prev_end = std::numeric_limits<int64_t>::min();
-  for (const PositionRange& r : exclude) {
-    if (r.begin > r.end) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("exclude range [", r.begin, ", ", r.end, ") has begin > end"));
-    }
-    if (r.begin < prev_end) {
-      return absl::InvalidArgumentError("exclude ranges must be sorted and disjoint");
-    }
-    prev_end = r.end;
-    const int64_t b = std::clamp<int64_t>(r.begin, 0, n);
-    const int64_t e = std::clamp<int64_t>(r.end, 0, n);
-    if (b > pos) runs.push_back({pos, b});
-    pos = std::max(pos, e);
+  for (const PositionRange& r : exclude.ranges()) {
+    if (r.begin > pos) runs.push_back({pos, r.begin});
+    pos = r.end;
   }
   if (pos < n) runs.push_back({pos, n});
   return runs;
 }
 
-std::vector<float> RowsToF32(const VectorView& v) {
-  std::vector<float> out(static_cast<size_t>(v.rows) * v.dim);
-  for (int64_t i = 0; i < v.rows; ++i) {
-    ConvertToFloat(v.row(i), v.dtype, static_cast<size_t>(v.dim), out.data() + i * v.dim);
-  }
-  return out;
-}
-
-int Parallelism(int num_threads) { return num_threads <= 0 ? 0 : num_threads; }
-
-absl::Status CheckView(const VectorView& v, const char* what) {
-  if (v.rows < 0 || (v.rows > 0 && v.data == nullptr) || v.row_stride() < v.dim) {
-    return absl::InvalidArgumentError(absl::StrCat("quest: malformed ", what, " view"));
-  }
-  return absl::OkStatus();
-}
 
 }  // namespace
 
@@ -76,8 +48,7 @@ QuestIndex::QuestIndex(int32_t dim, int32_t page_size, DType dtype, ParamMap bui
 
 absl::StatusOr<std::unique_ptr<QuestIndex>> QuestIndex::Create(const VectorView& keys,
                                                               const QuestOptions& options) {
-  if (keys.dim < 1) return absl::InvalidArgumentError("quest: key dimension must be >= 1");
-  KVR_RETURN_IF_ERROR(CheckView(keys, "key"));
+  KVR_RETURN_IF_ERROR(ValidateVectors("quest keys", keys, -1));
   if (options.page_size < 1 || options.page_size > kMaxPageSize) {
     return absl::InvalidArgumentError(absl::StrCat("quest: page_size ", options.page_size,
                                                    " is outside [1, ", kMaxPageSize, "]"));
@@ -151,18 +122,14 @@ absl::Status QuestIndex::AppendRows(const VectorView& keys, int num_threads,
           }
         }
       },
-      Parallelism(num_threads));
+      ResolveThreads(num_threads));
   size_ = new_size;
   if (cancelled.load()) return absl::CancelledError("quest build cancelled");
   return absl::OkStatus();
 }
 
 absl::Status QuestIndex::Add(const VectorView& keys) {
-  if (keys.dim != dim_) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("quest: keys have dimension ", keys.dim, ", the index ", dim_));
-  }
-  KVR_RETURN_IF_ERROR(CheckView(keys, "key"));
+  KVR_RETURN_IF_ERROR(ValidateVectors("quest keys", keys, dim_));
   if (keys.rows > 0 && keys.dtype != dtype_) {
     return absl::InvalidArgumentError(absl::StrCat("quest: keys are ", DTypeName(keys.dtype),
                                                    ", the index holds ", DTypeName(dtype_)));
@@ -173,16 +140,13 @@ absl::Status QuestIndex::Add(const VectorView& keys) {
 absl::StatusOr<SearchResult> QuestIndex::Search(const VectorView& queries, int32_t k,
                                                 const SearchParams& params) const {
   const int32_t d = dim_;
-  if (queries.dim != d) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("quest: queries have dimension ", queries.dim, ", the index ", d));
-  }
-  KVR_RETURN_IF_ERROR(CheckView(queries, "query"));
-  if (k < 1) return absl::InvalidArgumentError(absl::StrCat("quest: k = ", k, " must be >= 1"));
+  KVR_RETURN_IF_ERROR(ValidateVectors("quest queries", queries, d));
+  KVR_RETURN_IF_ERROR(ValidateK(k));
   KVR_RETURN_IF_ERROR(params.knobs.CheckKnown("quest", {"pages"}));
   const int64_t min_pages = (static_cast<int64_t>(k) + page_size_ - 1) / page_size_;
   KVR_ASSIGN_OR_RETURN(const int64_t pages_knob, params.knobs.GetInt("pages", 8 * min_pages, 1));
-  KVR_ASSIGN_OR_RETURN(const std::vector<PositionRange> runs, EligibleRuns(params.exclude, size_));
+  KVR_ASSIGN_OR_RETURN(const ExcludeSet exclude, ExcludeSet::Create(params.exclude, size_));
+  const std::vector<PositionRange> runs = IncludedRuns(exclude, size_);
   // Runs of pages holding at least one eligible position.
   std::vector<PositionRange> page_runs;
   int64_t eligible_pages = 0;
@@ -207,7 +171,7 @@ absl::StatusOr<SearchResult> QuestIndex::Search(const VectorView& queries, int32
   result.ids.assign(static_cast<size_t>(m) * k, -1);
   result.scores.assign(static_cast<size_t>(m) * k, -std::numeric_limits<float>::infinity());
   if (m == 0) return result;
-  const std::vector<float> q32 = RowsToF32(queries);
+  const std::vector<float> q32 = VectorsToF32(queries);
   const size_t row_bytes = static_cast<size_t>(d) * DTypeSize(dtype_);
   std::vector<int64_t> exact_per_query(static_cast<size_t>(m), 0);
 
@@ -278,7 +242,7 @@ absl::StatusOr<SearchResult> QuestIndex::Search(const VectorView& queries, int32
   if (params.num_threads == 1 || m == 1) {
     search_rows(0, m);
   } else {
-    ThreadPool::Default()->ParallelFor(m, 1, search_rows, Parallelism(params.num_threads));
+    ThreadPool::Default()->ParallelFor(m, 1, search_rows, ResolveThreads(params.num_threads));
   }
   int64_t exact_total = 0;
   for (int64_t e : exact_per_query) exact_total += e;
@@ -321,12 +285,16 @@ absl::StatusOr<std::string> QuestIndex::Serialize() const {
 
 absl::StatusOr<std::unique_ptr<QuestIndex>> QuestIndex::Load(absl::string_view bytes) {
   KVR_ASSIGN_OR_RETURN(auto decoded, DecodeIndex(bytes));
-  const IndexHeader& header = decoded.first;
+  return Load(decoded.first, decoded.second);
+}
+
+absl::StatusOr<std::unique_ptr<QuestIndex>> QuestIndex::Load(const IndexHeader& header,
+                                                      absl::string_view payload) {
   if (header.kind != kKind) {
     return absl::InvalidArgumentError(
         absl::StrCat("index bytes hold kind '", header.kind, "', not 'quest'"));
   }
-  ByteReader r(decoded.second);
+  ByteReader r(payload);
   KVR_ASSIGN_OR_RETURN(uint32_t version, r.Get<uint32_t>());
   if (version != kQuestPayloadVersion) {
     return absl::FailedPreconditionError(

@@ -39,6 +39,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/progress.h"
+#include "index/index_format.h"
 #include "index/key_index.h"
 #include "index/params.h"
 
@@ -72,6 +73,9 @@ class QuestIndex final : public KeyIndex {
   // Restores Serialize() bytes (kind "quest"). DATA_LOSS on corrupt bytes;
   // FAILED_PRECONDITION on unsupported versions; INVALID_ARGUMENT for another kind.
   static absl::StatusOr<std::unique_ptr<QuestIndex>> Load(absl::string_view bytes);
+  // The same from a header and payload already split by DecodeIndex().
+  static absl::StatusOr<std::unique_ptr<QuestIndex>> Load(const IndexHeader& header,
+                                                      absl::string_view payload);
 
   absl::string_view kind() const override { return kKind; }
   int32_t dim() const override { return dim_; }
