@@ -1,0 +1,81 @@
+#pragma once
+
+// KvStoreServiceImpl: the kvrecall.v1.KvStore service over a TieredStore.
+// Translates and validates requests, authenticates the caller's tenant,
+// assembles streamed payloads and delegates to the store; nothing else.
+//
+// Uses gRPC's synchronous API: each call runs on a server thread and may
+// block (the store syncs durable writes); the number of such threads is
+// bounded by ServerOptions::rpc_threads.
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "kvrecall/v1/kv_store.grpc.pb.h"
+#include "service/rpc/rpc_metrics.h"
+#include "service/rpc/tenant_auth.h"
+#include "service/store/tiered_store.h"
+
+namespace kvrecall::rpc {
+
+struct KvStoreServiceOptions {
+  // Largest span payload PutSpans accepts, bytes (ServerOptions::max_span_bytes).
+  int64_t max_span_bytes = int64_t{256} << 20;
+  // Default GetSpans chunk, bytes (ServerOptions::get_chunk_bytes).
+  int64_t get_chunk_bytes = int64_t{1} << 20;
+  // Largest message, bytes (ServerOptions::max_message_bytes); chunks stay
+  // 64 KiB below it.
+  int64_t max_message_bytes = int64_t{16} << 20;
+};
+
+// Thread-safe.
+class KvStoreServiceImpl final : public v1::KvStore::Service {
+ public:
+  // None of the pointers is owned; all must outlive the service.
+  KvStoreServiceImpl(store::TieredStore* store, const TenantAuthenticator* auth,
+                     RpcMetrics* metrics, const KvStoreServiceOptions& options);
+
+  grpc::Status RegisterModel(grpc::ServerContext* context, const v1::RegisterModelRequest* request,
+                             v1::RegisterModelResponse* response) override;
+  grpc::Status ListModels(grpc::ServerContext* context, const v1::ListModelsRequest* request,
+                          v1::ListModelsResponse* response) override;
+  grpc::Status PutSpans(grpc::ServerContext* context,
+                        grpc::ServerReader<v1::PutSpansRequest>* reader,
+                        v1::PutSpansResponse* response) override;
+  grpc::Status GetSpans(grpc::ServerContext* context, const v1::GetSpansRequest* request,
+                        grpc::ServerWriter<v1::GetSpansResponse>* writer) override;
+  grpc::Status Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
+                      v1::LookupResponse* response) override;
+  grpc::Status DeleteSpans(grpc::ServerContext* context, const v1::DeleteSpansRequest* request,
+                           v1::DeleteSpansResponse* response) override;
+  grpc::Status PinSpans(grpc::ServerContext* context, const v1::PinSpansRequest* request,
+                        v1::PinSpansResponse* response) override;
+  grpc::Status UnpinSpans(grpc::ServerContext* context, const v1::UnpinSpansRequest* request,
+                          v1::UnpinSpansResponse* response) override;
+
+ private:
+  absl::Status DoRegisterModel(const v1::RegisterModelRequest& request,
+                               v1::RegisterModelResponse* response);
+  absl::Status DoPutSpans(grpc::ServerContext* context, const std::string& tenant,
+                          grpc::ServerReader<v1::PutSpansRequest>* reader,
+                          v1::PutSpansResponse* response);
+  absl::Status DoGetSpans(grpc::ServerContext* context, const std::string& tenant,
+                          const v1::GetSpansRequest& request,
+                          grpc::ServerWriter<v1::GetSpansResponse>* writer);
+  absl::Status DoLookup(const std::string& tenant, const v1::LookupRequest& request,
+                        v1::LookupResponse* response);
+
+  store::TieredStore* const store_;
+  const TenantAuthenticator* const auth_;
+  const KvStoreServiceOptions options_;
+  RpcMethodMetrics* const register_model_metrics_;
+  RpcMethodMetrics* const list_models_metrics_;
+  RpcMethodMetrics* const put_spans_metrics_;
+  RpcMethodMetrics* const get_spans_metrics_;
+  RpcMethodMetrics* const lookup_metrics_;
+  RpcMethodMetrics* const delete_spans_metrics_;
+  RpcMethodMetrics* const pin_spans_metrics_;
+  RpcMethodMetrics* const unpin_spans_metrics_;
+};
+
+}  // namespace kvrecall::rpc

@@ -1,0 +1,152 @@
+#include "service/rpc/server.h"
+
+#include <chrono>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/logging.h"
+#include "common/npy.h"
+#include "common/status_macros.h"
+#include "service/rpc/admin_service.h"
+#include "service/rpc/kv_store_service.h"
+#include "service/rpc/metrics_http.h"
+#include <grpc/grpc.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
+
+namespace kvrecall::rpc {
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Create(
+    const ServerOptions& options, const StoreOpener& open_store,
+    const std::vector<ServiceFactory>& additional_services) {
+  KVR_RETURN_IF_ERROR(ValidateServerOptions(options));
+  std::unique_ptr<Server> server(new Server());
+  server->options_ = options;
+  KVR_RETURN_IF_ERROR(ParseListenAddress(options.listen_address, &server->host_, &server->port_));
+
+  if (options.tenants_file.empty()) {
+    server->auth_ = TenantAuthenticator::Disabled();
+  } else {
+    KVR_ASSIGN_OR_RETURN(server->auth_, TenantAuthenticator::FromFile(options.tenants_file));
+  }
+
+  server->metrics_ = std::make_unique<MetricsRegistry>();
+  server->rpc_metrics_ = std::make_unique<RpcMetrics>(server->metrics_.get());
+  store::TieredStoreOptions store_options = options.store;
+  store_options.metrics = server->metrics_.get();
+  server->options_.store.metrics = server->metrics_.get();
+  KVR_ASSIGN_OR_RETURN(server->store_, open_store(store_options));
+  if (server->store_ == nullptr) return absl::InternalError("the store opener returned null");
+
+  KvStoreServiceOptions kv_options;
+  kv_options.max_span_bytes = options.max_span_bytes;
+  kv_options.get_chunk_bytes = options.get_chunk_bytes;
+  kv_options.max_message_bytes = options.max_message_bytes;
+  server->services_.push_back(std::make_unique<KvStoreServiceImpl>(
+      server->store_.get(), server->auth_.get(), server->rpc_metrics_.get(), kv_options));
+  server->services_.push_back(std::make_unique<AdminServiceImpl>(
+      server->store_.get(), server->auth_.get(), server->rpc_metrics_.get(), &server->options_,
+      absl::Now()));
+  ServiceContext context;
+  context.store = server->store_.get();
+  context.metrics = server->metrics_.get();
+  context.rpc_metrics = server->rpc_metrics_.get();
+  context.auth = server->auth_.get();
+  context.options = &server->options_;
+  for (const ServiceFactory& factory : additional_services) {
+    KVR_ASSIGN_OR_RETURN(std::unique_ptr<grpc::Service> service, factory(context));
+    if (service == nullptr) return absl::InternalError("a service factory returned null");
+    server->services_.push_back(std::move(service));
+  }
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int selected_port = 0;
+  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(),
+                           &selected_port);
+  // A second daemon on the same port (and data directory) must fail, not share it.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  grpc::ResourceQuota quota("kvrecalld");
+  quota.SetMaxThreads(options.rpc_threads);
+  builder.SetResourceQuota(quota);
+  const int cqs = options.completion_queues > 0
+                      ? options.completion_queues
+                      : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  builder.SetSyncServerOption(grpc::ServerBuilder::NUM_CQS, cqs);
+  builder.SetSyncServerOption(grpc::ServerBuilder::MIN_POLLERS, 1);
+  builder.SetSyncServerOption(grpc::ServerBuilder::MAX_POLLERS, 2);
+  if (options.http2_window_bytes > 0) {
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES,
+                               static_cast<int>(options.http2_window_bytes));
+  }
+  for (const auto& service : server->services_) builder.RegisterService(service.get());
+  server->grpc_server_ = builder.BuildAndStart();
+  if (server->grpc_server_ == nullptr || selected_port == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.listen_address, " (--listen)"));
+  }
+  server->port_ = selected_port;
+
+  if (options.metrics_port > 0) {
+    KVR_ASSIGN_OR_RETURN(server->metrics_http_,
+                         MetricsHttpServer::Start(server->host_, options.metrics_port,
+                                                  server->metrics_.get()));
+  }
+  if (!options.port_file.empty()) {
+    KVR_RETURN_IF_ERROR(
+        WriteStringToFileAtomic(options.port_file, absl::StrCat(server->port_, "\n")));
+  }
+  return server;
+}
+
+Server::~Server() {
+  Shutdown(absl::ZeroDuration()).IgnoreError();  // the caller chose not to see Sync()'s status
+}
+
+std::string Server::address() const {
+  const bool v6 = host_.find(':') != std::string::npos;
+  return v6 ? absl::StrCat("[", host_, "]:", port_) : absl::StrCat(host_, ":", port_);
+}
+
+int Server::metrics_port() const {
+  return metrics_http_ == nullptr ? 0 : metrics_http_->port();
+}
+
+std::shared_ptr<grpc::Channel> Server::InProcessChannel() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(static_cast<int>(options_.max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(options_.max_message_bytes));
+  return grpc_server_->InProcessChannel(args);
+}
+
+absl::Status Server::Shutdown(absl::Duration grace) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (shut_down_) return absl::OkStatus();
+    shut_down_ = true;
+  }
+  if (grpc_server_ != nullptr) {
+    if (auto* health = grpc_server_->GetHealthCheckService(); health != nullptr) {
+      health->SetServingStatus(false);
+    }
+    const auto deadline =
+        std::chrono::system_clock::now() +
+        std::chrono::microseconds(absl::ToInt64Microseconds(std::max(grace, absl::ZeroDuration())));
+    grpc_server_->Shutdown(deadline);
+    grpc_server_->Wait();
+  }
+  absl::Status status = store_ != nullptr ? store_->Sync() : absl::OkStatus();
+  metrics_http_.reset();
+  return status;
+}
+
+}  // namespace kvrecall::rpc

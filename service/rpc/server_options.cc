@@ -1,0 +1,108 @@
+#include "service/rpc/server_options.h"
+
+#include <algorithm>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace kvrecall::rpc {
+namespace {
+
+absl::Status Range(absl::string_view flag, int64_t value, int64_t lo, int64_t hi) {
+  if (value < lo || value > hi) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, "=", value, " is out of range [", lo, ", ", hi, "]"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ParseListenAddress(const std::string& address, std::string* host, int* port) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == address.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--listen=", address, ": expected host:port, e.g. 127.0.0.1:7878"));
+  }
+  std::string h = address.substr(0, colon);
+  if (h.front() == '[') {
+    if (h.back() != ']') {
+      return absl::InvalidArgumentError(absl::StrCat("--listen=", address, ": unbalanced '['"));
+    }
+    h = h.substr(1, h.size() - 2);
+  }
+  int p = 0;
+  if (!absl::SimpleAtoi(address.substr(colon + 1), &p) || p < 0 || p > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--listen=", address, ": the port must be a number in 0..65535"));
+  }
+  *host = h;
+  *port = p;
+  return absl::OkStatus();
+}
+
+absl::Status ValidateServerOptions(const ServerOptions& o) {
+  std::string host;
+  int port = 0;
+  KVR_RETURN_IF_ERROR(ParseListenAddress(o.listen_address, &host, &port));
+  if (o.store.data_dir.empty()) return absl::InvalidArgumentError("--data_dir must not be empty");
+  constexpr int64_t kTiB = int64_t{1} << 40;
+  KVR_RETURN_IF_ERROR(Range("memory_capacity_bytes", o.store.memory_capacity_bytes, 0, 64 * kTiB));
+  KVR_RETURN_IF_ERROR(Range("memory_shards", o.store.memory_shards, 1, 256));
+  KVR_RETURN_IF_ERROR(Range("disk_capacity_bytes", o.store.disk_capacity_bytes, 0, 1024 * kTiB));
+  KVR_RETURN_IF_ERROR(
+      Range("disk_segment_bytes", o.store.disk_segment_bytes, int64_t{1} << 20, int64_t{64} << 30));
+  if (!(o.store.disk_compaction_live_fraction >= 0 && o.store.disk_compaction_live_fraction <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("--disk_compaction_live_fraction=",
+                                                   o.store.disk_compaction_live_fraction,
+                                                   " is out of range [0, 1]"));
+  }
+  KVR_RETURN_IF_ERROR(
+      Range("rocksdb_capacity_bytes", o.store.rocksdb_capacity_bytes, 0, 1024 * kTiB));
+  if (o.store.rocksdb_compression != "zstd" && o.store.rocksdb_compression != "lz4" &&
+      o.store.rocksdb_compression != "none") {
+    return absl::InvalidArgumentError(absl::StrCat("--rocksdb_compression=",
+                                                   o.store.rocksdb_compression,
+                                                   ": must be zstd, lz4 or none"));
+  }
+  KVR_RETURN_IF_ERROR(
+      Range("max_message_bytes", o.max_message_bytes, int64_t{1} << 20, int64_t{1} << 30));
+  KVR_RETURN_IF_ERROR(Range("max_span_bytes", o.max_span_bytes, 1024, int64_t{16} << 30));
+  KVR_RETURN_IF_ERROR(Range("get_chunk_bytes", o.get_chunk_bytes, 4096,
+                            o.max_message_bytes - (int64_t{64} << 10)));
+  KVR_RETURN_IF_ERROR(Range("rpc_threads", o.rpc_threads, 2, 4096));
+  KVR_RETURN_IF_ERROR(Range("completion_queues", o.completion_queues, 0, 64));
+  KVR_RETURN_IF_ERROR(Range("http2_window_bytes", o.http2_window_bytes, 0, int64_t{1} << 30));
+  KVR_RETURN_IF_ERROR(Range("shutdown_grace_ms", o.shutdown_grace_ms, 0, 600000));
+  KVR_RETURN_IF_ERROR(Range("metrics_port", o.metrics_port, 0, 65535));
+  return absl::OkStatus();
+}
+
+std::vector<std::pair<std::string, std::string>> ServerOptionsToFlags(const ServerOptions& o) {
+  std::vector<std::pair<std::string, std::string>> flags = {
+      {"listen", o.listen_address},
+      {"data_dir", o.store.data_dir},
+      {"memory_capacity_bytes", absl::StrCat(o.store.memory_capacity_bytes)},
+      {"memory_shards", absl::StrCat(o.store.memory_shards)},
+      {"disk_capacity_bytes", absl::StrCat(o.store.disk_capacity_bytes)},
+      {"disk_segment_bytes", absl::StrCat(o.store.disk_segment_bytes)},
+      {"disk_compaction_live_fraction", absl::StrCat(o.store.disk_compaction_live_fraction)},
+      {"rocksdb_capacity_bytes", absl::StrCat(o.store.rocksdb_capacity_bytes)},
+      {"rocksdb_compression", o.store.rocksdb_compression},
+      {"tenants_file", o.tenants_file},
+      {"max_message_bytes", absl::StrCat(o.max_message_bytes)},
+      {"max_span_bytes", absl::StrCat(o.max_span_bytes)},
+      {"get_chunk_bytes", absl::StrCat(o.get_chunk_bytes)},
+      {"rpc_threads", absl::StrCat(o.rpc_threads)},
+      {"completion_queues", absl::StrCat(o.completion_queues)},
+      {"http2_window_bytes", absl::StrCat(o.http2_window_bytes)},
+      {"shutdown_grace_ms", absl::StrCat(o.shutdown_grace_ms)},
+      {"metrics_port", absl::StrCat(o.metrics_port)},
+      {"port_file", o.port_file},
+  };
+  std::sort(flags.begin(), flags.end());
+  return flags;
+}
+
+}  // namespace kvrecall::rpc

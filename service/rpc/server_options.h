@@ -1,0 +1,86 @@
+#pragma once
+
+// ServerOptions: everything kvrecalld is configured with. Built and validated
+// from flags by ServerOptionsFromFlags() (service/daemon/server_flags.h); the
+// names in comments are the flag names (docs/config.md).
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "service/store/tiered_store.h"
+
+namespace kvrecall::rpc {
+
+struct ServerOptions {
+  // --listen: host:port of the gRPC server. Port 0 picks a free port (see
+  // Server::port()). Default "127.0.0.1:7878" (loopback only).
+  std::string listen_address = "127.0.0.1:7878";
+
+  // The span store: --data_dir, --memory_capacity_bytes, --memory_shards,
+  // --disk_capacity_bytes, --disk_segment_bytes,
+  // --disk_compaction_live_fraction, --rocksdb_capacity_bytes,
+  // --rocksdb_compression. `store.metrics` is set by the Server. Defaults:
+  // data under "./data", memory 4 GiB, disk 64 GiB, RocksDB 256 GiB.
+  store::TieredStoreOptions store = DefaultStoreOptions();
+
+  // --tenants_file: "<tenant_id> <token>" lines (service/rpc/tenant_auth.h).
+  // Empty (default): one default tenant, no authentication.
+  std::string tenants_file;
+
+  // --max_message_bytes: largest gRPC message received or sent, in bytes.
+  // Payloads are streamed in chunks well below it. Default 16 MiB; range
+  // 1 MiB..1 GiB.
+  int64_t max_message_bytes = int64_t{16} << 20;
+  // --max_span_bytes: largest span payload accepted by PutSpans, in bytes.
+  // Default 256 MiB; range 1 KiB..16 GiB.
+  int64_t max_span_bytes = int64_t{256} << 20;
+  // --get_chunk_bytes: payload bytes per GetSpans response message unless the
+  // request asks for less. Default 1 MiB; range 4 KiB..max_message_bytes - 64 KiB.
+  int64_t get_chunk_bytes = int64_t{1} << 20;
+
+  // --rpc_threads: most threads serving RPCs at once (the synchronous server's
+  // resource quota); calls beyond it get RESOURCE_EXHAUSTED. Default 64;
+  // range 2..4096.
+  int32_t rpc_threads = 64;
+  // --completion_queues: completion queues of the synchronous server. 0
+  // (default) means one per hardware thread; range 0..64.
+  int32_t completion_queues = 0;
+  // --http2_window_bytes: initial HTTP/2 stream and connection flow-control
+  // window, in bytes (large windows keep big payloads flowing). 0 leaves
+  // gRPC's automatic sizing (BDP probing). Default 0; range 0..1 GiB.
+  int64_t http2_window_bytes = 0;
+
+  // --shutdown_grace_ms: on SIGTERM/SIGINT, in-flight RPCs get this long to
+  // finish before they are cancelled. Default 10000; range 0..600000.
+  int64_t shutdown_grace_ms = 10000;
+
+  // --metrics_port: Prometheus text on http://<listen host>:<port>/metrics.
+  // 0 (default) disables the HTTP endpoint; range 0..65535.
+  int32_t metrics_port = 0;
+
+  // --port_file: when set, the bound gRPC port is written there (atomically)
+  // once the server accepts calls. Default empty.
+  std::string port_file;
+
+  static store::TieredStoreOptions DefaultStoreOptions() {
+    store::TieredStoreOptions o;
+    o.data_dir = "./data";
+    return o;
+  }
+};
+
+// INVALID_ARGUMENT naming the flag when a field is out of range.
+absl::Status ValidateServerOptions(const ServerOptions& options);
+
+// The effective options as (flag name, value) pairs, in flag name order:
+// what the daemon logs at startup and Admin.GetConfig returns.
+std::vector<std::pair<std::string, std::string>> ServerOptionsToFlags(const ServerOptions& options);
+
+// host and port of a "host:port" or "[v6]:port" address. INVALID_ARGUMENT
+// when malformed or the port is not 0..65535.
+absl::Status ParseListenAddress(const std::string& address, std::string* host, int* port);
+
+}  // namespace kvrecall::rpc

@@ -1,0 +1,220 @@
+// Tests of the Server over a real loopback port: health, reflection,
+// metrics over HTTP, the port file, message limits and shutdown.
+
+#include "service/rpc/server.h"
+
+#include <string>
+
+#include <httplib.h>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/npy.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kvrecall/v1/admin.grpc.pb.h"
+#include "kvrecall/v1/kv_store.grpc.pb.h"
+#include "service/rpc/metrics_http.h"
+#include "service/rpc/testing/fake_tiered_store.h"
+#include "tests/testing/status_matchers.h"
+#include "tests/testing/test_data.h"
+#include <grpcpp/create_channel.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/support/byte_buffer.h>
+
+namespace kvrecall::rpc {
+namespace {
+
+using ::kvrecall::testing::StatusIs;
+using ::testing::HasSubstr;
+using testing::FakeTieredStore;
+
+ServerOptions LoopbackOptions() {
+  ServerOptions options;
+  options.listen_address = "127.0.0.1:0";
+  options.store.data_dir = kvrecall::testing::MakeTempDir("server-test");
+  return options;
+}
+
+std::string ToString(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  EXPECT_TRUE(buffer.Dump(&slices).ok());
+  std::string out;
+  for (const auto& s : slices) out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return out;
+}
+
+// Calls a unary method with raw serialized bytes (for services whose stubs
+// gRPC does not install, like grpc.health.v1.Health).
+grpc::Status RawUnary(const std::shared_ptr<grpc::Channel>& channel, const std::string& method,
+                      const std::string& request, std::string* response) {
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  grpc::Slice slice(request);
+  grpc::ByteBuffer req(&slice, 1);
+  grpc::ByteBuffer resp;
+  absl::Mutex mu;
+  bool done = false;
+  grpc::Status status;
+  stub.UnaryCall(&ctx, method, grpc::StubOptions(), &req, &resp, [&](grpc::Status s) {
+    absl::MutexLock lock(&mu);
+    status = s;
+    done = true;
+  });
+  absl::MutexLock lock(&mu);
+  mu.Await(absl::Condition(&done));
+  if (status.ok()) *response = ToString(resp);
+  return status;
+}
+
+TEST(ServerTest, ServesHealthReflectionAndWritesThePortFile) {
+  ServerOptions options = LoopbackOptions();
+  options.port_file = options.store.data_dir + "/port";
+  KVR_ASSERT_OK_AND_ASSIGN(auto server, Server::Create(options, &FakeTieredStore::Open));
+  ASSERT_GT(server->port(), 0);
+  KVR_ASSERT_OK_AND_ASSIGN(std::string port_text, ReadFileToString(options.port_file));
+  int port = 0;
+  ASSERT_TRUE(absl::SimpleAtoi(absl::StripAsciiWhitespace(port_text), &port));
+  EXPECT_EQ(port, server->port());
+
+  auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());
+  std::string response;
+  // grpc.health.v1.HealthCheckRequest{service: ""} is empty; SERVING is status = 1.
+  ASSERT_TRUE(RawUnary(channel, "/grpc.health.v1.Health/Check", "", &response).ok());
+  EXPECT_EQ(response, std::string("\x08\x01", 2));
+
+  // Server reflection: ServerReflectionRequest{list_services: "*"} (field 7).
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  grpc::CompletionQueue cq;
+  auto call = stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                               &cq);
+  void* tag = nullptr;
+  bool ok = false;
+  call->StartCall(reinterpret_cast<void*>(1));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  grpc::Slice slice(std::string("\x3a\x01*", 3));
+  grpc::ByteBuffer req(&slice, 1);
+  call->Write(req, reinterpret_cast<void*>(2));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  grpc::ByteBuffer resp;
+  call->Read(&resp, reinterpret_cast<void*>(3));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  const std::string services = ToString(resp);
+  EXPECT_THAT(services, HasSubstr("kvrecall.v1.KvStore"));
+  EXPECT_THAT(services, HasSubstr("kvrecall.v1.Admin"));
+  EXPECT_THAT(services, HasSubstr("grpc.health.v1.Health"));
+  call->WritesDone(reinterpret_cast<void*>(4));
+  ASSERT_TRUE(cq.Next(&tag, &ok));
+  grpc::Status finish;
+  call->Finish(&finish, reinterpret_cast<void*>(5));
+  ASSERT_TRUE(cq.Next(&tag, &ok));
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+
+  KVR_EXPECT_OK(server->Shutdown(absl::Seconds(5)));
+  // After shutdown the health service no longer answers SERVING.
+  EXPECT_FALSE(RawUnary(channel, "/grpc.health.v1.Health/Check", "", &response).ok() &&
+               response == std::string("\x08\x01", 2));
+}
+
+TEST(ServerTest, MetricsOverHttp) {
+  ServerOptions options = LoopbackOptions();
+  // Pick a free port for the metrics endpoint through the library itself.
+  options.metrics_port = 0;
+  KVR_ASSERT_OK_AND_ASSIGN(auto server, Server::Create(options, &FakeTieredStore::Open));
+  KVR_ASSERT_OK_AND_ASSIGN(auto http, MetricsHttpServer::Start("127.0.0.1", 0, server->metrics()));
+  auto admin = v1::Admin::NewStub(server->InProcessChannel());
+  grpc::ClientContext ctx;
+  v1::StatsResponse stats;
+  ASSERT_TRUE(admin->Stats(&ctx, v1::StatsRequest(), &stats).ok());
+
+  httplib::Client client("127.0.0.1", http->port());
+  auto res = client.Get("/metrics");
+  ASSERT_TRUE(res) << "no HTTP response";
+  EXPECT_EQ(res->status, 200);
+  EXPECT_THAT(res->body, HasSubstr(
+                             "kvrecall_rpc_calls_total{code=\"OK\",method=\"kvrecall.v1.Admin/Stats\"} 1"));
+  EXPECT_THAT(res->body, HasSubstr("kvrecall_rpc_latency_seconds"));
+}
+
+TEST(ServerTest, DaemonMetricsPortServesToo) {
+  // Find a free port by binding one with the metrics server, then release it.
+  MetricsRegistry scratch;
+  int free_port = 0;
+  {
+    KVR_ASSERT_OK_AND_ASSIGN(auto probe, MetricsHttpServer::Start("127.0.0.1", 0, &scratch));
+    free_port = probe->port();
+  }
+  ServerOptions options = LoopbackOptions();
+  options.metrics_port = free_port;
+  auto server = Server::Create(options, &FakeTieredStore::Open);
+  if (!server.ok()) GTEST_SKIP() << "port " << free_port << " was taken meanwhile";
+  EXPECT_EQ((*server)->metrics_port(), free_port);
+  httplib::Client client("127.0.0.1", free_port);
+  auto res = client.Get("/metrics");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200);
+}
+
+TEST(ServerTest, ShutdownSyncsTheStoreOnce) {
+  FakeTieredStore* fake = nullptr;
+  auto opener = [&](const store::TieredStoreOptions& o) {
+    auto s = FakeTieredStore::Open(o);
+    if (s.ok()) fake = static_cast<FakeTieredStore*>(s->get());
+    return s;
+  };
+  KVR_ASSERT_OK_AND_ASSIGN(auto server, Server::Create(LoopbackOptions(), opener));
+  KVR_EXPECT_OK(server->Shutdown(absl::Seconds(1)));
+  KVR_EXPECT_OK(server->Shutdown(absl::Seconds(1)));
+  EXPECT_EQ(fake->TEST_SyncCalls(), 1);
+}
+
+TEST(ServerTest, RefusesBadOptionsAndBusyPorts) {
+  ServerOptions options = LoopbackOptions();
+  options.max_message_bytes = 10;
+  EXPECT_THAT(Server::Create(options, &FakeTieredStore::Open),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--max_message_bytes")));
+
+  KVR_ASSERT_OK_AND_ASSIGN(auto first, Server::Create(LoopbackOptions(), &FakeTieredStore::Open));
+  ServerOptions busy = LoopbackOptions();
+  busy.listen_address = first->address();
+  EXPECT_THAT(Server::Create(busy, &FakeTieredStore::Open),
+              StatusIs(absl::StatusCode::kUnavailable, HasSubstr("--listen")));
+
+  ServerOptions tenants = LoopbackOptions();
+  tenants.tenants_file = tenants.store.data_dir + "/missing";
+  EXPECT_THAT(Server::Create(tenants, &FakeTieredStore::Open),
+              StatusIs(absl::StatusCode::kNotFound));
+}
+
+TEST(ServerTest, MessagesOverTheLimitAreResourceExhausted) {
+  ServerOptions options = LoopbackOptions();
+  options.max_message_bytes = 1 << 20;
+  options.get_chunk_bytes = 256 << 10;
+  KVR_ASSERT_OK_AND_ASSIGN(auto server, Server::Create(options, &FakeTieredStore::Open));
+  grpc::ChannelArguments args;
+  args.SetMaxSendMessageSize(64 << 20);
+  auto channel = grpc::CreateCustomChannel(server->address(), grpc::InsecureChannelCredentials(),
+                                           args);
+  auto kv = v1::KvStore::NewStub(channel);
+  grpc::ClientContext ctx;
+  v1::PutSpansResponse resp;
+  auto writer = kv->PutSpans(&ctx, &resp);
+  v1::PutSpansRequest big;
+  big.set_payload_chunk(std::string(2 << 20, 'x'));
+  writer->Write(big);
+  writer->WritesDone();
+  const grpc::Status s = writer->Finish();
+  EXPECT_EQ(s.error_code(), grpc::RESOURCE_EXHAUSTED) << s.error_message();
+  EXPECT_EQ(server->store()->Stats().tiers[0].spans, 0);
+}
+
+}  // namespace
+}  // namespace kvrecall::rpc
