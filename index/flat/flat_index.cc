@@ -2,12 +2,14 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
 #include "index/distance.h"
+#include "index/flat/streaming_topk.h"
 #include "index/flat/tile_scoring.h"
 
 namespace kvrecall::index {
@@ -114,8 +116,8 @@ SearchResult FlatIndex::SearchF32(const float* queries, int64_t num_queries, int
   const int64_t tiles_per_range = (num_tiles + num_ranges - 1) / num_ranges;
 
   // heaps[range][query]: the top-k of one key range.
-  std::vector<std::vector<TopK>> heaps(num_ranges);
-  for (auto& h : heaps) h.assign(num_queries, TopK(k));
+  std::vector<std::vector<StreamingTopK>> heaps(num_ranges);
+  for (auto& h : heaps) h.assign(num_queries, StreamingTopK(k));
   std::vector<int64_t> scanned(num_ranges * num_blocks, 0);
 
   const size_t tile_bytes = TileBytes();
@@ -128,6 +130,8 @@ SearchResult FlatIndex::SearchF32(const float* queries, int64_t num_queries, int
     if (tile_begin >= tile_end || q_begin >= q_end) return;
     std::vector<float> scores(kQueryGroup * kChunkKeys);
     std::vector<uint8_t> valid(kChunkKeys);
+    std::vector<int32_t> candidates(256);
+    std::vector<uint8_t> heap_primed(q_end - q_begin, 0);
     int64_t keys_scored = 0;
     for (int64_t t0 = tile_begin; t0 < tile_end; t0 += kChunkTiles) {
       const int64_t nt = std::min(kChunkTiles, tile_end - t0);
@@ -148,14 +152,23 @@ SearchResult FlatIndex::SearchF32(const float* queries, int64_t num_queries, int
         ScoreTiles(queries + q0 * dim_, nq, tiles, tile_dtype_, dim_, nt, scores.data(),
                    kChunkKeys);
         for (int32_t qi = 0; qi < nq; ++qi) {
-          TopK& heap = heaps[range][q0 + qi];
+          StreamingTopK& heap = heaps[range][q0 + qi];
           const float* s = scores.data() + qi * kChunkKeys;
-          float threshold = heap.threshold();
           const int64_t m = key_end - key_begin;
-          for (int64_t i = 0; i < m; ++i) {
-            if (s[i] >= threshold && (!masked || valid[i])) {
-              heap.Push(s[i], key_begin + i);
-              threshold = heap.threshold();
+          if (!masked && m >= 4 * k && !heap_primed[q0 + qi - q_begin]) {
+            // First chunk of this query: start from a lower bound of the
+            // chunk's k-th largest score, which spares most pushes.
+            heap.RaiseThreshold(KthLargestLowerBound(s, m, k));
+            heap_primed[q0 + qi - q_begin] = 1;
+          }
+          // Blocks of 256 so that the threshold tightens as the heap fills.
+          for (int64_t b = 0; b < m; b += 256) {
+            const int64_t count =
+                CollectAtLeast(s + b, std::min<int64_t>(256, m - b), heap.threshold(),
+                               candidates.data());
+            for (int64_t c = 0; c < count; ++c) {
+              const int64_t i = b + candidates[c];
+              if (!masked || valid[i]) heap.Push(s[i], key_begin + i);
             }
           }
         }
@@ -184,7 +197,7 @@ SearchResult FlatIndex::SearchF32(const float* queries, int64_t num_queries, int
       heaps[0][qi].Drain(out_ids, out_scores);
       continue;
     }
-    TopK merged(k);
+    StreamingTopK merged(k);
     for (int64_t r = 0; r < num_ranges; ++r) {
       heaps[r][qi].Drain(ids.data(), sc.data());
       for (int32_t j = 0; j < k && ids[j] >= 0; ++j) merged.Push(sc[j], ids[j]);

@@ -139,30 +139,37 @@ __attribute__((target("avx512f"))) inline __m512 LoadTile16(const void* tile, in
   }
 }
 
-template <int kQ, DType kDt>
-__attribute__((target("avx512f"))) void TileAvx512(const float* q, const void* tile, int32_t d,
-                                                    float* out, int64_t out_stride) {
-  constexpr int kGroup = 4;  // classes per pass: kQ * kGroup accumulators
-  alignas(64) float part[kQ][32][16];
+// kD > 0 fixes d at compile time (fully unrolled chains); kD == 0 reads d.
+template <int kQ, DType kDt, int32_t kD>
+__attribute__((target("avx512f"))) void TileAvx512(const float* q, const void* tile,
+                                                    int32_t d_runtime, float* out,
+                                                    int64_t out_stride) {
+  const int32_t d = kD > 0 ? kD : d_runtime;
+  // Pass i (0..7) runs the chains of classes i, 8+i, 16+i, 24+i for kQ
+  // queries (4 * kQ accumulators) and folds them at once into
+  // t3_i = (c_{8+i} + c_{24+i}) + (c_i + c_{16+i}) = a_{8+i} + a_i; only the
+  // eight t3 vectors per query go through memory.
+  alignas(64) float t3[kQ][8][16];
   const int32_t rounds = d / 32;
   const bool tail16 = (d % 32) != 0;  // d % 16 == 0 is required
-  for (int32_t g = 0; g < 32; g += kGroup) {
-    __m512 acc[kQ][kGroup];
+  for (int32_t i = 0; i < 8; ++i) {
+    const int32_t cls[4] = {i, 8 + i, 16 + i, 24 + i};
+    __m512 acc[kQ][4];
     for (int qi = 0; qi < kQ; ++qi) {
-      for (int c = 0; c < kGroup; ++c) acc[qi][c] = _mm512_setzero_ps();
+      for (int c = 0; c < 4; ++c) acc[qi][c] = _mm512_setzero_ps();
     }
     for (int32_t t = 0; t < rounds; ++t) {
-      for (int c = 0; c < kGroup; ++c) {
-        const int32_t j = 32 * t + g + c;
+      for (int c = 0; c < 4; ++c) {
+        const int32_t j = 32 * t + cls[c];
         const __m512 kv = LoadTile16<kDt>(tile, j);
         for (int qi = 0; qi < kQ; ++qi) {
           acc[qi][c] = _mm512_fmadd_ps(_mm512_set1_ps(q[qi * d + j]), kv, acc[qi][c]);
         }
       }
     }
-    if (tail16 && g < 16) {
-      for (int c = 0; c < kGroup; ++c) {
-        const int32_t j = 32 * rounds + g + c;
+    if (tail16) {  // the trailing 16 elements continue classes 0..15
+      for (int c = 0; c < 2; ++c) {
+        const int32_t j = 32 * rounds + cls[c];
         const __m512 kv = LoadTile16<kDt>(tile, j);
         for (int qi = 0; qi < kQ; ++qi) {
           acc[qi][c] = _mm512_fmadd_ps(_mm512_set1_ps(q[qi * d + j]), kv, acc[qi][c]);
@@ -170,18 +177,16 @@ __attribute__((target("avx512f"))) void TileAvx512(const float* q, const void* t
       }
     }
     for (int qi = 0; qi < kQ; ++qi) {
-      for (int c = 0; c < kGroup; ++c) _mm512_store_ps(part[qi][g + c], acc[qi][c]);
+      const __m512 a_lo = _mm512_add_ps(acc[qi][0], acc[qi][2]);  // a_i
+      const __m512 a_hi = _mm512_add_ps(acc[qi][1], acc[qi][3]);  // a_{8+i}
+      _mm512_store_ps(t3[qi][i], _mm512_add_ps(a_hi, a_lo));
     }
   }
   for (int qi = 0; qi < kQ; ++qi) {
-    __m512 a[16];
-    for (int l = 0; l < 16; ++l) {
-      a[l] = _mm512_add_ps(_mm512_load_ps(part[qi][l]), _mm512_load_ps(part[qi][16 + l]));
-    }
-    __m512 t3[8];
-    for (int i = 0; i < 8; ++i) t3[i] = _mm512_add_ps(a[8 + i], a[i]);
     __m512 t6[4];
-    for (int i = 0; i < 4; ++i) t6[i] = _mm512_add_ps(t3[4 + i], t3[i]);
+    for (int i = 0; i < 4; ++i) {
+      t6[i] = _mm512_add_ps(_mm512_load_ps(t3[qi][4 + i]), _mm512_load_ps(t3[qi][i]));
+    }
     const __m512 t8_0 = _mm512_add_ps(t6[0], t6[2]);
     const __m512 t8_1 = _mm512_add_ps(t6[1], t6[3]);
     _mm512_storeu_ps(out + qi * out_stride, _mm512_add_ps(t8_0, t8_1));
@@ -205,6 +210,22 @@ void TileGeneric(const float* q, int32_t nq, const void* tile, DType dtype, int3
   }
 }
 
+template <int kQ, DType kDt>
+__attribute__((target("avx512f"))) void TileAvx512Dispatch(const float* q, const void* tile,
+                                                            int32_t d, float* out,
+                                                            int64_t out_stride) {
+  switch (d) {
+    case 64:
+      return TileAvx512<kQ, kDt, 64>(q, tile, d, out, out_stride);
+    case 128:
+      return TileAvx512<kQ, kDt, 128>(q, tile, d, out, out_stride);
+    case 256:
+      return TileAvx512<kQ, kDt, 256>(q, tile, d, out, out_stride);
+    default:
+      return TileAvx512<kQ, kDt, 0>(q, tile, d, out, out_stride);
+  }
+}
+
 template <DType kDt>
 void ScoreTilesTyped(TilePath path, const float* queries, int32_t nq, const void* tiles, int32_t d,
                      int64_t num_tiles, float* scores, int64_t score_stride) {
@@ -216,17 +237,17 @@ void ScoreTilesTyped(TilePath path, const float* queries, int32_t nq, const void
     switch (path) {
       case TilePath::kAvx512:
         for (; qi + 4 <= nq; qi += 4) {
-          TileAvx512<4, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
+          TileAvx512Dispatch<4, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
         }
         switch (nq - qi) {
           case 3:
-            TileAvx512<3, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
+            TileAvx512Dispatch<3, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
             break;
           case 2:
-            TileAvx512<2, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
+            TileAvx512Dispatch<2, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
             break;
           case 1:
-            TileAvx512<1, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
+            TileAvx512Dispatch<1, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
             break;
           default:
             break;
@@ -260,7 +281,53 @@ void ScoreTilesTyped(TilePath path, const float* queries, int32_t nq, const void
   }
 }
 
+__attribute__((target("avx512f"))) int64_t CollectAvx512(const float* s, int64_t m, float thr,
+                                                         int32_t* out) {
+  const __m512 t = _mm512_set1_ps(thr);
+  int64_t count = 0, i = 0;
+  for (; i + 16 <= m; i += 16) {
+    uint32_t mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + i), t, _CMP_GE_OQ);
+    while (mask != 0) {
+      out[count++] = static_cast<int32_t>(i + __builtin_ctz(mask));
+      mask &= mask - 1;
+    }
+  }
+  for (; i < m; ++i) {
+    if (s[i] >= thr) out[count++] = static_cast<int32_t>(i);
+  }
+  return count;
+}
+
+__attribute__((target("avx2"))) int64_t CollectAvx2(const float* s, int64_t m, float thr,
+                                                     int32_t* out) {
+  const __m256 t = _mm256_set1_ps(thr);
+  int64_t count = 0, i = 0;
+  for (; i + 8 <= m; i += 8) {
+    uint32_t mask = static_cast<uint32_t>(
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + i), t, _CMP_GE_OQ)));
+    while (mask != 0) {
+      out[count++] = static_cast<int32_t>(i + __builtin_ctz(mask));
+      mask &= mask - 1;
+    }
+  }
+  for (; i < m; ++i) {
+    if (s[i] >= thr) out[count++] = static_cast<int32_t>(i);
+  }
+  return count;
+}
+
 }  // namespace
+
+int64_t CollectAtLeast(const float* scores, int64_t m, float threshold, int32_t* out) {
+  static const int path = CpuHasAvx512f() ? 2 : CpuHasAvx2F16c() ? 1 : 0;
+  if (path == 2) return CollectAvx512(scores, m, threshold, out);
+  if (path == 1) return CollectAvx2(scores, m, threshold, out);
+  int64_t count = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    if (scores[i] >= threshold) out[count++] = static_cast<int32_t>(i);
+  }
+  return count;
+}
 
 TilePath ChooseTilePath(int32_t d) {
   const char* name = ScoreKernelName();

@@ -46,6 +46,12 @@ void ScoreTilesWith(TilePath path, const float* queries, int32_t num_queries, co
                     DType dtype, int32_t d, int64_t num_tiles, float* scores,
                     int64_t score_stride);
 
+// Writes the positions i in [0, m) with scores[i] >= threshold to `out` in
+// increasing order and returns their number (the threshold check of a
+// streaming top-k, vectorised).
+//   scores: [m] f32;  out: [m] positions
+int64_t CollectAtLeast(const float* scores, int64_t m, float threshold, int32_t* out);
+
 // Writes rows [0, rows) of a row-major matrix into tiles as key positions
 // first..first+rows-1 (`first` need not be a tile boundary), converting the
 // elements to `tile_dtype` (exact: tile_dtype is src_dtype or f32).
