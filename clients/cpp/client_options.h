@@ -1,0 +1,57 @@
+#pragma once
+
+// Options of KvStoreClient (clients/cpp/kv_store_client.h).
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace grpc {
+class Channel;
+}
+
+namespace kvrecall::client {
+
+struct ClientOptions {
+  // host:port of kvrecalld. Default "127.0.0.1:7878".
+  std::string target = "127.0.0.1:7878";
+  // Sent as `authorization: Bearer <token>` when non-empty (daemons with a
+  // tenants file). Default empty.
+  std::string bearer_token;
+
+  // Deadline of every call, in milliseconds, covering its retries (for a
+  // stream: the whole stream). Default 30000; must be > 0.
+  int64_t deadline_ms = 30000;
+  // Attempts per call when the daemon is UNAVAILABLE (not running, starting,
+  // shutting down). 1 disables retries. Default 4; range 1..100.
+  int32_t max_attempts = 4;
+  // Backoff before the first retry, in milliseconds; grows by
+  // backoff_multiplier per retry up to max_backoff_ms, each wait randomised
+  // by +-jitter (a fraction). Defaults 50 ms, x2, 2000 ms, 0.2.
+  int64_t initial_backoff_ms = 50;
+  double backoff_multiplier = 2.0;
+  int64_t max_backoff_ms = 2000;
+  double jitter = 0.2;
+
+  // Payload bytes per PutSpans message (spans larger than this are sent in
+  // several messages). Default 1 MiB; range 4 KiB..max_message_bytes - 64 KiB.
+  int64_t chunk_bytes = int64_t{1} << 20;
+  // Payload bytes per GetSpans message asked of the server; 0 takes the
+  // server's default. Default 0.
+  int64_t get_chunk_bytes = 0;
+  // Largest gRPC message sent or received, in bytes. Default 16 MiB (the
+  // daemon's default --max_message_bytes).
+  int64_t max_message_bytes = int64_t{16} << 20;
+  // Initial HTTP/2 flow-control window in bytes; 0 keeps gRPC's automatic
+  // sizing. Default 0.
+  int64_t http2_window_bytes = 0;
+  // Verify each fetched payload against the XXH3-64 the server sends (a
+  // mismatch fails the call with DATA_LOSS). Default true.
+  bool verify_checksums = true;
+
+  // When set, calls go over this channel instead of dialing `target` (e.g.
+  // Server::InProcessChannel() in tests and in-process engines).
+  std::shared_ptr<grpc::Channel> channel;
+};
+
+}  // namespace kvrecall::client
