@@ -267,6 +267,13 @@ absl::StatusOr<std::shared_ptr<Context>> RetrievalService::ReopenContext(absl::s
   return it->second->context;
 }
 
+absl::StatusOr<store::ModelGeometry> RetrievalService::ContextModel(absl::string_view tenant,
+                                                                    const Hash128& context,
+                                                                    absl::Time deadline) {
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Context> ctx, GetContext(tenant, context, deadline));
+  return ctx->model();
+}
+
 absl::StatusOr<int64_t> RetrievalService::AppendTokens(absl::string_view tenant,
                                                        const Hash128& context,
                                                        const AppendBatch& batch) {

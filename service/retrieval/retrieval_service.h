@@ -176,6 +176,9 @@ class RetrievalService {
                                                absl::Time deadline);
   // Unpins and forgets the open context (its persisted indexes stay).
   absl::Status CloseContext(absl::string_view tenant, const Hash128& context);
+  // The model of an open (or reopenable) context.
+  absl::StatusOr<store::ModelGeometry> ContextModel(absl::string_view tenant,
+                                                    const Hash128& context, absl::Time deadline);
   // Appends decode-time tokens and adds them to every loaded index of those
   // layers. Returns the first position appended.
   absl::StatusOr<int64_t> AppendTokens(absl::string_view tenant, const Hash128& context,
