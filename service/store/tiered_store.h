@@ -22,6 +22,7 @@
 // Thread-safe.
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -63,6 +64,13 @@ struct TieredStoreOptions {
 
   // Where metrics are registered (may be null: no metrics). Not owned; must outlive the store.
   MetricsRegistry* metrics = nullptr;
+
+  // Time source for pin TTLs and span creation times. Empty (default): absl::Now.
+  // Tests inject a clock they control instead of sleeping.
+  std::function<absl::Time()> clock;
+  // Compact disk segments on a background thread (default true). When false,
+  // the space of dead records is never reclaimed (for tests and tools).
+  bool disk_background_compaction = true;
 };
 
 // Per-tier counters (Admin.Stats).

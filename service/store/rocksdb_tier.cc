@@ -1,0 +1,530 @@
+#include "service/store/rocksdb_tier.h"
+
+#include <rocksdb/db.h>
+#include <rocksdb/options.h>
+#include <rocksdb/slice.h>
+#include <rocksdb/write_batch.h>
+
+#include <filesystem>
+#include <limits>
+#include <utility>
+
+#include "absl/memory/memory.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/checksum.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "service/store/codec.h"
+#include "service/store/rocksdb_status.h"
+
+namespace kvrecall::store {
+
+namespace {
+
+constexpr char kCatalogCf[] = "catalog";
+constexpr char kColdCf[] = "cold_spans";
+constexpr uint8_t kSpanRecordVersion = 1;
+
+rocksdb::Slice ToSlice(absl::string_view s) { return rocksdb::Slice(s.data(), s.size()); }
+
+// u16 big-endian tenant length | tenant | 16 canonical hash bytes.
+std::string SpanKeyBytes(const SpanKey& key) {
+  std::string out;
+  out.reserve(2 + key.tenant.size() + 16);
+  out.push_back(static_cast<char>((key.tenant.size() >> 8) & 0xff));
+  out.push_back(static_cast<char>(key.tenant.size() & 0xff));
+  out.append(key.tenant);
+  out.append(key.hash.ToBytes());
+  return out;
+}
+
+bool ParseSpanKeyBytes(absl::string_view in, SpanKey* key) {
+  if (in.size() < 2) return false;
+  const size_t len = (static_cast<unsigned char>(in[0]) << 8) | static_cast<unsigned char>(in[1]);
+  if (in.size() != 2 + len + 16) return false;
+  key->tenant = std::string(in.substr(2, len));
+  auto h = Hash128::FromBytes(in.substr(2 + len));
+  if (!h.ok()) return false;
+  key->hash = *h;
+  return true;
+}
+
+std::string TombstoneKey(const SpanKey& key) { return absl::StrCat("T", SpanKeyBytes(key)); }
+std::string ModelKey(absl::string_view id) { return absl::StrCat("M", id); }
+std::string GenericKey(absl::string_view space, absl::string_view key) {
+  std::string out = absl::StrCat("G", space);
+  out.push_back('\0');
+  out.append(key.data(), key.size());
+  return out;
+}
+
+// What the catalog holds per cold span.
+struct ColdRecord {
+  SpanMeta meta;
+  Compression compression = Compression::kNone;
+  int64_t stored_bytes = 0;
+  uint64_t stored_checksum = 0;  // XXH3-64 of the stored (compressed) bytes
+  uint64_t seq = 0;
+};
+
+std::string EncodeColdRecord(const ColdRecord& r) {
+  std::string out;
+  PutU8(&out, kSpanRecordVersion);
+  EncodeSpanMeta(r.meta, &out);
+  PutU8(&out, static_cast<uint8_t>(r.compression));
+  PutU64(&out, static_cast<uint64_t>(r.stored_bytes));
+  PutU64(&out, r.stored_checksum);
+  PutU64(&out, r.seq);
+  return out;
+}
+
+bool DecodeColdRecord(absl::string_view in, bool with_token_ids, ColdRecord* r) {
+  ByteReader reader(in);
+  uint8_t version = 0, compression = 0;
+  if (!reader.ReadU8(&version) || version != kSpanRecordVersion ||
+      !DecodeSpanMeta(&reader, with_token_ids, &r->meta) || !reader.ReadU8(&compression) ||
+      !reader.ReadI64(&r->stored_bytes) || !reader.ReadU64(&r->stored_checksum) ||
+      !reader.ReadU64(&r->seq) || reader.remaining() != 0) {
+    return false;
+  }
+  if (compression > static_cast<uint8_t>(Compression::kZstd) || r->stored_bytes < 0) return false;
+  r->compression = static_cast<Compression>(compression);
+  return true;
+}
+
+std::string EncodeTombstone(MissReason reason, absl::Time when) {
+  std::string out;
+  PutU8(&out, static_cast<uint8_t>(reason));
+  PutU64(&out, static_cast<uint64_t>(TimeToMicros(when)));
+  return out;
+}
+
+rocksdb::WriteOptions Synced(bool sync) {
+  rocksdb::WriteOptions wo;
+  wo.sync = sync;
+  return wo;
+}
+
+// Releases a snapshot on scope exit.
+class ScopedSnapshot {
+ public:
+  explicit ScopedSnapshot(rocksdb::DB* db) : db_(db), snapshot_(db->GetSnapshot()) {}
+  ~ScopedSnapshot() { db_->ReleaseSnapshot(snapshot_); }
+  const rocksdb::Snapshot* get() const { return snapshot_; }
+
+ private:
+  rocksdb::DB* db_;
+  const rocksdb::Snapshot* snapshot_;
+};
+
+}  // namespace
+
+RocksDbTier::RocksDbTier(const RocksDbTierOptions& options, Compression compression)
+    : options_(options),
+      compression_(compression),
+      metrics_(TierId::kRocksDb, options.capacity_bytes, options.metrics) {}
+
+RocksDbTier::~RocksDbTier() {
+  if (db_ == nullptr) return;
+  for (rocksdb::ColumnFamilyHandle* h : {cold_cf_, catalog_cf_, default_cf_}) {
+    if (h != nullptr) db_->DestroyColumnFamilyHandle(h).PermitUncheckedError();
+  }
+  rocksdb::Status closed = db_->Close();
+  if (!closed.ok()) KVR_LOG(ERROR) << "closing " << options_.dir << ": " << closed.ToString();
+  delete db_;
+}
+
+absl::StatusOr<std::unique_ptr<RocksDbTier>> RocksDbTier::Create(
+    const RocksDbTierOptions& options) {
+  if (options.dir.empty()) return absl::InvalidArgumentError("rocksdb tier dir is empty");
+  if (options.capacity_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rocksdb capacity_bytes must be >= 0, got ", options.capacity_bytes));
+  }
+  KVR_ASSIGN_OR_RETURN(Compression compression, ParseCompression(options.compression));
+  auto tier = absl::WrapUnique(new RocksDbTier(options, compression));
+  KVR_RETURN_IF_ERROR(tier->Open());
+  return tier;
+}
+
+absl::Status RocksDbTier::Open() {
+  std::error_code ec;
+  std::filesystem::create_directories(options_.dir, ec);
+  if (ec) {
+    return absl::InternalError(
+        absl::StrCat("cannot create rocksdb directory ", options_.dir, ": ", ec.message()));
+  }
+  rocksdb::DBOptions db_options;
+  db_options.create_if_missing = true;
+  db_options.create_missing_column_families = true;
+  db_options.max_background_jobs = 2;
+  db_options.keep_log_file_num = 4;
+
+  rocksdb::ColumnFamilyOptions catalog_options;
+  catalog_options.compression = rocksdb::kLZ4Compression;
+
+  rocksdb::ColumnFamilyOptions cold_options;
+  // Payloads are compressed (and checksummed) by this tier; RocksDB keeps
+  // them in blob files so that LSM compactions do not rewrite them.
+  cold_options.compression = rocksdb::kNoCompression;
+  cold_options.enable_blob_files = true;
+  cold_options.min_blob_size = 4096;
+  cold_options.blob_file_size = 256 << 20;
+  cold_options.blob_compression_type = rocksdb::kNoCompression;
+  cold_options.enable_blob_garbage_collection = true;
+  cold_options.write_buffer_size = 64 << 20;
+
+  std::vector<rocksdb::ColumnFamilyDescriptor> descriptors = {
+      {rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions()},
+      {kCatalogCf, catalog_options},
+      {kColdCf, cold_options},
+  };
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;
+  rocksdb::DB* raw = nullptr;  // RocksDB 7.8 only offers DB**
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(
+      rocksdb::DB::Open(db_options, options_.dir, descriptors, &handles, &raw),
+      absl::StrCat("opening ", options_.dir)));
+  db_ = raw;
+  default_cf_ = handles[0];
+  catalog_cf_ = handles[1];
+  cold_cf_ = handles[2];
+
+  // Rebuild the span index from the 'S' records.
+  absl::MutexLock lock(&mu_);
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), catalog_cf_));
+  for (it->Seek("S"); it->Valid() && it->key().starts_with("S"); it->Next()) {
+    SpanKey key;
+    ColdRecord rec;
+    const rocksdb::Slice k = it->key();
+    const rocksdb::Slice v = it->value();
+    if (!ParseSpanKeyBytes(absl::string_view(k.data() + 1, k.size() - 1), &key) ||
+        !DecodeColdRecord(absl::string_view(v.data(), v.size()), false, &rec)) {
+      ++corrupt_catalog_records_;
+      continue;
+    }
+    next_seq_ = std::max(next_seq_, rec.seq + 1);
+    by_seq_[rec.seq] = key;
+    bytes_ += rec.stored_bytes;
+    index_[key] = Entry{rec.seq, rec.stored_bytes, std::move(rec.meta), false};
+  }
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "scanning the span catalog"));
+  if (corrupt_catalog_records_ > 0) {
+    KVR_LOG(ERROR) << options_.dir << ": skipped " << corrupt_catalog_records_
+                   << " span catalog records that do not decode";
+  }
+  PublishMetricsLocked();
+  return absl::OkStatus();
+}
+
+void RocksDbTier::PublishMetricsLocked() {
+  metrics_.bytes->Set(bytes_);
+  metrics_.spans->Set(static_cast<int64_t>(index_.size()));
+}
+
+void RocksDbTier::EraseLocked(const SpanKey& key) {
+  auto it = index_.find(key);
+  if (it == index_.end()) return;
+  bytes_ -= it->second.stored_bytes;
+  if (it->second.leaving) leaving_bytes_ -= it->second.stored_bytes;
+  by_seq_.erase(it->second.seq);
+  index_.erase(it);
+}
+
+absl::Status RocksDbTier::Put(StoredSpanPtr span, const TierPutOptions& options,
+                              std::vector<SpanKey>* victims) {
+  victims->clear();
+  if (options_.capacity_bytes == 0) {
+    return absl::ResourceExhaustedError("the rocksdb tier holds only the catalog (capacity 0)");
+  }
+  std::string compressed;
+  ColdRecord rec;
+  rec.compression = Compress(compression_, span->payload, &compressed);
+  const absl::string_view stored =
+      rec.compression == Compression::kNone ? absl::string_view(span->payload) : compressed;
+  rec.stored_bytes = static_cast<int64_t>(stored.size());
+  if (rec.stored_bytes > options_.capacity_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("span of ", rec.stored_bytes,
+                                                     " stored bytes exceeds the rocksdb capacity of ",
+                                                     options_.capacity_bytes));
+  }
+  rec.stored_checksum = rec.compression == Compression::kNone ? span->meta.payload_checksum
+                                                                : Checksum64(stored);
+  rec.meta = span->meta;
+  {
+    absl::MutexLock lock(&mu_);
+    rec.seq = next_seq_++;
+    auto existing = index_.find(span->key);
+    const int64_t replaced = existing != index_.end() && !existing->second.leaving
+                                 ? existing->second.stored_bytes
+                                 : 0;
+    int64_t need = bytes_ - leaving_bytes_ - replaced + rec.stored_bytes - options_.capacity_bytes;
+    for (auto it = by_seq_.begin(); it != by_seq_.end() && need > 0; ++it) {
+      if (it->second == span->key) continue;
+      Entry& e = index_.at(it->second);
+      if (e.leaving) continue;
+      e.leaving = true;
+      leaving_bytes_ += e.stored_bytes;
+      need -= e.stored_bytes;
+      victims->push_back(it->second);
+    }
+  }
+  const std::string key_bytes = SpanKeyBytes(span->key);
+  rocksdb::WriteBatch batch;
+  rocksdb::Status st = batch.Put(catalog_cf_, absl::StrCat("S", key_bytes), EncodeColdRecord(rec));
+  if (st.ok()) st = batch.Put(cold_cf_, key_bytes, ToSlice(stored));
+  if (st.ok()) st = batch.Delete(catalog_cf_, absl::StrCat("T", key_bytes));
+  if (st.ok()) st = db_->Write(Synced(options.sync), &batch);
+  if (!st.ok()) {
+    absl::MutexLock lock(&mu_);
+    for (const SpanKey& v : *victims) {
+      auto it = index_.find(v);
+      if (it != index_.end() && it->second.leaving) {
+        it->second.leaving = false;
+        leaving_bytes_ -= it->second.stored_bytes;
+      }
+    }
+    victims->clear();
+    return FromRocksDbStatus(st, absl::StrCat("storing span ", span->key.hash.ToHex()));
+  }
+  absl::MutexLock lock(&mu_);
+  EraseLocked(span->key);
+  rec.meta.token_ids.clear();
+  rec.meta.token_ids.shrink_to_fit();
+  index_[span->key] = Entry{rec.seq, rec.stored_bytes, std::move(rec.meta), false};
+  by_seq_[rec.seq] = span->key;
+  bytes_ += rec.stored_bytes;
+  metrics_.CountOrigin(options.origin);
+  PublishMetricsLocked();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StoredSpanPtr> RocksDbTier::Read(const SpanKey& key, bool victim) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = index_.find(key);
+    if (it == index_.end() || (victim && !it->second.leaving)) {
+      return absl::NotFoundError(victim ? "not leaving the rocksdb tier" : "not in rocksdb");
+    }
+  }
+  const std::string key_bytes = SpanKeyBytes(key);
+  ScopedSnapshot snapshot(db_);
+  rocksdb::ReadOptions ro;
+  ro.snapshot = snapshot.get();
+  ro.verify_checksums = true;
+  std::string meta_value;
+  rocksdb::Status st = db_->Get(ro, catalog_cf_, absl::StrCat("S", key_bytes), &meta_value);
+  rocksdb::PinnableSlice stored;
+  if (st.ok()) st = db_->Get(ro, cold_cf_, key_bytes, &stored);
+  if (st.IsNotFound()) return absl::NotFoundError("not in rocksdb (deleted concurrently)");
+  absl::Status status = FromRocksDbStatus(st, absl::StrCat("reading span ", key.hash.ToHex()));
+  ColdRecord rec;
+  auto span = std::make_shared<StoredSpan>();
+  if (status.ok() && !DecodeColdRecord(meta_value, /*with_token_ids=*/true, &rec)) {
+    status = absl::DataLossError(
+        absl::StrCat("span ", key.hash.ToHex(), ": its catalog record does not decode"));
+  }
+  if (status.ok()) {
+    const absl::string_view bytes(stored.data(), stored.size());
+    if (static_cast<int64_t>(bytes.size()) != rec.stored_bytes ||
+        Checksum64(bytes) != rec.stored_checksum) {
+      status = absl::DataLossError(
+          absl::StrCat("span ", key.hash.ToHex(), ": stored payload failed its checksum"));
+    } else if (rec.compression == Compression::kNone) {
+      span->payload.assign(bytes.data(), bytes.size());
+    } else {
+      status = Decompress(rec.compression, bytes, rec.meta.payload_bytes, &span->payload);
+      if (status.ok() && Checksum64(span->payload) != rec.meta.payload_checksum) {
+        status = absl::DataLossError(absl::StrCat(
+            "span ", key.hash.ToHex(), ": decompressed payload failed its checksum"));
+      }
+    }
+  }
+  if (!status.ok()) {
+    if (status.code() == absl::StatusCode::kDataLoss) {
+      KVR_LOG(ERROR) << status;
+      metrics_.checksum_failures->Increment();
+      {
+        absl::MutexLock lock(&mu_);
+        EraseLocked(key);
+        PublishMetricsLocked();
+      }
+      DeleteRecords(key, /*sync=*/false).IgnoreError();  // best effort: it is unreadable anyway
+    }
+    return status;
+  }
+  span->key = key;
+  span->meta = std::move(rec.meta);
+  return StoredSpanPtr(std::move(span));
+}
+
+absl::StatusOr<StoredSpanPtr> RocksDbTier::Get(const SpanKey& key) {
+  auto span = Read(key, /*victim=*/false);
+  (span.ok() ? metrics_.hits : metrics_.misses)->Increment();
+  return span;
+}
+
+absl::StatusOr<StoredSpanPtr> RocksDbTier::GetVictim(const SpanKey& key) {
+  return Read(key, /*victim=*/true);
+}
+
+absl::Status RocksDbTier::DeleteRecords(const SpanKey& key, bool sync) {
+  const std::string key_bytes = SpanKeyBytes(key);
+  rocksdb::WriteBatch batch;
+  rocksdb::Status st = batch.Delete(catalog_cf_, absl::StrCat("S", key_bytes));
+  if (st.ok()) st = batch.Delete(cold_cf_, key_bytes);
+  if (st.ok()) st = db_->Write(Synced(sync), &batch);
+  return FromRocksDbStatus(st, absl::StrCat("deleting span ", key.hash.ToHex()));
+}
+
+bool RocksDbTier::FinishEviction(const SpanKey& key) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = index_.find(key);
+    if (it == index_.end() || !it->second.leaving) return false;
+    EraseLocked(key);
+    metrics_.evictions->Increment();
+    PublishMetricsLocked();
+  }
+  absl::Status st = DeleteRecords(key, /*sync=*/false);
+  if (!st.ok()) {
+    // The span left the index; its records stay until the next delete or a
+    // restart brings them back as a valid copy.
+    KVR_LOG(ERROR) << st;
+  }
+  return true;
+}
+
+bool RocksDbTier::Contains(const SpanKey& key) const {
+  absl::MutexLock lock(&mu_);
+  return index_.contains(key);
+}
+
+absl::Status RocksDbTier::Delete(const SpanKey& key) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (!index_.contains(key)) return absl::NotFoundError("not in rocksdb");
+  }
+  KVR_RETURN_IF_ERROR(DeleteRecords(key, /*sync=*/true));
+  absl::MutexLock lock(&mu_);
+  EraseLocked(key);
+  PublishMetricsLocked();
+  return absl::OkStatus();
+}
+
+void RocksDbTier::ForEachSpan(
+    const std::function<void(const SpanKey&, const SpanMeta&)>& fn) const {
+  absl::MutexLock lock(&mu_);
+  for (const auto& [key, entry] : index_) fn(key, entry.meta);
+}
+
+TierStats RocksDbTier::Stats() const { return metrics_.Snapshot(); }
+
+absl::Status RocksDbTier::Sync() { return FromRocksDbStatus(db_->SyncWAL(), "syncing the WAL"); }
+
+absl::Status RocksDbTier::PutModel(const ModelGeometry& model) {
+  return FromRocksDbStatus(
+      db_->Put(Synced(true), catalog_cf_, ModelKey(model.model_id), EncodeModel(model)),
+      absl::StrCat("storing model ", model.model_id));
+}
+
+absl::StatusOr<std::vector<ModelGeometry>> RocksDbTier::LoadModels() const {
+  std::vector<ModelGeometry> models;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), catalog_cf_));
+  for (it->Seek("M"); it->Valid() && it->key().starts_with("M"); it->Next()) {
+    KVR_ASSIGN_OR_RETURN(ModelGeometry m,
+                         DecodeModel(absl::string_view(it->value().data(), it->value().size())));
+    models.push_back(std::move(m));
+  }
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "scanning models"));
+  return models;
+}
+
+absl::Status RocksDbTier::PutTombstones(const std::vector<SpanKey>& keys, MissReason reason,
+                                        bool sync) {
+  if (keys.empty()) return absl::OkStatus();
+  const std::string value = EncodeTombstone(reason, absl::Now());
+  rocksdb::WriteBatch batch;
+  for (const SpanKey& key : keys) {
+    rocksdb::Status st = batch.Put(catalog_cf_, TombstoneKey(key), value);
+    if (!st.ok()) return FromRocksDbStatus(st, "batching tombstones");
+  }
+  return FromRocksDbStatus(db_->Write(Synced(sync), &batch), "writing tombstones");
+}
+
+MissReason RocksDbTier::GetTombstone(const SpanKey& key) const {
+  std::string value;
+  rocksdb::Status st = db_->Get(rocksdb::ReadOptions(), catalog_cf_, TombstoneKey(key), &value);
+  if (!st.ok() || value.empty()) return MissReason::kNone;
+  const auto reason = static_cast<MissReason>(static_cast<uint8_t>(value[0]));
+  switch (reason) {
+    case MissReason::kEvicted:
+    case MissReason::kDeleted:
+    case MissReason::kChecksumFailure:
+      return reason;
+    default:
+      return MissReason::kNone;
+  }
+}
+
+absl::Status RocksDbTier::ClearTombstone(const SpanKey& key) {
+  return FromRocksDbStatus(db_->Delete(Synced(false), catalog_cf_, TombstoneKey(key)),
+                           "clearing a tombstone");
+}
+
+absl::Status RocksDbTier::CatalogPut(absl::string_view space, absl::string_view key,
+                                     absl::string_view value) {
+  return FromRocksDbStatus(
+      db_->Put(Synced(true), catalog_cf_, GenericKey(space, key), ToSlice(value)),
+      absl::StrCat("catalog put in '", space, "'"));
+}
+
+absl::StatusOr<std::string> RocksDbTier::CatalogGet(absl::string_view space,
+                                                    absl::string_view key) const {
+  std::string value;
+  rocksdb::Status st = db_->Get(rocksdb::ReadOptions(), catalog_cf_, GenericKey(space, key), &value);
+  if (st.IsNotFound()) {
+    return absl::NotFoundError(absl::StrCat("no key of ", key.size(), " bytes in catalog space '",
+                                            space, "'"));
+  }
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(st, absl::StrCat("catalog get in '", space, "'")));
+  return value;
+}
+
+absl::Status RocksDbTier::CatalogDelete(absl::string_view space, absl::string_view key) {
+  return FromRocksDbStatus(db_->Delete(Synced(true), catalog_cf_, GenericKey(space, key)),
+                           absl::StrCat("catalog delete in '", space, "'"));
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>> RocksDbTier::CatalogScan(
+    absl::string_view space, absl::string_view prefix) const {
+  const std::string space_prefix = GenericKey(space, "");
+  const std::string start = GenericKey(space, prefix);
+  std::vector<std::pair<std::string, std::string>> out;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), catalog_cf_));
+  for (it->Seek(start); it->Valid() && it->key().starts_with(start); it->Next()) {
+    const rocksdb::Slice k = it->key();
+    out.emplace_back(std::string(k.data() + space_prefix.size(), k.size() - space_prefix.size()),
+                     it->value().ToString());
+  }
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), absl::StrCat("catalog scan of '", space, "'")));
+  return out;
+}
+
+int64_t RocksDbTier::corrupt_catalog_records() const {
+  absl::MutexLock lock(&mu_);
+  return corrupt_catalog_records_;
+}
+
+absl::Status RocksDbTier::TEST_CorruptStoredPayload(const SpanKey& key) {
+  const std::string key_bytes = SpanKeyBytes(key);
+  std::string value;
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(
+      db_->Get(rocksdb::ReadOptions(), cold_cf_, key_bytes, &value), "reading for corruption"));
+  if (value.empty()) return absl::FailedPreconditionError("empty payload");
+  value[value.size() / 2] = static_cast<char>(value[value.size() / 2] ^ 0x5a);
+  return FromRocksDbStatus(db_->Put(Synced(true), cold_cf_, key_bytes, value),
+                           "writing the corrupted payload");
+}
+
+}  // namespace kvrecall::store
