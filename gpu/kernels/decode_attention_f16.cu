@@ -1,0 +1,9 @@
+// DecodeAttentionKernel instantiations for f16 K/V (one file per dtype keeps
+// the compile parallel).
+#include <cuda_fp16.h>
+
+#include "gpu/kernels/decode_attention_instantiate.cuh"
+
+namespace kvrecall::gpu::kernels {
+template cudaError_t LaunchDecodeAttention<__half>(const DecodeParams&, int32_t, bool, cudaStream_t);
+}  // namespace kvrecall::gpu::kernels

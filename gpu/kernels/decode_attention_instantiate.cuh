@@ -1,0 +1,26 @@
+#pragma once
+
+// Definition of LaunchDecodeAttention<T>: head_dim, group and dense/sparse
+// dispatch over DecodeAttentionKernel. Included by the per-dtype .cu files only.
+
+#include "gpu/kernels/decode_attention_internal.h"
+#include "gpu/kernels/decode_attention_kernels.cuh"
+#include "gpu/kernels/dispatch.cuh"
+
+namespace kvrecall::gpu::kernels {
+
+template <typename T>
+cudaError_t LaunchDecodeAttention(const DecodeParams& p, int32_t head_dim, bool dense, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.num_chunks), static_cast<unsigned>(p.batch_size * p.num_lists));
+  KVR_DISPATCH_HEAD_DIM(head_dim, kHeadDim, {
+    KVR_DISPATCH_GROUP(p.heads_per_list, kGroup, {
+      if (dense) {
+        return LaunchDecodeKernel<T, kHeadDim, kGroup, true>(p, grid, stream);
+      }
+      return LaunchDecodeKernel<T, kHeadDim, kGroup, false>(p, grid, stream);
+    });
+  });
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace kvrecall::gpu::kernels

@@ -1,0 +1,90 @@
+#pragma once
+
+// Internal interface between the decode-attention launchers
+// (decode_attention.cu) and the per-dtype kernel instantiations
+// (decode_attention_{bf16,f16}.cu). Host-safe; not part of the public API.
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "gpu/kernels/kernel_args.h"
+
+namespace kvrecall::gpu::kernels {
+
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeWarps = kDecodeThreads / 32;
+constexpr int kMaxChunkTokens = 1024;  // tokens of one list handled by one block at most
+
+// Flat kernel parameters of DecodeAttentionKernel (sparse and dense).
+struct DecodeParams {
+  const void* k;  // KV pool, see PagedKvCache
+  const void* v;
+  int64_t page_stride;
+  int64_t token_stride;
+  int64_t head_stride;
+  int32_t page_size;
+  int32_t num_pages;
+  int32_t max_pages_per_seq;
+  const int32_t* page_table;  // [batch, max_pages_per_seq]
+  const int32_t* seq_lens;    // [batch]
+  const float* q;             // [batch, num_q_heads, head_dim]
+  int32_t batch_size;
+  int32_t num_q_heads;
+  int32_t group_size;      // query heads per KV head
+  int32_t heads_per_list;  // query heads sharing one list (<= kGroup)
+  int32_t num_lists;       // lists per sequence
+  const int32_t* positions;  // sparse: [batch, num_lists, max_list_len]
+  const int32_t* list_lens;  // sparse: [batch, num_lists] or nullptr
+  int32_t max_list_len;
+  int32_t max_seq_len;     // dense: score columns
+  float scale_log2;        // sm_scale * log2(e)
+  int32_t chunk_tokens;    // multiple of 32, <= kMaxChunkTokens
+  int32_t num_chunks;
+  // num_chunks == 1: o [batch * num_q_heads, head_dim], lse [batch * num_q_heads] (may be null);
+  // else partial states o [batch * num_q_heads, num_chunks, head_dim], lse [batch * num_q_heads, num_chunks].
+  float* o;
+  float* lse;
+  float* scores;  // dense: [batch * num_q_heads, scores_stride] or nullptr
+  int64_t scores_stride;
+  int32_t* num_invalid;
+};
+
+// Launches DecodeAttentionKernel<T, head_dim, group rounded up, dense> on
+// grid (num_chunks, batch * num_lists). Defined per T in
+// decode_attention_{bf16,f16}.cu. cudaErrorInvalidValue for an unsupported
+// head_dim or group.
+template <typename T>
+cudaError_t LaunchDecodeAttention(const DecodeParams& p, int32_t head_dim, bool dense, cudaStream_t stream);
+
+// The split of each list into chunks.
+struct DecodeSplit {
+  int32_t num_chunks;
+  int32_t chunk_tokens;
+};
+
+// Chooses the chunks for `num_lists_total` lists of up to `tokens` tokens:
+// num_splits when > 0, else enough blocks to fill `num_sms` SMs, with at
+// least ceil(tokens / kMaxChunkTokens) chunks and chunks of >= 128 tokens.
+inline DecodeSplit PlanDecodeSplit(int64_t num_lists_total, int32_t tokens, int32_t num_splits, int32_t num_sms) {
+  const int64_t t = tokens > 0 ? tokens : 1;
+  const int64_t min_chunks = (t + kMaxChunkTokens - 1) / kMaxChunkTokens;
+  int64_t chunks;
+  if (num_splits > 0) {
+    chunks = num_splits;
+  } else {
+    const int64_t target_blocks = static_cast<int64_t>(num_sms) * 8;
+    const int64_t want = (target_blocks + num_lists_total - 1) / num_lists_total;
+    const int64_t cap = (t + 127) / 128;
+    chunks = want < cap ? want : cap;
+  }
+  if (chunks < min_chunks) chunks = min_chunks;
+  if (chunks > (t + 31) / 32) chunks = (t + 31) / 32;
+  if (chunks < 1) chunks = 1;
+  int64_t chunk_tokens = (t + chunks - 1) / chunks;
+  chunk_tokens = (chunk_tokens + 31) / 32 * 32;
+  chunks = (t + chunk_tokens - 1) / chunk_tokens;
+  return DecodeSplit{static_cast<int32_t>(chunks), static_cast<int32_t>(chunk_tokens)};
+}
+
+}  // namespace kvrecall::gpu::kernels

@@ -1,0 +1,362 @@
+#pragma once
+
+// Argument structs of the GPU decode-step kernels, shared by the CUDA
+// launchers (gpu/kernels/*.h) and the CPU references (gpu/reference/). This
+// header is plain C++ (no CUDA types), so the references build without CUDA.
+//
+// Conventions for every kernel:
+//   - Queries are f32; keys, values and per-page metadata are bf16 or f16.
+//   - Logits are s_i = sm_scale * q·k_i, sm_scale = 1/sqrt(head_dim) unless
+//     given; every LSE is in natural-log units (methods.md §0.2).
+//   - An empty set of tokens has o = 0 and lse = -inf (the identity of the
+//     merge), like the CPU partial attention in service/retrieval.
+//   - Pointers are device pointers for the launchers and host pointers for
+//     the references; the shapes below hold for both.
+//   - Validate*Args() return nullptr when the arguments are usable, else a
+//     static message naming the first problem. Launchers return
+//     cudaErrorInvalidValue for any such problem, before launching anything.
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kvrecall::gpu {
+
+// Element type of a tensor.
+enum class DType : int32_t {
+  kF32 = 0,
+  kF16 = 1,   // IEEE binary16
+  kBf16 = 2,  // bfloat16
+};
+
+inline int DTypeBytes(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }
+
+// A paged KV cache of one layer. Keys and values live in a pool of pages;
+// each sequence of the batch maps its positions to pages through its row of
+// the page table. Element (page, slot, kv_head, d) of K is at
+//   k[page * page_stride + slot * token_stride + kv_head * head_stride + d]
+// and the same for V. NHD pages ([num_pages, page_size, num_kv_heads,
+// head_dim]) have page_stride = page_size * num_kv_heads * head_dim,
+// token_stride = num_kv_heads * head_dim, head_stride = head_dim; HND pages
+// and the layer slice of a span payload ([kv_head][token][head_dim]) are
+// expressed by other strides. Position p of sequence b is in slot
+// p % page_size of page page_table[b * max_pages_per_seq + p / page_size].
+struct PagedKvCache {
+  const void* k = nullptr;  // pool of key pages, dtype, layout above
+  const void* v = nullptr;  // pool of value pages, dtype, same layout as k
+  DType dtype = DType::kBf16;  // kBf16 or kF16
+  int32_t head_dim = 128;      // 64 or 128
+  int32_t num_kv_heads = 0;    // >= 1
+  int32_t page_size = 16;      // tokens per page, 1..256
+  int32_t num_pages = 0;       // pages in the pool; valid page ids are [0, num_pages)
+  int64_t page_stride = 0;     // elements between consecutive pages; multiple of 8
+  int64_t token_stride = 0;    // elements between consecutive slots of a page; multiple of 8
+  int64_t head_stride = 0;     // elements between consecutive KV heads; multiple of 8
+  const int32_t* page_table = nullptr;  // [batch_size, max_pages_per_seq], int32 page ids
+  int32_t max_pages_per_seq = 0;        // >= 1
+  const int32_t* seq_lens = nullptr;    // [batch_size], tokens in each sequence
+};
+
+// Fills the strides of an NHD pool: [num_pages, page_size, num_kv_heads, head_dim].
+inline void SetNhdStrides(PagedKvCache* kv) {
+  kv->head_stride = kv->head_dim;
+  kv->token_stride = static_cast<int64_t>(kv->num_kv_heads) * kv->head_dim;
+  kv->page_stride = kv->token_stride * kv->page_size;
+}
+
+// Fills the strides of an HND pool: [num_pages, num_kv_heads, page_size, head_dim].
+inline void SetHndStrides(PagedKvCache* kv) {
+  kv->token_stride = kv->head_dim;
+  kv->head_stride = static_cast<int64_t>(kv->page_size) * kv->head_dim;
+  kv->page_stride = kv->head_stride * kv->num_kv_heads;
+}
+
+// Sparse decode attention: for each (sequence, query head), attention of its
+// one query over a list of positions of its KV head, returning o and lse.
+// Entries whose position is outside [0, seq_lens[b]) or whose page id is
+// outside [0, num_pages) are skipped (they contribute nothing) and counted in
+// *num_invalid. Positions must be distinct within a list (a repeated position
+// is counted twice, as in any sum).
+struct SparseDecodeArgs {
+  PagedKvCache kv;
+  int32_t batch_size = 0;   // sequences, >= 1
+  int32_t num_q_heads = 0;  // = num_kv_heads * group_size, group_size in 1..8
+  const float* q = nullptr;  // [batch_size, num_q_heads, head_dim], f32, post-RoPE
+  // true: one list per (sequence, KV head), shared by the group's query heads
+  // (K/V rows are read once for the group); false: one list per (sequence,
+  // query head).
+  bool lists_per_kv_head = true;
+  // [batch_size, num_lists, max_list_len], int32 positions, num_lists =
+  // num_kv_heads or num_q_heads (see lists_per_kv_head); entries at or past
+  // the list's length are not read.
+  const int32_t* positions = nullptr;
+  const int32_t* list_lens = nullptr;  // [batch_size, num_lists] lengths in [0, max_list_len], or nullptr: all max_list_len
+  int32_t max_list_len = 0;            // >= 0
+  float sm_scale = 0.0f;               // logit scale; 0 means 1/sqrt(head_dim)
+  // Chunks each list is split into (flash-decoding); 0: chosen from the
+  // shape and the device's SM count. At least ceil(max_list_len / 1024) are used.
+  int32_t num_splits = 0;
+  float* o = nullptr;             // [batch_size, num_q_heads, head_dim], f32 output
+  float* lse = nullptr;           // [batch_size, num_q_heads], f32 output, natural log; may be nullptr
+  int32_t* num_invalid = nullptr;  // device counter, may be nullptr; incremented per skipped entry (caller zeroes it)
+};
+
+// Dense decode attention with scores (TidalDecode's selection layer): full
+// attention of each query head over positions [0, seq_lens[b]) that also
+// writes the scaled logits and, optionally, the top-k positions per head.
+struct DenseDecodeArgs {
+  PagedKvCache kv;
+  int32_t batch_size = 0;    // >= 1
+  int32_t num_q_heads = 0;   // = num_kv_heads * group_size, group_size in 1..8
+  const float* q = nullptr;  // [batch_size, num_q_heads, head_dim], f32, post-RoPE
+  // >= 1 and >= every seq_lens[b]; the number of score columns. Tokens past
+  // it (or past max_pages_per_seq * page_size, or on a page id outside the
+  // pool) are skipped and counted in *num_invalid.
+  int32_t max_seq_len = 0;
+  float sm_scale = 0.0f;     // 0 means 1/sqrt(head_dim)
+  int32_t num_splits = 0;    // as in SparseDecodeArgs
+  float* o = nullptr;        // [batch_size, num_q_heads, head_dim], f32 output
+  float* lse = nullptr;      // [batch_size, num_q_heads], natural log; may be nullptr
+  // [batch_size, num_q_heads, scores_stride], f32 output or nullptr: column t
+  // is sm_scale * q·k_t for t < seq_len and -inf for seq_len <= t < max_seq_len.
+  // With top_k > 0 and scores == nullptr the logits go to the workspace.
+  float* scores = nullptr;
+  int64_t scores_stride = 0;  // >= max_seq_len; 0 means max_seq_len
+  int32_t top_k = 0;          // 0: no selection; else 1..max_seq_len positions per (sequence, query head)
+  // [batch_size, num_q_heads, top_k] output when top_k > 0: the positions of
+  // the top_k largest logits, unordered, ties broken arbitrarily; positions
+  // >= seq_len (logit -inf) appear only when seq_len < top_k.
+  int32_t* top_k_positions = nullptr;
+  int32_t* num_invalid = nullptr;  // as in SparseDecodeArgs
+};
+
+// Merge of J partial attention states per head into one (methods.md §0.2):
+//   M = max_j lse_j, lse = M + ln Σ_j exp(lse_j − M), o = Σ_j exp(lse_j − lse) o_j.
+// States with lse = -inf are empty and ignored; if all are, o = 0, lse = -inf.
+struct MergeStatesArgs {
+  // State j of head h: o_states[j * o_state_stride + h * o_head_stride + d],
+  // f32, d < head_dim; contiguous [num_states, num_heads, head_dim] has
+  // o_state_stride = num_heads * head_dim and o_head_stride = head_dim.
+  const float* o_states = nullptr;
+  // lse_states[j * lse_state_stride + h * lse_head_stride], f32, natural log.
+  const float* lse_states = nullptr;
+  int32_t num_states = 0;  // J >= 1
+  int32_t num_heads = 0;   // >= 1
+  int32_t head_dim = 128;  // 64 or 128
+  int64_t o_state_stride = 0;
+  int64_t o_head_stride = 0;
+  int64_t lse_state_stride = 0;
+  int64_t lse_head_stride = 0;
+  void* o = nullptr;             // [num_heads, head_dim] output of out_dtype
+  DType out_dtype = DType::kF32;  // kF32, kBf16 or kF16
+  float* lse = nullptr;          // [num_heads] f32 output, natural log; may be nullptr
+};
+
+// Top-k selection per row (radix select over the f32 bit patterns). NaN
+// ranks above +inf (as torch.topk); ties at the k-th value are broken
+// arbitrarily; the output is unordered.
+struct TopKArgs {
+  const float* scores = nullptr;  // [num_rows, row_stride] f32; columns [0, num_cols) are used
+  int32_t num_rows = 0;           // 1..65535
+  int32_t num_cols = 0;           // n >= 1
+  int64_t row_stride = 0;         // >= num_cols; 0 means num_cols
+  int32_t k = 0;                  // 1..num_cols
+  int32_t* indices = nullptr;     // [num_rows, k] output: column indices of the k largest
+  float* values = nullptr;        // [num_rows, k] output: their scores; may be nullptr
+};
+
+// Loki scoring (methods.md §2): approximate logits from the first `rank`
+// components of PCA-rotated keys and queries, then optionally the top-k
+// positions per (sequence, query head) with the pass-0 radix histogram fused
+// into the scoring pass.
+//   score[b, h, t] = sm_scale * Σ_{j<rank} q'[b, h, j] * K'[b, h / group, t, j]
+struct LokiScoreArgs {
+  // [batch_size, num_q_heads, rank] f32: the first `rank` components of the
+  // rotated query q·P (q·P's first components, not a new projection).
+  const float* q = nullptr;
+  // Rotated key plane, dtype: element (b, kv_head, t, j) at
+  // keys[b * seq_stride + kv_head * head_stride + t * rank + j], j < rank.
+  const void* keys = nullptr;
+  DType dtype = DType::kBf16;  // kBf16 or kF16
+  int32_t rank = 32;           // r: 16, 32 or 64
+  int32_t head_dim = 128;      // d of the full keys; only for the default scale
+  int32_t batch_size = 0;      // >= 1
+  int32_t num_q_heads = 0;     // = num_kv_heads * group_size, group_size in 1..8
+  int32_t num_kv_heads = 0;    // >= 1
+  int64_t seq_stride = 0;      // elements between sequences; multiple of 8
+  int64_t head_stride = 0;     // elements between KV heads; multiple of 8, >= max_seq_len * rank
+  const int32_t* seq_lens = nullptr;  // [batch_size] tokens per sequence, <= max_seq_len
+  int32_t max_seq_len = 0;     // >= 1; score columns
+  float sm_scale = 0.0f;       // 0 means 1/sqrt(head_dim)
+  // [batch_size, num_q_heads, max_seq_len] f32 output or nullptr (only when
+  // k > 0: then the scores live in the workspace); -inf past seq_len.
+  float* scores = nullptr;
+  int32_t k = 0;                   // 0: scores only; else 1..max_seq_len
+  int32_t* top_k_positions = nullptr;  // [batch_size, num_q_heads, k] output when k > 0, unordered
+};
+
+// Quest page scoring (methods.md §6.1): per page p and query head, the upper
+// bound of the page's logits from its element-wise key max M_p and min m_p,
+//   score[b, h, p] = sm_scale * Σ_j max(q_j * M_{p,j}, q_j * m_{p,j}),
+// then optionally the top-k pages per (sequence, query head).
+struct QuestScoreArgs {
+  const float* q = nullptr;  // [batch_size, num_q_heads, head_dim] f32
+  // Page metadata, dtype: element (b, kv_head, p, d) at
+  // page_max[b * seq_stride + kv_head * head_stride + p * head_dim + d]; same for page_min.
+  const void* page_max = nullptr;
+  const void* page_min = nullptr;
+  DType dtype = DType::kBf16;  // kBf16 or kF16
+  int32_t head_dim = 128;      // 64 or 128
+  int32_t batch_size = 0;      // >= 1
+  int32_t num_q_heads = 0;     // = num_kv_heads * group_size, group_size in 1..8
+  int32_t num_kv_heads = 0;    // >= 1
+  int64_t seq_stride = 0;      // multiple of 8
+  int64_t head_stride = 0;     // multiple of 8, >= max_pages * head_dim
+  const int32_t* num_pages = nullptr;  // [batch_size] pages per sequence, <= max_pages
+  int32_t max_pages = 0;       // >= 1; score columns
+  float sm_scale = 0.0f;       // 0 means 1/sqrt(head_dim)
+  float* scores = nullptr;     // [batch_size, num_q_heads, max_pages] f32 output (nullptr only when k > 0); -inf past num_pages
+  int32_t k = 0;               // 0: scores only; else 1..max_pages
+  int32_t* top_k_pages = nullptr;  // [batch_size, num_q_heads, k] output when k > 0, unordered
+};
+
+// ---------------------------------------------------------------------------
+// Validation, shared by launchers and references.
+
+namespace internal {
+
+inline bool IsKvDType(DType d) { return d == DType::kBf16 || d == DType::kF16; }
+inline bool IsAligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+inline const char* ValidateKv(const PagedKvCache& kv, int32_t batch_size, int32_t num_q_heads) {
+  if (kv.k == nullptr || kv.v == nullptr) return "kv.k and kv.v must not be null";
+  if (kv.page_table == nullptr || kv.seq_lens == nullptr) return "kv.page_table and kv.seq_lens must not be null";
+  if (!IsKvDType(kv.dtype)) return "kv.dtype must be kBf16 or kF16";
+  if (kv.head_dim != 64 && kv.head_dim != 128) return "head_dim must be 64 or 128";
+  if (kv.num_kv_heads < 1) return "num_kv_heads must be >= 1";
+  if (kv.page_size < 1 || kv.page_size > 256) return "page_size must be in [1, 256]";
+  if (kv.num_pages < 1) return "num_pages must be >= 1";
+  if (kv.max_pages_per_seq < 1) return "max_pages_per_seq must be >= 1";
+  if (kv.page_stride < 0 || kv.token_stride < 0 || kv.head_stride < 0 || kv.page_stride % 8 != 0 ||
+      kv.token_stride % 8 != 0 || kv.head_stride % 8 != 0) {
+    return "kv strides must be non-negative multiples of 8 elements";
+  }
+  if (!IsAligned16(kv.k) || !IsAligned16(kv.v)) return "kv.k and kv.v must be 16-byte aligned";
+  if (batch_size < 1) return "batch_size must be >= 1";
+  if (num_q_heads < 1 || num_q_heads % kv.num_kv_heads != 0) {
+    return "num_q_heads must be a positive multiple of num_kv_heads";
+  }
+  const int32_t group = num_q_heads / kv.num_kv_heads;
+  if (group > 8) return "group size (num_q_heads / num_kv_heads) must be in [1, 8]";
+  if (static_cast<int64_t>(batch_size) * num_q_heads > 65535) return "batch_size * num_q_heads must be <= 65535";
+  return nullptr;
+}
+
+inline const char* ValidateTopKShape(int32_t num_rows, int32_t num_cols, int32_t k) {
+  if (num_rows < 1 || num_rows > 65535) return "top-k rows must be in [1, 65535]";
+  if (num_cols < 1) return "top-k columns must be >= 1";
+  if (k < 1 || k > num_cols) return "k must be in [1, number of columns]";
+  return nullptr;
+}
+
+}  // namespace internal
+
+inline const char* ValidateSparseDecodeArgs(const SparseDecodeArgs& a) {
+  if (const char* e = internal::ValidateKv(a.kv, a.batch_size, a.num_q_heads)) return e;
+  if (a.q == nullptr || a.o == nullptr) return "q and o must not be null";
+  if (a.max_list_len < 0) return "max_list_len must be >= 0";
+  if (a.max_list_len > 0 && a.positions == nullptr) return "positions must not be null";
+  if (a.num_splits < 0) return "num_splits must be >= 0";
+  if (!(a.sm_scale >= 0.0f)) return "sm_scale must be >= 0 (0: 1/sqrt(head_dim))";
+  return nullptr;
+}
+
+inline const char* ValidateDenseDecodeArgs(const DenseDecodeArgs& a) {
+  if (const char* e = internal::ValidateKv(a.kv, a.batch_size, a.num_q_heads)) return e;
+  if (a.q == nullptr || a.o == nullptr) return "q and o must not be null";
+  if (a.max_seq_len < 1) return "max_seq_len must be >= 1";
+  if (a.scores_stride != 0 && a.scores_stride < a.max_seq_len) return "scores_stride must be >= max_seq_len";
+  if (a.num_splits < 0) return "num_splits must be >= 0";
+  if (!(a.sm_scale >= 0.0f)) return "sm_scale must be >= 0 (0: 1/sqrt(head_dim))";
+  if (a.top_k < 0) return "top_k must be >= 0";
+  if (a.top_k > 0) {
+    if (a.top_k > a.max_seq_len) return "top_k must be <= max_seq_len";
+    if (a.top_k_positions == nullptr) return "top_k_positions must not be null when top_k > 0";
+  }
+  return nullptr;
+}
+
+inline const char* ValidateMergeStatesArgs(const MergeStatesArgs& a) {
+  if (a.o_states == nullptr || a.lse_states == nullptr || a.o == nullptr) return "o_states, lse_states and o must not be null";
+  if (a.num_states < 1) return "num_states must be >= 1";
+  if (a.num_heads < 1) return "num_heads must be >= 1";
+  if (a.head_dim != 64 && a.head_dim != 128) return "head_dim must be 64 or 128";
+  if (a.out_dtype != DType::kF32 && a.out_dtype != DType::kBf16 && a.out_dtype != DType::kF16) {
+    return "out_dtype must be kF32, kBf16 or kF16";
+  }
+  if (a.o_state_stride < 0 || a.o_head_stride < 0 || a.lse_state_stride < 0 || a.lse_head_stride < 0) {
+    return "strides must be non-negative";
+  }
+  return nullptr;
+}
+
+inline const char* ValidateTopKArgs(const TopKArgs& a) {
+  if (a.scores == nullptr || a.indices == nullptr) return "scores and indices must not be null";
+  if (const char* e = internal::ValidateTopKShape(a.num_rows, a.num_cols, a.k)) return e;
+  if (a.row_stride != 0 && a.row_stride < a.num_cols) return "row_stride must be >= num_cols";
+  return nullptr;
+}
+
+inline const char* ValidateLokiScoreArgs(const LokiScoreArgs& a) {
+  if (a.q == nullptr || a.keys == nullptr || a.seq_lens == nullptr) return "q, keys and seq_lens must not be null";
+  if (!internal::IsKvDType(a.dtype)) return "dtype must be kBf16 or kF16";
+  if (a.rank != 16 && a.rank != 32 && a.rank != 64) return "rank must be 16, 32 or 64";
+  if (a.head_dim < a.rank) return "head_dim must be >= rank";
+  if (a.batch_size < 1 || a.num_kv_heads < 1) return "batch_size and num_kv_heads must be >= 1";
+  if (a.num_q_heads < 1 || a.num_q_heads % a.num_kv_heads != 0 || a.num_q_heads / a.num_kv_heads > 8) {
+    return "num_q_heads must be num_kv_heads * group_size, group_size in [1, 8]";
+  }
+  if (static_cast<int64_t>(a.batch_size) * a.num_q_heads > 65535) return "batch_size * num_q_heads must be <= 65535";
+  if (a.max_seq_len < 1) return "max_seq_len must be >= 1";
+  if (a.seq_stride < 0 || a.head_stride < 0 || a.seq_stride % 8 != 0 || a.head_stride % 8 != 0) {
+    return "seq_stride and head_stride must be non-negative multiples of 8 elements";
+  }
+  if (a.head_stride < static_cast<int64_t>(a.max_seq_len) * a.rank) return "head_stride must be >= max_seq_len * rank";
+  if (!internal::IsAligned16(a.keys)) return "keys must be 16-byte aligned";
+  if (!(a.sm_scale >= 0.0f)) return "sm_scale must be >= 0 (0: 1/sqrt(head_dim))";
+  if (a.k < 0) return "k must be >= 0";
+  if (a.k == 0 && a.scores == nullptr) return "scores must not be null when k == 0";
+  if (a.k > 0) {
+    if (a.k > a.max_seq_len) return "k must be <= max_seq_len";
+    if (a.top_k_positions == nullptr) return "top_k_positions must not be null when k > 0";
+  }
+  return nullptr;
+}
+
+inline const char* ValidateQuestScoreArgs(const QuestScoreArgs& a) {
+  if (a.q == nullptr || a.page_max == nullptr || a.page_min == nullptr || a.num_pages == nullptr) {
+    return "q, page_max, page_min and num_pages must not be null";
+  }
+  if (!internal::IsKvDType(a.dtype)) return "dtype must be kBf16 or kF16";
+  if (a.head_dim != 64 && a.head_dim != 128) return "head_dim must be 64 or 128";
+  if (a.batch_size < 1 || a.num_kv_heads < 1) return "batch_size and num_kv_heads must be >= 1";
+  if (a.num_q_heads < 1 || a.num_q_heads % a.num_kv_heads != 0 || a.num_q_heads / a.num_kv_heads > 8) {
+    return "num_q_heads must be num_kv_heads * group_size, group_size in [1, 8]";
+  }
+  if (static_cast<int64_t>(a.batch_size) * a.num_q_heads > 65535) return "batch_size * num_q_heads must be <= 65535";
+  if (a.max_pages < 1) return "max_pages must be >= 1";
+  if (a.seq_stride < 0 || a.head_stride < 0 || a.seq_stride % 8 != 0 || a.head_stride % 8 != 0) {
+    return "seq_stride and head_stride must be non-negative multiples of 8 elements";
+  }
+  if (a.head_stride < static_cast<int64_t>(a.max_pages) * a.head_dim) return "head_stride must be >= max_pages * head_dim";
+  if (!internal::IsAligned16(a.page_max) || !internal::IsAligned16(a.page_min)) return "page_max and page_min must be 16-byte aligned";
+  if (!(a.sm_scale >= 0.0f)) return "sm_scale must be >= 0 (0: 1/sqrt(head_dim))";
+  if (a.k < 0) return "k must be >= 0";
+  if (a.k == 0 && a.scores == nullptr) return "scores must not be null when k == 0";
+  if (a.k > 0) {
+    if (a.k > a.max_pages) return "k must be <= max_pages";
+    if (a.top_k_pages == nullptr) return "top_k_pages must not be null when k > 0";
+  }
+  return nullptr;
+}
+
+}  // namespace kvrecall::gpu

@@ -1,0 +1,1204 @@
+// GPU tests of the gpu/kernels launchers against the CPU references
+// (gpu/reference/) over a grid of shapes, on fresh random data (never zeros),
+// with poisoned outputs (NaN floats, -1 indices) so that an unwritten element
+// fails; ‖out − ref‖ / ‖ref‖ must be within bf16 tolerance and NaN never
+// passes. Also the launchers' argument validation and CUDA-graph capture
+// (which fails if a launcher allocates or synchronizes). Every test skips
+// without a CUDA device.
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "gpu/kernels/decode_attention.h"
+#include "gpu/kernels/kernel_args.h"
+#include "gpu/kernels/loki_score.h"
+#include "gpu/kernels/merge_states.h"
+#include "gpu/kernels/quest_score.h"
+#include "gpu/kernels/top_k.h"
+#include "gpu/reference/half_convert.h"
+#include "gpu/reference/reference.h"
+
+namespace kvrecall::gpu {
+namespace {
+
+using reference::FloatToHalfBits;
+using reference::HalfBitsToFloat;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// Relative L2 error allowed for f32 outputs computed from bf16/f16 inputs
+// with f32 accumulation: half a bf16 ulp at 1.0 (the reference is float64).
+constexpr double kTol = 2e-3;
+
+#define KVR_ASSERT_CUDA(expr)                                                  \
+  do {                                                                         \
+    const cudaError_t kvr_e_ = (expr);                                         \
+    ASSERT_EQ(kvr_e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(kvr_e_); \
+  } while (0)
+
+bool HasDevice() {
+  int n = 0;
+  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  cudaGetLastError();  // clear the error of a failed query
+  return ok;
+}
+
+#define SKIP_WITHOUT_DEVICE() \
+  if (!HasDevice()) GTEST_SKIP() << "no CUDA device"
+
+// Owning device array (test-only RAII).
+template <typename T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  explicit DeviceArray(size_t n) { Allocate(n); }
+  explicit DeviceArray(const std::vector<T>& host) {
+    Allocate(host.size());
+    Upload(host);
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  ~DeviceArray() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+  }
+  void Allocate(size_t n) {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = nullptr;
+    size_ = n;
+    if (n > 0 && cudaMalloc(&ptr_, n * sizeof(T)) != cudaSuccess) {
+      ptr_ = nullptr;
+      ADD_FAILURE() << "cudaMalloc of " << n * sizeof(T) << " bytes failed";
+    }
+  }
+  void Upload(const std::vector<T>& host) {
+    ASSERT_EQ(host.size(), size_);
+    if (size_ > 0) KVR_ASSERT_CUDA(cudaMemcpy(ptr_, host.data(), size_ * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> Download() const {
+    std::vector<T> host(size_);
+    if (size_ > 0) {
+      const cudaError_t e = cudaMemcpy(host.data(), ptr_, size_ * sizeof(T), cudaMemcpyDeviceToHost);
+      EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
+    }
+    return host;
+  }
+  // Fills every byte (0xff: NaN floats, -1 ints).
+  void Poison(int byte = 0xff) {
+    if (size_ > 0) KVR_ASSERT_CUDA(cudaMemset(ptr_, byte, size_ * sizeof(T)));
+  }
+  T* get() const { return static_cast<T*>(ptr_); }
+  size_t size() const { return size_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Raw workspace of the given size (nullptr when 0).
+class Workspace {
+ public:
+  explicit Workspace(size_t bytes) : buf_((bytes + 15) / 16) {}
+  void* get() const { return buf_.size() > 0 ? static_cast<void*>(buf_.get()) : nullptr; }
+
+ private:
+  DeviceArray<uint4> buf_;
+};
+
+double RelErr(const std::vector<float>& got, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double d = static_cast<double>(got[i]) - ref[i];
+    num += d * d;
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  if (den == 0) return std::sqrt(num);  // NaN stays NaN
+  return std::sqrt(num / den);
+}
+
+// LSE values: -inf must match exactly; finite ones within 1e-3 absolute.
+// Returns the number of mismatches.
+int LseMismatches(const std::vector<float>& got, const std::vector<float>& ref) {
+  int bad = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (std::isinf(ref[i])) {
+      bad += got[i] != ref[i];
+    } else {
+      bad += !(std::abs(got[i] - ref[i]) <= 1e-3 * std::max(1.0f, std::abs(ref[i])));
+    }
+  }
+  return bad;
+}
+
+// Scores with -inf padding: -inf must match exactly, the finite part within kTol.
+void ExpectScoresNear(const std::vector<float>& got, const std::vector<float>& ref, const std::string& what) {
+  std::vector<float> g, r;
+  int inf_mismatch = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (std::isinf(ref[i])) {
+      inf_mismatch += got[i] != ref[i];
+    } else {
+      g.push_back(got[i]);
+      r.push_back(ref[i]);
+    }
+  }
+  EXPECT_EQ(inf_mismatch, 0) << what;
+  EXPECT_LE(RelErr(g, r), kTol) << what;
+}
+
+// Checks GPU top-k rows against the reference scores with a tolerance for
+// near-ties between the GPU's f32 and the reference's float64 logits.
+void ExpectTopKRows(const std::vector<float>& ref_scores, int64_t rows, int32_t n, const std::vector<int32_t>& got,
+                    int32_t k, const std::string& what) {
+  double max_abs = 0;
+  for (float s : ref_scores) {
+    if (std::isfinite(s)) max_abs = std::max(max_abs, static_cast<double>(std::abs(s)));
+  }
+  const double tol = 1e-4 * (1.0 + max_abs);
+  for (int64_t r = 0; r < rows; ++r) {
+    const std::string err =
+        reference::CheckTopKSelection(ref_scores.data() + r * n, n, got.data() + r * k, k, tol);
+    ASSERT_EQ(err, "") << what << " row " << r;
+  }
+}
+
+std::string DTypeName(DType d) { return d == DType::kBf16 ? "bf16" : (d == DType::kF16 ? "f16" : "f32"); }
+
+std::vector<float> RandomNormal(std::mt19937_64& rng, size_t n, float stddev) {
+  std::normal_distribution<float> normal(0.0f, stddev);
+  std::vector<float> x(n);
+  for (float& v : x) v = normal(rng);
+  return x;
+}
+
+std::vector<uint16_t> RandomHalf(std::mt19937_64& rng, size_t n, DType dtype, float stddev = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, stddev);
+  std::vector<uint16_t> x(n);
+  for (uint16_t& v : x) v = FloatToHalfBits(normal(rng), dtype);
+  return x;
+}
+
+// A paged KV cache on the host and its device mirror. Pages are shuffled in
+// the pool; slots past a sequence's end and unused pages hold NaN, so a read
+// outside the valid tokens poisons the result.
+struct PagedKv {
+  std::vector<uint16_t> k, v;
+  std::vector<int32_t> page_table, seq_lens;
+  PagedKvCache host;  // host pointers (reference)
+  DeviceArray<uint16_t> dk, dv;
+  DeviceArray<int32_t> dpage_table, dseq_lens;
+  PagedKvCache dev;   // device pointers (kernels)
+
+  void Build(std::mt19937_64& rng, DType dtype, int32_t head_dim, int32_t num_kv_heads,
+             const std::vector<int32_t>& lens, int32_t page_size, bool hnd) {
+    seq_lens = lens;
+    const int32_t max_len = *std::max_element(lens.begin(), lens.end());
+    const int32_t batch = static_cast<int32_t>(lens.size());
+    const int32_t max_pages = std::max(1, (max_len + page_size - 1) / page_size);
+    const int32_t num_pages = batch * max_pages + 3;
+    std::vector<int32_t> perm(num_pages);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    page_table.assign(perm.begin(), perm.begin() + static_cast<size_t>(batch) * max_pages);
+    host = PagedKvCache{};
+    host.dtype = dtype;
+    host.head_dim = head_dim;
+    host.num_kv_heads = num_kv_heads;
+    host.page_size = page_size;
+    host.num_pages = num_pages;
+    host.max_pages_per_seq = max_pages;
+    if (hnd) {
+      SetHndStrides(&host);
+    } else {
+      SetNhdStrides(&host);
+    }
+    const size_t elems = static_cast<size_t>(num_pages) * host.page_stride;
+    const uint16_t nan_bits = FloatToHalfBits(std::nanf(""), dtype);
+    k.assign(elems, nan_bits);
+    v.assign(elems, nan_bits);
+    std::normal_distribution<float> normal;
+    for (int32_t b = 0; b < batch; ++b) {
+      for (int32_t t = 0; t < lens[b]; ++t) {
+        const int64_t page = page_table[static_cast<size_t>(b) * max_pages + t / page_size];
+        for (int32_t h = 0; h < num_kv_heads; ++h) {
+          const int64_t off = page * host.page_stride + (t % page_size) * host.token_stride + h * host.head_stride;
+          for (int32_t d = 0; d < head_dim; ++d) {
+            k[off + d] = FloatToHalfBits(normal(rng), dtype);
+            v[off + d] = FloatToHalfBits(normal(rng), dtype);
+          }
+        }
+      }
+    }
+    host.k = k.data();
+    host.v = v.data();
+    host.page_table = page_table.data();
+    host.seq_lens = seq_lens.data();
+    Sync();
+  }
+
+  // (Re)uploads the host arrays.
+  void Sync() {
+    dk.Allocate(k.size());
+    dk.Upload(k);
+    dv.Allocate(v.size());
+    dv.Upload(v);
+    dpage_table.Allocate(page_table.size());
+    dpage_table.Upload(page_table);
+    dseq_lens.Allocate(seq_lens.size());
+    dseq_lens.Upload(seq_lens);
+    dev = host;
+    dev.k = dk.get();
+    dev.v = dv.get();
+    dev.page_table = dpage_table.get();
+    dev.seq_lens = dseq_lens.get();
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Sparse decode attention.
+
+struct SparseCase {
+  DType dtype;
+  int32_t head_dim;
+  int32_t group;
+  int32_t num_kv_heads;
+  int32_t page_size;
+  bool hnd;
+  bool per_kv_head;
+  int32_t max_list_len;
+  int32_t num_splits;
+  int32_t batch;
+  float q_scale;
+  std::string Name() const {
+    return DTypeName(dtype) + " d" + std::to_string(head_dim) + " g" + std::to_string(group) + " hkv" +
+           std::to_string(num_kv_heads) + " ps" + std::to_string(page_size) + (hnd ? " hnd" : " nhd") +
+           (per_kv_head ? " kvlists" : " qlists") + " L" + std::to_string(max_list_len) + " splits" +
+           std::to_string(num_splits) + " b" + std::to_string(batch) + " qs" + std::to_string(q_scale);
+  }
+};
+
+std::vector<SparseCase> SparseCases() {
+  std::vector<SparseCase> cases;
+  const int32_t page_sizes[] = {1, 16, 256, 7, 64};
+  const int32_t lens[] = {1, 37, 1500, 3000, 300};
+  const int32_t splits[] = {0, 0, 1, 5};
+  int i = 0;
+  for (DType dtype : {DType::kBf16, DType::kF16}) {
+    for (int32_t d : {64, 128}) {
+      for (int32_t g : {1, 2, 3, 4, 8}) {
+        SparseCase c;
+        c.dtype = dtype;
+        c.head_dim = d;
+        c.group = g;
+        c.num_kv_heads = g == 8 ? 1 : 2;
+        c.page_size = page_sizes[i % 5];
+        c.hnd = i % 2 == 1;
+        c.per_kv_head = (i / 2) % 2 == 0;
+        c.max_list_len = lens[i % 5];
+        c.num_splits = splits[i % 4];
+        c.batch = 3;
+        c.q_scale = i % 3 == 0 ? 4.0f : 1.0f;
+        cases.push_back(c);
+        ++i;
+      }
+    }
+  }
+  // Long lists split over many blocks, empty lists, larger batch.
+  cases.push_back({DType::kBf16, 128, 4, 2, 16, false, true, 9000, 0, 2, 2.0f});
+  cases.push_back({DType::kF16, 64, 2, 2, 32, true, false, 5000, 3, 2, 1.0f});
+  cases.push_back({DType::kBf16, 128, 4, 2, 16, false, true, 0, 0, 2, 1.0f});
+  cases.push_back({DType::kBf16, 128, 1, 4, 16, false, true, 200, 0, 9, 1.0f});
+  return cases;
+}
+
+TEST(SparseDecodeAttentionTest, MatchesReferenceOverShapeGrid) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (const SparseCase& c : SparseCases()) {
+    SCOPED_TRACE(c.Name());
+    const int32_t hq = c.num_kv_heads * c.group;
+    // Sequence lengths around the list length, one shorter than the list.
+    std::vector<int32_t> seq_lens;
+    for (int32_t b = 0; b < c.batch; ++b) {
+      const int32_t base = std::max(c.max_list_len, 1);
+      seq_lens.push_back(b % 3 == 0 ? 2 * base + 13 : (b % 3 == 1 ? base : std::max(1, base / 2)));
+    }
+    PagedKv kv;
+    kv.Build(rng, c.dtype, c.head_dim, c.num_kv_heads, seq_lens, c.page_size, c.hnd);
+    const int32_t num_lists = c.per_kv_head ? c.num_kv_heads : hq;
+    const size_t lists = static_cast<size_t>(c.batch) * num_lists;
+    std::vector<int32_t> positions(std::max<size_t>(lists * c.max_list_len, 1), -1);
+    std::vector<int32_t> list_lens(lists);
+    for (int32_t b = 0; b < c.batch; ++b) {
+      std::vector<int32_t> all(seq_lens[b]);
+      std::iota(all.begin(), all.end(), 0);
+      for (int32_t l = 0; l < num_lists; ++l) {
+        const size_t li = static_cast<size_t>(b) * num_lists + l;
+        const int32_t cap = std::min(c.max_list_len, seq_lens[b]);
+        int32_t len = l == 0 ? cap : static_cast<int32_t>(rng() % (cap + 1));
+        if (b == 1 && l == num_lists - 1) len = 0;  // an empty list
+        list_lens[li] = len;
+        // A random subset of `len` distinct positions (partial Fisher-Yates).
+        for (int32_t i = 0; i < len; ++i) std::swap(all[i], all[i + rng() % (all.size() - i)]);
+        std::copy(all.begin(), all.begin() + len, positions.begin() + li * c.max_list_len);
+      }
+    }
+    const std::vector<float> q = RandomNormal(rng, static_cast<size_t>(c.batch) * hq * c.head_dim, c.q_scale);
+
+    SparseDecodeArgs ref;
+    ref.kv = kv.host;
+    ref.batch_size = c.batch;
+    ref.num_q_heads = hq;
+    ref.q = q.data();
+    ref.lists_per_kv_head = c.per_kv_head;
+    ref.positions = positions.data();
+    ref.list_lens = list_lens.data();
+    ref.max_list_len = c.max_list_len;
+    ref.num_splits = c.num_splits;
+    std::vector<float> ref_o(q.size()), ref_lse(static_cast<size_t>(c.batch) * hq);
+    ref.o = ref_o.data();
+    ref.lse = ref_lse.data();
+    ASSERT_TRUE(reference::SparseDecodeAttention(ref));
+
+    DeviceArray<float> dq(q), d_o(q.size()), d_lse(ref_lse.size());
+    DeviceArray<int32_t> dpos(positions), dlens(list_lens), dinvalid(1);
+    d_o.Poison();
+    d_lse.Poison();
+    dinvalid.Poison(0);
+    SparseDecodeArgs a = ref;
+    a.kv = kv.dev;
+    a.q = dq.get();
+    a.positions = dpos.get();
+    a.list_lens = dlens.get();
+    a.o = d_o.get();
+    a.lse = d_lse.get();
+    a.num_invalid = dinvalid.get();
+    Workspace ws(SparseDecodeAttentionWorkspaceBytes(a));
+    KVR_ASSERT_CUDA(SparseDecodeAttention(a, ws.get(), nullptr));
+    KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+    EXPECT_LE(RelErr(d_o.Download(), ref_o), kTol);
+    EXPECT_EQ(LseMismatches(d_lse.Download(), ref_lse), 0);
+    EXPECT_EQ(dinvalid.Download()[0], 0);
+  }
+}
+
+TEST(SparseDecodeAttentionTest, SkipsAndCountsInvalidPositionsAndPages) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  PagedKv kv;
+  kv.Build(rng, DType::kBf16, 128, 2, {500, 300}, 16, false);
+  // Sequence 0's page 3 points outside the pool, sequence 1's page 2 is -1.
+  kv.page_table[3] = kv.host.num_pages + 5;
+  kv.page_table[kv.host.max_pages_per_seq + 2] = -1;
+  kv.Sync();
+  const int32_t hq = 8, max_len = 400;
+  std::vector<int32_t> positions(2 * 2 * max_len);
+  std::vector<int32_t> list_lens = {400, 399, 7, 401};  // 401 > max_len: clamped and counted
+  for (size_t i = 0; i < positions.size(); ++i) {
+    const int32_t b = static_cast<int32_t>(i / (2 * max_len));
+    const int32_t r = static_cast<int32_t>(rng() % 20);
+    // Mostly valid positions, some negative, some past the sequence end.
+    positions[i] = r == 0 ? -3 : (r == 1 ? 500 + static_cast<int32_t>(rng() % 50) : static_cast<int32_t>(rng() % (b == 0 ? 500 : 300)));
+  }
+  // Positions must be distinct within a list: repeats become -1 (invalid).
+  for (size_t li = 0; li < 4; ++li) {
+    std::vector<char> seen(600, 0);
+    for (int32_t i = 0; i < max_len; ++i) {
+      int32_t& p = positions[li * max_len + i];
+      if (p < 0 || p >= 600) continue;
+      if (seen[p]) {
+        p = -1;
+      } else {
+        seen[p] = 1;
+      }
+    }
+  }
+  const std::vector<float> q = RandomNormal(rng, 2 * hq * 128, 2.0f);
+  SparseDecodeArgs ref;
+  ref.kv = kv.host;
+  ref.batch_size = 2;
+  ref.num_q_heads = hq;
+  ref.q = q.data();
+  ref.positions = positions.data();
+  ref.list_lens = list_lens.data();
+  ref.max_list_len = max_len;
+  std::vector<float> ref_o(q.size()), ref_lse(2 * hq);
+  int32_t ref_invalid = 0;
+  ref.o = ref_o.data();
+  ref.lse = ref_lse.data();
+  ref.num_invalid = &ref_invalid;
+  ASSERT_TRUE(reference::SparseDecodeAttention(ref));
+  ASSERT_GT(ref_invalid, 10);
+  for (int32_t splits : {1, 4}) {
+    DeviceArray<float> dq(q), d_o(q.size()), d_lse(ref_lse.size());
+    DeviceArray<int32_t> dpos(positions), dlens(list_lens), dinvalid(1);
+    d_o.Poison();
+    d_lse.Poison();
+    dinvalid.Poison(0);
+    SparseDecodeArgs a = ref;
+    a.kv = kv.dev;
+    a.q = dq.get();
+    a.positions = dpos.get();
+    a.list_lens = dlens.get();
+    a.num_splits = splits;
+    a.o = d_o.get();
+    a.lse = d_lse.get();
+    a.num_invalid = dinvalid.get();
+    Workspace ws(SparseDecodeAttentionWorkspaceBytes(a));
+    KVR_ASSERT_CUDA(SparseDecodeAttention(a, ws.get(), nullptr));
+    KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+    EXPECT_LE(RelErr(d_o.Download(), ref_o), kTol) << "splits " << splits;
+    EXPECT_EQ(LseMismatches(d_lse.Download(), ref_lse), 0) << "splits " << splits;
+    EXPECT_EQ(dinvalid.Download()[0], ref_invalid) << "splits " << splits;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Dense decode attention with scores and top-k.
+
+TEST(DenseDecodeAttentionTest, MatchesReferenceWithScoresAndTopK) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  struct Case {
+    DType dtype;
+    int32_t head_dim, group, num_kv_heads, page_size;
+    bool hnd;
+    int32_t max_seq_len, top_k, num_splits;
+    bool scores_in_workspace;
+  };
+  const Case cases[] = {
+      {DType::kBf16, 128, 4, 2, 16, false, 5000, 64, 0, false},
+      {DType::kF16, 128, 1, 3, 1, true, 1200, 1, 0, false},
+      {DType::kBf16, 64, 3, 2, 256, true, 7000, 500, 2, true},
+      {DType::kF16, 64, 8, 1, 64, false, 3000, 0, 0, false},
+      {DType::kBf16, 128, 2, 2, 7, true, 2100, 2048, 1, true},
+      {DType::kF16, 128, 5, 1, 16, false, 40000, 2048, 0, false},
+  };
+  for (const Case& c : cases) {
+    const std::string name = DTypeName(c.dtype) + " d" + std::to_string(c.head_dim) + " g" +
+                             std::to_string(c.group) + " ps" + std::to_string(c.page_size) + " n" +
+                             std::to_string(c.max_seq_len) + " k" + std::to_string(c.top_k);
+    SCOPED_TRACE(name);
+    const int32_t batch = 3, hq = c.num_kv_heads * c.group;
+    // One full sequence, one shorter, one shorter than top_k when possible.
+    const std::vector<int32_t> seq_lens = {c.max_seq_len, c.max_seq_len * 2 / 3 + 1,
+                                           std::max(1, std::min(c.max_seq_len, c.top_k > 1 ? c.top_k - 1 : 57))};
+    PagedKv kv;
+    kv.Build(rng, c.dtype, c.head_dim, c.num_kv_heads, seq_lens, c.page_size, c.hnd);
+    const std::vector<float> q = RandomNormal(rng, static_cast<size_t>(batch) * hq * c.head_dim, 2.0f);
+    const int64_t rows = static_cast<int64_t>(batch) * hq;
+    const int64_t stride = c.max_seq_len + 3;
+
+    DenseDecodeArgs ref;
+    ref.kv = kv.host;
+    ref.batch_size = batch;
+    ref.num_q_heads = hq;
+    ref.q = q.data();
+    ref.max_seq_len = c.max_seq_len;
+    ref.num_splits = c.num_splits;
+    std::vector<float> ref_o(q.size()), ref_lse(rows), ref_scores(rows * stride, 0.0f);
+    std::vector<int32_t> ref_top(std::max<int64_t>(rows * c.top_k, 1));
+    ref.o = ref_o.data();
+    ref.lse = ref_lse.data();
+    ref.scores = ref_scores.data();
+    ref.scores_stride = stride;
+    ref.top_k = c.top_k;
+    ref.top_k_positions = ref_top.data();
+    ASSERT_TRUE(reference::DenseDecodeAttention(ref));
+
+    DeviceArray<float> dq(q), d_o(q.size()), d_lse(rows), d_scores(rows * stride);
+    DeviceArray<int32_t> d_top(ref_top.size()), dinvalid(1);
+    d_o.Poison();
+    d_lse.Poison();
+    d_scores.Poison();
+    d_top.Poison();
+    dinvalid.Poison(0);
+    DenseDecodeArgs a = ref;
+    a.kv = kv.dev;
+    a.q = dq.get();
+    a.o = d_o.get();
+    a.lse = d_lse.get();
+    a.scores = c.scores_in_workspace ? nullptr : d_scores.get();
+    a.top_k_positions = d_top.get();
+    a.num_invalid = dinvalid.get();
+    Workspace ws(DenseDecodeAttentionWorkspaceBytes(a));
+    KVR_ASSERT_CUDA(DenseDecodeAttention(a, ws.get(), nullptr));
+    KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+    EXPECT_LE(RelErr(d_o.Download(), ref_o), kTol);
+    EXPECT_EQ(LseMismatches(d_lse.Download(), ref_lse), 0);
+    EXPECT_EQ(dinvalid.Download()[0], 0);
+    // Compact the reference scores to [rows, max_seq_len] for the top-k check.
+    std::vector<float> ref_compact(rows * c.max_seq_len);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy(ref_scores.begin() + r * stride, ref_scores.begin() + r * stride + c.max_seq_len,
+                ref_compact.begin() + r * c.max_seq_len);
+    }
+    if (!c.scores_in_workspace) {
+      const std::vector<float> got = d_scores.Download();
+      std::vector<float> got_compact(rows * c.max_seq_len);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::copy(got.begin() + r * stride, got.begin() + r * stride + c.max_seq_len,
+                  got_compact.begin() + r * c.max_seq_len);
+        // The padding columns past max_seq_len are not written.
+        for (int64_t j = c.max_seq_len; j < stride; ++j) EXPECT_TRUE(std::isnan(got[r * stride + j]));
+      }
+      ExpectScoresNear(got_compact, ref_compact, name);
+    }
+    if (c.top_k > 0) ExpectTopKRows(ref_compact, rows, c.max_seq_len, d_top.Download(), c.top_k, name);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Merge states.
+
+TEST(MergeStatesTest, MatchesReferenceForLayoutsAndOutputTypes) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (int32_t d : {64, 128}) {
+    for (int32_t j : {1, 3, 64, 300}) {
+      for (int32_t heads : {1, 37, 1000}) {
+        for (DType out : {DType::kF32, DType::kBf16, DType::kF16}) {
+          for (bool head_major : {false, true}) {
+            std::string name = "d" + std::to_string(d);
+            name += " J" + std::to_string(j);
+            name += " H" + std::to_string(heads);
+            name += " " + DTypeName(out);
+            name += head_major ? " [H,J]" : " [J,H]";
+            SCOPED_TRACE(name);
+            const size_t n = static_cast<size_t>(j) * heads;
+            const std::vector<float> o_states = RandomNormal(rng, n * d, 1.0f);
+            std::vector<float> lse_states = RandomNormal(rng, n, 3.0f);
+            for (size_t i = 0; i < n; ++i) {
+              if (rng() % 5 == 0) lse_states[i] = -kInf;
+            }
+            MergeStatesArgs ref;
+            ref.num_states = j;
+            ref.num_heads = heads;
+            ref.head_dim = d;
+            if (head_major) {  // [H, J, D]
+              ref.o_state_stride = d;
+              ref.o_head_stride = static_cast<int64_t>(j) * d;
+              ref.lse_state_stride = 1;
+              ref.lse_head_stride = j;
+            } else {  // [J, H, D]
+              ref.o_state_stride = static_cast<int64_t>(heads) * d;
+              ref.o_head_stride = d;
+              ref.lse_state_stride = heads;
+              ref.lse_head_stride = 1;
+            }
+            // Head 0 has only empty states.
+            for (int32_t s = 0; s < j; ++s) lse_states[s * ref.lse_state_stride] = -kInf;
+            ref.o_states = o_states.data();
+            ref.lse_states = lse_states.data();
+            ref.out_dtype = out;
+            std::vector<float> ref_o32(static_cast<size_t>(heads) * d);
+            std::vector<uint16_t> ref_o16(ref_o32.size());
+            std::vector<float> ref_lse(heads);
+            ref.o = out == DType::kF32 ? static_cast<void*>(ref_o32.data()) : static_cast<void*>(ref_o16.data());
+            ref.lse = ref_lse.data();
+            ASSERT_TRUE(reference::MergeStates(ref));
+
+            DeviceArray<float> d_states(o_states), d_lse_states(lse_states), d_o32(ref_o32.size()), d_lse(heads);
+            DeviceArray<uint16_t> d_o16(ref_o16.size());
+            d_o32.Poison();
+            d_o16.Poison();
+            d_lse.Poison();
+            MergeStatesArgs a = ref;
+            a.o_states = d_states.get();
+            a.lse_states = d_lse_states.get();
+            a.o = out == DType::kF32 ? static_cast<void*>(d_o32.get()) : static_cast<void*>(d_o16.get());
+            a.lse = d_lse.get();
+            KVR_ASSERT_CUDA(MergeStates(a, nullptr, nullptr));
+            KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+            std::vector<float> got, want;
+            if (out == DType::kF32) {
+              got = d_o32.Download();
+              want = ref_o32;
+            } else {
+              const std::vector<uint16_t> g16 = d_o16.Download();
+              for (size_t i = 0; i < g16.size(); ++i) {
+                got.push_back(HalfBitsToFloat(g16[i], out));
+                want.push_back(HalfBitsToFloat(ref_o16[i], out));
+              }
+            }
+            EXPECT_LE(RelErr(got, want), out == DType::kF32 ? 1e-5 : 5e-3);
+            EXPECT_EQ(LseMismatches(d_lse.Download(), ref_lse), 0);
+            // The all-empty head is exactly zero.
+            for (int32_t i = 0; i < d; ++i) ASSERT_EQ(got[i], 0.0f);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Top-k.
+
+enum class Dist { kNormal, kTies, kMostlyNegInf, kWithNan, kAllEqual, kSignedZeros };
+
+std::vector<float> MakeScores(std::mt19937_64& rng, size_t n, Dist dist) {
+  std::vector<float> x(n);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (size_t i = 0; i < n; ++i) {
+    switch (dist) {
+      case Dist::kNormal:
+        x[i] = normal(rng);
+        break;
+      case Dist::kTies:
+        x[i] = static_cast<float>(rng() % 10) - 4.0f;
+        break;
+      case Dist::kMostlyNegInf:
+        x[i] = rng() % 50 == 0 ? normal(rng) : -kInf;
+        break;
+      case Dist::kWithNan:
+        x[i] = rng() % 200 == 0 ? std::nanf("") : (rng() % 300 == 0 ? kInf : normal(rng));
+        break;
+      case Dist::kAllEqual:
+        x[i] = 1.5f;
+        break;
+      case Dist::kSignedZeros:
+        x[i] = rng() % 2 == 0 ? 0.0f : -0.0f;
+        break;
+    }
+  }
+  return x;
+}
+
+TEST(TopKTest, SelectsAValidTopKOverShapesAndDistributions) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  struct Case {
+    int32_t rows, n, k;
+    Dist dist;
+    int32_t stride_pad;  // row_stride = n + pad
+    int32_t ptr_offset;  // floats added to the base pointer (1: misaligned rows)
+  };
+  const Case cases[] = {
+      {1, 1, 1, Dist::kNormal, 0, 0},          {3, 5, 5, Dist::kNormal, 0, 0},
+      {7, 1000, 10, Dist::kTies, 0, 0},        {4, 4097, 2048, Dist::kNormal, 1, 0},
+      {2, 131072, 2048, Dist::kNormal, 0, 0},  {1, 1 << 20, 8192, Dist::kNormal, 0, 0},
+      {16, 32768, 1, Dist::kWithNan, 0, 0},    {5, 50000, 50000, Dist::kNormal, 0, 1},
+      {3, 20000, 777, Dist::kMostlyNegInf, 4, 0}, {2, 9999, 100, Dist::kAllEqual, 0, 0},
+      {2, 3000, 1500, Dist::kSignedZeros, 0, 0}, {64, 8192, 256, Dist::kTies, 0, 3},
+      {1, 1 << 20, 1, Dist::kTies, 0, 0},
+  };
+  for (const Case& c : cases) {
+    const std::string name = "rows " + std::to_string(c.rows) + " n " + std::to_string(c.n) + " k " +
+                             std::to_string(c.k) + " dist " + std::to_string(static_cast<int>(c.dist)) + " pad " +
+                             std::to_string(c.stride_pad) + " off " + std::to_string(c.ptr_offset);
+    SCOPED_TRACE(name);
+    const int64_t stride = static_cast<int64_t>(c.n) + c.stride_pad;
+    std::vector<float> host(static_cast<size_t>(c.rows) * stride + c.ptr_offset, 123.0f);
+    for (int32_t r = 0; r < c.rows; ++r) {
+      const std::vector<float> row = MakeScores(rng, c.n, c.dist);
+      std::copy(row.begin(), row.end(), host.begin() + c.ptr_offset + r * stride);
+    }
+    DeviceArray<float> d_scores(host), d_vals(static_cast<size_t>(c.rows) * c.k);
+    DeviceArray<int32_t> d_idx(static_cast<size_t>(c.rows) * c.k);
+    d_idx.Poison();
+    d_vals.Poison();
+    TopKArgs a;
+    a.scores = d_scores.get() + c.ptr_offset;
+    a.num_rows = c.rows;
+    a.num_cols = c.n;
+    a.row_stride = stride;
+    a.k = c.k;
+    a.indices = d_idx.get();
+    a.values = d_vals.get();
+    Workspace ws(TopKWorkspaceBytes(a));
+    KVR_ASSERT_CUDA(TopK(a, ws.get(), nullptr));
+    KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+    const std::vector<int32_t> idx = d_idx.Download();
+    const std::vector<float> vals = d_vals.Download();
+    for (int32_t r = 0; r < c.rows; ++r) {
+      const float* row = host.data() + c.ptr_offset + r * stride;
+      const int32_t* sel = idx.data() + static_cast<size_t>(r) * c.k;
+      ASSERT_EQ(reference::CheckTopKSelection(row, c.n, sel, c.k, 0.0), "") << "row " << r;
+      for (int32_t i = 0; i < c.k; ++i) {
+        const float v = vals[static_cast<size_t>(r) * c.k + i];
+        const float want = row[sel[i]];
+        ASSERT_TRUE(std::memcmp(&v, &want, sizeof(v)) == 0 || (std::isnan(v) && std::isnan(want)))
+            << "row " << r << " slot " << i;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Loki and Quest scoring.
+
+TEST(LokiScoreTest, MatchesReferenceScoresAndTopK) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  int i = 0;
+  for (DType dtype : {DType::kBf16, DType::kF16}) {
+    for (int32_t rank : {16, 32, 64}) {
+      for (int32_t group : {1, 2, 5, 8}) {
+        const int32_t k = (i % 3 == 0) ? 0 : (i % 3 == 1 ? 1 : 300);
+        const bool scores_in_ws = k > 0 && i % 2 == 0;
+        ++i;
+        const std::string name = DTypeName(dtype) + " r" + std::to_string(rank) + " g" + std::to_string(group) +
+                                 " k" + std::to_string(k) + (scores_in_ws ? " ws" : "");
+        SCOPED_TRACE(name);
+        const int32_t batch = 2, kv_heads = group == 8 ? 1 : 2, hq = kv_heads * group, max_seq = 5000;
+        std::vector<int32_t> seq_lens = {max_seq, 1234};
+        const int64_t head_stride = static_cast<int64_t>(max_seq + 8) * rank;
+        const int64_t seq_stride = head_stride * kv_heads + 64;
+        std::vector<uint16_t> keys = RandomHalf(rng, static_cast<size_t>(batch) * seq_stride, dtype);
+        const std::vector<float> q = RandomNormal(rng, static_cast<size_t>(batch) * hq * rank, 1.0f);
+        const int64_t rows = static_cast<int64_t>(batch) * hq;
+        LokiScoreArgs ref;
+        ref.q = q.data();
+        ref.keys = keys.data();
+        ref.dtype = dtype;
+        ref.rank = rank;
+        ref.head_dim = 128;
+        ref.batch_size = batch;
+        ref.num_q_heads = hq;
+        ref.num_kv_heads = kv_heads;
+        ref.seq_stride = seq_stride;
+        ref.head_stride = head_stride;
+        ref.seq_lens = seq_lens.data();
+        ref.max_seq_len = max_seq;
+        std::vector<float> ref_scores(rows * max_seq);
+        std::vector<int32_t> ref_top(std::max<int64_t>(rows * k, 1));
+        ref.scores = ref_scores.data();
+        ref.k = k;
+        ref.top_k_positions = ref_top.data();
+        ASSERT_TRUE(reference::LokiScore(ref));
+
+        DeviceArray<float> dq(q), d_scores(ref_scores.size());
+        DeviceArray<uint16_t> dkeys(keys);
+        DeviceArray<int32_t> dlens(seq_lens), d_top(ref_top.size());
+        d_scores.Poison();
+        d_top.Poison();
+        LokiScoreArgs a = ref;
+        a.q = dq.get();
+        a.keys = dkeys.get();
+        a.seq_lens = dlens.get();
+        a.scores = scores_in_ws ? nullptr : d_scores.get();
+        a.top_k_positions = d_top.get();
+        Workspace ws(LokiScoreWorkspaceBytes(a));
+        KVR_ASSERT_CUDA(LokiScore(a, ws.get(), nullptr));
+        KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+        if (!scores_in_ws) ExpectScoresNear(d_scores.Download(), ref_scores, name);
+        if (k > 0) ExpectTopKRows(ref_scores, rows, max_seq, d_top.Download(), k, name);
+      }
+    }
+  }
+}
+
+TEST(QuestScoreTest, MatchesReferenceScoresAndTopPages) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  int i = 0;
+  for (DType dtype : {DType::kBf16, DType::kF16}) {
+    for (int32_t d : {64, 128}) {
+      for (int32_t group : {1, 4, 7}) {
+        const int32_t k = i % 2 == 0 ? 0 : 128;
+        ++i;
+        const std::string name =
+            DTypeName(dtype) + " d" + std::to_string(d) + " g" + std::to_string(group) + " k" + std::to_string(k);
+        SCOPED_TRACE(name);
+        const int32_t batch = 3, kv_heads = 2, hq = kv_heads * group, max_pages = 2048;
+        std::vector<int32_t> num_pages = {max_pages, 1000, 129};
+        const int64_t head_stride = static_cast<int64_t>(max_pages) * d;
+        const int64_t seq_stride = head_stride * kv_heads;
+        // max >= min element-wise, as for real page metadata.
+        std::vector<uint16_t> pmax(static_cast<size_t>(batch) * seq_stride), pmin(pmax.size());
+        std::normal_distribution<float> normal;
+        for (size_t e = 0; e < pmax.size(); ++e) {
+          const float a = normal(rng), b = normal(rng);
+          pmax[e] = FloatToHalfBits(std::max(a, b), dtype);
+          pmin[e] = FloatToHalfBits(std::min(a, b), dtype);
+        }
+        const std::vector<float> q = RandomNormal(rng, static_cast<size_t>(batch) * hq * d, 1.0f);
+        const int64_t rows = static_cast<int64_t>(batch) * hq;
+        QuestScoreArgs ref;
+        ref.q = q.data();
+        ref.page_max = pmax.data();
+        ref.page_min = pmin.data();
+        ref.dtype = dtype;
+        ref.head_dim = d;
+        ref.batch_size = batch;
+        ref.num_q_heads = hq;
+        ref.num_kv_heads = kv_heads;
+        ref.seq_stride = seq_stride;
+        ref.head_stride = head_stride;
+        ref.num_pages = num_pages.data();
+        ref.max_pages = max_pages;
+        std::vector<float> ref_scores(rows * max_pages);
+        std::vector<int32_t> ref_top(std::max<int64_t>(rows * k, 1));
+        ref.scores = ref_scores.data();
+        ref.k = k;
+        ref.top_k_pages = ref_top.data();
+        ASSERT_TRUE(reference::QuestScore(ref));
+
+        DeviceArray<float> dq(q), d_scores(ref_scores.size());
+        DeviceArray<uint16_t> dmax(pmax), dmin(pmin);
+        DeviceArray<int32_t> dnum(num_pages), d_top(ref_top.size());
+        d_scores.Poison();
+        d_top.Poison();
+        QuestScoreArgs a = ref;
+        a.q = dq.get();
+        a.page_max = dmax.get();
+        a.page_min = dmin.get();
+        a.num_pages = dnum.get();
+        a.scores = d_scores.get();
+        a.top_k_pages = d_top.get();
+        Workspace ws(QuestScoreWorkspaceBytes(a));
+        KVR_ASSERT_CUDA(QuestScore(a, ws.get(), nullptr));
+        KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+        ExpectScoresNear(d_scores.Download(), ref_scores, name);
+        if (k > 0) ExpectTopKRows(ref_scores, rows, max_pages, d_top.Download(), k, name);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Argument validation: cudaErrorInvalidValue, nothing launched, nothing written.
+
+TEST(ValidationTest, LaunchersRejectBadArgumentsWithoutLaunching) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(12345);
+  PagedKv kv;
+  kv.Build(rng, DType::kBf16, 128, 2, {300}, 16, false);
+  const std::vector<float> q = RandomNormal(rng, 4 * 128, 1.0f);
+  std::vector<int32_t> positions(2 * 100);
+  for (size_t i = 0; i < positions.size(); ++i) positions[i] = static_cast<int32_t>(i % 100);
+  DeviceArray<float> dq(q), d_o(4 * 128), d_lse(4), d_scores(4 * 300);
+  DeviceArray<int32_t> dpos(positions), d_top(4 * 300);
+  Workspace ws(1 << 22);
+
+  auto expect_untouched = [&](const std::string& what) {
+    KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess) << what;
+    for (float x : d_o.Download()) ASSERT_TRUE(std::isnan(x)) << what;
+    for (float x : d_lse.Download()) ASSERT_TRUE(std::isnan(x)) << what;
+    for (float x : d_scores.Download()) ASSERT_TRUE(std::isnan(x)) << what;
+    for (int32_t x : d_top.Download()) ASSERT_EQ(x, -1) << what;
+  };
+  d_o.Poison();
+  d_lse.Poison();
+  d_scores.Poison();
+  d_top.Poison();
+
+  SparseDecodeArgs s;
+  s.kv = kv.dev;
+  s.batch_size = 1;
+  s.num_q_heads = 4;
+  s.q = dq.get();
+  s.positions = dpos.get();
+  s.max_list_len = 100;
+  s.o = d_o.get();
+  s.lse = d_lse.get();
+  struct SparseMutation {
+    const char* what;
+    void (*apply)(SparseDecodeArgs*);
+  };
+  const SparseMutation sparse_bad[] = {
+      {"null q", [](SparseDecodeArgs* a) { a->q = nullptr; }},
+      {"null o", [](SparseDecodeArgs* a) { a->o = nullptr; }},
+      {"null k", [](SparseDecodeArgs* a) { a->kv.k = nullptr; }},
+      {"null page table", [](SparseDecodeArgs* a) { a->kv.page_table = nullptr; }},
+      {"null positions", [](SparseDecodeArgs* a) { a->positions = nullptr; }},
+      {"head_dim 96", [](SparseDecodeArgs* a) { a->kv.head_dim = 96; }},
+      {"f32 kv", [](SparseDecodeArgs* a) { a->kv.dtype = DType::kF32; }},
+      {"page_size 0", [](SparseDecodeArgs* a) { a->kv.page_size = 0; }},
+      {"page_size 512", [](SparseDecodeArgs* a) { a->kv.page_size = 512; }},
+      {"group 9", [](SparseDecodeArgs* a) { a->num_q_heads = 18; }},
+      {"heads not a multiple", [](SparseDecodeArgs* a) { a->num_q_heads = 3; }},
+      {"odd stride", [](SparseDecodeArgs* a) { a->kv.token_stride += 4; }},
+      {"misaligned v", [](SparseDecodeArgs* a) { a->kv.v = static_cast<const char*>(a->kv.v) + 8; }},
+      {"negative list length", [](SparseDecodeArgs* a) { a->max_list_len = -1; }},
+      {"zero batch", [](SparseDecodeArgs* a) { a->batch_size = 0; }},
+      {"negative scale", [](SparseDecodeArgs* a) { a->sm_scale = -1.0f; }},
+  };
+  for (const SparseMutation& m : sparse_bad) {
+    SparseDecodeArgs a = s;
+    m.apply(&a);
+    EXPECT_EQ(SparseDecodeAttention(a, ws.get(), nullptr), cudaErrorInvalidValue) << m.what;
+    expect_untouched(m.what);
+  }
+  // A needed workspace that is missing.
+  {
+    SparseDecodeArgs a = s;
+    a.num_splits = 4;
+    ASSERT_GT(SparseDecodeAttentionWorkspaceBytes(a), 0u);
+    EXPECT_EQ(SparseDecodeAttention(a, nullptr, nullptr), cudaErrorInvalidValue);
+    expect_untouched("missing workspace");
+  }
+
+  DenseDecodeArgs dn;
+  dn.kv = kv.dev;
+  dn.batch_size = 1;
+  dn.num_q_heads = 4;
+  dn.q = dq.get();
+  dn.max_seq_len = 300;
+  dn.o = d_o.get();
+  dn.lse = d_lse.get();
+  dn.scores = d_scores.get();
+  dn.top_k = 10;
+  dn.top_k_positions = d_top.get();
+  {
+    DenseDecodeArgs a = dn;
+    a.top_k = 301;  // k > n
+    EXPECT_EQ(DenseDecodeAttention(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = dn;
+    a.top_k_positions = nullptr;
+    EXPECT_EQ(DenseDecodeAttention(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = dn;
+    a.scores_stride = 299;
+    EXPECT_EQ(DenseDecodeAttention(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = dn;
+    a.max_seq_len = 0;
+    EXPECT_EQ(DenseDecodeAttention(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = dn;
+    a.kv.num_kv_heads = 0;
+    EXPECT_EQ(DenseDecodeAttention(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = dn;
+    EXPECT_EQ(DenseDecodeAttention(a, nullptr, nullptr), cudaErrorInvalidValue);  // top-k needs a workspace
+    expect_untouched("dense");
+  }
+
+  TopKArgs t;
+  t.scores = d_scores.get();
+  t.num_rows = 4;
+  t.num_cols = 300;
+  t.k = 10;
+  t.indices = d_top.get();
+  {
+    TopKArgs a = t;
+    a.k = 301;
+    EXPECT_EQ(TopK(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = t;
+    a.k = 0;
+    EXPECT_EQ(TopK(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = t;
+    a.num_rows = 70000;
+    EXPECT_EQ(TopK(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = t;
+    a.scores = nullptr;
+    EXPECT_EQ(TopK(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = t;
+    EXPECT_EQ(TopK(a, nullptr, nullptr), cudaErrorInvalidValue);
+    a = t;
+    EXPECT_EQ(TopK(a, static_cast<char*>(ws.get()) + 4, nullptr), cudaErrorInvalidValue);
+    expect_untouched("top-k");
+  }
+
+  MergeStatesArgs m;
+  m.o_states = d_scores.get();
+  m.lse_states = d_scores.get();
+  m.num_states = 2;
+  m.num_heads = 4;
+  m.head_dim = 128;
+  m.o_state_stride = 4 * 128;
+  m.o_head_stride = 128;
+  m.lse_state_stride = 4;
+  m.lse_head_stride = 1;
+  m.o = d_o.get();
+  m.lse = d_lse.get();
+  {
+    MergeStatesArgs a = m;
+    a.head_dim = 80;
+    EXPECT_EQ(MergeStates(a, nullptr, nullptr), cudaErrorInvalidValue);
+    a = m;
+    a.num_states = 0;
+    EXPECT_EQ(MergeStates(a, nullptr, nullptr), cudaErrorInvalidValue);
+    a = m;
+    a.out_dtype = static_cast<DType>(7);
+    EXPECT_EQ(MergeStates(a, nullptr, nullptr), cudaErrorInvalidValue);
+    a = m;
+    a.o = nullptr;
+    EXPECT_EQ(MergeStates(a, nullptr, nullptr), cudaErrorInvalidValue);
+    expect_untouched("merge");
+  }
+
+  DeviceArray<uint16_t> keys(2 * 300 * 32);
+  DeviceArray<int32_t> lens(std::vector<int32_t>{300});
+  LokiScoreArgs l;
+  l.q = dq.get();
+  l.keys = keys.get();
+  l.rank = 32;
+  l.batch_size = 1;
+  l.num_q_heads = 4;
+  l.num_kv_heads = 2;
+  l.head_stride = 300 * 32;
+  l.seq_stride = 2 * 300 * 32;
+  l.seq_lens = lens.get();
+  l.max_seq_len = 300;
+  l.scores = d_scores.get();
+  l.k = 10;
+  l.top_k_positions = d_top.get();
+  {
+    LokiScoreArgs a = l;
+    a.rank = 48;
+    EXPECT_EQ(LokiScore(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = l;
+    a.k = 301;
+    EXPECT_EQ(LokiScore(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = l;
+    a.head_stride = 299 * 32;
+    EXPECT_EQ(LokiScore(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = l;
+    a.keys = static_cast<const char*>(a.keys) + 2;
+    EXPECT_EQ(LokiScore(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = l;
+    EXPECT_EQ(LokiScore(a, nullptr, nullptr), cudaErrorInvalidValue);
+    expect_untouched("loki");
+  }
+
+  QuestScoreArgs qs;
+  qs.q = dq.get();
+  qs.page_max = keys.get();
+  qs.page_min = keys.get();
+  qs.head_dim = 128;
+  qs.batch_size = 1;
+  qs.num_q_heads = 4;
+  qs.num_kv_heads = 2;
+  qs.head_stride = 37 * 128;
+  qs.seq_stride = 2 * 37 * 128;
+  qs.num_pages = lens.get();
+  qs.max_pages = 37;
+  qs.scores = d_scores.get();
+  qs.k = 38;
+  qs.top_k_pages = d_top.get();
+  EXPECT_EQ(QuestScore(qs, ws.get(), nullptr), cudaErrorInvalidValue);  // k > pages
+  qs.k = 4;
+  qs.dtype = DType::kF32;
+  EXPECT_EQ(QuestScore(qs, ws.get(), nullptr), cudaErrorInvalidValue);
+  expect_untouched("quest");
+}
+
+// ---------------------------------------------------------------------------
+// Graph capture: a decode step (sparse attention with splits and merge, dense
+// selection with top-k, Loki scoring with fused top-k) is captured into a
+// CUDA graph in global capture mode, which fails if any launcher allocates
+// or synchronizes; the replay must give the same results as direct launches.
+
+TEST(GraphCaptureTest, DecodeStepCapturesAndReplaysIdentically) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int32_t batch = 2, kv_heads = 2, hq = 8, d = 128, n = 6000, budget = 700;
+  PagedKv kv;
+  kv.Build(rng, DType::kBf16, d, kv_heads, {n, n - 100}, 16, false);
+  const std::vector<float> q = RandomNormal(rng, static_cast<size_t>(batch) * hq * d, 2.0f);
+  std::vector<int32_t> positions(static_cast<size_t>(batch) * kv_heads * budget);
+  for (size_t i = 0; i < positions.size(); ++i) positions[i] = static_cast<int32_t>((i * 7919) % (n - 100));
+  const int64_t rows = static_cast<int64_t>(batch) * hq;
+  std::vector<uint16_t> keys = RandomHalf(rng, static_cast<size_t>(batch) * kv_heads * n * 32, DType::kBf16);
+
+  DeviceArray<float> dq(q), o1(rows * d), lse1(rows), o2(rows * d), lse2(rows), scores(rows * n);
+  DeviceArray<int32_t> dpos(positions), top1(rows * 64), top2(rows * 64), ltop1(rows * 32), ltop2(rows * 32);
+  DeviceArray<uint16_t> dkeys(keys);
+  DeviceArray<float> lscores(rows * n);
+
+  SparseDecodeArgs s;
+  s.kv = kv.dev;
+  s.batch_size = batch;
+  s.num_q_heads = hq;
+  s.q = dq.get();
+  s.positions = dpos.get();
+  s.max_list_len = budget;
+  s.num_splits = 3;
+  DenseDecodeArgs dn;
+  dn.kv = kv.dev;
+  dn.batch_size = batch;
+  dn.num_q_heads = hq;
+  dn.q = dq.get();
+  dn.max_seq_len = n;
+  dn.scores = scores.get();
+  dn.top_k = 64;
+  LokiScoreArgs l;
+  l.q = dq.get();  // [batch, hq, 32]: the first rows * 32 floats of q serve as q'
+  l.keys = dkeys.get();
+  l.rank = 32;
+  l.batch_size = batch;
+  l.num_q_heads = hq;
+  l.num_kv_heads = kv_heads;
+  l.head_stride = static_cast<int64_t>(n) * 32;
+  l.seq_stride = l.head_stride * kv_heads;
+  l.seq_lens = kv.dseq_lens.get();
+  l.max_seq_len = n;
+  l.scores = lscores.get();
+  l.k = 32;
+
+  Workspace ws_s(SparseDecodeAttentionWorkspaceBytes(s));
+  Workspace ws_d(DenseDecodeAttentionWorkspaceBytes(dn));
+  Workspace ws_l(LokiScoreWorkspaceBytes(l));
+  cudaStream_t stream;
+  KVR_ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  auto step = [&](float* o_s, float* lse_s, int32_t* top_d, int32_t* top_l) {
+    SparseDecodeArgs a = s;
+    a.o = o_s;
+    a.lse = lse_s;
+    DenseDecodeArgs b = dn;
+    b.o = o_s;  // dense writes after sparse; only its selection is compared
+    b.top_k_positions = top_d;
+    LokiScoreArgs c = l;
+    c.top_k_positions = top_l;
+    cudaError_t e = SparseDecodeAttention(a, ws_s.get(), stream);
+    if (e == cudaSuccess) e = DenseDecodeAttention(b, ws_d.get(), stream);
+    if (e == cudaSuccess) e = SparseDecodeAttention(a, ws_s.get(), stream);
+    if (e == cudaSuccess) e = LokiScore(c, ws_l.get(), stream);
+    return e;
+  };
+  // Direct launches (also sets any per-device kernel attributes).
+  KVR_ASSERT_CUDA(step(o1.get(), lse1.get(), top1.get(), ltop1.get()));
+  KVR_ASSERT_CUDA(cudaStreamSynchronize(stream));
+  // Captured.
+  o2.Poison();
+  lse2.Poison();
+  top2.Poison();
+  ltop2.Poison();
+  cudaGraph_t graph;
+  KVR_ASSERT_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  const cudaError_t captured = step(o2.get(), lse2.get(), top2.get(), ltop2.get());
+  KVR_ASSERT_CUDA(cudaStreamEndCapture(stream, &graph));
+  KVR_ASSERT_CUDA(captured);
+  cudaGraphExec_t exec;
+  KVR_ASSERT_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  KVR_ASSERT_CUDA(cudaGraphLaunch(exec, stream));
+  KVR_ASSERT_CUDA(cudaStreamSynchronize(stream));
+  EXPECT_EQ(o1.Download(), o2.Download());  // deterministic: bitwise equal
+  EXPECT_EQ(lse1.Download(), lse2.Download());
+  auto sorted_rows = [](std::vector<int32_t> v, int32_t k) {
+    for (size_t r = 0; r < v.size() / k; ++r) std::sort(v.begin() + r * k, v.begin() + (r + 1) * k);
+    return v;
+  };
+  EXPECT_EQ(sorted_rows(top1.Download(), 64), sorted_rows(top2.Download(), 64));
+  EXPECT_EQ(sorted_rows(ltop1.Download(), 32), sorted_rows(ltop2.Download(), 32));
+  KVR_ASSERT_CUDA(cudaGraphExecDestroy(exec));
+  KVR_ASSERT_CUDA(cudaGraphDestroy(graph));
+  KVR_ASSERT_CUDA(cudaStreamDestroy(stream));
+}
+
+}  // namespace
+}  // namespace kvrecall::gpu

@@ -1,0 +1,26 @@
+#pragma once
+
+// Loki scoring (methods.md §2): approximate logits from the first `rank`
+// PCA components of rotated keys, and optionally the top-k positions, with
+// the first radix-select pass fused into the scoring pass (the scores are
+// histogrammed while they are written, saving one read of them).
+// Host-safe header.
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "gpu/kernels/kernel_args.h"
+
+namespace kvrecall::gpu {
+
+// Device workspace bytes LokiScore needs (scores when args.scores is null,
+// top-k histograms when k > 0; 0 otherwise or for invalid args).
+size_t LokiScoreWorkspaceBytes(const LokiScoreArgs& args);
+
+// cudaErrorInvalidValue (nothing launched) when ValidateLokiScoreArgs fails,
+// or a workspace is needed and is null or not 16-byte aligned. Asynchronous
+// on `stream`; never allocates or synchronizes.
+cudaError_t LokiScore(const LokiScoreArgs& args, void* workspace, cudaStream_t stream);
+
+}  // namespace kvrecall::gpu
