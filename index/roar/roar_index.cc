@@ -1,0 +1,496 @@
+#include "index/roar/roar_index.h"
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "common/half.h"
+#include "common/status_macros.h"
+#include "common/thread_pool.h"
+#include "index/flat/flat_index.h"
+#include "index/flat/search_input.h"
+#include "index/roar/build_progress.h"
+
+namespace kvrecall::index {
+
+using roar::AdjacencyLists;
+using roar::BeamSearch;
+using roar::OcclusionPrune;
+using roar::Scored;
+using roar::SearchCounters;
+using roar::SortBestFirst;
+using roar::StageProgress;
+using roar::VisitedSet;
+
+namespace {
+
+enum Stage { kKnn = 0, kProjection = 1, kConnectivity = 2, kRepair = 3 };
+
+// Training queries per kNN batch (one flat search each; progress between).
+constexpr int64_t kKnnBatch = 1024;
+// Nodes per parallel work item of the per-node stages.
+constexpr int64_t kNodeGrain = 64;
+
+// Runs fn(i) for i in [0, n) on `threads` threads in chunks, reporting each
+// chunk to `progress` stage `stage`; stops early once cancelled.
+void ParallelNodes(int64_t n, int threads, StageProgress* progress, int stage,
+                   const std::function<void(int64_t)>& fn) {
+  ThreadPool::Default()->ParallelFor(
+      n, kNodeGrain,
+      [&](int64_t begin, int64_t end) {
+        if (progress->cancelled()) return;
+        for (int64_t i = begin; i < end; ++i) fn(i);
+        progress->Advance(stage, end - begin, n);
+      },
+      threads);
+}
+
+// Scores `ids` against key `target` and sorts them best first (target and
+// duplicates removed).
+std::vector<Scored> ScoreAgainst(const roar::KeyStore& keys, uint32_t target,
+                                 std::vector<uint32_t> ids, std::vector<float>* target_f32) {
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  target_f32->resize(keys.dim());
+  keys.ToF32(target, target_f32->data());
+  std::vector<Scored> out;
+  out.reserve(ids.size());
+  for (uint32_t id : ids) {
+    if (id != target) out.push_back({keys.Score(target_f32->data(), id), id});
+  }
+  SortBestFirst(&out);
+  return out;
+}
+
+// For every node u: lists[u] ∪ {t : u ∈ lists[t]}, occlusion-pruned to
+// max_degree when longer.
+void AddReverseEdges(const roar::KeyStore& keys, std::vector<std::vector<uint32_t>>* lists,
+                     int32_t max_degree, int threads) {
+  const int64_t n = static_cast<int64_t>(lists->size());
+  std::vector<std::vector<uint32_t>> incoming(n);
+  for (int64_t t = 0; t < n; ++t) {
+    for (uint32_t u : (*lists)[t]) incoming[u].push_back(static_cast<uint32_t>(t));
+  }
+  ThreadPool::Default()->ParallelFor(
+      n, kNodeGrain,
+      [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch;
+        std::vector<uint32_t> pruned;
+        for (int64_t u = begin; u < end; ++u) {
+          std::vector<uint32_t>& list = (*lists)[u];
+          if (incoming[u].empty()) continue;
+          std::vector<uint32_t> merged = list;
+          merged.insert(merged.end(), incoming[u].begin(), incoming[u].end());
+          std::vector<Scored> scored =
+              ScoreAgainst(keys, static_cast<uint32_t>(u), std::move(merged), &scratch);
+          if (static_cast<int32_t>(scored.size()) <= max_degree) {
+            list.clear();
+            for (const Scored& s : scored) list.push_back(s.id);
+          } else {
+            OcclusionPrune(keys, scored, max_degree, /*top_up=*/true, &pruned);
+            list = pruned;
+          }
+        }
+      },
+      threads);
+}
+
+}  // namespace
+
+absl::StatusOr<RoarOptions> RoarOptions::FromParams(const ParamMap& params) {
+  KVR_RETURN_IF_ERROR(params.CheckKnown("roar build", {"nq", "m", "l", "max_train", "storage"}));
+  RoarOptions o;
+  KVR_ASSIGN_OR_RETURN(int64_t nq, params.GetInt("nq", o.nq, 1, 1000));
+  KVR_ASSIGN_OR_RETURN(int64_t m, params.GetInt("m", o.m, 4, 256));
+  KVR_ASSIGN_OR_RETURN(int64_t l, params.GetInt("l", o.l, m, 10000));
+  KVR_ASSIGN_OR_RETURN(o.max_train, params.GetInt("max_train", o.max_train, 0, INT64_MAX));
+  o.nq = static_cast<int32_t>(nq);
+  o.m = static_cast<int32_t>(m);
+  o.l = static_cast<int32_t>(l);
+  const std::string storage = params.GetString("storage", "native");
+  if (storage == "f32") {
+    o.store_f32 = true;
+  } else if (storage != "native") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("roar: storage=", storage, " is not one of native, f32"));
+  }
+  return o;
+}
+
+ParamMap RoarOptions::ToParams() const {
+  ParamMap p;
+  p.SetInt("nq", nq);
+  p.SetInt("m", m);
+  p.SetInt("l", l);
+  p.SetInt("max_train", max_train);
+  p.Set("storage", store_f32 ? "f32" : "native");
+  return p;
+}
+
+RoarIndex::RoarIndex(int32_t dim, DType key_dtype, const RoarOptions& options)
+    : key_dtype_(key_dtype),
+      options_(options),
+      build_params_(options.ToParams()),
+      keys_(dim, options.store_f32 ? DType::kF32 : key_dtype),
+      graph_(3 * options.m) {}
+
+absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Build(const VectorView& keys,
+                                                            const VectorView& training_queries,
+                                                            const RoarOptions& options) {
+  KVR_RETURN_IF_ERROR(ValidateVectors("keys", keys, -1));
+  KVR_RETURN_IF_ERROR(ValidateVectors("training queries", training_queries, keys.dim));
+  KVR_ASSIGN_OR_RETURN(RoarOptions checked, RoarOptions::FromParams(options.ToParams()));
+  if (keys.rows >= std::numeric_limits<uint32_t>::max()) {
+    return absl::InvalidArgumentError("roar: more than 2^32-1 keys");
+  }
+  checked.num_threads = options.num_threads;
+  checked.progress = options.progress;
+  std::unique_ptr<RoarIndex> index(new RoarIndex(keys.dim, keys.dtype, checked));
+  index->keys_.Append(keys.data, keys.dtype, keys.rows, keys.row_stride());
+  const int64_t n = keys.rows;
+  index->graph_.Resize(n);
+  if (n == 0) return index;
+
+  const roar::KeyStore& store = index->keys_;
+  const int32_t d = keys.dim;
+  const int32_t m = checked.m;
+  const int threads = ResolveThreads(options.num_threads);
+  StageProgress progress(options.progress, {{"knn", 0.35},
+                                            {"projection", 0.15},
+                                            {"connectivity", 0.45},
+                                            {"repair", 0.05}});
+  auto cancelled = [] { return absl::CancelledError("roar build cancelled"); };
+
+  // Training queries as f32, evenly sampled down to max_train.
+  const VectorView& source = training_queries.rows > 0 ? training_queries : keys;
+  int64_t t = source.rows;
+  if (checked.max_train > 0 && t > checked.max_train) t = checked.max_train;
+  std::vector<float> train(t * d);
+  for (int64_t i = 0; i < t; ++i) {
+    const int64_t row = source.rows == t ? i : (i * source.rows) / t;
+    ConvertToFloat(source.row(row), source.dtype, d, train.data() + i * d);
+  }
+
+  // 1. Exact kNN of every training query.
+  const int32_t nq = static_cast<int32_t>(std::min<int64_t>(checked.nq, n));
+  std::vector<uint32_t> knn(t * nq);
+  {
+    KVR_ASSIGN_OR_RETURN(auto flat, FlatIndex::Build(keys, FlatOptions()));
+    KVR_ASSIGN_OR_RETURN(ExcludeSet none, ExcludeSet::Create({}, n));
+    for (int64_t b = 0; b < t; b += kKnnBatch) {
+      const int64_t rows = std::min(kKnnBatch, t - b);
+      SearchResult r = flat->SearchF32(train.data() + b * d, rows, nq, none, threads);
+      for (int64_t i = 0; i < rows * nq; ++i) knn[b * nq + i] = static_cast<uint32_t>(r.ids[i]);
+      if (!progress.Advance(kKnn, rows, t)) return cancelled();
+    }
+  }
+  train = {};
+
+  // 2. Entry point: the key nearest (L2) to the keys' mean.
+  {
+    std::vector<double> mean(d, 0.0);
+    std::vector<float> row(d);
+    for (int64_t i = 0; i < n; ++i) {
+      store.ToF32(i, row.data());
+      for (int32_t j = 0; j < d; ++j) mean[j] += row[j];
+    }
+    double best = std::numeric_limits<double>::infinity();
+    for (int64_t i = 0; i < n; ++i) {
+      store.ToF32(i, row.data());
+      double dist = 0;
+      for (int32_t j = 0; j < d; ++j) {
+        const double diff = row[j] - mean[j] / static_cast<double>(n);
+        dist += diff * diff;
+      }
+      if (dist < best) {
+        best = dist;
+        index->entry_point_ = static_cast<uint32_t>(i);
+      }
+    }
+  }
+
+  // 3. Projection: pool the other neighbours of all queries whose best key is
+  // t, prune them against t, then add reverse edges.
+  std::vector<std::vector<uint32_t>> projected(n);
+  {
+    std::vector<int64_t> offsets(n + 1, 0);
+    for (int64_t q = 0; q < t; ++q) ++offsets[knn[q * nq] + 1];
+    for (int64_t i = 0; i < n; ++i) offsets[i + 1] += offsets[i];
+    std::vector<int64_t> by_target(t);
+    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+    for (int64_t q = 0; q < t; ++q) by_target[fill[knn[q * nq]]++] = q;
+    ParallelNodes(n, threads, &progress, kProjection, [&](int64_t target) {
+      if (offsets[target] == offsets[target + 1]) return;
+      std::vector<uint32_t> ids;
+      for (int64_t at = offsets[target]; at < offsets[target + 1]; ++at) {
+        const uint32_t* row = knn.data() + by_target[at] * nq;
+        ids.insert(ids.end(), row + 1, row + nq);
+      }
+      std::vector<float> scratch;
+      const std::vector<Scored> scored =
+          ScoreAgainst(store, static_cast<uint32_t>(target), std::move(ids), &scratch);
+      OcclusionPrune(store, scored, m, /*top_up=*/true, &projected[target]);
+    });
+    if (progress.cancelled()) return cancelled();
+    AddReverseEdges(store, &projected, m, threads);
+  }
+  knn = {};
+
+  // 4. Connectivity: every key searches the projected graph for itself.
+  {
+    AdjacencyLists g1(m);
+    g1.Resize(n);
+    for (int64_t i = 0; i < n; ++i) g1.Set(i, projected[i]);
+    std::vector<std::vector<uint32_t>> supply(n);
+    const uint32_t ep = index->entry_point_;
+    ParallelNodes(n, threads, &progress, kConnectivity, [&](int64_t x) {
+      thread_local std::vector<float> q;
+      thread_local std::vector<Scored> pool;
+      q.resize(d);
+      store.ToF32(x, q.data());
+      std::unique_ptr<VisitedSet> visited = index->visited_pool_.Get(n);
+      SearchCounters counters;
+      BeamSearch(store, g1, absl::MakeConstSpan(&ep, 1), q.data(), checked.l, nullptr,
+                 visited.get(), &pool, &counters);
+      index->visited_pool_.Release(std::move(visited));
+      pool.erase(std::remove_if(pool.begin(), pool.end(),
+                                [&](const Scored& s) { return s.id == x; }),
+                 pool.end());
+      OcclusionPrune(store, pool, m, /*top_up=*/true, &supply[x]);
+    });
+    if (progress.cancelled()) return cancelled();
+    AddReverseEdges(store, &supply, 2 * m, threads);
+    for (int64_t x = 0; x < n; ++x) {
+      std::vector<uint32_t> list = projected[x];
+      int32_t added = 0;
+      for (uint32_t v : supply[x]) {
+        if (added >= 2 * m) break;
+        if (v != x && std::find(list.begin(), list.end(), v) == list.end()) {
+          list.push_back(v);
+          ++added;
+        }
+      }
+      index->graph_.Set(x, list);
+    }
+  }
+
+  // 5. Repair: make every key reachable from the entry point.
+  {
+    std::vector<uint8_t> reached(n, 0);
+    std::deque<uint32_t> frontier;
+    auto flood = [&](uint32_t from) {
+      if (reached[from]) return;
+      reached[from] = 1;
+      frontier.push_back(from);
+      while (!frontier.empty()) {
+        const uint32_t u = frontier.front();
+        frontier.pop_front();
+        for (uint32_t v : index->graph_.Neighbors(u)) {
+          if (!reached[v]) {
+            reached[v] = 1;
+            frontier.push_back(v);
+          }
+        }
+      }
+    };
+    flood(index->entry_point_);
+    std::vector<float> q(d);
+    std::vector<Scored> pool;
+    for (int64_t u = 0; u < n; ++u) {
+      if (reached[u]) continue;
+      store.ToF32(u, q.data());
+      std::unique_ptr<VisitedSet> visited = index->visited_pool_.Get(n);
+      SearchCounters counters;
+      BeamSearch(store, index->graph_, absl::MakeConstSpan(&index->entry_point_, 1), q.data(),
+                 checked.l, nullptr, visited.get(), &pool, &counters);
+      index->visited_pool_.Release(std::move(visited));
+      // Every search result is reachable; link from the best one with room.
+      bool linked = false;
+      for (const Scored& s : pool) {
+        if (s.id != u && index->graph_.Append(s.id, static_cast<uint32_t>(u))) {
+          linked = true;
+          break;
+        }
+      }
+      if (!linked) index->AddEdgeWithPrune(pool.front().id, static_cast<uint32_t>(u), 3 * m);
+      flood(static_cast<uint32_t>(u));
+      if (!progress.Advance(kRepair, 0, 1)) return cancelled();
+    }
+    if (!progress.Advance(kRepair, 1, 1)) return cancelled();
+  }
+  return index;
+}
+
+void RoarIndex::AddEdgeWithPrune(uint32_t u, uint32_t v, int32_t max_degree) {
+  if (graph_.Append(u, v)) return;
+  const absl::Span<const uint32_t> current = graph_.Neighbors(u);
+  std::vector<uint32_t> ids(current.begin(), current.end());
+  ids.push_back(v);
+  std::vector<float> scratch;
+  const std::vector<Scored> scored = ScoreAgainst(keys_, u, std::move(ids), &scratch);
+  std::vector<uint32_t> pruned;
+  OcclusionPrune(keys_, scored, max_degree, /*top_up=*/true, &pruned);
+  graph_.Set(u, pruned);
+}
+
+void RoarIndex::Insert(uint32_t id) {
+  const int64_t n = keys_.size();
+  if (id == 0) return;  // the first key has no one to link to
+  std::vector<float> q(keys_.dim());
+  keys_.ToF32(id, q.data());
+  std::vector<Scored> pool;
+  std::unique_ptr<VisitedSet> visited = visited_pool_.Get(n);
+  SearchCounters counters;
+  BeamSearch(keys_, graph_, absl::MakeConstSpan(&entry_point_, 1), q.data(), options_.l, nullptr,
+             visited.get(), &pool, &counters);
+  visited_pool_.Release(std::move(visited));
+  pool.erase(std::remove_if(pool.begin(), pool.end(), [&](const Scored& s) { return s.id == id; }),
+             pool.end());
+  std::vector<uint32_t> neighbors;
+  OcclusionPrune(keys_, pool, options_.m, /*top_up=*/true, &neighbors);
+  graph_.Set(id, neighbors);
+  for (uint32_t u : neighbors) AddEdgeWithPrune(u, id, graph_.capacity());
+}
+
+absl::Status RoarIndex::Add(const VectorView& keys) {
+  KVR_RETURN_IF_ERROR(ValidateVectors("keys", keys, dim()));
+  if (keys.dtype != key_dtype_) {
+    return absl::InvalidArgumentError(absl::StrCat("roar: Add got ", DTypeName(keys.dtype),
+                                                   " keys, the index holds ",
+                                                   DTypeName(key_dtype_)));
+  }
+  if (size() + keys.rows >= std::numeric_limits<uint32_t>::max()) {
+    return absl::InvalidArgumentError("roar: more than 2^32-1 keys");
+  }
+  for (int64_t i = 0; i < keys.rows; ++i) {
+    keys_.Append(keys.row(i), keys.dtype, 1, keys.row_stride());
+    graph_.Resize(keys_.size());
+    Insert(static_cast<uint32_t>(keys_.size() - 1));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SearchResult> RoarIndex::Search(const VectorView& queries, int32_t k,
+                                               const SearchParams& params) const {
+  KVR_RETURN_IF_ERROR(ValidateVectors("queries", queries, dim()));
+  KVR_RETURN_IF_ERROR(ValidateK(k));
+  KVR_RETURN_IF_ERROR(params.knobs.CheckKnown("roar search", {"ef"}));
+  KVR_ASSIGN_OR_RETURN(int64_t ef64, params.knobs.GetInt("ef", kDefaultEf, 1, INT32_MAX));
+  KVR_ASSIGN_OR_RETURN(ExcludeSet exclude, ExcludeSet::Create(params.exclude, size()));
+  const int32_t ef = std::max<int32_t>(static_cast<int32_t>(ef64), k);
+  const int64_t nq = queries.rows, n = size();
+  SearchResult result;
+  result.num_queries = nq;
+  result.k = k;
+  result.ids.assign(nq * k, -1);
+  result.scores.assign(nq * k, -std::numeric_limits<float>::infinity());
+  if (nq == 0 || n == 0) return result;
+  const std::vector<float> q = VectorsToF32(queries);
+  std::vector<SearchCounters> counters(nq);
+  ThreadPool::Default()->ParallelFor(
+      nq, 1,
+      [&](int64_t begin, int64_t end) {
+        std::unique_ptr<VisitedSet> visited = visited_pool_.Get(n);
+        std::vector<Scored> pool;
+        for (int64_t i = begin; i < end; ++i) {
+          if (i > begin) visited->Clear();
+          BeamSearch(keys_, graph_, absl::MakeConstSpan(&entry_point_, 1), q.data() + i * dim(),
+                     ef, &exclude, visited.get(), &pool, &counters[i]);
+          const size_t m = std::min<size_t>(pool.size(), k);
+          for (size_t j = 0; j < m; ++j) {
+            result.ids[i * k + j] = pool[j].id;
+            result.scores[i * k + j] = pool[j].score;
+          }
+        }
+        visited_pool_.Release(std::move(visited));
+      },
+      ResolveThreads(params.num_threads));
+  for (const SearchCounters& c : counters) {
+    result.stats.keys_scanned += c.scored;
+    result.stats.visited += c.expanded;
+  }
+  result.stats.exact_scores = result.stats.keys_scanned;
+  return result;
+}
+
+int64_t RoarIndex::IndexBytes() const {
+  return graph_.bytes() + static_cast<int64_t>(sizeof(entry_point_));
+}
+
+double RoarIndex::AverageDegree() const {
+  return size() == 0 ? 0.0
+                     : static_cast<double>(graph_.TotalEdges()) / static_cast<double>(size());
+}
+
+absl::StatusOr<std::string> RoarIndex::Serialize() const {
+  std::string payload;
+  ByteWriter w(&payload);
+  w.Put<uint32_t>(entry_point_);
+  w.Put<uint32_t>(static_cast<uint32_t>(graph_.capacity()));
+  for (int64_t i = 0; i < size(); ++i) {
+    const absl::Span<const uint32_t> nbrs = graph_.Neighbors(i);
+    w.Put<uint32_t>(static_cast<uint32_t>(nbrs.size()));
+    w.PutBytes(nbrs.data(), nbrs.size() * sizeof(uint32_t));
+  }
+  // Keys as dense rows in the dtype they were given in.
+  std::vector<char> row(static_cast<size_t>(dim()) * DTypeSize(key_dtype_));
+  std::vector<float> f32(dim());
+  for (int64_t i = 0; i < size(); ++i) {
+    if (keys_.dtype() == key_dtype_) {
+      w.PutBytes(keys_.row(i), keys_.row_bytes());
+    } else {  // f32 storage of f16/bf16 keys: converting back is exact
+      keys_.ToF32(i, f32.data());
+      ConvertFromFloat(f32.data(), dim(), key_dtype_, row.data());
+      w.PutBytes(row.data(), row.size());
+    }
+  }
+  IndexHeader header;
+  header.kind = "roar";
+  header.dim = dim();
+  header.size = size();
+  header.key_dtype = key_dtype_;
+  header.build_params = build_params_;
+  return EncodeIndex(header, payload);
+}
+
+absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Load(const IndexHeader& header,
+                                                           absl::string_view payload) {
+  if (header.kind != "roar") return absl::InvalidArgumentError("not a roar index");
+  if (header.dim <= 0 || header.size < 0 ||
+      header.size >= std::numeric_limits<uint32_t>::max()) {
+    return absl::DataLossError("roar: bad dim or size");
+  }
+  auto options = RoarOptions::FromParams(header.build_params);
+  if (!options.ok()) return absl::DataLossError(options.status().message());
+  std::unique_ptr<RoarIndex> index(new RoarIndex(header.dim, header.key_dtype, *options));
+  const int64_t n = header.size;
+  ByteReader r(payload);
+  KVR_ASSIGN_OR_RETURN(uint32_t ep, r.Get<uint32_t>());
+  KVR_ASSIGN_OR_RETURN(uint32_t capacity, r.Get<uint32_t>());
+  if (capacity != static_cast<uint32_t>(index->graph_.capacity()) || (n > 0 && ep >= n)) {
+    return absl::DataLossError("roar: bad graph header");
+  }
+  index->entry_point_ = ep;
+  index->graph_.Resize(n);
+  std::vector<uint32_t> nbrs;
+  for (int64_t i = 0; i < n; ++i) {
+    KVR_ASSIGN_OR_RETURN(uint32_t count, r.Get<uint32_t>());
+    if (count > capacity) return absl::DataLossError("roar: adjacency list too long");
+    nbrs.resize(count);
+    KVR_RETURN_IF_ERROR(r.GetBytes(nbrs.data(), count * sizeof(uint32_t)));
+    for (uint32_t v : nbrs) {
+      if (v >= n) return absl::DataLossError("roar: neighbour id out of range");
+    }
+    index->graph_.Set(i, nbrs);
+  }
+  const size_t key_bytes = static_cast<size_t>(n) * header.dim * DTypeSize(header.key_dtype);
+  if (r.remaining() != key_bytes) return absl::DataLossError("roar: key bytes do not match");
+  std::string keys(key_bytes, '\0');
+  KVR_RETURN_IF_ERROR(r.GetBytes(keys.data(), key_bytes));
+  index->keys_.Append(keys.data(), header.key_dtype, n, header.dim);
+  return index;
+}
+
+}  // namespace kvrecall::index

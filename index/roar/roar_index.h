@@ -1,0 +1,125 @@
+#pragma once
+
+// RoarIndex: the attention-aware graph of RetrievalAttention / RoarGraph
+// (docs/index.md, methods.md §1.3-1.5). Decode queries are out of
+// distribution for the keys, so a graph of key-to-key proximity navigates
+// badly for them; this graph is built from real queries instead:
+//
+//   1. knn:          exact top-nq keys of every training query (flat search);
+//   2. projection:   each training query links its best key t to its other
+//                    neighbours (pooled over all queries whose best key is t),
+//                    occlusion-pruned to m, then reverse edges (re-pruned);
+//   3. connectivity: every key searches the projected graph (beam l) for
+//                    itself; the pruned result (m), with reverse edges (2m),
+//                    adds up to 2m edges: degree <= 3m;
+//   4. repair:       keys not reachable from the entry point get an edge
+//                    from their best reachable key, so that a search with
+//                    ef >= size() visits every key.
+//
+// Search is best-first with a beam of ef >= k from the entry point (the key
+// nearest to the keys' mean); at ef >= size() it returns exactly the flat
+// result. Add() inserts keys by beam search + pruning + reverse edges.
+//
+// Build parameters (docs/formats/roar.md):
+//   nq=100        kNN per training query (RoarGraph M_sq), 1..1000
+//   m=35          projected out-degree (M_pjbp); final degree <= 3m, 4..256
+//   l=200         build beam of the connectivity step (L_pjpq), >= m
+//   max_train=0   training queries used, sampled evenly; 0 = all
+//   storage=native|f32   dtype of the stored keys
+// Search knobs: ef (default 128; clamped up to k).
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "common/progress.h"
+#include "index/index_format.h"
+#include "index/key_index.h"
+#include "index/roar/graph.h"
+
+namespace kvrecall::index {
+
+struct RoarOptions {
+  // Nearest keys per training query in the bipartite kNN graph (RoarGraph
+  // M_sq). Default 100, range [1, 1000].
+  int32_t nq = 100;
+  // Out-degree after projection (RoarGraph M_pjbp); the final degree is at
+  // most 3 * m. Default 35, range [4, 256].
+  int32_t m = 35;
+  // Beam width of the connectivity step's searches (RoarGraph L_pjpq), also
+  // the beam of Add(). Default 200, range [m, 10000].
+  int32_t l = 200;
+  // Training queries used (evenly sampled when more are given); 0 = all.
+  int64_t max_train = 0;
+  // Store keys as f32 instead of their own dtype. Default false.
+  bool store_f32 = false;
+  // Build threads; 0 = the default pool.
+  int num_threads = 0;
+  // Progress (stages "knn", "projection", "connectivity", "repair"); may be
+  // empty; returning false cancels the build (CANCELLED).
+  ProgressCallback progress;
+
+  // From build params (nq, m, l, max_train, storage); INVALID_ARGUMENT on
+  // unknown keys or out-of-range values.
+  static absl::StatusOr<RoarOptions> FromParams(const ParamMap& params);
+  ParamMap ToParams() const;
+};
+
+// Thread-compatible (see KeyIndex): Search may run concurrently.
+class RoarIndex final : public KeyIndex {
+ public:
+  static constexpr int32_t kDefaultEf = 128;
+
+  // Builds over keys [n, d] with training queries [t, d] (prefill queries of
+  // the KV head's query group). With no training queries the keys stand in
+  // for them (a key-to-key graph). INVALID_ARGUMENT on malformed input,
+  // CANCELLED when the progress callback says so.
+  static absl::StatusOr<std::unique_ptr<RoarIndex>> Build(const VectorView& keys,
+                                                          const VectorView& training_queries,
+                                                          const RoarOptions& options);
+  static absl::StatusOr<std::unique_ptr<RoarIndex>> Load(const IndexHeader& header,
+                                                         absl::string_view payload);
+
+  absl::string_view kind() const override { return "roar"; }
+  int32_t dim() const override { return keys_.dim(); }
+  int64_t size() const override { return keys_.size(); }
+  // REQUIRES keys.dtype == the built keys' dtype (else INVALID_ARGUMENT).
+  absl::Status Add(const VectorView& keys) override;
+  absl::StatusOr<SearchResult> Search(const VectorView& queries, int32_t k,
+                                      const SearchParams& params) const override;
+  absl::string_view SearchEffortKnob() const override { return "ef"; }
+  int64_t MaxSearchEffort() const override { return std::max<int64_t>(1, size()); }
+  int64_t IndexBytes() const override;
+  int64_t KeyBytes() const override { return keys_.bytes(); }
+  const ParamMap& build_params() const override { return build_params_; }
+  absl::StatusOr<std::string> Serialize() const override;
+
+  // Graph statistics (benchmarks, tests).
+  double AverageDegree() const;
+  uint32_t entry_point() const { return entry_point_; }
+
+ private:
+  RoarIndex(int32_t dim, DType key_dtype, const RoarOptions& options);
+  // Links node `id` (already in keys_) into the graph: beam search, prune,
+  // reverse edges.
+  void Insert(uint32_t id);
+  // Adds u -> v, re-pruning u's list when it is full.
+  void AddEdgeWithPrune(uint32_t u, uint32_t v, int32_t max_degree);
+
+  DType key_dtype_;  // dtype of the keys given to Build (the serialized dtype)
+  RoarOptions options_;
+  ParamMap build_params_;
+  roar::KeyStore keys_;
+  roar::AdjacencyLists graph_;
+  uint32_t entry_point_ = 0;
+  mutable roar::VisitedPool visited_pool_;
+
+  friend class RoarBuilder;
+};
+
+}  // namespace kvrecall::index
