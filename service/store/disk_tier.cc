@@ -224,6 +224,18 @@ absl::Status DiskTier::Recover() {
       segments_[loc.segment]->live_bytes += static_cast<int64_t>(loc.length);
     }
     recovery_.live_spans = static_cast<int64_t>(index_.size());
+    // Segments without a single record (an active segment that was never
+    // written) go right away.
+    for (auto it = segments_.begin(); it != segments_.end();) {
+      if (!it->second->refs.empty()) {
+        ++it;
+        continue;
+      }
+      if (::unlink(it->second->file->path.c_str()) != 0) {
+        return ErrnoError("unlink", it->second->file->path, errno);
+      }
+      it = segments_.erase(it);
+    }
     next_seq_.store(scan.max_seq + 1);
     for (const auto& [id, seg] : segments_) {
       if (WantsCompactionLocked(*seg)) compaction_wanted_ = true;
@@ -535,9 +547,12 @@ absl::Status DiskTier::Put(StoredSpanPtr span, const TierPutOptions& options,
     auto it = index_.find(span->key);
     const int64_t replaced =
         it != index_.end() && !it->second.leaving ? static_cast<int64_t>(it->second.loc.length) : 0;
-    const int64_t need = live_bytes_ - leaving_bytes_ - replaced +
+    // Records written but not yet published count too, so that concurrent
+    // puts do not each assume the room is theirs.
+    const int64_t need = live_bytes_ - leaving_bytes_ + reserved_bytes_ - replaced +
                          static_cast<int64_t>(rec.record_bytes) - options_.capacity_bytes;
     if (need > 0) SelectVictimsLocked(span->key, need, victims);
+    reserved_bytes_ += static_cast<int64_t>(rec.record_bytes);
   }
   Loc loc;
   loc.prefix_len = rec.prefix.size();
@@ -553,6 +568,7 @@ absl::Status DiskTier::Put(StoredSpanPtr span, const TierPutOptions& options,
   }
   if (!st.ok()) {
     absl::MutexLock lock(&mu_);
+    reserved_bytes_ -= static_cast<int64_t>(rec.record_bytes);
     for (const SpanKey& v : *victims) {
       auto it = index_.find(v);
       if (it != index_.end() && it->second.leaving) {
@@ -565,6 +581,7 @@ absl::Status DiskTier::Put(StoredSpanPtr span, const TierPutOptions& options,
   }
 
   absl::MutexLock lock(&mu_);
+  reserved_bytes_ -= static_cast<int64_t>(rec.record_bytes);
   AddRefLocked(loc, RecordKind::kSpan, span->key);
   auto it = index_.find(span->key);
   if (it != index_.end() && it->second.loc.seq > seq) {

@@ -198,6 +198,7 @@ class DiskTier : public Tier {
   absl::flat_hash_set<SpanKey> lost_ ABSL_GUARDED_BY(mu_);
   int64_t live_bytes_ ABSL_GUARDED_BY(mu_) = 0;     // live span records
   int64_t leaving_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // of which leaving
+  int64_t reserved_bytes_ ABSL_GUARDED_BY(mu_) = 0; // puts written, not yet published
   DiskRecoveryStats recovery_ ABSL_GUARDED_BY(mu_);
   DiskCompactionStats compaction_ ABSL_GUARDED_BY(mu_);
   bool compaction_wanted_ ABSL_GUARDED_BY(mu_) = false;

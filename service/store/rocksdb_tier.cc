@@ -258,7 +258,9 @@ absl::Status RocksDbTier::Put(StoredSpanPtr span, const TierPutOptions& options,
     const int64_t replaced = existing != index_.end() && !existing->second.leaving
                                  ? existing->second.stored_bytes
                                  : 0;
-    int64_t need = bytes_ - leaving_bytes_ - replaced + rec.stored_bytes - options_.capacity_bytes;
+    int64_t need = bytes_ - leaving_bytes_ + reserved_bytes_ - replaced + rec.stored_bytes -
+                   options_.capacity_bytes;
+    reserved_bytes_ += rec.stored_bytes;
     for (auto it = by_seq_.begin(); it != by_seq_.end() && need > 0; ++it) {
       if (it->second == span->key) continue;
       Entry& e = index_.at(it->second);
@@ -277,6 +279,7 @@ absl::Status RocksDbTier::Put(StoredSpanPtr span, const TierPutOptions& options,
   if (st.ok()) st = db_->Write(Synced(options.sync), &batch);
   if (!st.ok()) {
     absl::MutexLock lock(&mu_);
+    reserved_bytes_ -= rec.stored_bytes;
     for (const SpanKey& v : *victims) {
       auto it = index_.find(v);
       if (it != index_.end() && it->second.leaving) {
@@ -288,6 +291,7 @@ absl::Status RocksDbTier::Put(StoredSpanPtr span, const TierPutOptions& options,
     return FromRocksDbStatus(st, absl::StrCat("storing span ", span->key.hash.ToHex()));
   }
   absl::MutexLock lock(&mu_);
+  reserved_bytes_ -= rec.stored_bytes;
   EraseLocked(span->key);
   rec.meta.token_ids.clear();
   rec.meta.token_ids.shrink_to_fit();

@@ -144,6 +144,7 @@ class RocksDbTier : public Tier {
   uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t leaving_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t reserved_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // puts in flight
   int64_t corrupt_catalog_records_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
