@@ -244,7 +244,9 @@ absl::Status TieredStoreImpl::Init() {
   rocks.compression = o.rocksdb_compression;
   rocks.metrics = o.metrics;
   KVR_ASSIGN_OR_RETURN(rocksdb_, RocksDbTier::Create(rocks));
-  rocksdb_holds_spans_ = o.rocksdb_capacity_bytes > 0;
+  // Spans written while the tier had a capacity stay readable after it is set
+  // to 0 (its Put refuses new ones).
+  rocksdb_holds_spans_ = o.rocksdb_capacity_bytes > 0 || rocksdb_->Stats().spans > 0;
 
   if (o.disk_capacity_bytes > 0) {
     DiskTierOptions disk;
@@ -704,7 +706,13 @@ GetResult TieredStoreImpl::Get(const SpanKey& key, absl::string_view model_id) {
     get_latency_->Record(absl::ToDoubleMicroseconds(absl::Now() - start));
     return r;
   };
-  for (int attempt = 0; attempt < 8; ++attempt) {
+  // Lock-free attempts first; a span that keeps moving between tiers while we
+  // look is read once more under its stripe lock, where nothing moves it.
+  constexpr int kAttempts = 4;
+  for (int attempt = 0; attempt < kAttempts; ++attempt) {
+    const bool locked = attempt == kAttempts - 1;
+    std::optional<absl::MutexLock> stripe;
+    if (locked) stripe.emplace(&StripeFor(key));
     const uint64_t moves = moves_.load();
     std::optional<DirEntry> entry = DirLookup(key);
     if (!entry.has_value()) {
@@ -719,7 +727,9 @@ GetResult TieredStoreImpl::Get(const SpanKey& key, absl::string_view model_id) {
     for (Tier* t : SpanTiers()) {
       absl::StatusOr<StoredSpanPtr> span = t->Get(key);
       if (span.ok()) {
-        if (t->id() != TierId::kMemory) Promote(*span).IgnoreError();  // a read needs no promotion to succeed
+        if (t->id() != TierId::kMemory && !locked) {
+          Promote(*span).IgnoreError();  // a read needs no promotion to succeed
+        }
         result.span = *std::move(span);
         result.tier = t->id();
         return finish(result);
@@ -727,7 +737,7 @@ GetResult TieredStoreImpl::Get(const SpanKey& key, absl::string_view model_id) {
       if (span.status().code() == absl::StatusCode::kDataLoss) checksum_failed = true;
     }
     if (checksum_failed) {
-      absl::MutexLock stripe(&StripeFor(key));
+      if (!locked) stripe.emplace(&StripeFor(key));
       if (!AnyTierContains(key)) {
         std::optional<DirEntry> still = DirLookup(key);
         if (still.has_value() && still->checksum == entry->checksum) {
@@ -739,12 +749,14 @@ GetResult TieredStoreImpl::Get(const SpanKey& key, absl::string_view model_id) {
       }
       continue;  // another copy exists
     }
-    if (moves_.load() != moves) continue;  // it moved between tiers while we looked
-    if (!DirLookup(key).has_value()) continue;  // deleted while we looked
+    if (!locked && moves_.load() == moves && DirLookup(key).has_value()) {
+      // Nothing moved and it is still listed: only the locked read can tell.
+      attempt = kAttempts - 2;
+    }
   }
-  // Present in the directory but in no tier after every retry: report it as
-  // evicted (it cannot be read) rather than loop.
-  KVR_LOG(WARNING) << "span " << key.hash.ToHex() << " is listed but found in no tier";
+  // Listed but in no tier even under the stripe lock: a broken invariant.
+  // Report it as unreadable rather than serve anything.
+  KVR_LOG(ERROR) << "span " << key.hash.ToHex() << " is listed but found in no tier";
   result.miss = MissReason::kEvicted;
   return finish(result);
 }
