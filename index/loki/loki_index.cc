@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
@@ -12,6 +13,7 @@
 #include "common/thread_pool.h"
 #include "index/distance.h"
 #include "index/flat/search_input.h"
+#include "index/flat/tile_scoring.h"
 #include "index/index_format.h"
 
 namespace kvrecall::index::loki {
@@ -29,6 +31,80 @@ std::vector<PositionRange> IncludedRuns(const ExcludeSet& exclude, int64_t n) {
   }
   if (pos < n) runs.push_back({pos, n});
   return runs;
+}
+
+
+// Appends to `out` the positions of the `m` best scores among the positions
+// of `runs` (s is indexed by position); all of them when there are no more
+// than m. A threshold estimated from a sample of about 2048 scores (with a
+// margin) lets the vectorised CollectAtLeast skip most positions; the exact
+// top m of the survivors is then taken. Ties at the m-th score are broken
+// arbitrarily (the candidates only feed the exact rerank).
+void SelectTopPositions(const float* s, const std::vector<PositionRange>& runs, int64_t eligible,
+                        int64_t m, std::vector<float>* sample, std::vector<int32_t>* hits,
+                        std::vector<std::pair<float, int64_t>>* ranked, std::vector<int64_t>* out) {
+  ranked->clear();
+  float tau = -std::numeric_limits<float>::infinity();
+  if (m < eligible) {
+    const int64_t step = std::max<int64_t>(1, eligible / 2048);
+    sample->clear();
+    for (const PositionRange& r : runs) {
+      for (int64_t t = r.begin; t < r.end; t += step) sample->push_back(s[t]);
+    }
+    const double want = static_cast<double>(m) / eligible * static_cast<double>(sample->size());
+    const int64_t j = std::min<int64_t>(static_cast<int64_t>(sample->size()) - 1,
+                                        static_cast<int64_t>(want * 1.25) + 8);
+    std::nth_element(sample->begin(), sample->begin() + j, sample->end(), std::greater<float>());
+    tau = (*sample)[static_cast<size_t>(j)];
+  }
+  for (int pass = 0; pass < 2; ++pass) {
+    ranked->clear();
+    for (const PositionRange& r : runs) {
+      hits->resize(static_cast<size_t>(r.end - r.begin));
+      const int64_t found = CollectAtLeast(s + r.begin, r.end - r.begin, tau, hits->data());
+      for (int64_t i = 0; i < found; ++i) {
+        const int64_t t = r.begin + (*hits)[static_cast<size_t>(i)];
+        ranked->emplace_back(s[t], t);
+      }
+    }
+    if (static_cast<int64_t>(ranked->size()) >= m) break;
+    tau = -std::numeric_limits<float>::infinity();  // the estimate was too high: take all
+  }
+  if (static_cast<int64_t>(ranked->size()) > m) {
+    std::nth_element(ranked->begin(), ranked->begin() + (m - 1), ranked->end(),
+                     [](const auto& x, const auto& y) { return x.first > y.first; });
+    ranked->resize(static_cast<size_t>(m));
+  }
+  for (const auto& [score, t] : *ranked) out->push_back(t);
+}
+
+
+// Writes the k best of (scores[i], ids[i]) in the order of TopK
+// (index/distance.h: score descending, ties by smaller position) to
+// out_ids / out_scores, padded with -1 / -inf: the same result as pushing
+// every pair through a TopK, without a heap push per pair.
+void WriteTopK(const std::vector<float>& scores, const std::vector<int64_t>& ids, int32_t k,
+               std::vector<int32_t>* order, int64_t* out_ids, float* out_scores) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  order->resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) (*order)[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+  auto better = [&](int32_t a, int32_t b) {
+    const float sa = scores[static_cast<size_t>(a)], sb = scores[static_cast<size_t>(b)];
+    return sa > sb || (sa == sb && ids[static_cast<size_t>(a)] < ids[static_cast<size_t>(b)]);
+  };
+  const int64_t top = std::min<int64_t>(n, k);
+  if (n > top) std::nth_element(order->begin(), order->begin() + top, order->end(), better);
+  std::sort(order->begin(), order->begin() + top, better);
+  for (int64_t i = 0; i < k; ++i) {
+    if (i < top) {
+      const int32_t at = (*order)[static_cast<size_t>(i)];
+      out_ids[i] = ids[static_cast<size_t>(at)];
+      out_scores[i] = scores[static_cast<size_t>(at)];
+    } else {
+      out_ids[i] = -1;
+      out_scores[i] = -std::numeric_limits<float>::infinity();
+    }
+  }
 }
 
 }  // namespace
@@ -144,7 +220,9 @@ absl::Status LokiIndex::AppendRows(const VectorView& keys, int num_threads,
   if (not_finite.load()) return absl::InvalidArgumentError("loki: keys contain NaN or Inf");
   if (cancelled.load()) return absl::CancelledError("loki build cancelled");
   keys_.insert(keys_.end(), new_keys.begin(), new_keys.end());
-  plane_.insert(plane_.end(), new_plane.begin(), new_plane.end());
+  plane_tiles_.resize(static_cast<size_t>((size_ + n + kTileKeys - 1) / kTileKeys) * rank_ *
+                      kTileKeys * esize);
+  PackIntoTiles(new_plane.data(), dtype_, n, rank_, rank_, size_, plane_tiles_.data(), dtype_);
   size_ += n;
   return absl::OkStatus();
 }
@@ -183,73 +261,102 @@ absl::StatusOr<SearchResult> LokiIndex::Search(const VectorView& queries, int32_
   if (m == 0) return result;
   const std::vector<float> q32 = VectorsToF32(queries);
   const size_t esize = DTypeSize(dtype_);
+  // Tiles of the plane holding eligible positions, and the keys they cover.
+  std::vector<PositionRange> tile_runs;
+  int64_t tile_keys = 0;
+  for (const PositionRange& r : runs) {
+    const int64_t t0 = r.begin / kTileKeys, t1 = (r.end - 1) / kTileKeys + 1;
+    if (!tile_runs.empty() && t0 < tile_runs.back().end) {
+      tile_runs.back().end = t1;
+    } else {
+      tile_runs.push_back({t0, t1});
+    }
+  }
+  for (const PositionRange& t : tile_runs) {
+    tile_keys += std::min(size_, t.end * kTileKeys) - t.begin * kTileKeys;
+  }
+  const int64_t num_tiles = (size_ + kTileKeys - 1) / kTileKeys;
+  const size_t tile_bytes = static_cast<size_t>(rank_) * kTileKeys * esize;
+  constexpr int64_t kBlock = 4;  // queries sharing each plane load
+  const int64_t num_blocks = (m + kBlock - 1) / kBlock;
 
-  auto search_rows = [&](int64_t begin, int64_t end) {
-    std::vector<float> rotated(static_cast<size_t>(rank));
-    std::vector<float> approx;
+  auto search_blocks = [&](int64_t block_begin, int64_t block_end) {
+    std::vector<float> rotated(static_cast<size_t>(kBlock * rank));
+    std::vector<float> approx(all_exact ? 0 : static_cast<size_t>(kBlock * num_tiles * kTileKeys));
+    std::vector<std::pair<float, int64_t>> ranked;
+    std::vector<float> sample;
+    std::vector<int32_t> hits;
+    std::vector<uint64_t> bitmap;
     std::vector<int64_t> ids;
     std::vector<float> exact;
-    TopK top(k);
-    for (int64_t qi = begin; qi < end; ++qi) {
-      const float* q = q32.data() + qi * d;
-      if (all_exact) {
-        exact.resize(static_cast<size_t>(eligible));
-        ids.resize(static_cast<size_t>(eligible));
-        int64_t at = 0;
-        for (const PositionRange& r : runs) {
-          ScoreRows(q, keys_.data() + r.begin * d * esize, dtype_, r.end - r.begin, d, d,
-                    exact.data() + at);
-          for (int64_t t = r.begin; t < r.end; ++t) ids[static_cast<size_t>(at++)] = t;
+    std::vector<int32_t> order;
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t q0 = block * kBlock;
+      const int32_t nb = static_cast<int32_t>(std::min(kBlock, m - q0));
+      if (!all_exact) {
+        // The r-dim pass: rotated queries against the plane tiles.
+        for (int32_t b = 0; b < nb; ++b) {
+          const float* q = q32.data() + (q0 + b) * d;
+          for (int64_t c = 0; c < rank; ++c) {
+            rotated[static_cast<size_t>(b * rank + c)] = DotF32(basis_.components.data() + c * d, q, d);
+          }
         }
-      } else {
-        for (int64_t c = 0; c < rank; ++c) {
-          rotated[static_cast<size_t>(c)] =
-              DotF32(basis_.components.data() + c * d, q, d);
+        const int64_t stride = num_tiles * kTileKeys;
+        for (const PositionRange& t : tile_runs) {
+          if (rank == rank_) {
+            ScoreTiles(rotated.data(), nb, plane_tiles_.data() + t.begin * tile_bytes, dtype_,
+                       rank_, t.end - t.begin, approx.data() + t.begin * kTileKeys, stride);
+          } else {  // the first `rank` rows of every tile
+            for (int64_t tile = t.begin; tile < t.end; ++tile) {
+              ScoreTiles(rotated.data(), nb, plane_tiles_.data() + tile * tile_bytes, dtype_,
+                         static_cast<int32_t>(rank), 1, approx.data() + tile * kTileKeys, stride);
+            }
+          }
         }
-        approx.resize(static_cast<size_t>(eligible));
-        int64_t at = 0;
-        for (const PositionRange& r : runs) {
-          ScoreRows(rotated.data(), plane_.data() + r.begin * rank_ * esize, dtype_,
-                    r.end - r.begin, static_cast<int32_t>(rank), rank_, approx.data() + at);
-          at += r.end - r.begin;
-        }
-        // Order of positions within `approx`: run after run; map back below.
-        ids.resize(static_cast<size_t>(eligible));
-        at = 0;
-        for (const PositionRange& r : runs) {
-          for (int64_t t = r.begin; t < r.end; ++t) ids[static_cast<size_t>(at++)] = t;
-        }
-        std::vector<int64_t> order(static_cast<size_t>(eligible));
-        for (int64_t i = 0; i < eligible; ++i) order[static_cast<size_t>(i)] = i;
-        std::nth_element(order.begin(), order.begin() + (k_prime - 1), order.end(),
-                         [&](int64_t a, int64_t b) {
-                           return approx[static_cast<size_t>(a)] > approx[static_cast<size_t>(b)];
-                         });
-        order.resize(static_cast<size_t>(k_prime));
-        std::sort(order.begin(), order.end());  // ascending positions: sequential reads
-        for (int64_t i = 0; i < k_prime; ++i) {
-          ids[static_cast<size_t>(i)] = ids[static_cast<size_t>(order[static_cast<size_t>(i)])];
-        }
-        ids.resize(static_cast<size_t>(k_prime));
-        exact.resize(static_cast<size_t>(k_prime));
-        ScoreRowsGather(q, keys_.data(), dtype_, d, d, ids.data(), k_prime, exact.data());
       }
-      for (size_t i = 0; i < ids.size(); ++i) top.Push(exact[i], ids[i]);
-      top.Drain(result.ids.data() + qi * k, result.scores.data() + qi * k);
+      for (int32_t b = 0; b < nb; ++b) {
+        const int64_t qi = q0 + b;
+        const float* q = q32.data() + qi * d;
+        ids.clear();
+        if (all_exact) {
+          exact.resize(static_cast<size_t>(eligible));
+          for (const PositionRange& r : runs) {
+            ScoreRows(q, keys_.data() + r.begin * d * esize, dtype_, r.end - r.begin, d, d,
+                      exact.data() + ids.size());
+            for (int64_t t = r.begin; t < r.end; ++t) ids.push_back(t);
+          }
+        } else {
+          SelectTopPositions(approx.data() + b * num_tiles * kTileKeys, runs, eligible, k_prime,
+                             &sample, &hits, &ranked, &ids);
+          // Ascending positions (sequential reads) through a bitmap.
+          bitmap.assign(static_cast<size_t>((size_ + 63) / 64), 0);
+          for (int64_t t : ids) bitmap[static_cast<size_t>(t >> 6)] |= uint64_t{1} << (t & 63);
+          ids.clear();
+          for (size_t w = 0; w < bitmap.size(); ++w) {
+            for (uint64_t bits = bitmap[w]; bits != 0; bits &= bits - 1) {
+              ids.push_back(static_cast<int64_t>(w * 64 + __builtin_ctzll(bits)));
+            }
+          }
+          exact.resize(ids.size());
+          ScoreRowsGather(q, keys_.data(), dtype_, d, d, ids.data(), k_prime, exact.data());
+        }
+        WriteTopK(exact, ids, k, &order, result.ids.data() + qi * k, result.scores.data() + qi * k);
+      }
     }
   };
-  if (params.num_threads == 1 || m == 1) {
-    search_rows(0, m);
+  if (params.num_threads == 1 || num_blocks == 1) {
+    search_blocks(0, num_blocks);
   } else {
-    ThreadPool::Default()->ParallelFor(m, 1, search_rows, ResolveThreads(params.num_threads));
+    ThreadPool::Default()->ParallelFor(num_blocks, 1, search_blocks,
+                                       ResolveThreads(params.num_threads));
   }
-  result.stats.keys_scanned = m * eligible;
+  result.stats.keys_scanned = m * (all_exact ? eligible : tile_keys);
   result.stats.exact_scores = m * k_prime;
   return result;
 }
 
 int64_t LokiIndex::IndexBytes() const {
-  return static_cast<int64_t>(plane_.size() + basis_.components.size() * sizeof(float) +
+  return static_cast<int64_t>(plane_tiles_.size() + basis_.components.size() * sizeof(float) +
                               basis_.mean.size() * sizeof(float) +
                               basis_.explained_variance.size() * sizeof(double));
 }
@@ -262,7 +369,12 @@ absl::StatusOr<std::string> LokiIndex::Serialize() const {
   w.PutString(SerializePcaBases({basis_}));
   w.Put<uint64_t>(static_cast<uint64_t>(size_));
   w.PutBytes(keys_.data(), keys_.size());
-  w.PutBytes(plane_.data(), plane_.size());
+  // The plane row-major, [size_, rank_] (the tiles are an in-memory layout).
+  std::vector<char> row(static_cast<size_t>(rank_) * DTypeSize(dtype_));
+  for (int64_t t = 0; t < size_; ++t) {
+    UnpackFromTiles(plane_tiles_.data(), dtype_, rank_, t, row.data());
+    w.PutBytes(row.data(), row.size());
+  }
   IndexHeader header;
   header.kind = std::string(kKind);
   header.dim = dim();
@@ -309,9 +421,13 @@ absl::StatusOr<std::unique_ptr<LokiIndex>> LokiIndex::Load(const IndexHeader& he
                     header.build_params));
   index->size_ = static_cast<int64_t>(n);
   index->keys_.resize(n * d * esize);
-  index->plane_.resize(n * rank * esize);
+  std::vector<char> plane(n * rank * esize);
   KVR_RETURN_IF_ERROR(r.GetBytes(index->keys_.data(), index->keys_.size()));
-  KVR_RETURN_IF_ERROR(r.GetBytes(index->plane_.data(), index->plane_.size()));
+  KVR_RETURN_IF_ERROR(r.GetBytes(plane.data(), plane.size()));
+  index->plane_tiles_.resize(static_cast<size_t>((n + kTileKeys - 1) / kTileKeys) * rank *
+                             kTileKeys * esize);
+  PackIntoTiles(plane.data(), index->dtype_, static_cast<int64_t>(n), static_cast<int32_t>(rank),
+                rank, 0, index->plane_tiles_.data(), index->dtype_);
   if (r.remaining() != 0) return absl::DataLossError("loki payload has trailing bytes");
   return index;
 }

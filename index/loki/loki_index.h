@@ -4,14 +4,16 @@
 // rotation, then the top k' candidates reranked with exact scores.
 //
 // Storage. The index keeps
-//   - the rotated key plane K'[:, :R] = (K P^T)[:, :R]: [n, R] in the keys'
-//     dtype, row-major, so that the first r <= R rotated dims of every key are
-//     contiguous; it is what the approximate pass reads (R/d of the key bytes);
-//   - the keys as given, [n, d] in their dtype: the exact rerank reads the k'
-//     candidate rows from here, so exact scores are the same q·k, bit for bit,
-//     that the flat index computes (a rotated f32 tail plane [n, d-R] would
-//     cost more bytes than the f16/bf16 keys and give scores that differ from
-//     q·k in the last bits);
+//   - the rotated key plane K'[:, :R] = (K P^T)[:, :R] in the keys' dtype, in
+//     the transposed 16-key tiles of index/flat/tile_scoring.h ([ceil(n/16),
+//     R, 16]): the first r <= R rotated dims of every key are contiguous
+//     within its tile, and the approximate pass reads r/d of the key bytes
+//     with the register-blocked tile kernels (4 queries share each load);
+//   - the keys as given, [n, d] in their dtype, row-major: the exact rerank
+//     reads the k' candidate rows from here, so exact scores are the same q·k,
+//     bit for bit, that the flat index computes (a rotated f32 tail plane
+//     [n, d-R] would cost more bytes than f16/bf16 keys and give scores that
+//     differ from q·k in the last bits);
 //   - the basis P (d x d) and R.
 // The basis comes from the "loki_basis" artifact (pca_basis.h) or, when none
 // is given, is fitted from the keys being indexed (centred PCA).
@@ -25,9 +27,11 @@
 //   rank        r, in [1, R]; default R.
 //   candidates  k' (the effort knob); >= 1, default 8·k. At or above the number
 //               of eligible keys every key is scored exactly: the flat result.
-// Stats, per query: keys_scanned += every eligible key (each got an r-dim
-// score; Loki saves bytes and flops, not keys); exact_scores += k' (or the
-// eligible count when all are scored exactly, then no r-dim pass runs);
+// Stats, per query: keys_scanned += every key that got an r-dim score (Loki
+// saves bytes and flops, not keys): the keys of the plane tiles holding
+// eligible positions, i.e. all eligible keys plus the excluded ones that share
+// a 16-key tile with them; exact_scores += k'. When all eligible keys are
+// scored exactly no r-dim pass runs: keys_scanned = exact_scores = eligible.
 // visited stays 0.
 //
 // Build params (BuildIndex): rank (R, default d/4, range [1, d]); layer,
@@ -45,6 +49,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/progress.h"
+#include "index/flat/aligned_vector.h"
 #include "index/index_format.h"
 #include "index/key_index.h"
 #include "index/loki/pca_basis.h"
@@ -132,7 +137,11 @@ class LokiIndex final : public KeyIndex {
   ParamMap build_params_;
   int64_t size_ = 0;
   std::vector<char> keys_;   // [size_, d] elements of dtype_, row-major
-  std::vector<char> plane_;  // [size_, rank_] elements of dtype_, row-major: (P k)[:rank_]
+  // (P k)[:rank_] of every key in transposed tiles of 16 keys
+  // (index/flat/tile_scoring.h): [ceil(size_ / 16), rank_, 16] elements of
+  // dtype_, zero padded; the first r rows of a tile are the first r rotated
+  // dims of its 16 keys.
+  AlignedVector<char> plane_tiles_;
 };
 
 }  // namespace kvrecall::index::loki

@@ -13,6 +13,7 @@
 #include "common/thread_pool.h"
 #include "index/distance.h"
 #include "index/flat/search_input.h"
+#include "index/flat/tile_scoring.h"
 #include "index/index_format.h"
 
 namespace kvrecall::index::quest {
@@ -32,6 +33,50 @@ std::vector<PositionRange> IncludedRuns(const ExcludeSet& exclude, int64_t n) {
   return runs;
 }
 
+
+
+// Writes the k best of (scores[i], ids[i]) in the order of TopK
+// (index/distance.h: score descending, ties by smaller position) to
+// out_ids / out_scores, padded with -1 / -inf: the same result as pushing
+// every pair through a TopK, without a heap push per pair.
+void WriteTopK(const std::vector<float>& scores, const std::vector<int64_t>& ids, int32_t k,
+               std::vector<int32_t>* order, int64_t* out_ids, float* out_scores) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  order->resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) (*order)[static_cast<size_t>(i)] = static_cast<int32_t>(i);
+  auto better = [&](int32_t a, int32_t b) {
+    const float sa = scores[static_cast<size_t>(a)], sb = scores[static_cast<size_t>(b)];
+    return sa > sb || (sa == sb && ids[static_cast<size_t>(a)] < ids[static_cast<size_t>(b)]);
+  };
+  const int64_t top = std::min<int64_t>(n, k);
+  if (n > top) std::nth_element(order->begin(), order->begin() + top, order->end(), better);
+  std::sort(order->begin(), order->begin() + top, better);
+  for (int64_t i = 0; i < k; ++i) {
+    if (i < top) {
+      const int32_t at = (*order)[static_cast<size_t>(i)];
+      out_ids[i] = ids[static_cast<size_t>(at)];
+      out_scores[i] = scores[static_cast<size_t>(at)];
+    } else {
+      out_ids[i] = -1;
+      out_scores[i] = -std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+
+// The runs of units of `unit` positions (pages, tiles) that cover `runs`.
+std::vector<PositionRange> CoveringRuns(const std::vector<PositionRange>& runs, int64_t unit) {
+  std::vector<PositionRange> out;
+  for (const PositionRange& r : runs) {
+    const int64_t b = r.begin / unit, e = (r.end - 1) / unit + 1;
+    if (!out.empty() && b <= out.back().end) {
+      out.back().end = std::max(out.back().end, e);
+    } else {
+      out.push_back({b, e});
+    }
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -67,7 +112,6 @@ absl::Status QuestIndex::AppendRows(const VectorView& keys, int num_threads,
   if (n == 0) return absl::OkStatus();
   const int32_t d = dim_;
   const size_t esize = DTypeSize(dtype_);
-  const size_t row_bytes = static_cast<size_t>(d) * esize;
   // Validate everything before changing anything.
   {
     std::vector<float> x(static_cast<size_t>(d));
@@ -82,22 +126,23 @@ absl::Status QuestIndex::AppendRows(const VectorView& keys, int num_threads,
   // discarded, so the arrays grow in place.
   const int64_t old_size = size_;
   const int64_t new_size = old_size + n;
-  keys_.resize(static_cast<size_t>(new_size) * row_bytes);
-  for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(keys_.data() + (old_size + i) * row_bytes, keys.row(i), row_bytes);
-  }
+  const size_t tile_bytes = static_cast<size_t>(d) * kTileKeys * esize;
+  key_tiles_.resize(static_cast<size_t>((new_size + kTileKeys - 1) / kTileKeys) * tile_bytes);
+  PackIntoTiles(keys.data, dtype_, n, d, keys.row_stride(), old_size, key_tiles_.data(), dtype_);
   const int64_t first_page = old_size / page_size_;  // a partial last page is recomputed
   const int64_t new_pages = (new_size + page_size_ - 1) / page_size_;
-  max_.resize(static_cast<size_t>(new_pages) * row_bytes);
-  min_.resize(static_cast<size_t>(new_pages) * row_bytes);
+  const size_t bound_tiles = static_cast<size_t>((new_pages + kTileKeys - 1) / kTileKeys);
+  max_tiles_.resize(bound_tiles * tile_bytes);
+  min_tiles_.resize(bound_tiles * tile_bytes);
   std::atomic<bool> cancelled{false};
   absl::Mutex progress_mu;
   int64_t pages_done = 0;  // guarded by progress_mu
   const int64_t todo = new_pages - first_page;
   ThreadPool::Default()->ParallelFor(
-      todo, std::max<int64_t>(1, 4096 / page_size_),
+      todo, std::max<int64_t>(kTileKeys, 4096 / page_size_),
       [&](int64_t begin, int64_t end) {
         if (cancelled.load(std::memory_order_relaxed)) return;
+        std::vector<char> row(static_cast<size_t>(d) * esize);
         std::vector<float> x(static_cast<size_t>(d)), hi(static_cast<size_t>(d)),
             lo(static_cast<size_t>(d));
         for (int64_t p = first_page + begin; p < first_page + end; ++p) {
@@ -105,14 +150,18 @@ absl::Status QuestIndex::AppendRows(const VectorView& keys, int num_threads,
           std::fill(lo.begin(), lo.end(), std::numeric_limits<float>::infinity());
           const int64_t t_end = std::min<int64_t>(new_size, (p + 1) * page_size_);
           for (int64_t t = p * page_size_; t < t_end; ++t) {
-            ConvertToFloat(keys_.data() + t * row_bytes, dtype_, x.size(), x.data());
+            UnpackFromTiles(key_tiles_.data(), dtype_, d, t, row.data());
+            ConvertToFloat(row.data(), dtype_, x.size(), x.data());
             for (int32_t j = 0; j < d; ++j) {
               hi[static_cast<size_t>(j)] = std::max(hi[static_cast<size_t>(j)], x[static_cast<size_t>(j)]);
               lo[static_cast<size_t>(j)] = std::min(lo[static_cast<size_t>(j)], x[static_cast<size_t>(j)]);
             }
           }
-          ConvertFromFloat(hi.data(), hi.size(), dtype_, max_.data() + p * row_bytes);
-          ConvertFromFloat(lo.data(), lo.size(), dtype_, min_.data() + p * row_bytes);
+          // Lanes of different pages: threads write disjoint bytes.
+          ConvertFromFloat(hi.data(), hi.size(), dtype_, row.data());
+          PackIntoTiles(row.data(), dtype_, 1, d, d, p, max_tiles_.data(), dtype_);
+          ConvertFromFloat(lo.data(), lo.size(), dtype_, row.data());
+          PackIntoTiles(row.data(), dtype_, 1, d, d, p, min_tiles_.data(), dtype_);
         }
         if (progress) {
           absl::MutexLock lock(&progress_mu);
@@ -147,19 +196,15 @@ absl::StatusOr<SearchResult> QuestIndex::Search(const VectorView& queries, int32
   KVR_ASSIGN_OR_RETURN(const int64_t pages_knob, params.knobs.GetInt("pages", 8 * min_pages, 1));
   KVR_ASSIGN_OR_RETURN(const ExcludeSet exclude, ExcludeSet::Create(params.exclude, size_));
   const std::vector<PositionRange> runs = IncludedRuns(exclude, size_);
-  // Runs of pages holding at least one eligible position.
-  std::vector<PositionRange> page_runs;
-  int64_t eligible_pages = 0;
-  for (const PositionRange& r : runs) {
-    const int64_t pb = r.begin / page_size_;
-    const int64_t pe = (r.end - 1) / page_size_ + 1;
-    if (!page_runs.empty() && pb < page_runs.back().end) {
-      eligible_pages += pe - page_runs.back().end;
-      page_runs.back().end = pe;
-    } else {
-      eligible_pages += pe - pb;
-      page_runs.push_back({pb, pe});
-    }
+  // Pages holding at least one eligible position, and the bound tiles that
+  // hold those pages.
+  const std::vector<PositionRange> page_runs = CoveringRuns(runs, page_size_);
+  const std::vector<PositionRange> bound_tile_runs = CoveringRuns(page_runs, kTileKeys);
+  int64_t eligible_pages = 0, bound_lanes = 0;
+  for (const PositionRange& r : page_runs) eligible_pages += r.end - r.begin;
+  const int64_t pages = num_pages();
+  for (const PositionRange& r : bound_tile_runs) {
+    bound_lanes += std::min(pages, r.end * kTileKeys) - r.begin * kTileKeys;
   }
   const int64_t selected = std::min(std::max(pages_knob, min_pages), eligible_pages);
   const bool all_pages = selected >= eligible_pages;
@@ -172,97 +217,110 @@ absl::StatusOr<SearchResult> QuestIndex::Search(const VectorView& queries, int32
   result.scores.assign(static_cast<size_t>(m) * k, -std::numeric_limits<float>::infinity());
   if (m == 0) return result;
   const std::vector<float> q32 = VectorsToF32(queries);
-  const size_t row_bytes = static_cast<size_t>(d) * DTypeSize(dtype_);
-  std::vector<int64_t> exact_per_query(static_cast<size_t>(m), 0);
+  const size_t tile_bytes = static_cast<size_t>(d) * kTileKeys * DTypeSize(dtype_);
+  const int64_t bound_stride = ((pages + kTileKeys - 1) / kTileKeys) * kTileKeys;
+  constexpr int64_t kBlock = 4;  // queries sharing each tile load
+  const int64_t num_blocks = (m + kBlock - 1) / kBlock;
+  std::vector<int64_t> lanes_per_query(static_cast<size_t>(m), 0);
 
-  auto search_rows = [&](int64_t begin, int64_t end) {
-    std::vector<float> qpos(static_cast<size_t>(d)), qneg(static_cast<size_t>(d));
-    std::vector<float> upper, lower_part, scores;
-    std::vector<int64_t> page_ids;
-    TopK top(k);
-    // Scores eligible positions of [b, e) exactly into `top`.
-    auto score_range = [&](const float* q, int64_t b, int64_t e) -> int64_t {
-      int64_t scored = 0;
+  auto search_blocks = [&](int64_t block_begin, int64_t block_end) {
+    std::vector<float> qpos(static_cast<size_t>(kBlock * d)), qneg(static_cast<size_t>(kBlock * d));
+    std::vector<float> upper(all_pages ? 0 : static_cast<size_t>(kBlock * bound_stride));
+    std::vector<float> lower(upper.size());
+    std::vector<float> lane_scores, exact;
+    std::vector<int64_t> ids;
+    std::vector<std::pair<float, int64_t>> ranked_pages;
+    std::vector<int32_t> order;
+    // Scores the key tiles covering [b, e) for query q, appends the eligible
+    // positions of [b, e) and their scores to ids / exact, and returns the
+    // number of keys (tile lanes within size_) scored.
+    auto score_span = [&](const float* q, int64_t b, int64_t e) -> int64_t {
+      const int64_t t0 = b / kTileKeys, t1 = (e - 1) / kTileKeys + 1;
+      lane_scores.resize(static_cast<size_t>((t1 - t0) * kTileKeys));
+      ScoreTiles(q, 1, key_tiles_.data() + t0 * tile_bytes, dtype_, d, t1 - t0, lane_scores.data(),
+                 (t1 - t0) * kTileKeys);
       auto it = std::upper_bound(runs.begin(), runs.end(), b,
                                  [](int64_t pos, const PositionRange& r) { return pos < r.end; });
       for (; it != runs.end() && it->begin < e; ++it) {
-        const int64_t sb = std::max(b, it->begin);
-        const int64_t se = std::min(e, it->end);
-        if (sb >= se) continue;
-        scores.resize(static_cast<size_t>(se - sb));
-        ScoreRows(q, keys_.data() + sb * row_bytes, dtype_, se - sb, d, d, scores.data());
-        for (int64_t t = sb; t < se; ++t) top.Push(scores[static_cast<size_t>(t - sb)], t);
-        scored += se - sb;
+        for (int64_t t = std::max(b, it->begin); t < std::min(e, it->end); ++t) {
+          ids.push_back(t);
+          exact.push_back(lane_scores[static_cast<size_t>(t - t0 * kTileKeys)]);
+        }
       }
-      return scored;
+      return std::min(size_, t1 * kTileKeys) - t0 * kTileKeys;
     };
-    for (int64_t qi = begin; qi < end; ++qi) {
-      const float* q = q32.data() + qi * d;
-      int64_t exact = 0;
-      if (all_pages) {
-        for (const PositionRange& r : runs) exact += score_range(q, r.begin, r.end);
-      } else {
-        for (int32_t j = 0; j < d; ++j) {
-          qpos[static_cast<size_t>(j)] = std::max(q[j], 0.0f);
-          qneg[static_cast<size_t>(j)] = std::min(q[j], 0.0f);
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t q0 = block * kBlock;
+      const int32_t nb = static_cast<int32_t>(std::min(kBlock, m - q0));
+      if (!all_pages) {
+        for (int64_t j = 0; j < nb * d; ++j) {
+          const float v = q32[static_cast<size_t>(q0 * d + j)];
+          qpos[static_cast<size_t>(j)] = std::max(v, 0.0f);
+          qneg[static_cast<size_t>(j)] = std::min(v, 0.0f);
         }
-        upper.resize(static_cast<size_t>(eligible_pages));
-        lower_part.resize(static_cast<size_t>(eligible_pages));
-        page_ids.clear();
-        int64_t at = 0;
-        for (const PositionRange& pr : page_runs) {
-          const int64_t len = pr.end - pr.begin;
-          ScoreRows(qpos.data(), max_.data() + pr.begin * row_bytes, dtype_, len, d, d,
-                    upper.data() + at);
-          ScoreRows(qneg.data(), min_.data() + pr.begin * row_bytes, dtype_, len, d, d,
-                    lower_part.data() + at);
-          for (int64_t p = pr.begin; p < pr.end; ++p) page_ids.push_back(p);
-          at += len;
-        }
-        for (int64_t i = 0; i < eligible_pages; ++i) {
-          upper[static_cast<size_t>(i)] += lower_part[static_cast<size_t>(i)];
-        }
-        std::vector<int64_t> order(static_cast<size_t>(eligible_pages));
-        for (int64_t i = 0; i < eligible_pages; ++i) order[static_cast<size_t>(i)] = i;
-        std::nth_element(order.begin(), order.begin() + (selected - 1), order.end(),
-                         [&](int64_t a, int64_t b) {
-                           return upper[static_cast<size_t>(a)] > upper[static_cast<size_t>(b)];
-                         });
-        order.resize(static_cast<size_t>(selected));
-        std::sort(order.begin(), order.end());
-        for (int64_t i : order) {
-          const int64_t p = page_ids[static_cast<size_t>(i)];
-          exact += score_range(q, p * page_size_, std::min<int64_t>(size_, (p + 1) * page_size_));
+        for (const PositionRange& t : bound_tile_runs) {
+          ScoreTiles(qpos.data(), nb, max_tiles_.data() + t.begin * tile_bytes, dtype_, d,
+                     t.end - t.begin, upper.data() + t.begin * kTileKeys, bound_stride);
+          ScoreTiles(qneg.data(), nb, min_tiles_.data() + t.begin * tile_bytes, dtype_, d,
+                     t.end - t.begin, lower.data() + t.begin * kTileKeys, bound_stride);
         }
       }
-      exact_per_query[static_cast<size_t>(qi)] = exact;
-      top.Drain(result.ids.data() + qi * k, result.scores.data() + qi * k);
+      for (int32_t b = 0; b < nb; ++b) {
+        const int64_t qi = q0 + b;
+        const float* q = q32.data() + qi * d;
+        ids.clear();
+        exact.clear();
+        int64_t lanes = 0;
+        if (all_pages) {
+          for (const PositionRange& r : runs) lanes += score_span(q, r.begin, r.end);
+        } else {
+          ranked_pages.clear();
+          const float* up = upper.data() + b * bound_stride;
+          const float* lo = lower.data() + b * bound_stride;
+          for (const PositionRange& r : page_runs) {
+            for (int64_t p = r.begin; p < r.end; ++p) ranked_pages.emplace_back(up[p] + lo[p], p);
+          }
+          std::nth_element(ranked_pages.begin(), ranked_pages.begin() + (selected - 1),
+                           ranked_pages.end(),
+                           [](const auto& x, const auto& y) { return x.first > y.first; });
+          ranked_pages.resize(static_cast<size_t>(selected));
+          std::sort(ranked_pages.begin(), ranked_pages.end(),
+                    [](const auto& x, const auto& y) { return x.second < y.second; });
+          for (const auto& [bound, p] : ranked_pages) {
+            lanes += score_span(q, p * page_size_, std::min<int64_t>(size_, (p + 1) * page_size_));
+          }
+        }
+        lanes_per_query[static_cast<size_t>(qi)] = lanes;
+        WriteTopK(exact, ids, k, &order, result.ids.data() + qi * k, result.scores.data() + qi * k);
+      }
     }
   };
-  if (params.num_threads == 1 || m == 1) {
-    search_rows(0, m);
+  if (params.num_threads == 1 || num_blocks == 1) {
+    search_blocks(0, num_blocks);
   } else {
-    ThreadPool::Default()->ParallelFor(m, 1, search_rows, ResolveThreads(params.num_threads));
+    ThreadPool::Default()->ParallelFor(num_blocks, 1, search_blocks,
+                                       ResolveThreads(params.num_threads));
   }
-  int64_t exact_total = 0;
-  for (int64_t e : exact_per_query) exact_total += e;
-  result.stats.exact_scores = exact_total;
-  result.stats.keys_scanned = exact_total + (all_pages ? 0 : 2 * eligible_pages * m);
+  int64_t lanes_total = 0;
+  for (int64_t e : lanes_per_query) lanes_total += e;
+  result.stats.exact_scores = lanes_total;
+  result.stats.keys_scanned = lanes_total + (all_pages ? 0 : 2 * bound_lanes * m);
   result.stats.visited = selected * m;
   return result;
 }
 
 void QuestIndex::PageUpperBounds(const float* query, float* bounds) const {
   const int64_t pages = num_pages();
+  const int64_t tiles = (pages + kTileKeys - 1) / kTileKeys;
   std::vector<float> qpos(static_cast<size_t>(dim_)), qneg(static_cast<size_t>(dim_));
   for (int32_t j = 0; j < dim_; ++j) {
     qpos[static_cast<size_t>(j)] = std::max(query[j], 0.0f);
     qneg[static_cast<size_t>(j)] = std::min(query[j], 0.0f);
   }
-  std::vector<float> lower(static_cast<size_t>(pages));
-  ScoreRows(qpos.data(), max_.data(), dtype_, pages, dim_, dim_, bounds);
-  ScoreRows(qneg.data(), min_.data(), dtype_, pages, dim_, dim_, lower.data());
-  for (int64_t p = 0; p < pages; ++p) bounds[p] += lower[static_cast<size_t>(p)];
+  std::vector<float> upper(static_cast<size_t>(tiles * kTileKeys)), lower(upper.size());
+  ScoreTiles(qpos.data(), 1, max_tiles_.data(), dtype_, dim_, tiles, upper.data(), tiles * kTileKeys);
+  ScoreTiles(qneg.data(), 1, min_tiles_.data(), dtype_, dim_, tiles, lower.data(), tiles * kTileKeys);
+  for (int64_t p = 0; p < pages; ++p) bounds[p] = upper[static_cast<size_t>(p)] + lower[static_cast<size_t>(p)];
 }
 
 absl::StatusOr<std::string> QuestIndex::Serialize() const {
@@ -271,9 +329,18 @@ absl::StatusOr<std::string> QuestIndex::Serialize() const {
   w.Put<uint32_t>(kQuestPayloadVersion);
   w.Put<uint32_t>(static_cast<uint32_t>(page_size_));
   w.Put<uint64_t>(static_cast<uint64_t>(size_));
-  w.PutBytes(keys_.data(), keys_.size());
-  w.PutBytes(max_.data(), max_.size());
-  w.PutBytes(min_.data(), min_.size());
+  // Row-major arrays (the tiles are an in-memory layout): keys, max, min.
+  std::vector<char> row(static_cast<size_t>(dim_) * DTypeSize(dtype_));
+  for (int64_t t = 0; t < size_; ++t) {
+    UnpackFromTiles(key_tiles_.data(), dtype_, dim_, t, row.data());
+    w.PutBytes(row.data(), row.size());
+  }
+  for (const AlignedVector<char>* tiles : {&max_tiles_, &min_tiles_}) {
+    for (int64_t p = 0; p < num_pages(); ++p) {
+      UnpackFromTiles(tiles->data(), dtype_, dim_, p, row.data());
+      w.PutBytes(row.data(), row.size());
+    }
+  }
   IndexHeader header;
   header.kind = std::string(kKind);
   header.dim = dim_;
@@ -315,12 +382,19 @@ absl::StatusOr<std::unique_ptr<QuestIndex>> QuestIndex::Load(const IndexHeader& 
   std::unique_ptr<QuestIndex> index(new QuestIndex(header.dim, static_cast<int32_t>(page_size),
                                                    header.key_dtype, header.build_params));
   index->size_ = static_cast<int64_t>(n);
-  index->keys_.resize(n * row_bytes);
-  index->max_.resize(pages * row_bytes);
-  index->min_.resize(pages * row_bytes);
-  KVR_RETURN_IF_ERROR(r.GetBytes(index->keys_.data(), index->keys_.size()));
-  KVR_RETURN_IF_ERROR(r.GetBytes(index->max_.data(), index->max_.size()));
-  KVR_RETURN_IF_ERROR(r.GetBytes(index->min_.data(), index->min_.size()));
+  const size_t tile_bytes = row_bytes * kTileKeys;
+  index->key_tiles_.resize((n + kTileKeys - 1) / kTileKeys * tile_bytes);
+  index->max_tiles_.resize((pages + kTileKeys - 1) / kTileKeys * tile_bytes);
+  index->min_tiles_.resize(index->max_tiles_.size());
+  std::vector<char> rows(std::max<uint64_t>(n, pages) * row_bytes);
+  KVR_RETURN_IF_ERROR(r.GetBytes(rows.data(), n * row_bytes));
+  PackIntoTiles(rows.data(), header.key_dtype, static_cast<int64_t>(n), header.dim, header.dim, 0,
+                index->key_tiles_.data(), header.key_dtype);
+  for (AlignedVector<char>* tiles : {&index->max_tiles_, &index->min_tiles_}) {
+    KVR_RETURN_IF_ERROR(r.GetBytes(rows.data(), pages * row_bytes));
+    PackIntoTiles(rows.data(), header.key_dtype, static_cast<int64_t>(pages), header.dim,
+                  header.dim, 0, tiles->data(), header.key_dtype);
+  }
   if (r.remaining() != 0) return absl::DataLossError("quest payload has trailing bytes");
   return index;
 }

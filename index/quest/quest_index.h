@@ -40,6 +40,7 @@
 #include "absl/strings/string_view.h"
 #include "common/progress.h"
 #include "index/index_format.h"
+#include "index/flat/aligned_vector.h"
 #include "index/key_index.h"
 #include "index/params.h"
 
@@ -94,8 +95,10 @@ class QuestIndex final : public KeyIndex {
   int64_t MaxSearchEffort() const override { return num_pages(); }
 
   // The page bounds.
-  int64_t IndexBytes() const override { return static_cast<int64_t>(max_.size() + min_.size()); }
-  int64_t KeyBytes() const override { return static_cast<int64_t>(keys_.size()); }
+  int64_t IndexBytes() const override {
+    return static_cast<int64_t>(max_tiles_.size() + min_tiles_.size());
+  }
+  int64_t KeyBytes() const override { return static_cast<int64_t>(key_tiles_.size()); }
   const ParamMap& build_params() const override { return build_params_; }
   absl::StatusOr<std::string> Serialize() const override;
 
@@ -121,9 +124,10 @@ class QuestIndex final : public KeyIndex {
   DType dtype_;
   ParamMap build_params_;
   int64_t size_ = 0;
-  std::vector<char> keys_;  // [size_, dim_] elements of dtype_, row-major
-  std::vector<char> max_;   // [num_pages(), dim_] elements of dtype_: element-wise max per page
-  std::vector<char> min_;   // [num_pages(), dim_] elements of dtype_: element-wise min per page
+  // In the transposed 16-vector tiles of index/flat/tile_scoring.h, zero padded:
+  AlignedVector<char> key_tiles_;  // keys: [ceil(size_ / 16), dim_, 16] of dtype_
+  AlignedVector<char> max_tiles_;  // page maxima: [ceil(num_pages() / 16), dim_, 16] of dtype_
+  AlignedVector<char> min_tiles_;  // page minima: same shape
 };
 
 }  // namespace kvrecall::index::quest
