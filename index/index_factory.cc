@@ -8,6 +8,9 @@
 #include "index/faiss/faiss_index.h"
 #include "index/flat/flat_index.h"
 #include "index/index_format.h"
+#include "index/inverted/inverted_index.h"
+#include "index/loki/loki_index.h"
+#include "index/quest/quest_index.h"
 #include "index/roar/roar_index.h"
 
 namespace kvrecall::index {
@@ -23,7 +26,9 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> AsKeyIndex(absl::StatusOr<std::unique_
 
 // Adding a kind: one entry here, one branch in BuildIndex and one in
 // LoadIndex.
-std::vector<std::string> IndexKinds() { return {"flat", "roar", "faiss_hnsw", "faiss_ivf"}; }
+std::vector<std::string> IndexKinds() {
+  return {"flat", "roar", "faiss_hnsw", "faiss_ivf", "loki", "quest", "inverted"};
+}
 
 absl::StatusOr<std::unique_ptr<KeyIndex>> BuildIndex(absl::string_view kind,
                                                      const VectorView& keys,
@@ -45,6 +50,26 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> BuildIndex(absl::string_view kind,
     o.progress = options.progress;
     return AsKeyIndex(FaissIndex::Build(keys, o));
   }
+  if (kind == "loki") {
+    KVR_ASSIGN_OR_RETURN(loki::LokiOptions o,
+                         loki::LokiOptions::FromBuild(options.params, options.artifacts));
+    o.num_threads = options.num_threads;
+    o.progress = options.progress;
+    return AsKeyIndex(loki::LokiIndex::Create(keys, o));
+  }
+  if (kind == "quest") {
+    KVR_ASSIGN_OR_RETURN(quest::QuestOptions o, quest::QuestOptions::FromBuild(options.params));
+    o.num_threads = options.num_threads;
+    o.progress = options.progress;
+    return AsKeyIndex(quest::QuestIndex::Create(keys, o));
+  }
+  if (kind == "inverted") {
+    KVR_ASSIGN_OR_RETURN(inverted::InvertedOptions o,
+                         inverted::InvertedOptions::FromBuild(options.params, options.artifacts));
+    o.num_threads = options.num_threads;
+    o.progress = options.progress;
+    return AsKeyIndex(inverted::InvertedIndex::Create(keys, training_queries, o));
+  }
   return absl::InvalidArgumentError(absl::StrCat("unknown index kind '", kind,
                                                  "'; known kinds: ",
                                                  absl::StrJoin(IndexKinds(), ", ")));
@@ -59,6 +84,9 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> LoadIndex(absl::string_view bytes) {
   if (header.kind == "faiss_hnsw" || header.kind == "faiss_ivf") {
     return AsKeyIndex(FaissIndex::Load(header, payload));
   }
+  if (header.kind == "loki") return AsKeyIndex(loki::LokiIndex::Load(header, payload));
+  if (header.kind == "quest") return AsKeyIndex(quest::QuestIndex::Load(header, payload));
+  if (header.kind == "inverted") return AsKeyIndex(inverted::InvertedIndex::Load(header, payload));
   return absl::FailedPreconditionError(absl::StrCat(
       "index kind '", header.kind, "' is not supported by this build; known kinds: ",
       absl::StrJoin(IndexKinds(), ", ")));
