@@ -73,11 +73,15 @@ namespace {
 absl::StatusOr<std::pair<ArtifactInfo, std::string>> DecodeArtifact(absl::string_view key,
                                                                      absl::string_view value) {
   ArtifactInfo info;
-  std::vector<absl::string_view> parts = absl::StrSplit(key, absl::ByChar('\0'));
-  if (parts.size() != 3 || parts[2].size() != 8) return absl::DataLossError("bad artifact key");
-  info.model_id = std::string(parts[0]);
-  info.kind = std::string(parts[1]);
-  for (char c : parts[2]) info.version = (info.version << 8) | static_cast<unsigned char>(c);
+  // model \0 kind \0 version (8 bytes, big-endian; may contain zero bytes).
+  const size_t a = key.find('\0');
+  const size_t b = a == absl::string_view::npos ? a : key.find('\0', a + 1);
+  if (b == absl::string_view::npos || key.size() != b + 9) {
+    return absl::DataLossError("bad artifact key");
+  }
+  info.model_id = std::string(key.substr(0, a));
+  info.kind = std::string(key.substr(a + 1, b - a - 1));
+  for (char c : key.substr(b + 1)) info.version = (info.version << 8) | static_cast<unsigned char>(c);
   index::ByteReader r(value);
   KVR_ASSIGN_OR_RETURN(info.description, r.GetString());
   KVR_ASSIGN_OR_RETURN(int64_t created, r.Get<int64_t>());

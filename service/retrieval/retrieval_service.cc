@@ -518,7 +518,7 @@ absl::StatusOr<int32_t> ValidateRetrieve(const RetrieveRequest& r, const store::
     k = std::min(k, available);
   }
   if (k < 0) return absl::InvalidArgumentError("k must not be negative");
-  if (r.index.kind != "all" && k > available) {
+  if (k > available) {
     return absl::InvalidArgumentError(absl::StrCat("k = ", k, " is larger than the ", available,
                                                    " positions of the context not excluded"));
   }
