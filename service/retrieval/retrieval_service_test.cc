@@ -8,6 +8,7 @@
 #include "common/half.h"
 #include "common/span_hash.h"
 #include "gtest/gtest.h"
+#include "index/index_factory.h"
 #include "service/retrieval/artifact_bundle.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
@@ -245,6 +246,36 @@ TEST_F(RetrievalServiceTest, FlatIndexSearchIsExactAndHonoursExclusions) {
   };
   EXPECT_EQ(sorted(uni.ids[0]), sorted(uni.ids[1]));
   EXPECT_GE(uni.ids[0].size(), 10u);
+}
+
+TEST_F(RetrievalServiceTest, EveryKindAtMaxEffortEqualsExactTopK) {
+  auto chain = StoreContext(160, 12);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  // Prefill queries of the prefix train the query-aware kinds.
+  std::mt19937 rng(13);
+  std::normal_distribution<float> dist;
+  std::vector<float> prefill(160 * kQHeads * kDim);
+  for (float& x : prefill) x = dist(rng);
+  for (int32_t layer = 0; layer < kLayers; ++layer) {
+    KVR_ASSERT_OK(service_->AddQueries("", chain.back(), layer, 0, 160, prefill));
+  }
+  const auto q = RandomQueries(14);
+  RetrieveRequest req;
+  req.context = chain.back();
+  req.layer = 1;
+  req.queries = q;
+  req.k = 7;
+  req.index.kind = "all";
+  KVR_ASSERT_OK_AND_ASSIGN(SearchReply exact, service_->Search(req));
+  for (const std::string& kind : index::IndexKinds()) {
+    SCOPED_TRACE(kind);
+    const OperationInfo op = BuildAndWait(chain.back(), kind);
+    ASSERT_EQ(op.state, OperationState::kDone) << op.error;
+    req.index.kind = kind;
+    req.index.effort = int64_t{1} << 40;  // clamped to the kind's maximum: exact
+    KVR_ASSERT_OK_AND_ASSIGN(SearchReply got, service_->Search(req));
+    for (int h = 0; h < kQHeads; ++h) EXPECT_EQ(got.ids[h], exact.ids[h]) << "head " << h;
+  }
 }
 
 TEST_F(RetrievalServiceTest, BadRequestsAreRejected) {
