@@ -21,6 +21,7 @@ grpc::Status AdminServiceImpl::Stats(grpc::ServerContext* context,
                                      const v1::StatsRequest* request,
                                      v1::StatsResponse* response) {
   RpcScope scope(stats_metrics_);
+  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
   absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
   if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
 
@@ -76,6 +77,7 @@ grpc::Status AdminServiceImpl::GetConfig(grpc::ServerContext* context,
                                          const v1::GetConfigRequest* request,
                                          v1::GetConfigResponse* response) {
   RpcScope scope(get_config_metrics_);
+  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
   absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
   if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
   for (const auto& [name, value] : ServerOptionsToFlags(*options_)) {

@@ -64,6 +64,7 @@ grpc::Status KvStoreServiceImpl::RegisterModel(grpc::ServerContext* context,
                                                const v1::RegisterModelRequest* request,
                                                v1::RegisterModelResponse* response) {
   RpcScope scope(register_model_metrics_);
+  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
   absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
   if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
   return scope.Finish(ToGrpcStatus(DoRegisterModel(*request, response)));
@@ -94,6 +95,7 @@ grpc::Status KvStoreServiceImpl::ListModels(grpc::ServerContext* context,
                                             const v1::ListModelsRequest* request,
                                             v1::ListModelsResponse* response) {
   RpcScope scope(list_models_metrics_);
+  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
   absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
   if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
   std::vector<store::ModelGeometry> models = store_->ListModels();
@@ -109,6 +111,7 @@ grpc::Status KvStoreServiceImpl::PutSpans(grpc::ServerContext* context,
                                           grpc::ServerReader<v1::PutSpansRequest>* reader,
                                           v1::PutSpansResponse* response) {
   RpcScope scope(put_spans_metrics_);
+  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
   absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
   if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
   absl::Status status = DoPutSpans(context, *tenant, reader, response);
@@ -283,6 +286,7 @@ grpc::Status KvStoreServiceImpl::GetSpans(grpc::ServerContext* context,
                                           const v1::GetSpansRequest* request,
                                           grpc::ServerWriter<v1::GetSpansResponse>* writer) {
   RpcScope scope(get_spans_metrics_);
+  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
   absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
   if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
   return scope.Finish(ToGrpcStatus(DoGetSpans(context, *tenant, *request, writer)));
@@ -383,6 +387,7 @@ grpc::Status KvStoreServiceImpl::Lookup(grpc::ServerContext* context,
                                         const v1::LookupRequest* request,
                                         v1::LookupResponse* response) {
   RpcScope scope(lookup_metrics_);
+  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
   absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
   if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
   return scope.Finish(ToGrpcStatus(DoLookup(*tenant, *request, response)));
@@ -455,6 +460,7 @@ grpc::Status KvStoreServiceImpl::DeleteSpans(grpc::ServerContext* context,
                                              const v1::DeleteSpansRequest* request,
                                              v1::DeleteSpansResponse* response) {
   RpcScope scope(delete_spans_metrics_);
+  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
   absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
   if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
   int deleted = 0;
@@ -469,6 +475,7 @@ grpc::Status KvStoreServiceImpl::PinSpans(grpc::ServerContext* context,
                                           const v1::PinSpansRequest* request,
                                           v1::PinSpansResponse* response) {
   RpcScope scope(pin_spans_metrics_);
+  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
   absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
   if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
   if (request->ttl_ms() < 0 || request->ttl_ms() > kMaxTtlMs) {
@@ -490,6 +497,7 @@ grpc::Status KvStoreServiceImpl::UnpinSpans(grpc::ServerContext* context,
                                             const v1::UnpinSpansRequest* request,
                                             v1::UnpinSpansResponse* response) {
   RpcScope scope(unpin_spans_metrics_);
+  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
   absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
   if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
   int unpinned = 0;

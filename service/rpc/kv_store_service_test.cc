@@ -684,3 +684,47 @@ TEST_F(KvStoreServiceTest, TokensSelectTenantsAndMissingTokensAreUnauthenticated
 
 }  // namespace
 }  // namespace kvrecall::rpc
+
+namespace kvrecall::rpc {
+namespace {
+
+// Graceful shutdown: a stream in flight may finish (and its span is stored)
+// while new calls are turned away with UNAVAILABLE.
+TEST_F(KvStoreServiceTest, ShutdownLetsInFlightCallsFinishAndTurnsNewOnesAway) {
+  Register();
+  const auto spans = MakeChain(1, kSeed + 12);
+  auto messages = PutMessagesFor(spans, 1024);
+  grpc::ClientContext ctx;
+  v1::PutSpansResponse resp;
+  auto writer = kv_->PutSpans(&ctx, &resp);
+  ASSERT_TRUE(writer->Write(messages[0]));
+  ASSERT_TRUE(writer->Write(messages[1]));
+  // Wait until the server runs the stream's handler (admitted, in flight).
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (server_->in_flight_calls() != 1 && absl::Now() < deadline) {
+  }
+  ASSERT_EQ(server_->in_flight_calls(), 1);
+  absl::Status shutdown_status;
+  std::thread shutdown([&] { shutdown_status = server_->Shutdown(absl::Seconds(60)); });
+  // New calls are refused while the stream is still open.
+  absl::StatusCode code = absl::StatusCode::kOk;
+  while (code != absl::StatusCode::kUnavailable && absl::Now() < deadline) {
+    grpc::ClientContext c;
+    v1::LookupRequest req;
+    req.set_model_id(kModel);
+    v1::LookupResponse r;
+    code = static_cast<absl::StatusCode>(kv_->Lookup(&c, req, &r).error_code());
+  }
+  EXPECT_EQ(code, absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(writer->Write(messages[2]));
+  writer->WritesDone();
+  const grpc::Status finished = writer->Finish();
+  EXPECT_TRUE(finished.ok()) << finished.error_message();
+  shutdown.join();
+  KVR_EXPECT_OK(shutdown_status);
+  EXPECT_EQ(fake_->Stats().tiers[0].spans, 1) << "the in-flight span was stored";
+  EXPECT_EQ(fake_->TEST_SyncCalls(), 1);
+}
+
+}  // namespace
+}  // namespace kvrecall::rpc

@@ -14,9 +14,39 @@ std::string MethodLabel(const std::string& method) {
 
 }  // namespace
 
-RpcMethodMetrics::RpcMethodMetrics(std::string method, MetricsRegistry* registry)
+bool CallGate::Enter() {
+  absl::MutexLock lock(&mu_);
+  if (draining_) return false;
+  ++in_flight_;
+  return true;
+}
+
+void CallGate::Exit() {
+  absl::MutexLock lock(&mu_);
+  --in_flight_;
+}
+
+void CallGate::StartDraining() {
+  absl::MutexLock lock(&mu_);
+  draining_ = true;
+}
+
+int64_t CallGate::AwaitDrained(absl::Time deadline) {
+  absl::MutexLock lock(&mu_);
+  auto drained = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return in_flight_ == 0; };
+  mu_.AwaitWithDeadline(absl::Condition(&drained), deadline);
+  return in_flight_;
+}
+
+int64_t CallGate::in_flight() const {
+  absl::MutexLock lock(&mu_);
+  return in_flight_;
+}
+
+RpcMethodMetrics::RpcMethodMetrics(std::string method, MetricsRegistry* registry, CallGate* gate)
     : method_(std::move(method)),
       registry_(registry),
+      gate_(gate),
       latency_(registry->GetHistogram("kvrecall_rpc_latency_seconds", MethodLabel(method_))),
       payload_bytes_(
           registry->GetCounter("kvrecall_rpc_payload_bytes_total", MethodLabel(method_))) {}
@@ -57,7 +87,7 @@ RpcMethodMetrics* RpcMetrics::Register(const std::string& method) {
   for (const auto& m : methods_) {
     if (m->method() == method) return m.get();
   }
-  methods_.push_back(std::make_unique<RpcMethodMetrics>(method, registry_));
+  methods_.push_back(std::make_unique<RpcMethodMetrics>(method, registry_, &gate_));
   return methods_.back().get();
 }
 

@@ -20,6 +20,13 @@
 #include <grpcpp/server_builder.h>
 
 namespace kvrecall::rpc {
+namespace {
+
+// On shutdown, how long finished calls' statuses get to reach their clients
+// before the remaining connections are closed.
+constexpr absl::Duration kStatusFlushTime = absl::Milliseconds(250);
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Create(
     const ServerOptions& options, const StoreOpener& open_store,
@@ -138,13 +145,27 @@ absl::Status Server::Shutdown(absl::Duration grace) {
     if (auto* health = grpc_server_->GetHealthCheckService(); health != nullptr) {
       health->SetServingStatus(false);
     }
-    const auto deadline =
-        std::chrono::system_clock::now() +
-        std::chrono::microseconds(absl::ToInt64Microseconds(std::max(grace, absl::ZeroDuration())));
-    grpc_server_->Shutdown(deadline);
+    // Lame duck: new calls are turned away (UNAVAILABLE, which clients retry)
+    // while the calls in flight get up to `grace` to finish. Then the gRPC
+    // server stops: it gives the last calls' statuses a moment to reach their
+    // clients, cancels whatever still runs and closes idle connections (which
+    // gRPC would otherwise wait on for seconds).
+    const absl::Time start = absl::Now();
+    const absl::Time deadline = start + std::max(grace, absl::ZeroDuration());
+    CallGate* gate = rpc_metrics_->gate();
+    gate->StartDraining();
+    const int64_t left = gate->AwaitDrained(deadline);
+    if (left > 0) KVR_LOG(WARNING) << "cancelling " << left << " calls still running after " << grace;
+    const absl::Time stop_at = std::min(deadline, absl::Now() + kStatusFlushTime);
+    grpc_server_->Shutdown(std::chrono::system_clock::now() +
+                           std::chrono::microseconds(absl::ToInt64Microseconds(
+                               std::max(stop_at - absl::Now(), absl::ZeroDuration()))));
     grpc_server_->Wait();
+    KVR_LOG(INFO) << "gRPC server stopped in " << absl::Now() - start;
   }
+  const absl::Time start = absl::Now();
   absl::Status status = store_ != nullptr ? store_->Sync() : absl::OkStatus();
+  KVR_LOG(INFO) << "store synced in " << absl::Now() - start;
   metrics_http_.reset();
   return status;
 }

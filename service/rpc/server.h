@@ -77,6 +77,8 @@ class Server {
   // The bound metrics HTTP port, 0 when disabled.
   int metrics_port() const;
   const ServerOptions& options() const { return options_; }
+  // RPCs of the kvrecall services running now.
+  int64_t in_flight_calls() const { return rpc_metrics_->gate()->in_flight(); }
   store::TieredStore* store() const { return store_.get(); }
   MetricsRegistry* metrics() const { return metrics_.get(); }
 
@@ -84,10 +86,11 @@ class Server {
   // engines). Carries the same message size limits.
   std::shared_ptr<grpc::Channel> InProcessChannel();
 
-  // Graceful shutdown: marks the health service NOT_SERVING, stops accepting
-  // calls, lets in-flight calls finish for up to `grace` (then cancels
-  // them), syncs the store's files and stops the metrics endpoint. Returns
-  // the store's Sync() status. Idempotent: later calls return OK at once.
+  // Graceful shutdown: marks the health service NOT_SERVING, turns new calls
+  // away with UNAVAILABLE (clients retry), lets the calls in flight finish
+  // for up to `grace` (then cancels them), closes the connections, syncs the
+  // store's files and stops the metrics endpoint. Returns the store's Sync()
+  // status. Idempotent: later calls return OK at once.
   absl::Status Shutdown(absl::Duration grace) ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
