@@ -193,9 +193,9 @@ absl::StatusOr<ModelGeometry> DecodeModel(absl::string_view bytes) {
   absl::string_view id;
   ModelGeometry m;
   if (!in.ReadU8(&version) || version != 1 || !in.ReadLengthPrefixed(&id) ||
-      !in.ReadI32(&m.num_layers) || !in.ReadI32(&m.num_q_heads) ||
-      !in.ReadI32(&m.num_kv_heads) || !in.ReadI32(&m.head_dim) || !in.ReadU8(&dtype) ||
-      !in.ReadU8(&rope) || !in.ReadI32(&m.block_tokens) || in.remaining() != 0) {
+      !in.ReadI32(&m.num_layers) || !in.ReadI32(&m.num_q_heads) || !in.ReadI32(&m.num_kv_heads) ||
+      !in.ReadI32(&m.head_dim) || !in.ReadU8(&dtype) || !in.ReadU8(&rope) ||
+      !in.ReadI32(&m.block_tokens) || in.remaining() != 0) {
     return absl::DataLossError("model record is not a valid encoding (version 1)");
   }
   m.model_id = std::string(id);
@@ -229,14 +229,12 @@ absl::Status ValidateModel(const ModelGeometry& m) {
                                                    m.num_kv_heads, ")"));
   }
   if (m.dtype != DType::kF16 && m.dtype != DType::kBf16 && m.dtype != DType::kF32) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown dtype ", static_cast<int>(m.dtype)));
+    return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", static_cast<int>(m.dtype)));
   }
   // A full span must stay addressable: at most 2^40 bytes (computed in
   // double first so that huge fields cannot overflow).
   const double span_bytes = static_cast<double>(m.num_layers) * 2.0 * m.num_kv_heads *
-                            m.block_tokens * m.head_dim *
-                            static_cast<double>(DTypeSize(m.dtype));
+                            m.block_tokens * m.head_dim * static_cast<double>(DTypeSize(m.dtype));
   if (span_bytes > static_cast<double>(int64_t{1} << 40)) {
     return absl::InvalidArgumentError(
         absl::StrCat("geometry gives ", span_bytes, " bytes per span; at most 2^40 allowed"));
@@ -247,8 +245,8 @@ absl::Status ValidateModel(const ModelGeometry& m) {
 bool SameGeometry(const ModelGeometry& a, const ModelGeometry& b) {
   return a.model_id == b.model_id && a.num_layers == b.num_layers &&
          a.num_q_heads == b.num_q_heads && a.num_kv_heads == b.num_kv_heads &&
-         a.head_dim == b.head_dim && a.dtype == b.dtype &&
-         a.keys_post_rope == b.keys_post_rope && a.block_tokens == b.block_tokens;
+         a.head_dim == b.head_dim && a.dtype == b.dtype && a.keys_post_rope == b.keys_post_rope &&
+         a.block_tokens == b.block_tokens;
 }
 
 }  // namespace kvrecall::store

@@ -67,16 +67,14 @@ absl::Status Decompress(Compression c, absl::string_view stored, int64_t raw_siz
         break;
       }
       out->resize(static_cast<size_t>(raw_size));
-      const int n = LZ4_decompress_safe(stored.data(), out->data(),
-                                        static_cast<int>(stored.size()),
+      const int n = LZ4_decompress_safe(stored.data(), out->data(), static_cast<int>(stored.size()),
                                         static_cast<int>(raw_size));
       if (n == raw_size) return absl::OkStatus();
       break;
     }
     case Compression::kZstd: {
       out->resize(static_cast<size_t>(raw_size));
-      const size_t n =
-          ZSTD_decompress(out->data(), out->size(), stored.data(), stored.size());
+      const size_t n = ZSTD_decompress(out->data(), out->size(), stored.data(), stored.size());
       if (!ZSTD_isError(n) && static_cast<int64_t>(n) == raw_size) return absl::OkStatus();
       break;
     }

@@ -13,10 +13,10 @@
 #include <utility>
 
 #include "absl/memory/memory.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/match.h"
 #include "common/checksum.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
@@ -38,10 +38,11 @@ absl::Status TransferAll(bool write, int fd, std::vector<iovec> iov, uint64_t of
                          const std::string& path) {
   size_t first = 0;
   while (first < iov.size()) {
-    const ssize_t n = write ? ::pwritev(fd, iov.data() + first, static_cast<int>(iov.size() - first),
-                                        static_cast<off_t>(offset))
-                            : ::preadv(fd, iov.data() + first, static_cast<int>(iov.size() - first),
-                                       static_cast<off_t>(offset));
+    const ssize_t n = write
+                          ? ::pwritev(fd, iov.data() + first, static_cast<int>(iov.size() - first),
+                                      static_cast<off_t>(offset))
+                          : ::preadv(fd, iov.data() + first, static_cast<int>(iov.size() - first),
+                                     static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
       return ErrnoError(write ? "pwritev" : "preadv", path, errno);
@@ -118,8 +119,8 @@ struct DiskTier::Segment {
   int64_t live_bytes = 0;  // live span records and needed tombstones
   int32_t pending = 0;     // appended records not yet published
   bool sealed = false;
-  std::vector<Ref> refs;   // every record in the file, in file order
-  size_t evict_pos = 0;    // refs before this are dead
+  std::vector<Ref> refs;  // every record in the file, in file order
+  size_t evict_pos = 0;   // refs before this are dead
 };
 
 struct DiskTier::RecoveryScan {
@@ -155,9 +156,8 @@ absl::StatusOr<std::unique_ptr<DiskTier>> DiskTier::Create(const DiskTierOptions
         absl::StrCat("disk capacity_bytes must be > 0, got ", options.capacity_bytes));
   }
   if (options.segment_bytes < kMinSegmentBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("disk segment_bytes must be >= ",
-                                                   kMinSegmentBytes, ", got ",
-                                                   options.segment_bytes));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "disk segment_bytes must be >= ", kMinSegmentBytes, ", got ", options.segment_bytes));
   }
   if (!(options.compaction_live_fraction >= 0.0 && options.compaction_live_fraction <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -406,8 +406,8 @@ absl::Status DiskTier::OpenNewActiveSegment() {
   if (file->fd < 0) return ErrnoError("create", file->path, errno);
   const std::string header = EncodeSegmentHeader(id, absl::Now());
   std::string copy = header;
-  KVR_RETURN_IF_ERROR(TransferAll(true, file->fd, {iovec{copy.data(), copy.size()}}, 0,
-                                  file->path));
+  KVR_RETURN_IF_ERROR(
+      TransferAll(true, file->fd, {iovec{copy.data(), copy.size()}}, 0, file->path));
   // The file's name must survive a crash before any synced record in it is
   // acknowledged; the records themselves are synced by fdatasync of the file.
   KVR_RETURN_IF_ERROR(SyncDir());
@@ -458,8 +458,8 @@ absl::Status DiskTier::Append(absl::string_view a, absl::string_view b, absl::st
     --active.pending;
     // Cut off whatever part of the record reached the file.
     if (::ftruncate((*file)->fd, static_cast<off_t>(offset)) != 0) {
-      KVR_LOG(ERROR) << "ftruncate " << (*file)->path << " after a failed write: "
-                     << std::strerror(errno);
+      KVR_LOG(ERROR) << "ftruncate " << (*file)->path
+                     << " after a failed write: " << std::strerror(errno);
     }
     return written;
   }
@@ -618,9 +618,8 @@ absl::StatusOr<StoredSpanPtr> DiskTier::ReadSpan(const std::shared_ptr<SegmentFi
   b.Update(span->payload);
   b.Update(tail.data(), tail.size() - 8);
   if (b.Digest() != LoadU64(tail.data() + tail.size() - 8)) {
-    return absl::DataLossError(absl::StrCat("span ", key.hash.ToHex(), ": record at ",
-                                            file->path, ":", loc.offset,
-                                            " failed its checksum"));
+    return absl::DataLossError(absl::StrCat("span ", key.hash.ToHex(), ": record at ", file->path,
+                                            ":", loc.offset, " failed its checksum"));
   }
   auto header = ParseRecordHeader(prefix);
   SpanKey stored_key;
@@ -732,8 +731,7 @@ absl::Status DiskTier::Delete(const SpanKey& key) {
   return live ? absl::OkStatus() : absl::NotFoundError("not on disk");
 }
 
-void DiskTier::ForEachSpan(
-    const std::function<void(const SpanKey&, const SpanMeta&)>& fn) const {
+void DiskTier::ForEachSpan(const std::function<void(const SpanKey&, const SpanMeta&)>& fn) const {
   absl::MutexLock lock(&mu_);
   for (const auto& [key, entry] : index_) fn(key, entry.meta);
 }
@@ -894,8 +892,8 @@ absl::Status DiskTier::CompactSegment(uint64_t id, bool* removed) {
     for (const Segment::Ref& r : seg_it->second->refs) {
       auto it = index_.find(r.key);
       if (r.kind == RecordKind::kSpan && it != index_.end() && it->second.loc.segment == id) {
-        return absl::InternalError(absl::StrCat("segment ", file->path,
-                                                " still holds live records after compaction"));
+        return absl::InternalError(
+            absl::StrCat("segment ", file->path, " still holds live records after compaction"));
       }
     }
     size = seg_it->second->size;
@@ -948,8 +946,7 @@ void DiskTier::CompactionLoop() {
     }
     absl::StatusOr<int> done = CompactNow();
     if (!done.ok()) {
-      KVR_LOG(ERROR) << "disk tier compaction of " << options_.dir << " failed: "
-                     << done.status();
+      KVR_LOG(ERROR) << "disk tier compaction of " << options_.dir << " failed: " << done.status();
     }
   }
 }

@@ -73,20 +73,20 @@ struct DiskTierOptions {
 
 // What recovery found in the segment files.
 struct DiskRecoveryStats {
-  int64_t segments = 0;            // segment files scanned
-  int64_t span_records = 0;        // valid span records (live or superseded)
-  int64_t tombstones = 0;          // valid tombstone records
-  int64_t live_spans = 0;          // spans in the rebuilt index
-  int64_t corrupt_records = 0;     // records skipped in the middle of a segment
-  int64_t truncated_bytes = 0;     // torn tails cut off the end of segments
-  int64_t unreadable_segments = 0; // files with a bad segment header (renamed *.corrupt)
+  int64_t segments = 0;             // segment files scanned
+  int64_t span_records = 0;         // valid span records (live or superseded)
+  int64_t tombstones = 0;           // valid tombstone records
+  int64_t live_spans = 0;           // spans in the rebuilt index
+  int64_t corrupt_records = 0;      // records skipped in the middle of a segment
+  int64_t truncated_bytes = 0;      // torn tails cut off the end of segments
+  int64_t unreadable_segments = 0;  // files with a bad segment header (renamed *.corrupt)
 };
 
 struct DiskCompactionStats {
   int64_t segments_compacted = 0;  // segments whose live records were copied, then removed
   int64_t segments_removed = 0;    // segment files removed (compacted or fully dead)
   int64_t records_copied = 0;
-  int64_t bytes_reclaimed = 0;     // file bytes freed
+  int64_t bytes_reclaimed = 0;  // file bytes freed
 };
 
 class DiskTier : public Tier {
@@ -108,8 +108,7 @@ class DiskTier : public Tier {
   // Writes a (synced) tombstone when any record of the key remains in a
   // segment file, even when no live one does; NOT_FOUND when none was live.
   absl::Status Delete(const SpanKey& key) override;
-  void ForEachSpan(
-      const std::function<void(const SpanKey&, const SpanMeta&)>& fn) const override;
+  void ForEachSpan(const std::function<void(const SpanKey&, const SpanMeta&)>& fn) const override;
   TierStats Stats() const override;
   // fdatasync of the active segment and fsync of the directory.
   absl::Status Sync() override;
@@ -132,8 +131,8 @@ class DiskTier : public Tier {
   struct Loc {
     uint64_t segment = 0;
     uint64_t offset = 0;
-    uint64_t length = 0;       // record bytes
-    uint64_t prefix_len = 0;   // header + meta section
+    uint64_t length = 0;      // record bytes
+    uint64_t prefix_len = 0;  // header + meta section
     uint64_t payload_len = 0;
     uint64_t seq = 0;
   };
@@ -153,8 +152,8 @@ class DiskTier : public Tier {
   // pending count is raised; Publish...Locked lowers it.
   absl::Status Append(absl::string_view a, absl::string_view b, absl::string_view c, Loc* loc,
                       std::shared_ptr<SegmentFile>* file);
-  absl::StatusOr<StoredSpanPtr> ReadSpan(const std::shared_ptr<SegmentFile>& file,
-                                         const Loc& loc, const SpanKey& key) const;
+  absl::StatusOr<StoredSpanPtr> ReadSpan(const std::shared_ptr<SegmentFile>& file, const Loc& loc,
+                                         const SpanKey& key) const;
   // Reads, verifies and returns the span at the index entry of `key` (leaving
   // only when `victim`); drops a corrupt record.
   absl::StatusOr<StoredSpanPtr> ReadIndexed(const SpanKey& key, bool victim);
@@ -196,9 +195,9 @@ class DiskTier : public Tier {
   absl::flat_hash_map<SpanKey, int32_t> instances_ ABSL_GUARDED_BY(mu_);
   // Live records found corrupt by compaction: the next Get says DATA_LOSS.
   absl::flat_hash_set<SpanKey> lost_ ABSL_GUARDED_BY(mu_);
-  int64_t live_bytes_ ABSL_GUARDED_BY(mu_) = 0;     // live span records
-  int64_t leaving_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // of which leaving
-  int64_t reserved_bytes_ ABSL_GUARDED_BY(mu_) = 0; // puts written, not yet published
+  int64_t live_bytes_ ABSL_GUARDED_BY(mu_) = 0;      // live span records
+  int64_t leaving_bytes_ ABSL_GUARDED_BY(mu_) = 0;   // of which leaving
+  int64_t reserved_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // puts written, not yet published
   DiskRecoveryStats recovery_ ABSL_GUARDED_BY(mu_);
   DiskCompactionStats compaction_ ABSL_GUARDED_BY(mu_);
   bool compaction_wanted_ ABSL_GUARDED_BY(mu_) = false;

@@ -30,7 +30,7 @@ struct MemoryTier::Shard {
   std::list<Entry*> probation ABSL_GUARDED_BY(mu);
   std::list<Entry*> protected_list ABSL_GUARDED_BY(mu);
   std::list<Entry*> pinned ABSL_GUARDED_BY(mu);
-  int64_t usage ABSL_GUARDED_BY(mu) = 0;            // charge of every entry
+  int64_t usage ABSL_GUARDED_BY(mu) = 0;  // charge of every entry
   int64_t protected_bytes ABSL_GUARDED_BY(mu) = 0;
   int64_t pinned_bytes ABSL_GUARDED_BY(mu) = 0;
   int64_t leaving_bytes ABSL_GUARDED_BY(mu) = 0;
@@ -88,9 +88,9 @@ struct MemoryTier::Shard {
     absl::Time next = absl::InfiniteFuture();
     for (auto it = pinned.begin(); it != pinned.end();) {
       Entry* e = *it++;
-      e->pins.erase(std::remove_if(e->pins.begin(), e->pins.end(),
-                                   [now](absl::Time d) { return d <= now; }),
-                    e->pins.end());
+      e->pins.erase(
+          std::remove_if(e->pins.begin(), e->pins.end(), [now](absl::Time d) { return d <= now; }),
+          e->pins.end());
       if (e->pins.empty()) {
         Unlink(e);
         Link(e, Where::kProtected, protected_capacity);
@@ -105,15 +105,14 @@ struct MemoryTier::Shard {
 MemoryTier::MemoryTier(const MemoryTierOptions& options)
     : options_(options),
       shard_capacity_((options.capacity_bytes + options.shards - 1) / options.shards),
-      protected_capacity_(static_cast<int64_t>(static_cast<double>(shard_capacity_) *
-                                               options.protected_fraction)),
+      protected_capacity_(
+          static_cast<int64_t>(static_cast<double>(shard_capacity_) * options.protected_fraction)),
       shards_(new Shard[options.shards]),
       metrics_(TierId::kMemory, options.capacity_bytes, options.metrics) {}
 
 MemoryTier::~MemoryTier() = default;
 
-absl::StatusOr<std::unique_ptr<MemoryTier>> MemoryTier::Create(
-    const MemoryTierOptions& options) {
+absl::StatusOr<std::unique_ptr<MemoryTier>> MemoryTier::Create(const MemoryTierOptions& options) {
   if (options.capacity_bytes <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("memory capacity_bytes must be > 0, got ", options.capacity_bytes));
@@ -156,14 +155,13 @@ absl::Status MemoryTier::Put(StoredSpanPtr span, const TierPutOptions& options,
   auto it = shard.map.find(span->key);
   Entry* existing = it == shard.map.end() ? nullptr : it->second.get();
   const bool existing_pinned = existing != nullptr && existing->where == Where::kPinned;
-  const bool existing_evictable =
-      existing != nullptr && existing->where != Where::kPinned && existing->where != Where::kLeaving;
+  const bool existing_evictable = existing != nullptr && existing->where != Where::kPinned &&
+                                  existing->where != Where::kLeaving;
   const int64_t existing_live =
       existing != nullptr && existing->where != Where::kLeaving ? existing->charge : 0;
 
   // Check first, so that a refusal changes nothing.
-  if (existing_pinned &&
-      shard.pinned_bytes - existing->charge + charge > shard_capacity_) {
+  if (existing_pinned && shard.pinned_bytes - existing->charge + charge > shard_capacity_) {
     return absl::ResourceExhaustedError("a pinned span cannot grow past its shard's capacity");
   }
   const int64_t live = shard.usage - shard.leaving_bytes - existing_live;
@@ -172,9 +170,8 @@ absl::Status MemoryTier::Put(StoredSpanPtr span, const TierPutOptions& options,
   int64_t need = live + charge - shard_capacity_;
   if (need > evictable) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "memory shard full: ", shard.pinned_bytes, " of ", shard_capacity_,
-        " bytes pinned, ", shard.leaving_bytes, " bytes still being demoted; span needs ",
-        charge));
+        "memory shard full: ", shard.pinned_bytes, " of ", shard_capacity_, " bytes pinned, ",
+        shard.leaving_bytes, " bytes still being demoted; span needs ", charge));
   }
 
   // New spans, promoted ones included, start on probation.
@@ -279,8 +276,7 @@ absl::Status MemoryTier::Delete(const SpanKey& key) {
   return absl::OkStatus();
 }
 
-void MemoryTier::ForEachSpan(
-    const std::function<void(const SpanKey&, const SpanMeta&)>& fn) const {
+void MemoryTier::ForEachSpan(const std::function<void(const SpanKey&, const SpanMeta&)>& fn) const {
   for (int32_t i = 0; i < options_.shards; ++i) {
     Shard& shard = shards_[i];
     absl::MutexLock lock(&shard.mu);

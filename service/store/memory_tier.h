@@ -69,8 +69,7 @@ class MemoryTier : public Tier {
   bool FinishEviction(const SpanKey& key) override;
   bool Contains(const SpanKey& key) const override;
   absl::Status Delete(const SpanKey& key) override;
-  void ForEachSpan(
-      const std::function<void(const SpanKey&, const SpanMeta&)>& fn) const override;
+  void ForEachSpan(const std::function<void(const SpanKey&, const SpanMeta&)>& fn) const override;
   TierStats Stats() const override;
   absl::Status Sync() override { return absl::OkStatus(); }
 

@@ -9,6 +9,7 @@
 #include <limits>
 #include <utility>
 
+#include "absl/hash/hash.h"
 #include "absl/memory/memory.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -123,7 +124,32 @@ class ScopedSnapshot {
 RocksDbTier::RocksDbTier(const RocksDbTierOptions& options, Compression compression)
     : options_(options),
       compression_(compression),
-      metrics_(TierId::kRocksDb, options.capacity_bytes, options.metrics) {}
+      metrics_(TierId::kRocksDb, options.capacity_bytes, options.metrics),
+      tomb_filter_(new std::atomic<uint64_t>[kFilterWords]) {
+  for (int i = 0; i < kFilterWords; ++i) tomb_filter_[i].store(0, std::memory_order_relaxed);
+}
+
+void RocksDbTier::MarkTombstoned(const SpanKey& key) {
+  const uint64_t h = absl::HashOf(key.tenant, key.hash.high, key.hash.low);
+  const uint64_t step = (h >> 32) | 1;
+  for (uint64_t i = 0; i < 3; ++i) {
+    const uint64_t bit = (h + i * step) & (uint64_t{kFilterWords} * 64 - 1);
+    tomb_filter_[bit / 64].fetch_or(uint64_t{1} << (bit % 64), std::memory_order_relaxed);
+  }
+}
+
+bool RocksDbTier::MaybeTombstoned(const SpanKey& key) const {
+  const uint64_t h = absl::HashOf(key.tenant, key.hash.high, key.hash.low);
+  const uint64_t step = (h >> 32) | 1;
+  for (uint64_t i = 0; i < 3; ++i) {
+    const uint64_t bit = (h + i * step) & (uint64_t{kFilterWords} * 64 - 1);
+    if ((tomb_filter_[bit / 64].load(std::memory_order_relaxed) & (uint64_t{1} << (bit % 64))) ==
+        0) {
+      return false;
+    }
+  }
+  return true;
+}
 
 RocksDbTier::~RocksDbTier() {
   if (db_ == nullptr) return;
@@ -182,9 +208,9 @@ absl::Status RocksDbTier::Open() {
   };
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* raw = nullptr;  // RocksDB 7.8 only offers DB**
-  KVR_RETURN_IF_ERROR(FromRocksDbStatus(
-      rocksdb::DB::Open(db_options, options_.dir, descriptors, &handles, &raw),
-      absl::StrCat("opening ", options_.dir)));
+  KVR_RETURN_IF_ERROR(
+      FromRocksDbStatus(rocksdb::DB::Open(db_options, options_.dir, descriptors, &handles, &raw),
+                        absl::StrCat("opening ", options_.dir)));
   db_ = raw;
   default_cf_ = handles[0];
   catalog_cf_ = handles[1];
@@ -209,6 +235,14 @@ absl::Status RocksDbTier::Open() {
     index_[key] = Entry{rec.seq, rec.stored_bytes, std::move(rec.meta), false};
   }
   KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "scanning the span catalog"));
+  for (it->Seek("T"); it->Valid() && it->key().starts_with("T"); it->Next()) {
+    SpanKey key;
+    const rocksdb::Slice k = it->key();
+    if (ParseSpanKeyBytes(absl::string_view(k.data() + 1, k.size() - 1), &key)) {
+      MarkTombstoned(key);
+    }
+  }
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "scanning the tombstones"));
   if (corrupt_catalog_records_ > 0) {
     KVR_LOG(ERROR) << options_.dir << ": skipped " << corrupt_catalog_records_
                    << " span catalog records that do not decode";
@@ -244,20 +278,19 @@ absl::Status RocksDbTier::Put(StoredSpanPtr span, const TierPutOptions& options,
       rec.compression == Compression::kNone ? absl::string_view(span->payload) : compressed;
   rec.stored_bytes = static_cast<int64_t>(stored.size());
   if (rec.stored_bytes > options_.capacity_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat("span of ", rec.stored_bytes,
-                                                     " stored bytes exceeds the rocksdb capacity of ",
-                                                     options_.capacity_bytes));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("span of ", rec.stored_bytes, " stored bytes exceeds the rocksdb capacity of ",
+                     options_.capacity_bytes));
   }
-  rec.stored_checksum = rec.compression == Compression::kNone ? span->meta.payload_checksum
-                                                                : Checksum64(stored);
+  rec.stored_checksum =
+      rec.compression == Compression::kNone ? span->meta.payload_checksum : Checksum64(stored);
   rec.meta = span->meta;
   {
     absl::MutexLock lock(&mu_);
     rec.seq = next_seq_++;
     auto existing = index_.find(span->key);
-    const int64_t replaced = existing != index_.end() && !existing->second.leaving
-                                 ? existing->second.stored_bytes
-                                 : 0;
+    const int64_t replaced =
+        existing != index_.end() && !existing->second.leaving ? existing->second.stored_bytes : 0;
     int64_t need = bytes_ - leaving_bytes_ + reserved_bytes_ - replaced + rec.stored_bytes -
                    options_.capacity_bytes;
     reserved_bytes_ += rec.stored_bytes;
@@ -275,7 +308,9 @@ absl::Status RocksDbTier::Put(StoredSpanPtr span, const TierPutOptions& options,
   rocksdb::WriteBatch batch;
   rocksdb::Status st = batch.Put(catalog_cf_, absl::StrCat("S", key_bytes), EncodeColdRecord(rec));
   if (st.ok()) st = batch.Put(cold_cf_, key_bytes, ToSlice(stored));
-  if (st.ok()) st = batch.Delete(catalog_cf_, absl::StrCat("T", key_bytes));
+  if (st.ok() && MaybeTombstoned(span->key)) {
+    st = batch.Delete(catalog_cf_, absl::StrCat("T", key_bytes));
+  }
   if (st.ok()) st = db_->Write(Synced(options.sync), &batch);
   if (!st.ok()) {
     absl::MutexLock lock(&mu_);
@@ -339,8 +374,8 @@ absl::StatusOr<StoredSpanPtr> RocksDbTier::Read(const SpanKey& key, bool victim)
     } else {
       status = Decompress(rec.compression, bytes, rec.meta.payload_bytes, &span->payload);
       if (status.ok() && Checksum64(span->payload) != rec.meta.payload_checksum) {
-        status = absl::DataLossError(absl::StrCat(
-            "span ", key.hash.ToHex(), ": decompressed payload failed its checksum"));
+        status = absl::DataLossError(
+            absl::StrCat("span ", key.hash.ToHex(), ": decompressed payload failed its checksum"));
       }
     }
   }
@@ -450,6 +485,7 @@ absl::Status RocksDbTier::PutTombstones(const std::vector<SpanKey>& keys, MissRe
   const std::string value = EncodeTombstone(reason, absl::Now());
   rocksdb::WriteBatch batch;
   for (const SpanKey& key : keys) {
+    MarkTombstoned(key);
     rocksdb::Status st = batch.Put(catalog_cf_, TombstoneKey(key), value);
     if (!st.ok()) return FromRocksDbStatus(st, "batching tombstones");
   }
@@ -457,6 +493,7 @@ absl::Status RocksDbTier::PutTombstones(const std::vector<SpanKey>& keys, MissRe
 }
 
 MissReason RocksDbTier::GetTombstone(const SpanKey& key) const {
+  if (!MaybeTombstoned(key)) return MissReason::kNone;
   std::string value;
   rocksdb::Status st = db_->Get(rocksdb::ReadOptions(), catalog_cf_, TombstoneKey(key), &value);
   if (!st.ok() || value.empty()) return MissReason::kNone;
@@ -472,6 +509,7 @@ MissReason RocksDbTier::GetTombstone(const SpanKey& key) const {
 }
 
 absl::Status RocksDbTier::ClearTombstone(const SpanKey& key) {
+  if (!MaybeTombstoned(key)) return absl::OkStatus();
   return FromRocksDbStatus(db_->Delete(Synced(false), catalog_cf_, TombstoneKey(key)),
                            "clearing a tombstone");
 }
@@ -486,10 +524,11 @@ absl::Status RocksDbTier::CatalogPut(absl::string_view space, absl::string_view 
 absl::StatusOr<std::string> RocksDbTier::CatalogGet(absl::string_view space,
                                                     absl::string_view key) const {
   std::string value;
-  rocksdb::Status st = db_->Get(rocksdb::ReadOptions(), catalog_cf_, GenericKey(space, key), &value);
+  rocksdb::Status st =
+      db_->Get(rocksdb::ReadOptions(), catalog_cf_, GenericKey(space, key), &value);
   if (st.IsNotFound()) {
-    return absl::NotFoundError(absl::StrCat("no key of ", key.size(), " bytes in catalog space '",
-                                            space, "'"));
+    return absl::NotFoundError(
+        absl::StrCat("no key of ", key.size(), " bytes in catalog space '", space, "'"));
   }
   KVR_RETURN_IF_ERROR(FromRocksDbStatus(st, absl::StrCat("catalog get in '", space, "'")));
   return value;
@@ -511,7 +550,8 @@ absl::StatusOr<std::vector<std::pair<std::string, std::string>>> RocksDbTier::Ca
     out.emplace_back(std::string(k.data() + space_prefix.size(), k.size() - space_prefix.size()),
                      it->value().ToString());
   }
-  KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), absl::StrCat("catalog scan of '", space, "'")));
+  KVR_RETURN_IF_ERROR(
+      FromRocksDbStatus(it->status(), absl::StrCat("catalog scan of '", space, "'")));
   return out;
 }
 

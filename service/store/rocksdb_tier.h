@@ -23,6 +23,7 @@
 // Thread-safe. The in-memory span index is guarded by a mutex held only for
 // map updates; RocksDB calls run outside it.
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -79,8 +80,7 @@ class RocksDbTier : public Tier {
   bool Contains(const SpanKey& key) const override;
   // Synced.
   absl::Status Delete(const SpanKey& key) override;
-  void ForEachSpan(
-      const std::function<void(const SpanKey&, const SpanMeta&)>& fn) const override;
+  void ForEachSpan(const std::function<void(const SpanKey&, const SpanMeta&)>& fn) const override;
   TierStats Stats() const override;
   // Syncs the write-ahead log.
   absl::Status Sync() override;
@@ -95,12 +95,13 @@ class RocksDbTier : public Tier {
   absl::Status PutTombstones(const std::vector<SpanKey>& keys, MissReason reason, bool sync);
   // The recorded reason, or kNone when there is no tombstone.
   MissReason GetTombstone(const SpanKey& key) const;
-  // Removes the tombstone (not synced): the span is stored again.
+  // Removes the tombstone (not synced): the span is stored again. Costs no
+  // write when the key never had one (an in-memory Bloom filter over the
+  // tombstoned keys, rebuilt on open, answers first).
   absl::Status ClearTombstone(const SpanKey& key);
 
   // --- generic catalog spaces (synced writes). `space` must not contain '\0'. ---
-  absl::Status CatalogPut(absl::string_view space, absl::string_view key,
-                          absl::string_view value);
+  absl::Status CatalogPut(absl::string_view space, absl::string_view key, absl::string_view value);
   absl::StatusOr<std::string> CatalogGet(absl::string_view space, absl::string_view key) const;
   absl::Status CatalogDelete(absl::string_view space, absl::string_view key);
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> CatalogScan(
@@ -128,15 +129,22 @@ class RocksDbTier : public Tier {
   void PublishMetricsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Deletes the span's metadata and payload (one batch).
   absl::Status DeleteRecords(const SpanKey& key, bool sync);
+  // Bloom filter over keys that ever had a tombstone: false means certainly none.
+  void MarkTombstoned(const SpanKey& key);
+  bool MaybeTombstoned(const SpanKey& key) const;
 
   const RocksDbTierOptions options_;
   const Compression compression_;
   mutable TierMetrics metrics_;
 
-  rocksdb::DB* db_ = nullptr;                      // owned
+  rocksdb::DB* db_ = nullptr;                          // owned
   rocksdb::ColumnFamilyHandle* default_cf_ = nullptr;  // owned
   rocksdb::ColumnFamilyHandle* catalog_cf_ = nullptr;  // owned
   rocksdb::ColumnFamilyHandle* cold_cf_ = nullptr;     // owned
+
+  // 2^23 bits, 3 probes: about 3% false positives at a million tombstones.
+  static constexpr int kFilterWords = 1 << 17;
+  std::unique_ptr<std::atomic<uint64_t>[]> tomb_filter_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<SpanKey, Entry> index_ ABSL_GUARDED_BY(mu_);

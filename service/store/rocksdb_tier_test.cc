@@ -32,8 +32,8 @@ TEST(CompressionTest, RoundTripsAndRejectsGarbage) {
     for (const std::string* raw : {&compressible, &random}) {
       std::string stored;
       const Compression used = Compress(c, *raw, &stored);
-      const absl::string_view bytes = used == Compression::kNone ? absl::string_view(*raw)
-                                                                 : absl::string_view(stored);
+      const absl::string_view bytes =
+          used == Compression::kNone ? absl::string_view(*raw) : absl::string_view(stored);
       std::string back;
       KVR_ASSERT_OK(Decompress(used, bytes, static_cast<int64_t>(raw->size()), &back));
       EXPECT_EQ(back, *raw);
@@ -233,7 +233,8 @@ TEST_F(RocksDbTierTest, ModelsTombstonesAndCatalogSpacesPersist) {
   EXPECT_THAT(scan, ElementsAre(Pair("ctx/1", "one"), Pair("ctx/2", "two")));
   KVR_ASSERT_OK_AND_ASSIGN(auto index, tier->CatalogScan("index", ""));
   EXPECT_THAT(index, ElementsAre(Pair("ctx/1", "manifest")));
-  KVR_ASSERT_OK_AND_ASSIGN(std::string bin, tier->CatalogGet("context", std::string("bin\0key", 7)));
+  KVR_ASSERT_OK_AND_ASSIGN(std::string bin,
+                           tier->CatalogGet("context", std::string("bin\0key", 7)));
   EXPECT_EQ(bin, std::string("\0\1", 2));
   KVR_ASSERT_OK(tier->CatalogDelete("context", "ctx/1"));
   EXPECT_THAT(tier->CatalogGet("context", "ctx/1"), StatusIs(absl::StatusCode::kNotFound));

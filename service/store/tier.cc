@@ -6,8 +6,7 @@
 
 namespace kvrecall::store {
 
-TierMetrics::TierMetrics(TierId tier, int64_t capacity, MetricsRegistry* registry)
-    : tier_(tier) {
+TierMetrics::TierMetrics(TierId tier, int64_t capacity, MetricsRegistry* registry) : tier_(tier) {
   if (registry != nullptr) {
     const std::string labels = absl::StrCat("tier=\"", TierName(tier), "\"");
     hits = registry->GetCounter("kvrecall_store_tier_hits_total", labels);
@@ -15,8 +14,7 @@ TierMetrics::TierMetrics(TierId tier, int64_t capacity, MetricsRegistry* registr
     evictions = registry->GetCounter("kvrecall_store_tier_evictions_total", labels);
     promotions = registry->GetCounter("kvrecall_store_tier_promotions_total", labels);
     demotions = registry->GetCounter("kvrecall_store_tier_demotions_total", labels);
-    checksum_failures =
-        registry->GetCounter("kvrecall_store_tier_checksum_failures_total", labels);
+    checksum_failures = registry->GetCounter("kvrecall_store_tier_checksum_failures_total", labels);
     bytes = registry->GetGauge("kvrecall_store_tier_bytes", labels);
     spans = registry->GetGauge("kvrecall_store_tier_spans", labels);
     capacity_bytes = registry->GetGauge("kvrecall_store_tier_capacity_bytes", labels);

@@ -50,8 +50,8 @@ struct DirEntry {
 };
 
 DirEntry ToDirEntry(const SpanMeta& m) {
-  return DirEntry{m.model_id, m.parent, m.num_tokens, m.payload_bytes, m.payload_checksum,
-                  m.durable};
+  return DirEntry{m.model_id,      m.parent,           m.num_tokens,
+                  m.payload_bytes, m.payload_checksum, m.durable};
 }
 
 // One (tenant, entry) list per hash, so that a miss can tell whether the hash
@@ -161,17 +161,15 @@ class TieredStoreImpl final : public TieredStore {
 };
 
 TieredStoreImpl::TieredStoreImpl(const TieredStoreOptions& options)
-    : options_(options),
-      dir_(new DirShard[kDirShards]),
-      stripes_(new absl::Mutex[kStripes]) {
+    : options_(options), dir_(new DirShard[kDirShards]), stripes_(new absl::Mutex[kStripes]) {
   MetricsRegistry* r = options.metrics;
   for (int i = 0; i < kNumMissReasons; ++i) {
-    misses_[i] = r == nullptr
-                     ? &own_misses_[i]
-                     : r->GetCounter("kvrecall_store_misses_total",
-                                     absl::StrCat("reason=\"",
-                                                  MissReasonName(static_cast<MissReason>(i)),
-                                                  "\""));
+    misses_[i] =
+        r == nullptr
+            ? &own_misses_[i]
+            : r->GetCounter(
+                  "kvrecall_store_misses_total",
+                  absl::StrCat("reason=\"", MissReasonName(static_cast<MissReason>(i)), "\""));
   }
   put_latency_ = r == nullptr ? &own_put_latency_ : r->GetHistogram("kvrecall_store_put_latency");
   get_latency_ = r == nullptr ? &own_get_latency_ : r->GetHistogram("kvrecall_store_get_latency");
@@ -423,8 +421,8 @@ absl::Status TieredStoreImpl::RegisterModel(const ModelGeometry& geometry) {
   auto it = models_.find(geometry.model_id);
   if (it != models_.end()) {
     if (SameGeometry(it->second, geometry)) return absl::OkStatus();
-    return absl::AlreadyExistsError(absl::StrCat(
-        "model '", geometry.model_id, "' is registered with a different geometry"));
+    return absl::AlreadyExistsError(
+        absl::StrCat("model '", geometry.model_id, "' is registered with a different geometry"));
   }
   KVR_RETURN_IF_ERROR(rocksdb_->PutModel(geometry));
   models_[geometry.model_id] = geometry;
@@ -446,9 +444,8 @@ std::vector<ModelGeometry> TieredStoreImpl::ListModels() const {
   std::vector<ModelGeometry> out;
   out.reserve(models_.size());
   for (const auto& [id, m] : models_) out.push_back(m);
-  std::sort(out.begin(), out.end(), [](const ModelGeometry& a, const ModelGeometry& b) {
-    return a.model_id < b.model_id;
-  });
+  std::sort(out.begin(), out.end(),
+            [](const ModelGeometry& a, const ModelGeometry& b) { return a.model_id < b.model_id; });
   return out;
 }
 
@@ -459,22 +456,21 @@ absl::Status TieredStoreImpl::ValidateSpan(const ModelGeometry& model, const Sto
                                            const PutOptions& options) const {
   const SpanMeta& m = span.meta;
   if (span.key.tenant.size() > kMaxTenantBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("tenant is ", span.key.tenant.size(),
-                                                   " bytes; at most ", kMaxTenantBytes));
+    return absl::InvalidArgumentError(
+        absl::StrCat("tenant is ", span.key.tenant.size(), " bytes; at most ", kMaxTenantBytes));
   }
   if (m.num_tokens < 1 || m.num_tokens > model.block_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("num_tokens ", m.num_tokens,
-                                                   " is not in 1..", model.block_tokens,
-                                                   " (block_tokens of model '", model.model_id,
-                                                   "')"));
+    return absl::InvalidArgumentError(absl::StrCat("num_tokens ", m.num_tokens, " is not in 1..",
+                                                   model.block_tokens, " (block_tokens of model '",
+                                                   model.model_id, "')"));
   }
   const int64_t expected = model.SpanPayloadBytes(m.num_tokens);
   if (static_cast<int64_t>(span.payload.size()) != expected) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "payload is ", span.payload.size(), " bytes; model '", model.model_id, "' needs ",
-        expected, " for ", m.num_tokens, " tokens (", model.num_layers, " layers x K,V x ",
-        model.num_kv_heads, " kv heads x ", m.num_tokens, " tokens x ", model.head_dim, " x ",
-        DTypeName(model.dtype), ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("payload is ", span.payload.size(), " bytes; model '", model.model_id,
+                     "' needs ", expected, " for ", m.num_tokens, " tokens (", model.num_layers,
+                     " layers x K,V x ", model.num_kv_heads, " kv heads x ", m.num_tokens,
+                     " tokens x ", model.head_dim, " x ", DTypeName(model.dtype), ")"));
   }
   if (m.payload_bytes != 0 && m.payload_bytes != expected) {
     return absl::InvalidArgumentError(absl::StrCat("meta.payload_bytes ", m.payload_bytes,
@@ -482,29 +478,30 @@ absl::Status TieredStoreImpl::ValidateSpan(const ModelGeometry& model, const Sto
   }
   if (!m.token_ids.empty()) {
     if (static_cast<int64_t>(m.token_ids.size()) != m.num_tokens) {
-      return absl::InvalidArgumentError(absl::StrCat(m.token_ids.size(),
-                                                     " token ids given for num_tokens ",
-                                                     m.num_tokens));
+      return absl::InvalidArgumentError(
+          absl::StrCat(m.token_ids.size(), " token ids given for num_tokens ", m.num_tokens));
     }
     const Hash128 h = SpanHash(m.parent, m.token_ids);
     if (h != span.key.hash) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "span hash ", span.key.hash.ToHex(), " != SpanHash(parent, token_ids) = ", h.ToHex(),
-          " (docs/hashing.md)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("span hash ", span.key.hash.ToHex(),
+                       " != SpanHash(parent, token_ids) = ", h.ToHex(), " (docs/hashing.md)"));
     }
   }
   const uint64_t checksum = Checksum64(span.payload);
   if (checksum != m.payload_checksum) {
     return absl::DataLossError(absl::StrCat("payload checksum mismatch: XXH3-64 of the ",
-                                            span.payload.size(), " payload bytes is ",
-                                            checksum, ", meta says ", m.payload_checksum));
+                                            span.payload.size(), " payload bytes is ", checksum,
+                                            ", meta says ", m.payload_checksum));
   }
   if (m.parent != SpanRootHash(model.model_id, options.salt)) {
     std::optional<DirEntry> parent = DirLookup(SpanKey{span.key.tenant, m.parent});
     if (!parent.has_value()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "parent ", m.parent.ToHex(), " is neither a stored span of this tenant nor the root "
-          "hash of model '", model.model_id, "' with the given salt"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("parent ", m.parent.ToHex(),
+                       " is neither a stored span of this tenant nor the root "
+                       "hash of model '",
+                       model.model_id, "' with the given salt"));
     }
     if (parent->model_id != model.model_id) {
       return absl::FailedPreconditionError(absl::StrCat("parent ", m.parent.ToHex(),
@@ -630,7 +627,8 @@ void TieredStoreImpl::HandleVictims(std::vector<VictimList> lists) {
         if (span.status().code() == absl::StatusCode::kDataLoss && !AnyTierContains(key)) {
           // Its only copy failed verification while leaving.
           DirErase(key);
-          rocksdb_->PutTombstones({key}, MissReason::kChecksumFailure, false).IgnoreError();  // advisory
+          rocksdb_->PutTombstones({key}, MissReason::kChecksumFailure, false)
+              .IgnoreError();  // advisory
           moves_.fetch_add(1);
         }
         continue;  // rescued, replaced or deleted meanwhile
@@ -742,7 +740,8 @@ GetResult TieredStoreImpl::Get(const SpanKey& key, absl::string_view model_id) {
         std::optional<DirEntry> still = DirLookup(key);
         if (still.has_value() && still->checksum == entry->checksum) {
           DirErase(key);
-          rocksdb_->PutTombstones({key}, MissReason::kChecksumFailure, false).IgnoreError();  // advisory
+          rocksdb_->PutTombstones({key}, MissReason::kChecksumFailure, false)
+              .IgnoreError();  // advisory
         }
         result.miss = MissReason::kChecksumFailure;
         return finish(result);
@@ -824,7 +823,8 @@ absl::StatusOr<StoredSpanPtr> TieredStoreImpl::ReadBelowMemory(const SpanKey& ke
 absl::Status TieredStoreImpl::Pin(const SpanKey& key, absl::Duration ttl) {
   if (ttl <= absl::ZeroDuration()) return absl::InvalidArgumentError("pin ttl must be > 0");
   if (memory_ == nullptr) {
-    return absl::ResourceExhaustedError("the memory tier is disabled (capacity 0): nothing can be pinned");
+    return absl::ResourceExhaustedError(
+        "the memory tier is disabled (capacity 0): nothing can be pinned");
   }
   const absl::Time deadline =
       ttl == absl::InfiniteDuration() ? absl::InfiniteFuture() : Now() + ttl;
@@ -899,9 +899,9 @@ StoreStats TieredStoreImpl::Stats() const {
 absl::Status ValidateSpace(absl::string_view space) {
   if (space.empty() || space.size() > kMaxSpaceBytes ||
       space.find('\0') != absl::string_view::npos) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "catalog space must be 1..", kMaxSpaceBytes, " bytes without NUL, got ", space.size(),
-        " bytes"));
+    return absl::InvalidArgumentError(absl::StrCat("catalog space must be 1..", kMaxSpaceBytes,
+                                                   " bytes without NUL, got ", space.size(),
+                                                   " bytes"));
   }
   return absl::OkStatus();
 }
@@ -936,8 +936,7 @@ absl::Status TieredStoreImpl::Sync() {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(
-    const TieredStoreOptions& options) {
+absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(const TieredStoreOptions& options) {
   auto store = std::make_unique<TieredStoreImpl>(options);
   KVR_RETURN_IF_ERROR(store->Init());
   return std::unique_ptr<TieredStore>(std::move(store));

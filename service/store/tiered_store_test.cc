@@ -212,7 +212,8 @@ TEST_F(TieredStoreTest, EveryValidationErrorChangesNothing) {
   // The root of another salt is not this chain's root.
   PutOptions salted;
   salted.salt = "user-42";
-  expect(absl::StatusCode::kFailedPrecondition, [](StoredSpan&) {}, salted);
+  expect(
+      absl::StatusCode::kFailedPrecondition, [](StoredSpan&) {}, salted);
 
   StoreStats stats = store->Stats();
   for (const TierStats& t : stats.tiers) EXPECT_EQ(t.spans, 0);
@@ -360,8 +361,7 @@ TEST_F(TieredStoreTest, DurableSpansGoToDiskWhenRocksDbHoldsOnlyTheCatalog) {
   memory_only.rocksdb_capacity_bytes = 0;
   auto volatile_store = Open(memory_only);
   StoredSpan d = Chain(1, "", true)[0];
-  EXPECT_THAT(volatile_store->Put(d, PutOptions{}),
-              StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_THAT(volatile_store->Put(d, PutOptions{}), StatusIs(absl::StatusCode::kResourceExhausted));
   d.meta.durable = false;
   KVR_EXPECT_OK(volatile_store->Put(d, PutOptions{}).status());
 }
@@ -422,10 +422,9 @@ TEST_F(TieredStoreTest, EveryMissReason) {
   for (const StoredSpan& s : a) hashes.push_back(s.key.hash);
   LookupResult lookup = store->Lookup("tenant-a", "tiny", hashes);
   EXPECT_EQ(lookup.prefix_spans, 0);
-  EXPECT_THAT(lookup.missing,
-              ElementsAre(MissReason::kChecksumFailure, MissReason::kParentMissing,
-                          MissReason::kParentMissing, MissReason::kParentMissing,
-                          MissReason::kDeleted, MissReason::kParentMissing));
+  EXPECT_THAT(lookup.missing, ElementsAre(MissReason::kChecksumFailure, MissReason::kParentMissing,
+                                          MissReason::kParentMissing, MissReason::kParentMissing,
+                                          MissReason::kDeleted, MissReason::kParentMissing));
 
   StoreStats stats = store->Stats();
   EXPECT_EQ(stats.misses_by_reason[MissReason::kNeverStored], 1);
@@ -505,8 +504,7 @@ TEST_F(TieredStoreTest, PinsKeepSpansInMemoryUntilUnpinnedOrExpired) {
   EXPECT_EQ(store->Stats().pinned_spans, 0);
   EXPECT_THAT(store->Unpin(chain[1].key), StatusIs(absl::StatusCode::kFailedPrecondition));
   EXPECT_THAT(store->Unpin(Chain(1)[0].key), StatusIs(absl::StatusCode::kNotFound));
-  EXPECT_THAT(store->Pin(Chain(1)[0].key, absl::Seconds(1)),
-              StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(store->Pin(Chain(1)[0].key, absl::Seconds(1)), StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(store->Pin(chain[2].key, absl::ZeroDuration()),
               StatusIs(absl::StatusCode::kInvalidArgument));
 
@@ -798,8 +796,8 @@ TEST(TieredStoreCrashTest, KillNineKeepsEveryAcknowledgedDurableSpan) {
       if (!chain[i].meta.durable) ++other_readable;
     }
     if (i <= acked && chain[i].meta.durable) {
-      EXPECT_NE(r.span, nullptr) << "acknowledged durable span " << i << " lost: "
-                                 << MissReasonName(r.miss);
+      EXPECT_NE(r.span, nullptr) << "acknowledged durable span " << i
+                                 << " lost: " << MissReasonName(r.miss);
       ++durable_checked;
     }
   }
