@@ -551,38 +551,56 @@ absl::StatusOr<AttendReply> RetrievalService::Attend(const RetrieveRequest& requ
   }
   const int64_t tokens = ctx->num_tokens(request.layer);
   KVR_ASSIGN_OR_RETURN(int32_t k, ValidateRetrieve(request, ctx->model(), tokens));
-  KVR_ASSIGN_OR_RETURN(SearchReply found,
-                       SearchInternal(request, *ctx, tokens, k, /*need_scores=*/false));
-  KVR_RETURN_IF_ERROR(CheckDeadline(request.deadline, "after the search"));
   const auto& m = ctx->model();
-  const absl::Time start = absl::Now();
   AttendReply reply;
   PartialAttentionArgs args;
   args.queries = request.queries.data();
   args.num_q_heads = m.num_q_heads;
   args.group_size = m.num_q_heads / m.num_kv_heads;
-  const bool shared =
-      request.gqa_mode == GqaMode::kUnion || (request.index.kind == "all" && k == 0);
   std::vector<std::vector<int64_t>> sorted_ids;
-  if (shared) {
-    // One list per KV head (the group's lists are equal): read each row once for the group.
-    for (int32_t kvh = 0; kvh < m.num_kv_heads; ++kvh) {
-      std::vector<int64_t> ids = found.ids[kvh * args.group_size];
-      std::sort(ids.begin(), ids.end());
-      sorted_ids.push_back(std::move(ids));
+  const absl::Time search_start = absl::Now();
+  if (request.index.kind == "all" && k == 0) {
+    // Exact attention over every non-excluded position: one shared list, and
+    // no positions in the reply (they are implied).
+    std::vector<int64_t> all;
+    all.reserve(tokens);
+    size_t e = 0;
+    for (int64_t p = 0; p < tokens; ++p) {
+      while (e < request.exclude.size() && request.exclude[e].end <= p) ++e;
+      if (e < request.exclude.size() && request.exclude[e].begin <= p) continue;
+      all.push_back(p);
     }
+    reply.stats.context_tokens = tokens;
+    reply.stats.keys_scanned = static_cast<int64_t>(all.size()) * m.num_q_heads;
+    reply.stats.search_us = MicrosSince(search_start);
+    sorted_ids.push_back(std::move(all));
+    for (int32_t kvh = 0; kvh < m.num_kv_heads; ++kvh) args.ids.emplace_back(sorted_ids[0]);
+    reply.ids.resize(m.num_q_heads);
   } else {
-    for (int32_t h = 0; h < m.num_q_heads; ++h) {
-      std::vector<int64_t> ids = found.ids[h];
-      std::sort(ids.begin(), ids.end());  // sequential reads of the KV blocks
-      sorted_ids.push_back(std::move(ids));
+    KVR_ASSIGN_OR_RETURN(SearchReply found,
+                         SearchInternal(request, *ctx, tokens, k, /*need_scores=*/false));
+    KVR_RETURN_IF_ERROR(CheckDeadline(request.deadline, "after the search"));
+    if (request.gqa_mode == GqaMode::kUnion) {
+      // One list per KV head (the group's lists are equal): each row is read once for the group.
+      for (int32_t kvh = 0; kvh < m.num_kv_heads; ++kvh) {
+        std::vector<int64_t> ids = found.ids[kvh * args.group_size];
+        std::sort(ids.begin(), ids.end());
+        sorted_ids.push_back(std::move(ids));
+      }
+    } else {
+      for (int32_t h = 0; h < m.num_q_heads; ++h) {
+        std::vector<int64_t> ids = found.ids[h];
+        std::sort(ids.begin(), ids.end());  // sequential reads of the KV blocks
+        sorted_ids.push_back(std::move(ids));
+      }
     }
+    for (const auto& ids : sorted_ids) args.ids.emplace_back(ids);
+    reply.ids = std::move(found.ids);
+    reply.stats = found.stats;
   }
-  for (const auto& ids : sorted_ids) args.ids.emplace_back(ids);
+  const absl::Time start = absl::Now();
   const LayerKvView view = ctx->KvView(request.layer);
   KVR_RETURN_IF_ERROR(ComputePartialAttention(view, args, &reply.state));
-  reply.ids = std::move(found.ids);
-  reply.stats = found.stats;
   reply.stats.attend_us = MicrosSince(start);
   return reply;
 }

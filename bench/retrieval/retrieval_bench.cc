@@ -1,0 +1,477 @@
+// retrieval_bench: Attend latency of one decode layer of a Llama-3-8B-like
+// geometry (32 query heads, 8 KV heads, head_dim 128, bf16 K/V) over stored
+// contexts of 32K and 128K tokens, with k = 100 and 1% budgets, in-process
+// and over loopback gRPC, against an exact full-context Attend (kind "all")
+// measured in the same run. Also reports the quality of each retrieval
+// (recall of the exact top-k, attention mass relative to the exact top-k).
+//
+// Keys, values and queries come from index/flat/synthetic_attention.h (an
+// attention-like generator calibrated on attn-dev; docs/index.md), one
+// independent stream per KV head, its 4 query heads as the GQA group.
+// Prefill queries of every 4th position train the roar graphs.
+//
+//   build/bin/retrieval_bench                      # 32K and 128K, all rows
+//   build/bin/retrieval_bench --tokens=32768 --steps=50 --data_dir=/tmp/rb
+//
+// With --data_dir, spans and built indexes persist across runs (the second
+// run skips the builds).
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "bench/index/machine_info.h"
+#include "common/checksum.h"
+#include "common/half.h"
+#include "common/logging.h"
+#include "common/span_hash.h"
+#include "common/status_macros.h"
+#include "common/thread_pool.h"
+#include "index/flat/synthetic_attention.h"
+#include "kvrecall/v1/retrieval.grpc.pb.h"
+#include "service/retrieval/retrieval_service.h"
+#include "service/rpc/retrieval_rpc_service.h"
+#include "service/rpc/rpc_metrics.h"
+#include "service/rpc/tenant_auth.h"
+#include "service/store/tiered_store.h"
+#include "tests/testing/test_data.h"
+
+ABSL_FLAG(std::string, tokens, "32768,131072", "context sizes, comma-separated");
+ABSL_FLAG(int, steps, 40, "decode steps timed per row (each step = one Attend of all 32 heads)");
+ABSL_FLAG(int, warmup, 5, "untimed steps before each row");
+ABSL_FLAG(std::string, roar_params, "nq=64,m=32,l=128,max_train=32768",
+          "roar build params");
+ABSL_FLAG(std::string, efforts, "128,256", "roar ef values to time");
+ABSL_FLAG(bool, grpc, true, "also time Attend over loopback gRPC");
+ABSL_FLAG(std::string, data_dir, "", "store directory (default: a fresh temporary one)");
+ABSL_FLAG(std::string, csv, "", "also write the rows to this CSV file");
+
+namespace kvrecall {
+namespace {
+
+constexpr int32_t kQHeads = 32, kKvHeads = 8, kDim = 128, kGroup = kQHeads / kKvHeads;
+constexpr int32_t kBlock = 256;
+constexpr char kModel[] = "bench-llama3-8b-1layer";
+
+struct Context {
+  int64_t tokens = 0;
+  Hash128 id;
+  // Decode queries per step: [steps][kQHeads * kDim] f32.
+  std::vector<std::vector<float>> steps;
+};
+
+store::ModelGeometry Geometry() {
+  store::ModelGeometry m;
+  m.model_id = kModel;
+  m.num_layers = 1;
+  m.num_q_heads = kQHeads;
+  m.num_kv_heads = kKvHeads;
+  m.head_dim = kDim;
+  m.dtype = DType::kBf16;
+  m.block_tokens = kBlock;
+  return m;
+}
+
+// Generates the context, stores its spans (unless already stored) and its
+// training queries, opens it. Decode queries are kept for the timed steps.
+absl::StatusOr<Context> PrepareContext(store::TieredStore* store,
+                                       retrieval::RetrievalService* service, int64_t tokens,
+                                       int steps) {
+  const auto m = Geometry();
+  Context ctx;
+  ctx.tokens = tokens;
+  std::vector<uint16_t> keys(static_cast<size_t>(kKvHeads) * tokens * kDim);    // [h, t, d]
+  std::vector<uint16_t> values(keys.size());
+  const int64_t train_stride = 4;
+  const int64_t n_train = tokens / train_stride;
+  std::vector<float> train(static_cast<size_t>(n_train) * kQHeads * kDim);  // [t', Hq, d]
+  ctx.steps.assign(steps, std::vector<float>(kQHeads * kDim));
+  for (int32_t g = 0; g < kKvHeads; ++g) {
+    index::SyntheticAttentionOptions o;
+    o.num_keys = tokens;
+    o.dim = kDim;
+    o.num_query_heads = kGroup;
+    o.num_decode_queries = steps;
+    o.seed = 1000 + 17 * g + tokens;
+    KVR_ASSIGN_OR_RETURN(index::SyntheticAttention s, index::GenerateSyntheticAttention(o));
+    for (int64_t i = 0; i < tokens * kDim; ++i) {
+      keys[g * tokens * kDim + i] = FloatToBf16(s.keys[i]);
+      values[g * tokens * kDim + i] = FloatToBf16(s.values[i]);
+    }
+    for (int32_t j = 0; j < kGroup; ++j) {
+      const int32_t h = g * kGroup + j;
+      for (int64_t t = 0; t < n_train; ++t) {
+        const float* src = s.prefill_queries.data() + (j * tokens + t * train_stride) * kDim;
+        std::copy(src, src + kDim, train.data() + (t * kQHeads + h) * kDim);
+      }
+      for (int st = 0; st < steps; ++st) {
+        const float* src = s.decode_queries.data() + (j * steps + st) * kDim;
+        std::copy(src, src + kDim, ctx.steps[st].data() + h * kDim);
+      }
+    }
+  }
+  // Spans: token ids are the positions (mod 2^32), so the chain is deterministic per size.
+  std::vector<uint32_t> token_ids(tokens);
+  for (int64_t t = 0; t < tokens; ++t) token_ids[t] = static_cast<uint32_t>(t * 2654435761u);
+  const auto chain = ChainSpanHashes(kModel, absl::StrCat("bench-", tokens), token_ids, kBlock,
+                                     /*include_partial_tail=*/true);
+  const auto have = store->Lookup("", kModel, chain);
+  Hash128 parent = SpanRootHash(kModel, absl::StrCat("bench-", tokens));
+  for (size_t i = 0; i < chain.size(); ++i) {
+    const int64_t begin = static_cast<int64_t>(i) * kBlock;
+    const int32_t n = static_cast<int32_t>(std::min<int64_t>(kBlock, tokens - begin));
+    if (static_cast<int32_t>(i) >= have.prefix_spans) {
+      store::StoredSpan span;
+      span.key.hash = chain[i];
+      span.meta.model_id = kModel;
+      span.meta.parent = parent;
+      span.meta.num_tokens = n;
+      span.meta.durable = true;
+      span.payload.resize(m.SpanPayloadBytes(n));
+      for (int32_t kv = 0; kv < 2; ++kv) {
+        const auto& src = kv == 0 ? keys : values;
+        for (int32_t h = 0; h < kKvHeads; ++h) {
+          std::memcpy(span.payload.data() + m.PayloadOffset(n, 0, kv, h, 0),
+                      src.data() + (h * tokens + begin) * kDim,
+                      static_cast<size_t>(n) * kDim * 2);
+        }
+      }
+      span.meta.payload_bytes = static_cast<int64_t>(span.payload.size());
+      span.meta.payload_checksum = Checksum64(span.payload);
+      store::PutOptions po;
+      po.salt = absl::StrCat("bench-", tokens);
+      KVR_RETURN_IF_ERROR(store->Put(std::move(span), po).status());
+    }
+    parent = chain[i];
+  }
+  KVR_ASSIGN_OR_RETURN(auto opened, service->OpenContext("", kModel, chain, absl::InfiniteFuture()));
+  ctx.id = opened.context;
+  KVR_RETURN_IF_ERROR(service->AddQueries("", ctx.id, 0, 0, n_train, train));
+  return ctx;
+}
+
+absl::Status EnsureIndex(retrieval::RetrievalService* service, const Context& ctx,
+                         const std::string& kind, const std::string& params, double* build_s) {
+  *build_s = 0;
+  KVR_ASSIGN_OR_RETURN(auto existing, service->ListIndexes("", ctx.id));
+  const std::string normalized = index::ParamMap::Parse(params)->ToString();
+  int found = 0;
+  for (const auto& info : existing) found += info.kind == kind && info.params == normalized;
+  if (found == kKvHeads) return absl::OkStatus();
+  retrieval::BuildIndexRequest req;
+  req.context = ctx.id;
+  req.kind = kind;
+  req.params = params;
+  KVR_ASSIGN_OR_RETURN(std::string op, service->BuildIndex(req));
+  const absl::Time start = absl::Now();
+  while (true) {
+    KVR_ASSIGN_OR_RETURN(auto info, service->WaitOperation(op, absl::Now() + absl::Seconds(5)));
+    std::fprintf(stderr, "\r  building %s over %lld tokens: %5.1f%% %-40s eta %llds   ",
+                 kind.c_str(), static_cast<long long>(ctx.tokens), 100 * info.fraction,
+                 info.stage.c_str(),
+                 static_cast<long long>(info.eta == absl::InfiniteDuration()
+                                            ? -1
+                                            : absl::ToInt64Seconds(info.eta)));
+    if (info.state == retrieval::OperationState::kDone) break;
+    if (info.state == retrieval::OperationState::kFailed ||
+        info.state == retrieval::OperationState::kCancelled) {
+      std::fprintf(stderr, "\n");
+      return info.error;
+    }
+  }
+  *build_s = absl::ToDoubleSeconds(absl::Now() - start);
+  std::fprintf(stderr, "\n");
+  return absl::OkStatus();
+}
+
+struct Row {
+  int64_t tokens = 0;
+  std::string kind;
+  std::string budget;  // "k=100", "1%", "all"
+  int64_t effort = 0;
+  std::string path;    // "in-process" or "grpc"
+  double p50_us = 0, p99_us = 0;
+  double keys_scanned_frac = 0;
+  double recall = -1;        // of the exact top-k, per head, mean
+  double mass_vs_exact = -1; // exp(lse_S - lse_exact_topk), mean: mass relative to the oracle
+  double mass_total = -1;    // exp(lse_S - lse_all), mean: share of all attention
+  double speedup = 0;        // vs the exact full-context Attend on the same path
+};
+
+double Percentile(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  if (v.empty()) return 0;
+  const size_t i = std::min(v.size() - 1, static_cast<size_t>(q * (v.size() - 1) + 0.5));
+  return v[i];
+}
+
+retrieval::RetrieveRequest MakeRequest(const Context& ctx, const std::vector<float>& q,
+                                       const std::string& kind, int32_t k, double budget,
+                                       int64_t effort) {
+  retrieval::RetrieveRequest r;
+  r.context = ctx.id;
+  r.layer = 0;
+  r.queries = q;
+  r.k = k;
+  r.budget = budget;
+  r.index.kind = kind;
+  r.index.effort = effort;
+  return r;
+}
+
+v1::AttendRequest MakeProto(const Context& ctx, const std::vector<float>& q,
+                            const std::string& kind, int32_t k, double budget, int64_t effort) {
+  v1::AttendRequest r;
+  r.set_context(ctx.id.ToBytes());
+  r.set_layer(0);
+  auto* t = r.mutable_queries();
+  t->set_dtype(v1::DTYPE_F32);
+  t->add_shape(kQHeads);
+  t->add_shape(kDim);
+  t->set_data(reinterpret_cast<const char*>(q.data()), q.size() * sizeof(float));
+  r.set_k(k);
+  r.set_budget(budget);
+  r.mutable_index()->set_kind(kind);
+  r.mutable_index()->set_effort(effort);
+  return r;
+}
+
+absl::Status Run() {
+  std::printf("retrieval_bench on %s\n", bench::MachineDescription().c_str());
+  std::string dir = absl::GetFlag(FLAGS_data_dir);
+  if (dir.empty()) dir = testing::MakeTempDir("retrieval-bench");
+  store::TieredStoreOptions so;
+  so.data_dir = dir;
+  so.memory_capacity_bytes = int64_t{12} << 30;
+  so.disk_capacity_bytes = int64_t{16} << 30;
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<store::TieredStore> store, store::TieredStore::Open(so));
+  auto registered = store->RegisterModel(Geometry());
+  if (!registered.ok() && !absl::IsAlreadyExists(registered)) return registered;
+
+  // The retrieval service, owned by its gRPC front end; the in-process rows
+  // call the same object directly.
+  MetricsRegistry registry;
+  rpc::RpcMetrics rpc_metrics(&registry);
+  auto auth = rpc::TenantAuthenticator::Disabled();
+  KVR_ASSIGN_OR_RETURN(auto service_owned,
+                       retrieval::RetrievalService::Create(store.get(), retrieval::RetrievalOptions()));
+  rpc::RetrievalRpcService rpc_service(std::move(service_owned), auth.get(), &rpc_metrics,
+                                       rpc::RetrievalRpcOptions());
+  retrieval::RetrievalService* service = rpc_service.retrieval();
+  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<v1::Retrieval::Stub> stub;
+  if (absl::GetFlag(FLAGS_grpc)) {
+    int port = 0;
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&rpc_service);
+    builder.SetMaxReceiveMessageSize(64 << 20);
+    builder.SetMaxSendMessageSize(64 << 20);
+    server = builder.BuildAndStart();
+    if (server == nullptr) return absl::UnavailableError("cannot start the gRPC server");
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(64 << 20);
+    stub = v1::Retrieval::NewStub(grpc::CreateCustomChannel(
+        absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials(), args));
+  }
+
+  std::vector<int64_t> sizes;
+  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_tokens), ',', absl::SkipEmpty())) {
+    int64_t v;
+    if (!absl::SimpleAtoi(s, &v) || v < 1024) return absl::InvalidArgumentError("bad --tokens");
+    sizes.push_back(v);
+  }
+  std::vector<int64_t> efforts;
+  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_efforts), ',', absl::SkipEmpty())) {
+    int64_t v;
+    if (!absl::SimpleAtoi(s, &v)) return absl::InvalidArgumentError("bad --efforts");
+    efforts.push_back(v);
+  }
+  const int steps = absl::GetFlag(FLAGS_steps), warmup = absl::GetFlag(FLAGS_warmup);
+  std::vector<Row> rows;
+  for (int64_t tokens : sizes) {
+    std::fprintf(stderr, "context of %lld tokens: generating and storing\n",
+                 static_cast<long long>(tokens));
+    KVR_ASSIGN_OR_RETURN(Context ctx, PrepareContext(store.get(), service, tokens, steps + warmup));
+    double build_s = 0;
+    const std::string roar_params = absl::GetFlag(FLAGS_roar_params);
+    KVR_RETURN_IF_ERROR(EnsureIndex(service, ctx, "roar", roar_params, &build_s));
+    if (build_s > 0) {
+      std::printf("roar build over %lld tokens x %d KV heads (%s): %.1f s\n",
+                  static_cast<long long>(tokens), kKvHeads, roar_params.c_str(), build_s);
+    }
+
+    struct Config {
+      std::string kind, budget;
+      int32_t k;
+      double frac;
+      int64_t effort;
+    };
+    const int32_t k1 = static_cast<int32_t>(std::ceil(0.01 * tokens));
+    std::vector<Config> configs = {{"all", "all", 0, 0, 0}};
+    for (int64_t ef : efforts) {
+      configs.push_back({"roar", "k=100", 100, 0, std::max<int64_t>(ef, 100)});
+      configs.push_back({"roar", "1%", 0, 0.01, std::max<int64_t>(ef, k1)});
+    }
+    configs.push_back({"all", "exact k=100", 100, 0, 0});
+
+    // Oracles per step: lse over everything and over the exact top-k / top-1%.
+    std::vector<std::vector<float>> lse_all(ctx.steps.size()), lse_k100(ctx.steps.size()),
+        lse_k1(ctx.steps.size());
+    std::vector<std::vector<std::vector<int64_t>>> top100(ctx.steps.size()), top1(ctx.steps.size());
+    for (size_t s = 0; s < ctx.steps.size(); ++s) {
+      KVR_ASSIGN_OR_RETURN(auto full, service->Attend(MakeRequest(ctx, ctx.steps[s], "all", 0, 0, 0)));
+      lse_all[s] = full.state.lse;
+      KVR_ASSIGN_OR_RETURN(auto e100, service->Attend(MakeRequest(ctx, ctx.steps[s], "all", 100, 0, 0)));
+      lse_k100[s] = e100.state.lse;
+      top100[s] = e100.ids;
+      KVR_ASSIGN_OR_RETURN(auto e1, service->Attend(MakeRequest(ctx, ctx.steps[s], "all", k1, 0, 0)));
+      lse_k1[s] = e1.state.lse;
+      top1[s] = e1.ids;
+    }
+
+    double full_p50[2] = {0, 0};
+    for (const Config& c : configs) {
+      for (int path = 0; path < (stub ? 2 : 1); ++path) {
+        Row row;
+        row.tokens = tokens;
+        row.kind = c.kind;
+        row.budget = c.budget;
+        row.effort = c.effort;
+        row.path = path == 0 ? "in-process" : "grpc";
+        std::vector<double> lat;
+        double scanned = 0, recall = 0, mass_rel = 0, mass_tot = 0;
+        int measured = 0;
+        for (size_t s = 0; s < ctx.steps.size(); ++s) {
+          std::vector<float> lse;
+          std::vector<std::vector<int64_t>> ids;
+          int64_t keys_scanned = 0;
+          const auto t0 = std::chrono::steady_clock::now();
+          if (path == 0) {
+            KVR_ASSIGN_OR_RETURN(auto r, service->Attend(MakeRequest(ctx, ctx.steps[s], c.kind, c.k,
+                                                                     c.frac, c.effort)));
+            lse = std::move(r.state.lse);
+            ids = std::move(r.ids);
+            keys_scanned = r.stats.keys_scanned;
+          } else {
+            grpc::ClientContext cc;
+            cc.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+            v1::AttendResponse resp;
+            grpc::Status st = stub->Attend(&cc, MakeProto(ctx, ctx.steps[s], c.kind, c.k, c.frac,
+                                                          c.effort),
+                                           &resp);
+            if (!st.ok()) return absl::InternalError(st.error_message());
+            lse.assign(resp.lse_natural().begin(), resp.lse_natural().end());
+            for (const auto& h : resp.heads()) ids.emplace_back(h.positions().begin(), h.positions().end());
+            keys_scanned = resp.stats().keys_scanned();
+          }
+          const double us = std::chrono::duration<double, std::micro>(
+                                std::chrono::steady_clock::now() - t0)
+                                .count();
+          if (static_cast<int>(s) < warmup) continue;
+          lat.push_back(us);
+          ++measured;
+          scanned += static_cast<double>(keys_scanned) / (static_cast<double>(tokens) * kQHeads);
+          if (c.k > 0 || c.frac > 0) {
+            const bool is_k100 = c.k == 100;
+            const auto& truth = is_k100 ? top100[s] : top1[s];
+            const auto& lse_exact = is_k100 ? lse_k100[s] : lse_k1[s];
+            for (int h = 0; h < kQHeads; ++h) {
+              std::vector<int64_t> a = ids[h], b = truth[h];
+              std::sort(a.begin(), a.end());
+              std::sort(b.begin(), b.end());
+              std::vector<int64_t> both;
+              std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(both));
+              recall += static_cast<double>(both.size()) / static_cast<double>(b.size());
+              mass_rel += std::exp(double(lse[h]) - lse_exact[h]);
+              mass_tot += std::exp(double(lse[h]) - lse_all[s][h]);
+            }
+          }
+        }
+        row.p50_us = Percentile(lat, 0.5);
+        row.p99_us = Percentile(lat, 0.99);
+        row.keys_scanned_frac = scanned / measured;
+        if (c.k > 0 || c.frac > 0) {
+          row.recall = recall / (measured * kQHeads);
+          row.mass_vs_exact = mass_rel / (measured * kQHeads);
+          row.mass_total = mass_tot / (measured * kQHeads);
+        }
+        if (c.kind == "all" && c.k == 0) full_p50[path] = row.p50_us;
+        row.speedup = full_p50[path] / row.p50_us;
+        rows.push_back(row);
+      }
+    }
+    KVR_RETURN_IF_ERROR(service->CloseContext("", ctx.id));
+  }
+  if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+
+  std::printf(
+      "\nAttend, one layer: 32 q heads x 8 KV heads x d 128, bf16 K/V; %d decode steps per row\n",
+      steps);
+  std::printf("%-8s %-6s %-12s %-6s %-10s %10s %10s %9s %7s %8s %8s %8s %s\n", "tokens", "kind",
+              "budget", "ef", "path", "p50_us", "p99_us", "scanned", "recall", "mass/ex",
+              "mass", "speedup", "grpc_overhead");
+  std::FILE* csv = nullptr;
+  if (!absl::GetFlag(FLAGS_csv).empty()) {
+    csv = std::fopen(absl::GetFlag(FLAGS_csv).c_str(), "w");
+    if (csv != nullptr) {
+      std::fprintf(csv,
+                   "tokens,kind,budget,effort,path,p50_us,p99_us,keys_scanned_frac,recall,"
+                   "mass_vs_exact,mass_total,speedup_vs_full\n");
+    }
+  }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const Row& r = rows[i];
+    std::string overhead;
+    if (r.path == "grpc" && i > 0 && rows[i - 1].path == "in-process") {
+      overhead = absl::StrFormat("%.1f%%", 100.0 * (r.p50_us - rows[i - 1].p50_us) / r.p50_us);
+    }
+    std::printf("%-8lld %-6s %-12s %-6lld %-10s %10.0f %10.0f %8.2f%% %7s %8s %8s %7.1fx %s\n",
+                static_cast<long long>(r.tokens), r.kind.c_str(), r.budget.c_str(),
+                static_cast<long long>(r.effort), r.path.c_str(), r.p50_us, r.p99_us,
+                100 * r.keys_scanned_frac,
+                r.recall < 0 ? "-" : absl::StrFormat("%.3f", r.recall).c_str(),
+                r.mass_vs_exact < 0 ? "-" : absl::StrFormat("%.3f", r.mass_vs_exact).c_str(),
+                r.mass_total < 0 ? "-" : absl::StrFormat("%.3f", r.mass_total).c_str(), r.speedup,
+                overhead.c_str());
+    if (csv != nullptr) {
+      std::fprintf(csv, "%lld,%s,%s,%lld,%s,%.1f,%.1f,%.5f,%.4f,%.4f,%.4f,%.2f\n",
+                   static_cast<long long>(r.tokens), r.kind.c_str(), r.budget.c_str(),
+                   static_cast<long long>(r.effort), r.path.c_str(), r.p50_us, r.p99_us,
+                   r.keys_scanned_frac, r.recall, r.mass_vs_exact, r.mass_total, r.speedup);
+    }
+  }
+  if (csv != nullptr) std::fclose(csv);
+  std::printf(
+      "\nspeedup = p50 of the exact full-context Attend (kind all) / p50 of the row, same path.\n"
+      "recall = share of the exact top-k per head; mass/ex = retrieved attention mass / mass of "
+      "the exact top-k;\nmass = share of all attention mass; grpc_overhead = (grpc p50 - "
+      "in-process p50) / grpc p50.\n");
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace kvrecall
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  absl::Status s = kvrecall::Run();
+  if (!s.ok()) {
+    std::fprintf(stderr, "retrieval_bench: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  return 0;
+}
