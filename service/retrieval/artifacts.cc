@@ -17,7 +17,6 @@
 #include "index/distance.h"
 #include "index/index_factory.h"
 #include "index/index_format.h"
-#include "service/retrieval/artifact_bundle.h"
 #include "service/retrieval/retrieval_internal.h"
 
 namespace kvrecall::retrieval {

@@ -18,7 +18,6 @@
 #include "index/distance.h"
 #include "index/index_factory.h"
 #include "index/index_format.h"
-#include "service/retrieval/artifact_bundle.h"
 #include "service/retrieval/retrieval_internal.h"
 
 namespace kvrecall::retrieval {
@@ -149,20 +148,16 @@ void RetrievalService::RunOperation(std::shared_ptr<Operation> op, BuildIndexReq
     finish(OperationState::kFailed, params.status());
     return;
   }
-  // Calibration artifacts of the model, when the kind uses one.
-  std::optional<ArtifactBundle> bundle;
-  std::string artifact_name;
+  // The model's calibration artifact, when the kind uses one ("loki_basis",
+  // "sparse_encoder"): the latest version, holding an entry per (layer, KV
+  // head); the build params layer= and kv_head= pick the entry.
+  std::string artifact_name, artifact_bytes;
   if (request.kind == "loki") artifact_name = "loki_basis";
   if (request.kind == "inverted") artifact_name = "sparse_encoder";
   if (!artifact_name.empty()) {
     auto art = GetArtifact(m.model_id, artifact_name, 0);
     if (art.ok()) {
-      auto parsed = ArtifactBundle::Parse(art->second);
-      if (!parsed.ok()) {
-        finish(OperationState::kFailed, parsed.status());
-        return;
-      }
-      bundle = std::move(*parsed);
+      artifact_bytes = std::move(art->second);
     } else if (!absl::IsNotFound(art.status())) {
       finish(OperationState::kFailed, art.status());
       return;
@@ -185,9 +180,10 @@ void RetrievalService::RunOperation(std::shared_ptr<Operation> op, BuildIndexReq
       const std::vector<float> queries = ctx->TrainingQueries(layer, kv_head);
       index::BuildOptions bo;
       bo.params = *params;
-      if (bundle.has_value()) {
-        const std::string* entry = bundle->Find(ArtifactBundle::EntryName(layer, kv_head));
-        if (entry != nullptr) bo.artifacts.emplace_back(artifact_name, *entry);
+      if (!artifact_bytes.empty()) {
+        bo.artifacts.emplace_back(artifact_name, artifact_bytes);
+        if (!bo.params.Has("layer")) bo.params.SetInt("layer", layer);
+        if (!bo.params.Has("kv_head")) bo.params.SetInt("kv_head", kv_head);
       }
       bo.progress = [&, n](const Progress& p) {
         absl::MutexLock lock(&mu_);

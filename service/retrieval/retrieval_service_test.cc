@@ -9,7 +9,7 @@
 #include "common/span_hash.h"
 #include "gtest/gtest.h"
 #include "index/index_factory.h"
-#include "service/retrieval/artifact_bundle.h"
+#include "index/loki/pca_basis.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
 
@@ -278,6 +278,41 @@ TEST_F(RetrievalServiceTest, EveryKindAtMaxEffortEqualsExactTopK) {
   }
 }
 
+TEST_F(RetrievalServiceTest, LokiBuildsUseTheModelsBasisArtifact) {
+  auto chain = StoreContext(128, 15);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  auto ctx = OpenedContext(chain);
+  // Fit one basis per (layer, KV head) of layer 0 only.
+  std::vector<index::loki::PcaBasis> bases;
+  for (int32_t h = 0; h < kKvHeads; ++h) {
+    const std::string keys = ctx->GatherKeys(0, h, 128);
+    KVR_ASSERT_OK_AND_ASSIGN(
+        index::loki::PcaBasis b,
+        index::loki::FitPcaBasis(index::VectorView::F32(reinterpret_cast<const float*>(keys.data()),
+                                                        128, kDim),
+                                 index::loki::PcaFitOptions()));
+    b.layer = 0;
+    b.kv_head = h;
+    bases.push_back(std::move(b));
+  }
+  KVR_ASSERT_OK(service_->PutArtifact("tiny", "loki_basis", index::loki::SerializePcaBases(bases),
+                                      "layer 0 only")
+                    .status());
+  BuildIndexRequest req;
+  req.context = chain.back();
+  req.kind = "loki";
+  req.layers = {0};
+  KVR_ASSERT_OK_AND_ASSIGN(std::string op, service_->BuildIndex(req));
+  KVR_ASSERT_OK_AND_ASSIGN(OperationInfo done, service_->WaitOperation(op, absl::InfiniteFuture()));
+  EXPECT_EQ(done.state, OperationState::kDone) << done.error;
+  // Layer 1 has no basis in the artifact: the build fails and says which entry is missing.
+  req.layers = {1};
+  KVR_ASSERT_OK_AND_ASSIGN(op, service_->BuildIndex(req));
+  KVR_ASSERT_OK_AND_ASSIGN(OperationInfo failed, service_->WaitOperation(op, absl::InfiniteFuture()));
+  EXPECT_EQ(failed.state, OperationState::kFailed);
+  EXPECT_THAT(std::string(failed.error.message()), HasSubstr("layer 1"));
+}
+
 TEST_F(RetrievalServiceTest, BadRequestsAreRejected) {
   auto chain = StoreContext(64, 6);
   KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
@@ -406,21 +441,6 @@ TEST_F(RetrievalServiceTest, ArtifactsAreVersioned) {
   EXPECT_THAT(service_->GetArtifact("tiny", "loki_basis", 3), StatusIs(absl::StatusCode::kNotFound));
   KVR_ASSERT_OK_AND_ASSIGN(auto all, service_->ListArtifacts("tiny"));
   EXPECT_EQ(all.size(), 3u);
-}
-
-TEST(ArtifactBundleTest, RoundTripAndCorruption) {
-  ArtifactBundle b;
-  b.Put(ArtifactBundle::EntryName(3, 1), "basis-3-1");
-  b.Put("other", std::string(1000, 'x'));
-  const std::string bytes = b.Serialize();
-  KVR_ASSERT_OK_AND_ASSIGN(ArtifactBundle c, ArtifactBundle::Parse(bytes));
-  ASSERT_NE(c.Find("L3/H1"), nullptr);
-  EXPECT_EQ(*c.Find("L3/H1"), "basis-3-1");
-  EXPECT_EQ(c.Find("L0/H0"), nullptr);
-  std::string bad = bytes;
-  bad[20] ^= 1;
-  EXPECT_THAT(ArtifactBundle::Parse(bad), StatusIs(absl::StatusCode::kDataLoss));
-  EXPECT_THAT(ArtifactBundle::Parse("short"), StatusIs(absl::StatusCode::kDataLoss));
 }
 
 }  // namespace
