@@ -259,7 +259,7 @@ absl::StatusOr<InvertedIndex::QueryKnobs> InvertedIndex::ParseQueryKnobs(
   KVR_RETURN_IF_ERROR(knobs.CheckKnown("inverted", known));
   QueryKnobs q;
   KVR_ASSIGN_OR_RETURN(int64_t features,
-                       knobs.GetInt("query_features", std::min(64, encoder_->num_features()), 1,
+                       knobs.GetInt("query_features", std::min(128, encoder_->num_features()), 1,
                                     encoder_->num_features()));
   q.query_features = static_cast<int32_t>(features);
   const std::string mode = knobs.GetString("query_mode", "project");

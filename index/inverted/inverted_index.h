@@ -30,7 +30,7 @@
 //                   fill up, most recent first. At or above the number of
 //                   eligible keys every key is scored exactly (no posting
 //                   list is read): the flat result.
-//   query_features  |F_q| in project mode, [1, F], default 64.
+//   query_features  |F_q| in project mode, [1, F], default 128 (F if smaller).
 //   query_mode      project | encode.
 //   idf             0 | 1, default 0.
 //   window          SearchSpans only: w of the ±w windows, [0, 65536], default 8.

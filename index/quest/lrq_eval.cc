@@ -354,21 +354,21 @@ int Main() {
                        kHeadDim, DType::kF16, 0});
         encoder_lines.push_back(absl::StrFormat(
             "| %d | %d | keys | %d | %d | %.3f | %.3f | %d | %.2f | %.3f | %.1f | %.2f |", layer, g,
-            (*index)->encoder().num_features(), (*index)->encoder().k(), train_q->fvu, held_q->fvu,
+            (*index)->encoder().num_features(), (*index)->encoder().k(), train_q->fvu, held_q->mse,
             train_q->dead_features, train_q->mean_active, train_q->max_feature_share, train_s,
             static_cast<double>((*index)->PostingBytes()) / h.prefix));
-        for (int features : {32, 128}) {
+        for (int features : {32, 64, 128}) {
           for (int mult : {1, 4, 8}) {
             Row row = Evaluate(
                 h, **index, "inverted",
                 absl::StrCat("query_features=", features, ",candidates=", mult * B), flat_ms);
-            row.config = absl::StrCat("project, |F_q|=", features, ", k'=", mult, "B");
+            row.config = absl::StrCat("project, #F_q=", features, ", k'=", mult, "B");
             rows.push_back(row);
           }
         }
         Row idf = Evaluate(h, **index, "inverted",
                            absl::StrCat("query_features=128,idf=1,candidates=", 8 * B), flat_ms);
-        idf.config = "project+idf, |F_q|=128, k'=8B";
+        idf.config = "project+idf, #F_q=128, k'=8B";
         rows.push_back(idf);
         // Spans: one call per decode step (the 2 query rows of a position).
         for (int window : {0, 2, 8}) {
@@ -397,7 +397,7 @@ int Main() {
           }
           Row row;
           row.method = "inverted spans";
-          row.config = absl::StrCat("window=±", window, ", |F_q|=128, budget B");
+          row.config = absl::StrCat("window=±", window, ", #F_q=128, budget B");
           Score(h, ids, &row);
           row.visited = static_cast<double>(visited) / h.m;
           row.ms_per_query = 1e3 * Seconds(start) / h.m;
@@ -464,7 +464,8 @@ int Main() {
   }
   if (!encoder_lines.empty()) {
     std::printf("\n## Sparse encoders (trained on the prefix; held-out = the keys at the query positions)\n\n");
-    std::printf("| layer | KV head | trained on | F | κ | FVU train | FVU held-out | dead | mean active | max feature share | train s | posting bytes/key |\n");
+    std::printf("FVU = unexplained fraction of the training keys' variance; held-out = the %d keys at the query positions, their squared error relative to the same training variance. build s = training + encoding.\n\n", absl::GetFlag(FLAGS_queries));
+    std::printf("| layer | KV head | trained on | F | κ | FVU train | FVU held-out | dead | mean active | max feature share | build s | posting bytes/key |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const std::string& line : encoder_lines) std::printf("%s\n", line.c_str());
   }
