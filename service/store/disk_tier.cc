@@ -928,6 +928,10 @@ absl::StatusOr<int> DiskTier::CompactNow() {
     std::sort(candidates.begin(), candidates.end());
     int before = removed;
     for (const auto& [fraction, id] : candidates) {
+      {
+        absl::MutexLock lock(&mu_);
+        if (stopping_) return removed;  // the destructor is waiting
+      }
       bool done = false;
       KVR_RETURN_IF_ERROR(CompactSegment(id, &done));
       if (done) ++removed;

@@ -29,9 +29,9 @@
 // counted. For every key, the record or tombstone with the highest sequence
 // number wins.
 //
-// Thread-safe. Locks: `write_mu_` serializes appends (and is never needed by
-// readers); `mu_` guards the index and segment table and is held only for
-// in-memory updates, never across I/O.
+// Locks: `write_mu_` serializes appends (and is never needed by readers);
+// `mu_` guards the index and segment table and is held only for in-memory
+// updates, never across I/O. Thread-safe.
 
 #include <atomic>
 #include <cstdint>

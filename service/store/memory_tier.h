@@ -20,8 +20,8 @@
 // TTL both get what they asked for. Pinned bytes of a shard never exceed its
 // capacity.
 //
-// Thread-safe. No I/O is done under a shard lock; the shard lock is held only
-// for map and list updates.
+// No I/O is done under a shard lock; the shard lock is held only for map and
+// list updates. Thread-safe.
 
 #include <cstdint>
 #include <functional>

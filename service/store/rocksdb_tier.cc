@@ -107,7 +107,7 @@ rocksdb::WriteOptions Synced(bool sync) {
   return wo;
 }
 
-// Releases a snapshot on scope exit.
+// Releases a snapshot on scope exit. Not thread-safe.
 class ScopedSnapshot {
  public:
   explicit ScopedSnapshot(rocksdb::DB* db) : db_(db), snapshot_(db->GetSnapshot()) {}

@@ -20,8 +20,8 @@
 //
 // <rocksdb/...> is included only by rocksdb_tier.cc and rocksdb_status.{h,cc}.
 //
-// Thread-safe. The in-memory span index is guarded by a mutex held only for
-// map updates; RocksDB calls run outside it.
+// The in-memory span index is guarded by a mutex held only for map updates;
+// RocksDB calls run outside it. Thread-safe.
 
 #include <atomic>
 #include <cstdint>

@@ -151,7 +151,7 @@ Rate Measure(const std::string& name, int n, int64_t bytes, const std::function<
   return r;
 }
 
-// The copying cache the memory tier is compared with.
+// The copying cache the memory tier is compared with. Thread-safe.
 class CopyingCache {
  public:
   void Put(const Hash128& h, const std::string& payload) {

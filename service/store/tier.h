@@ -44,7 +44,7 @@ struct TierPutOptions {
 // The counters of one tier: hits, misses, evictions, promotions, demotions,
 // checksum failures, and gauges of bytes, spans and capacity. Registered in a
 // MetricsRegistry as kvrecall_store_tier_*{tier="..."} when one is given,
-// else owned privately. Thread-safe (lock-free).
+// else owned privately. Lock-free. Thread-safe.
 class TierMetrics {
  public:
   // `registry` may be null; when not null it must outlive this object.
@@ -72,7 +72,8 @@ class TierMetrics {
   std::unique_ptr<Gauge[]> own_gauges_;      // [3] when no registry is given
 };
 
-// One storage tier. Implementations are thread-safe.
+// One storage tier; every implementation must be safe to call from many
+// threads at once. Thread-safe.
 class Tier {
  public:
   virtual ~Tier() = default;

@@ -55,13 +55,17 @@ DirEntry ToDirEntry(const SpanMeta& m) {
 }
 
 // One (tenant, entry) list per hash, so that a miss can tell whether the hash
-// exists under another tenant.
+// exists under another tenant. Thread-safe.
 struct DirShard {
   mutable absl::Mutex mu;
   absl::flat_hash_map<Hash128, absl::InlinedVector<std::pair<std::string, DirEntry>, 1>> map
       ABSL_GUARDED_BY(mu);
 };
 
+// The TieredStore: a directory of every stored span (which model, parent,
+// checksum, durability) over the three tiers, 256 key stripes that serialize
+// changes to one key (put, delete, demotion, promotion), and the miss
+// accounting. Readers take no stripe. Thread-safe.
 class TieredStoreImpl final : public TieredStore {
  public:
   explicit TieredStoreImpl(const TieredStoreOptions& options);
@@ -431,7 +435,7 @@ absl::Status TieredStoreImpl::RegisterModel(const ModelGeometry& geometry) {
 }
 
 absl::StatusOr<ModelGeometry> TieredStoreImpl::GetModel(absl::string_view model_id) const {
-  absl::MutexLock lock(&models_mu_);
+  absl::ReaderMutexLock lock(&models_mu_);
   auto it = models_.find(model_id);
   if (it == models_.end()) {
     return absl::NotFoundError(absl::StrCat("unknown model id '", model_id, "'"));
@@ -440,7 +444,7 @@ absl::StatusOr<ModelGeometry> TieredStoreImpl::GetModel(absl::string_view model_
 }
 
 std::vector<ModelGeometry> TieredStoreImpl::ListModels() const {
-  absl::MutexLock lock(&models_mu_);
+  absl::ReaderMutexLock lock(&models_mu_);
   std::vector<ModelGeometry> out;
   out.reserve(models_.size());
   for (const auto& [id, m] : models_) out.push_back(m);
