@@ -7,11 +7,14 @@
 // (q⁺ = max(q, 0), q⁻ = min(q, 0)), which is >= q·k for every key k of the
 // page, scores the keys of the top pages exactly, and returns the top k.
 //
-// Storage: the keys as given ([n, d], their dtype) and the bounds M, m
-// ([num_pages, d] each, in the keys' dtype: a min or max of representable
-// values is representable, so the bounds are exact). Pages are aligned to
-// positions: page p holds [p·page_size, (p+1)·page_size); the last page may be
-// partial and Add() widens it before opening new pages.
+// Storage: the keys as given (their dtype) and the bounds M, m (one d-vector
+// per page each, in the keys' dtype: a min or max of representable values is
+// representable, so the bounds are exact), all in the transposed 16-vector
+// tiles of index/flat/tile_scoring.h: the bound pass scores 16 pages and the
+// exact pass 16 keys per vector load, bit-identical to DotRow (so exact scores
+// equal flat's). Pages are aligned to positions: page p holds
+// [p·page_size, (p+1)·page_size); the last page may be partial and Add()
+// widens it before opening new pages.
 //
 // Knobs (SearchParams::knobs):
 //   pages  the effort knob: pages scored exactly, >= 1; default
@@ -24,8 +27,12 @@
 // Stats, per query: a bound reads two d-vectors, so keys_scanned counts 2 per
 // computed page bound plus 1 per exactly scored key; exact_scores counts the
 // exactly scored keys; visited counts the pages whose keys were scored
-// exactly. When every eligible page is selected no bound is computed (the
-// selection would be moot): keys_scanned = exact_scores = eligible keys.
+// exactly. The kernels work on whole tiles, and what they compute is counted:
+// bounds of the 16-page tiles holding eligible pages, keys of the 16-key
+// tiles covering the selected pages (both clipped to the index). When every
+// eligible page is selected no bound is computed (the selection would be
+// moot) and keys_scanned = exact_scores = the keys of the tiles covering the
+// eligible positions.
 //
 // Build params (BuildIndex): page_size (default 16, range [1, 65536]).
 // Format of Serialize(): docs/formats/quest.md.
