@@ -30,9 +30,9 @@ struct DecodeWorkspace {
 };
 
 DecodeWorkspace PlanWorkspace(int64_t rows, int64_t lists, int32_t tokens, int32_t num_splits, int32_t head_dim,
-                              int32_t num_sms) {
+                              int64_t wave_blocks) {
   DecodeWorkspace w;
-  w.split = kernels::PlanDecodeSplit(lists, tokens, num_splits, num_sms);
+  w.split = kernels::PlanDecodeSplit(lists, tokens, num_splits, wave_blocks);
   if (w.split.num_chunks > 1) {
     w.o_bytes = AlignUp256(static_cast<size_t>(rows) * w.split.num_chunks * head_dim * sizeof(float));
     w.lse_bytes = AlignUp256(static_cast<size_t>(rows) * w.split.num_chunks * sizeof(float));
@@ -40,17 +40,17 @@ DecodeWorkspace PlanWorkspace(int64_t rows, int64_t lists, int32_t tokens, int32
   return w;
 }
 
-DecodeWorkspace PlanSparse(const SparseDecodeArgs& a, int32_t num_sms) {
+DecodeWorkspace PlanSparse(const SparseDecodeArgs& a, int64_t wave_blocks) {
   const int32_t num_lists = a.lists_per_kv_head ? a.kv.num_kv_heads : a.num_q_heads;
   return PlanWorkspace(static_cast<int64_t>(a.batch_size) * a.num_q_heads,
                        static_cast<int64_t>(a.batch_size) * num_lists, a.max_list_len, a.num_splits, a.kv.head_dim,
-                       num_sms);
+                       wave_blocks);
 }
 
-DecodeWorkspace PlanDense(const DenseDecodeArgs& a, int32_t num_sms) {
+DecodeWorkspace PlanDense(const DenseDecodeArgs& a, int64_t wave_blocks) {
   const int64_t rows = static_cast<int64_t>(a.batch_size) * a.num_q_heads;
   DecodeWorkspace w = PlanWorkspace(rows, static_cast<int64_t>(a.batch_size) * a.kv.num_kv_heads, a.max_seq_len,
-                                    a.num_splits, a.kv.head_dim, num_sms);
+                                    a.num_splits, a.kv.head_dim, wave_blocks);
   if (a.top_k > 0) {
     if (a.scores == nullptr) w.scores_bytes = AlignUp256(static_cast<size_t>(rows) * a.max_seq_len * sizeof(float));
     w.topk_bytes = AlignUp256(kernels::TopKRowWorkspaceBytes(rows));
@@ -79,6 +79,28 @@ DecodeParams BaseParams(const PagedKvCache& kv, int32_t batch_size, int32_t num_
   p.scale_log2 = scale * kernels::kLog2e;
   return p;
 }
+
+// Resident blocks of the decode kernel for these sizes on the current device
+// (blocks per SM x SMs): one wave.
+cudaError_t WaveBlocks(DType dtype, int32_t head_dim, int32_t heads_per_list, bool dense, int32_t num_sms,
+                       int64_t* wave_blocks) {
+  int32_t per_sm = 0;
+  cudaError_t err = cudaErrorInvalidValue;
+  if (dtype == DType::kBf16) {
+    err = kernels::DecodeBlocksPerSm<__nv_bfloat16>(head_dim, heads_per_list, dense, &per_sm);
+  } else if (dtype == DType::kF16) {
+    err = kernels::DecodeBlocksPerSm<__half>(head_dim, heads_per_list, dense, &per_sm);
+  }
+  if (err != cudaSuccess) return err;
+  *wave_blocks = static_cast<int64_t>(per_sm) * num_sms;
+  return cudaSuccess;
+}
+
+int32_t SparseHeadsPerList(const SparseDecodeArgs& a) {
+  return a.lists_per_kv_head ? a.num_q_heads / a.kv.num_kv_heads : 1;
+}
+
+int32_t DenseHeadsPerList(const DenseDecodeArgs& a) { return a.num_q_heads / a.kv.num_kv_heads; }
 
 cudaError_t LaunchTyped(DType dtype, const DecodeParams& p, int32_t head_dim, bool dense, cudaStream_t stream) {
   switch (dtype) {
@@ -131,18 +153,24 @@ bool WorkspaceOk(const void* workspace, size_t needed) {
 size_t SparseDecodeAttentionWorkspaceBytes(const SparseDecodeArgs& args) {
   if (ValidateSparseDecodeArgs(args) != nullptr) return 0;
   int32_t num_sms = 0;
-  if (kernels::CurrentDeviceSmCount(&num_sms) != cudaSuccess) return 0;
-  return PlanSparse(args, num_sms).Total();
+  int64_t wave = 0;
+  if (kernels::CurrentDeviceSmCount(&num_sms) != cudaSuccess ||
+      WaveBlocks(args.kv.dtype, args.kv.head_dim, SparseHeadsPerList(args), false, num_sms, &wave) != cudaSuccess) {
+    return 0;
+  }
+  return PlanSparse(args, wave).Total();
 }
 
 cudaError_t SparseDecodeAttention(const SparseDecodeArgs& args, void* workspace, cudaStream_t stream) {
   if (ValidateSparseDecodeArgs(args) != nullptr) return cudaErrorInvalidValue;
   int32_t num_sms = 0;
   KVR_CUDA_RETURN_IF_ERROR(kernels::CurrentDeviceSmCount(&num_sms));
-  const DecodeWorkspace w = PlanSparse(args, num_sms);
+  int64_t wave = 0;
+  KVR_CUDA_RETURN_IF_ERROR(WaveBlocks(args.kv.dtype, args.kv.head_dim, SparseHeadsPerList(args), false, num_sms, &wave));
+  const DecodeWorkspace w = PlanSparse(args, wave);
   if (!WorkspaceOk(workspace, w.Total())) return cudaErrorInvalidValue;
   DecodeParams p = BaseParams(args.kv, args.batch_size, args.num_q_heads, args.q, args.sm_scale);
-  p.heads_per_list = args.lists_per_kv_head ? p.group_size : 1;
+  p.heads_per_list = SparseHeadsPerList(args);
   p.num_lists = args.lists_per_kv_head ? args.kv.num_kv_heads : args.num_q_heads;
   p.positions = args.positions;
   p.list_lens = args.list_lens;
@@ -155,15 +183,21 @@ cudaError_t SparseDecodeAttention(const SparseDecodeArgs& args, void* workspace,
 size_t DenseDecodeAttentionWorkspaceBytes(const DenseDecodeArgs& args) {
   if (ValidateDenseDecodeArgs(args) != nullptr) return 0;
   int32_t num_sms = 0;
-  if (kernels::CurrentDeviceSmCount(&num_sms) != cudaSuccess) return 0;
-  return PlanDense(args, num_sms).Total();
+  int64_t wave = 0;
+  if (kernels::CurrentDeviceSmCount(&num_sms) != cudaSuccess ||
+      WaveBlocks(args.kv.dtype, args.kv.head_dim, DenseHeadsPerList(args), true, num_sms, &wave) != cudaSuccess) {
+    return 0;
+  }
+  return PlanDense(args, wave).Total();
 }
 
 cudaError_t DenseDecodeAttention(const DenseDecodeArgs& args, void* workspace, cudaStream_t stream) {
   if (ValidateDenseDecodeArgs(args) != nullptr) return cudaErrorInvalidValue;
   int32_t num_sms = 0;
   KVR_CUDA_RETURN_IF_ERROR(kernels::CurrentDeviceSmCount(&num_sms));
-  const DecodeWorkspace w = PlanDense(args, num_sms);
+  int64_t wave = 0;
+  KVR_CUDA_RETURN_IF_ERROR(WaveBlocks(args.kv.dtype, args.kv.head_dim, DenseHeadsPerList(args), true, num_sms, &wave));
+  const DecodeWorkspace w = PlanDense(args, wave);
   if (!WorkspaceOk(workspace, w.Total())) return cudaErrorInvalidValue;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   DecodeParams p = BaseParams(args.kv, args.batch_size, args.num_q_heads, args.q, args.sm_scale);

@@ -6,4 +6,5 @@
 
 namespace kvrecall::gpu::kernels {
 template cudaError_t LaunchDecodeAttention<__half>(const DecodeParams&, int32_t, bool, cudaStream_t);
+template cudaError_t DecodeBlocksPerSm<__half>(int32_t, int32_t, bool, int32_t*);
 }  // namespace kvrecall::gpu::kernels

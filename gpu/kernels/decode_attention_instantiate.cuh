@@ -15,9 +15,22 @@ cudaError_t LaunchDecodeAttention(const DecodeParams& p, int32_t head_dim, bool 
   KVR_DISPATCH_HEAD_DIM(head_dim, kHeadDim, {
     KVR_DISPATCH_GROUP(p.heads_per_list, kGroup, {
       if (dense) {
-        return LaunchDecodeKernel<T, kHeadDim, kGroup, true>(p, grid, stream);
+        return DecodeKernelHost<T, kHeadDim, kGroup, true>::Launch(p, grid, stream);
       }
-      return LaunchDecodeKernel<T, kHeadDim, kGroup, false>(p, grid, stream);
+      return DecodeKernelHost<T, kHeadDim, kGroup, false>::Launch(p, grid, stream);
+    });
+  });
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t DecodeBlocksPerSm(int32_t head_dim, int32_t heads_per_list, bool dense, int32_t* blocks) {
+  KVR_DISPATCH_HEAD_DIM(head_dim, kHeadDim, {
+    KVR_DISPATCH_GROUP(heads_per_list, kGroup, {
+      if (dense) {
+        return DecodeKernelHost<T, kHeadDim, kGroup, true>::BlocksPerSm(blocks);
+      }
+      return DecodeKernelHost<T, kHeadDim, kGroup, false>::BlocksPerSm(blocks);
     });
   });
   return cudaErrorInvalidValue;

@@ -57,26 +57,50 @@ struct DecodeParams {
 template <typename T>
 cudaError_t LaunchDecodeAttention(const DecodeParams& p, int32_t head_dim, bool dense, cudaStream_t stream);
 
+// Resident blocks per SM of the kernel that LaunchDecodeAttention<T> runs
+// for these sizes (occupancy API, cached per device).
+template <typename T>
+cudaError_t DecodeBlocksPerSm(int32_t head_dim, int32_t heads_per_list, bool dense, int32_t* blocks);
+
 // The split of each list into chunks.
 struct DecodeSplit {
   int32_t num_chunks;
   int32_t chunk_tokens;
 };
 
-// Chooses the chunks for `num_lists_total` lists of up to `tokens` tokens:
-// num_splits when > 0, else enough blocks to fill `num_sms` SMs, with at
-// least ceil(tokens / kMaxChunkTokens) chunks and chunks of >= 128 tokens.
-inline DecodeSplit PlanDecodeSplit(int64_t num_lists_total, int32_t tokens, int32_t num_splits, int32_t num_sms) {
+constexpr int32_t kMinChunkTokens = 192;  // shorter chunks cost more (prologue, merge) than they gain
+
+// Chooses the chunks for `num_lists_total` lists of up to `tokens` tokens,
+// given the resident capacity `wave_blocks` = blocks per SM x SMs:
+//   - num_splits > 0: that many (at least ceil(tokens / kMaxChunkTokens));
+//   - else the smallest chunk count that makes the grid k whole waves,
+//     floor(k * wave_blocks / lists) for k = 1..4, that is at least
+//     ceil(tokens / kMaxChunkTokens) -- equal blocks then start and end
+//     together (a partial last wave idles most of the GPU) -- capped so that
+//     chunks keep >= kMinChunkTokens tokens, or >= 128 tokens when the
+//     longer chunks would fill less than a third of a wave (there latency,
+//     not the merge, dominates); with more work than 4 waves, the fewest
+//     chunks allowed.
+// The plan measured on an H100 (docs/gpu.md): one exact wave was 10-25%
+// faster than 1.5-2.6 waves of smaller blocks.
+inline DecodeSplit PlanDecodeSplit(int64_t num_lists_total, int32_t tokens, int32_t num_splits,
+                                   int64_t wave_blocks) {
   const int64_t t = tokens > 0 ? tokens : 1;
+  const int64_t lists = num_lists_total > 0 ? num_lists_total : 1;
   const int64_t min_chunks = (t + kMaxChunkTokens - 1) / kMaxChunkTokens;
-  int64_t chunks;
+  int64_t chunks = min_chunks;
   if (num_splits > 0) {
     chunks = num_splits;
   } else {
-    const int64_t target_blocks = static_cast<int64_t>(num_sms) * 8;
-    const int64_t want = (target_blocks + num_lists_total - 1) / num_lists_total;
-    const int64_t cap = (t + 127) / 128;
-    chunks = want < cap ? want : cap;
+    int64_t max_chunks = t / kMinChunkTokens > 1 ? t / kMinChunkTokens : 1;
+    if (lists * max_chunks * 3 < wave_blocks) max_chunks = (t + 127) / 128;
+    for (int64_t k = 1; k <= 4; ++k) {
+      const int64_t c = k * wave_blocks / lists;
+      if (c >= min_chunks) {
+        chunks = c < max_chunks ? c : max_chunks;
+        break;
+      }
+    }
   }
   if (chunks < min_chunks) chunks = min_chunks;
   if (chunks > (t + 31) / 32) chunks = (t + 31) / 32;

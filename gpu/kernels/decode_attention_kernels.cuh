@@ -15,7 +15,7 @@
 //      so one warp instruction reads 2 (d = 128) or 4 (d = 64) rows of K and
 //      of V. Rows are copied with cp.async into a per-lane ring of kStages
 //      batches (each lane only ever reads back what it copied itself, so the
-//      ring needs no barrier), keeping 3 batches in flight per warp;
+//      ring needs no barrier), keeping kStages - 1 batches in flight per warp;
 //   3. logits come from 8-element partial dots reduced across the row's
 //      lanes; each row-lane group keeps its own online-softmax state (m, l,
 //      acc in log2 units), merged across the warp by shuffles and across the
@@ -53,7 +53,9 @@ struct DecodeShape {
   static constexpr int kSteps = 4;                                // instructions per batch
   static constexpr int kTokensPerBatch = kTokensPerStep * kSteps;  // 8 (d=128) or 16 (d=64)
   static constexpr int kBatchesPerSub = 32 / kTokensPerBatch;
-  static constexpr int kStages = 4;                               // ring depth
+  // Ring depth: 3 keeps 2 batches in flight per warp and lets 4 blocks
+  // (16 warps) share an SM (48 KiB ring + 8 KiB offsets per block).
+  static constexpr int kStages = 3;
   // Per warp: kStages x kSteps x {K, V} x 32 lanes x 16 bytes.
   static constexpr int kRingBytesPerWarp = kStages * kSteps * 2 * 32 * 16;
   static constexpr int kMergeBytes = kDecodeWarps * kGroup * (kHeadDim + 2) * 4;
@@ -156,6 +158,15 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeAttentionKernel(const De
     for (int i = 0; i < 8; ++i) acc[g][i] = 0.0f;
   }
 
+  // Dense: this lane's row of scores (head q_head0 + sub), from the chunk's first column.
+  float* score_row = nullptr;
+  if constexpr (kDense) {
+    if (p.scores != nullptr && sub < p.heads_per_list) {
+      score_row = p.scores + (static_cast<int64_t>(b) * p.num_q_heads + q_head0 + sub) * p.scores_stride + chunk_begin;
+    }
+  }
+  static_assert(kGroup <= kLanesPerToken, "a lane stores the logits of at most one head");
+
   const T* kbase = static_cast<const T*>(p.k);
   const T* vbase = static_cast<const T*>(p.v);
   uint4* ring = reinterpret_cast<uint4*>(s_dyn) + warp * (Shape::kRingBytesPerWarp / 16);
@@ -206,15 +217,12 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeAttentionKernel(const De
         sv[s][g] = valid ? d : NegInf();
       }
       if constexpr (kDense) {
-        if (p.scores != nullptr && t < n_tok) {
-          const int idx = chunk_begin + t;
+        // Lane `sub` < heads_per_list stores head `sub`'s logit (kGroup <= kLanesPerToken).
+        if (score_row != nullptr && t < n_tok) {
+          float own = sv[s][0];
 #pragma unroll
-          for (int g = 0; g < kGroup; ++g) {
-            if (g < p.heads_per_list && sub == g % kLanesPerToken) {
-              const int64_t row = static_cast<int64_t>(b) * p.num_q_heads + q_head0 + g;
-              p.scores[row * p.scores_stride + idx] = valid ? sv[s][g] * kLn2 : NegInf();
-            }
-          }
+          for (int g = 1; g < kGroup; ++g) own = sub == g ? sv[s][g] : own;
+          score_row[t] = own * kLn2;  // -inf stays -inf
         }
       }
     }
@@ -223,12 +231,13 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeAttentionKernel(const De
       float mx = sv[0][g];
 #pragma unroll
       for (int s = 1; s < kSteps; ++s) mx = fmaxf(mx, sv[s][g]);
-      const float m_new = fmaxf(m[g], mx);
-      const float alpha = m_new == NegInf() ? 1.0f : exp2f(m[g] - m_new);
-      lsum[g] *= alpha;
+      if (mx > m[g]) {  // rescale only when the running max grows
+        const float alpha = exp2f(m[g] - mx);  // 0 while m[g] is -inf
+        lsum[g] *= alpha;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[g][i] *= alpha;
-      m[g] = m_new;
+        for (int i = 0; i < 8; ++i) acc[g][i] *= alpha;
+        m[g] = mx;
+      }
     }
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
@@ -316,15 +325,37 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeAttentionKernel(const De
   }
 }
 
+// Host side of one instantiation: the shared-memory attribute (set once per
+// device) and the resident blocks per SM (queried once per device).
 template <typename T, int kHeadDim, int kGroup, bool kDense>
-cudaError_t LaunchDecodeKernel(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr int kSmem = DecodeShape<kHeadDim, kGroup>::kDynamicSmemBytes;
-  auto* kernel = &DecodeAttentionKernel<T, kHeadDim, kGroup, kDense>;
-  static std::atomic<uint64_t> smem_done{0};
-  const cudaError_t err = EnsureDynamicSmem(kernel, kSmem, &smem_done);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, kDecodeThreads, kSmem, stream>>>(p);
-  return cudaGetLastError();
-}
+struct DecodeKernelHost {
+  static constexpr int kSmem = DecodeShape<kHeadDim, kGroup>::kDynamicSmemBytes;
+  static cudaError_t Prepare() {
+    static std::atomic<uint64_t> smem_done{0};
+    return EnsureDynamicSmem(&DecodeAttentionKernel<T, kHeadDim, kGroup, kDense>, kSmem, &smem_done);
+  }
+  static cudaError_t BlocksPerSm(int32_t* blocks) {
+    static std::atomic<int32_t> cached[64] = {};
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    if (device < 64 && (*blocks = cached[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+    err = Prepare();
+    if (err != cudaSuccess) return err;
+    int n = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, &DecodeAttentionKernel<T, kHeadDim, kGroup, kDense>,
+                                                        kDecodeThreads, kSmem);
+    if (err != cudaSuccess) return err;
+    *blocks = n > 0 ? n : 1;
+    if (device < 64) cached[device].store(*blocks, std::memory_order_relaxed);
+    return cudaSuccess;
+  }
+  static cudaError_t Launch(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
+    const cudaError_t err = Prepare();
+    if (err != cudaSuccess) return err;
+    DecodeAttentionKernel<T, kHeadDim, kGroup, kDense><<<grid, kDecodeThreads, kSmem, stream>>>(p);
+    return cudaGetLastError();
+  }
+};
 
 }  // namespace kvrecall::gpu::kernels

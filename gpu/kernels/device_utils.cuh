@@ -14,12 +14,13 @@
 
 namespace kvrecall::gpu::kernels {
 
-// Raises `kernel`'s dynamic shared-memory limit to `bytes` once per device
-// (the attribute is per device; `done` holds one bit per device id < 64).
-// Host code; safe to call from several threads.
+// Sets `kernel`'s dynamic shared-memory limit to `bytes` once per device
+// (needed whenever static + dynamic shared memory exceeds 48 KiB; the
+// attribute is per device; `done` holds one bit per device id < 64). Host
+// code; safe to call from several threads.
 template <typename Kernel>
 cudaError_t EnsureDynamicSmem(Kernel* kernel, int bytes, std::atomic<uint64_t>* done) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
+  if (bytes <= 0) return cudaSuccess;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;

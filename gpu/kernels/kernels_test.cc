@@ -1150,9 +1150,17 @@ TEST(GraphCaptureTest, DecodeStepCapturesAndReplaysIdentically) {
   l.scores = lscores.get();
   l.k = 32;
 
+  // Output pointers are part of the arguments that WorkspaceBytes validates.
+  s.o = o1.get();
+  dn.o = o1.get();
+  dn.top_k_positions = top1.get();
+  l.top_k_positions = ltop1.get();
   Workspace ws_s(SparseDecodeAttentionWorkspaceBytes(s));
   Workspace ws_d(DenseDecodeAttentionWorkspaceBytes(dn));
   Workspace ws_l(LokiScoreWorkspaceBytes(l));
+  ASSERT_GT(SparseDecodeAttentionWorkspaceBytes(s), 0u);
+  ASSERT_GT(DenseDecodeAttentionWorkspaceBytes(dn), 0u);
+  ASSERT_GT(LokiScoreWorkspaceBytes(l), 0u);
   cudaStream_t stream;
   KVR_ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   auto step = [&](float* o_s, float* lse_s, int32_t* top_d, int32_t* top_l) {
