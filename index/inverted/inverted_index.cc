@@ -400,7 +400,10 @@ absl::StatusOr<SearchResult> InvertedIndex::Search(const VectorView& queries, in
   if (params.num_threads == 1 || m == 1) {
     search_rows(0, m);
   } else {
-    ThreadPool::Default()->ParallelFor(m, 1, search_rows, ResolveThreads(params.num_threads));
+    // Chunks of several queries share their scratch arrays ([size_] each).
+    const int threads = ResolveThreads(params.num_threads);
+    ThreadPool::Default()->ParallelFor(m, std::max<int64_t>(1, m / (4 * threads)), search_rows,
+                                       threads);
   }
   for (int64_t v : visited) result.stats.visited += v;
   result.stats.keys_scanned = m * k_prime;

@@ -152,6 +152,7 @@ TEST(InvertedIndexTest, MaxEffortEqualsBruteForceForEveryDtype) {
 }
 
 TEST(InvertedIndexTest, CoActivationFindsTopKeys) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const SparseData data = MakeSparseData(3000, 24, 16, DType::kF16, kSeed);
   InvertedOptions options = SmallOptions();
   options.train.epochs = 10;
@@ -182,6 +183,7 @@ TEST(InvertedIndexTest, CoActivationFindsTopKeys) {
 }
 
 TEST(InvertedIndexTest, FillsWithRecentPositionsAndHonoursExcludes) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const SparseData data = MakeSparseData(500, 4, 16, DType::kF32, kSeed);
   KVR_ASSERT_OK_AND_ASSIGN(auto index,
                            InvertedIndex::Create(data.keys.view(), VectorView::Empty(16), SmallOptions()));
@@ -200,6 +202,7 @@ TEST(InvertedIndexTest, FillsWithRecentPositionsAndHonoursExcludes) {
 }
 
 TEST(InvertedIndexTest, AddEqualsBuildingAtOnce) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const SparseData data = MakeSparseData(400, 3, 16, DType::kBf16, kSeed);
   KVR_ASSERT_OK_AND_ASSIGN(auto first,
                            InvertedIndex::Create(data.keys.view(), VectorView::Empty(16), SmallOptions()));
@@ -221,6 +224,7 @@ TEST(InvertedIndexTest, AddEqualsBuildingAtOnce) {
 }
 
 TEST(InvertedIndexTest, SpansRespectBudgetWindowsAndExcludes) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const SparseData data = MakeSparseData(800, 2, 16, DType::kF32, kSeed);
   KVR_ASSERT_OK_AND_ASSIGN(auto index,
                            InvertedIndex::Create(data.keys.view(), VectorView::Empty(16), SmallOptions()));
@@ -258,6 +262,7 @@ TEST(InvertedIndexTest, SpansRespectBudgetWindowsAndExcludes) {
 }
 
 TEST(InvertedIndexTest, RejectsBadInput) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const SparseData data = MakeSparseData(200, 2, 16, DType::kF32, kSeed);
   KVR_ASSERT_OK_AND_ASSIGN(auto index,
                            InvertedIndex::Create(data.keys.view(), VectorView::Empty(16), SmallOptions()));
@@ -291,6 +296,7 @@ TEST(InvertedIndexTest, RejectsBadInput) {
 }
 
 TEST(InvertedIndexTest, OptionsFromBuildParamsAndArtifacts) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const SparseData data = MakeSparseData(300, 2, 16, DType::kF32, kSeed);
   KVR_ASSERT_OK_AND_ASSIGN(
       InvertedOptions options,
@@ -319,6 +325,7 @@ TEST(InvertedIndexTest, OptionsFromBuildParamsAndArtifacts) {
 }
 
 TEST(InvertedIndexTest, SerializeLoadRoundTripAndCorruption) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const SparseData data = MakeSparseData(500, 4, 16, DType::kF16, kSeed);
   KVR_ASSERT_OK_AND_ASSIGN(auto index,
                            InvertedIndex::Create(data.keys.view(), VectorView::Empty(16), SmallOptions()));
@@ -345,6 +352,7 @@ TEST(InvertedIndexTest, SerializeLoadRoundTripAndCorruption) {
 }
 
 TEST(InvertedIndexTest, MaxEffortEqualsBruteForceOnRealCaptures) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const std::string dir = kvrecall::testing::SharedDir() + "/data/attn-dev/";
   auto k = ReadNpy(dir + "layer07_k.npy");
   auto q = ReadNpy(dir + "layer07_q.npy");

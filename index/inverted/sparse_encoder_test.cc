@@ -59,6 +59,7 @@ SparseEncoderTrainOptions SmallTraining() {
 }
 
 TEST(SparseEncoderTest, LearnsSparseStructure) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const int32_t d = 16;
   const std::vector<float> x = SparseMixtures(3000, d, 24, 2, kSeed);
   SparseEncoderQuality q;
@@ -80,6 +81,7 @@ TEST(SparseEncoderTest, LearnsSparseStructure) {
 }
 
 TEST(SparseEncoderTest, EncodeDecodeAndProjectionAgree) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const int32_t d = 16;
   const std::vector<float> x = SparseMixtures(1000, d, 24, 2, kSeed);
   SparseEncoderTrainOptions o = SmallTraining();
@@ -114,6 +116,7 @@ TEST(SparseEncoderTest, EncodeDecodeAndProjectionAgree) {
 }
 
 TEST(SparseEncoderTest, TrainingIsDeterministicAcrossThreadCounts) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const std::vector<float> x = SparseMixtures(700, 8, 12, 2, kSeed);
   SparseEncoderTrainOptions o = SmallTraining();
   o.num_features = 16;
@@ -190,6 +193,7 @@ void ExpectGradientMatches(SparseEncoderWeights w, const std::vector<const float
 }
 
 TEST(SparseEncoderTest, BatchGradientMatchesFiniteDifferences) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   std::mt19937 rng(kSeed);
   std::normal_distribution<float> g;
   const int32_t d = 6, F = 24, k = 3;
@@ -219,6 +223,7 @@ TEST(SparseEncoderTest, BatchGradientMatchesFiniteDifferences) {
 }
 
 TEST(SparseEncoderTest, BatchGradientIsIndependentOfThreadCount) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   std::mt19937 rng(kSeed + 1);
   std::normal_distribution<float> g;
   const SparseEncoderWeights w = RandomWeights(8, 32, 4, &rng);
@@ -237,6 +242,7 @@ TEST(SparseEncoderTest, BatchGradientIsIndependentOfThreadCount) {
 }
 
 TEST(SparseEncoderTest, QualityCountsDeadFeatures) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   // Hand-made encoder, d = 2, F = 3: feature 2 has a hugely negative bias and
   // never fires; inputs along +x fire feature 0, along +y feature 1.
   SparseEncoderWeights w;
@@ -258,6 +264,7 @@ TEST(SparseEncoderTest, QualityCountsDeadFeatures) {
 }
 
 TEST(SparseEncoderTest, RejectsBadInputAndWeights) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   std::vector<float> x(64, 1.0f);
   EXPECT_THAT(TrainSparseEncoder(VectorView::F32(x.data(), 1, 8), SmallTraining()),
               StatusIs(absl::StatusCode::kInvalidArgument));
@@ -296,6 +303,7 @@ TEST(SparseEncoderTest, RejectsBadInputAndWeights) {
 }
 
 TEST(SparseEncoderFormatTest, RoundTripsSelectsAndDetectsCorruption) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const std::vector<float> x = SparseMixtures(300, 8, 12, 2, kSeed);
   SparseEncoderTrainOptions o = SmallTraining();
   o.num_features = 16;

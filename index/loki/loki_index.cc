@@ -347,8 +347,10 @@ absl::StatusOr<SearchResult> LokiIndex::Search(const VectorView& queries, int32_
   if (params.num_threads == 1 || num_blocks == 1) {
     search_blocks(0, num_blocks);
   } else {
-    ThreadPool::Default()->ParallelFor(num_blocks, 1, search_blocks,
-                                       ResolveThreads(params.num_threads));
+    // Chunks of several blocks share their scratch arrays.
+    const int threads = ResolveThreads(params.num_threads);
+    ThreadPool::Default()->ParallelFor(
+        num_blocks, std::max<int64_t>(1, num_blocks / (4 * threads)), search_blocks, threads);
   }
   result.stats.keys_scanned = m * (all_exact ? eligible : tile_keys);
   result.stats.exact_scores = m * k_prime;

@@ -125,6 +125,7 @@ TEST(LokiIndexTest, MaxEffortEqualsBruteForceForEveryDtype) {
 }
 
 TEST(LokiIndexTest, LowRankScoringFindsTopKeysAndCountsWork) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const Matrix keys = LowRankGaussian(4000, 64, DType::kF16, kSeed);
   const Matrix queries = LowRankGaussian(32, 64, DType::kF32, kSeed + 2);
   LokiOptions options;
@@ -161,6 +162,7 @@ TEST(LokiIndexTest, LowRankScoringFindsTopKeysAndCountsWork) {
 }
 
 TEST(LokiIndexTest, LowEffortHonoursExcludeRanges) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const Matrix keys = LowRankGaussian(1000, 32, DType::kF32, kSeed);
   const Matrix queries = LowRankGaussian(16, 32, DType::kF32, kSeed + 3);
   KVR_ASSERT_OK_AND_ASSIGN(auto index, LokiIndex::Create(keys.view(), {}));
@@ -184,6 +186,7 @@ TEST(LokiIndexTest, LowEffortHonoursExcludeRanges) {
 }
 
 TEST(LokiIndexTest, RejectsBadSearchInput) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const Matrix keys = LowRankGaussian(100, 16, DType::kF32, kSeed);
   const Matrix queries = LowRankGaussian(2, 16, DType::kF32, kSeed);
   const Matrix wrong = LowRankGaussian(2, 8, DType::kF32, kSeed);
@@ -205,6 +208,7 @@ TEST(LokiIndexTest, RejectsBadSearchInput) {
 }
 
 TEST(LokiIndexTest, AddEqualsBuildingAtOnce) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const Matrix keys = LowRankGaussian(900, 32, DType::kBf16, kSeed);
   const Matrix queries = LowRankGaussian(8, 32, DType::kBf16, kSeed + 4);
   KVR_ASSERT_OK_AND_ASSIGN(auto whole, LokiIndex::Create(keys.view(), {}));
@@ -232,6 +236,7 @@ TEST(LokiIndexTest, AddEqualsBuildingAtOnce) {
 }
 
 TEST(LokiIndexTest, CreateValidatesOptions) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const Matrix keys = LowRankGaussian(50, 16, DType::kF32, kSeed);
   LokiOptions options;
   options.rank = 17;
@@ -258,6 +263,7 @@ TEST(LokiIndexTest, CreateValidatesOptions) {
 }
 
 TEST(LokiIndexTest, OptionsFromBuildParamsAndArtifacts) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const Matrix keys = LowRankGaussian(300, 16, DType::kF32, kSeed);
   KVR_ASSERT_OK_AND_ASSIGN(PcaBasis b, FitPcaBasis(keys.view(), {}));
   b.layer = 3;
@@ -285,6 +291,7 @@ TEST(LokiIndexTest, OptionsFromBuildParamsAndArtifacts) {
 }
 
 TEST(LokiIndexTest, SerializeLoadRoundTrip) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const Matrix keys = LowRankGaussian(600, 32, DType::kF16, kSeed);
   const Matrix queries = LowRankGaussian(5, 32, DType::kF16, kSeed + 5);
   KVR_ASSERT_OK_AND_ASSIGN(auto index, LokiIndex::Create(keys.view(), {}));
@@ -309,6 +316,7 @@ TEST(LokiIndexTest, SerializeLoadRoundTrip) {
 // Real attention data: a slice of layer 3's keys (KV head 0) and later
 // queries of the two query heads of its group.
 TEST(LokiIndexTest, MaxEffortEqualsBruteForceOnRealCaptures) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const std::string dir = kvrecall::testing::SharedDir() + "/data/attn-dev/";
   auto k = ReadNpy(dir + "layer03_k.npy");
   auto q = ReadNpy(dir + "layer03_q.npy");

@@ -68,6 +68,7 @@ TEST(SymmetricEigenTest, DecomposesRandomSymmetricMatrices) {
 }
 
 TEST(SymmetricEigenTest, RejectsWrongShape) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   std::vector<double> values, vectors;
   EXPECT_THAT(SymmetricEigen({1, 2, 3}, 2, &values, &vectors),
               StatusIs(absl::StatusCode::kInvalidArgument));
@@ -76,6 +77,7 @@ TEST(SymmetricEigenTest, RejectsWrongShape) {
 // Keys x = mean + sum_i s_i z_i axis_i with z ~ N(0, 1): the fit must recover
 // the axes (up to sign) and the variances s_i^2.
 TEST(FitPcaBasisTest, RecoversKnownAxesForEveryDtype) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const int d = 16;
   const int64_t n = 20000;
   std::mt19937 rng(kSeed);
@@ -122,6 +124,7 @@ TEST(FitPcaBasisTest, RecoversKnownAxesForEveryDtype) {
 }
 
 TEST(FitPcaBasisTest, IsIndependentOfThreadCount) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const int d = 8;
   const int64_t n = 5000;
   std::mt19937 rng(kSeed);
@@ -137,6 +140,7 @@ TEST(FitPcaBasisTest, IsIndependentOfThreadCount) {
 }
 
 TEST(FitPcaBasisTest, RejectsBadInputAndCancels) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   std::vector<float> keys(64, 1.0f);
   EXPECT_THAT(FitPcaBasis(VectorView::F32(keys.data(), 0, 8), {}),
               StatusIs(absl::StatusCode::kInvalidArgument));
@@ -153,6 +157,7 @@ TEST(FitPcaBasisTest, RejectsBadInputAndCancels) {
 }
 
 TEST(FitPcaBasisTest, ReportsMonotoneProgress) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   std::mt19937 rng(kSeed);
   std::normal_distribution<float> g;
   std::vector<float> keys(4096 * 16);
@@ -184,6 +189,7 @@ PcaBasis SmallBasis(int d, int layer, int head) {
 }
 
 TEST(PcaBasisFormatTest, RoundTripsAndSelects) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const std::vector<PcaBasis> bases = {SmallBasis(8, 0, 0), SmallBasis(8, 0, 1),
                                        SmallBasis(8, 3, 0)};
   const std::string bytes = SerializePcaBases(bases);
@@ -207,6 +213,7 @@ TEST(PcaBasisFormatTest, RoundTripsAndSelects) {
 }
 
 TEST(PcaBasisFormatTest, DetectsCorruption) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const std::string bytes = SerializePcaBases({SmallBasis(8, 1, 1)});
   std::string flipped = bytes;
   flipped[100] ^= 0x10;
@@ -220,6 +227,7 @@ TEST(PcaBasisFormatTest, DetectsCorruption) {
 }
 
 TEST(PcaBasisFormatTest, ValidationRejectsNonOrthonormalBases) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   PcaBasis b = SmallBasis(8, 0, 0);
   KVR_EXPECT_OK(ValidatePcaBasis(b));
   b.components[3] += 0.01f;

@@ -298,8 +298,10 @@ absl::StatusOr<SearchResult> QuestIndex::Search(const VectorView& queries, int32
   if (params.num_threads == 1 || num_blocks == 1) {
     search_blocks(0, num_blocks);
   } else {
-    ThreadPool::Default()->ParallelFor(num_blocks, 1, search_blocks,
-                                       ResolveThreads(params.num_threads));
+    // Chunks of several blocks share their scratch arrays.
+    const int threads = ResolveThreads(params.num_threads);
+    ThreadPool::Default()->ParallelFor(
+        num_blocks, std::max<int64_t>(1, num_blocks / (4 * threads)), search_blocks, threads);
   }
   int64_t lanes_total = 0;
   for (int64_t e : lanes_per_query) lanes_total += e;

@@ -133,6 +133,7 @@ TEST(QuestIndexTest, MaxEffortEqualsBruteForceForEveryDtype) {
 }
 
 TEST(QuestIndexTest, PageBoundsAreUpperBounds) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBf16}) {
     const Matrix keys = DriftingKeys(500, 24, dtype, kSeed + 7);
     QuestOptions options;
@@ -154,6 +155,7 @@ TEST(QuestIndexTest, PageBoundsAreUpperBounds) {
 }
 
 TEST(QuestIndexTest, TopPagesFindTopKeysAndCountWork) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const Matrix keys = DriftingKeys(4096, 64, DType::kF16, kSeed);
   const Matrix queries = DriftingKeys(16, 64, DType::kF32, kSeed + 2);
   KVR_ASSERT_OK_AND_ASSIGN(auto index, QuestIndex::Create(keys.view(), {}));
@@ -189,6 +191,7 @@ TEST(QuestIndexTest, TopPagesFindTopKeysAndCountWork) {
 }
 
 TEST(QuestIndexTest, LowEffortHonoursExcludeRanges) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const Matrix keys = DriftingKeys(1000, 16, DType::kF32, kSeed);
   const Matrix queries = DriftingKeys(8, 16, DType::kF32, kSeed + 3);
   KVR_ASSERT_OK_AND_ASSIGN(auto index, QuestIndex::Create(keys.view(), {}));
@@ -215,6 +218,7 @@ TEST(QuestIndexTest, LowEffortHonoursExcludeRanges) {
 }
 
 TEST(QuestIndexTest, AddEqualsBuildingAtOnce) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const Matrix keys = DriftingKeys(300, 16, DType::kBf16, kSeed);
   const Matrix queries = DriftingKeys(6, 16, DType::kBf16, kSeed + 4);
   QuestOptions options;
@@ -239,6 +243,7 @@ TEST(QuestIndexTest, AddEqualsBuildingAtOnce) {
 }
 
 TEST(QuestIndexTest, RejectsBadInput) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const Matrix keys = DriftingKeys(64, 16, DType::kF32, kSeed);
   const Matrix wrong = DriftingKeys(2, 8, DType::kF32, kSeed);
   QuestOptions bad_page;
@@ -274,6 +279,7 @@ TEST(QuestIndexTest, RejectsBadInput) {
 }
 
 TEST(QuestIndexTest, SerializeLoadRoundTrip) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const Matrix keys = DriftingKeys(333, 32, DType::kF16, kSeed);
   const Matrix queries = DriftingKeys(4, 32, DType::kF16, kSeed + 5);
   KVR_ASSERT_OK_AND_ASSIGN(auto index, QuestIndex::Create(keys.view(), {}));
@@ -294,6 +300,7 @@ TEST(QuestIndexTest, SerializeLoadRoundTrip) {
 }
 
 TEST(QuestIndexTest, MaxEffortEqualsBruteForceOnRealCaptures) {
+  SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   const std::string dir = kvrecall::testing::SharedDir() + "/data/attn-dev/";
   auto k = ReadNpy(dir + "layer05_k.npy");
   auto q = ReadNpy(dir + "layer05_q.npy");
