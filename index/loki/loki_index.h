@@ -127,7 +127,8 @@ class LokiIndex final : public KeyIndex {
   LokiIndex(PcaBasis basis, int32_t rank, DType dtype, ParamMap build_params);
 
   // Rotates rows of `keys` into plane rows [size_, size_ + keys.rows) and
-  // copies the keys. REQUIRES: capacity reserved by the caller is not needed.
+  // copies the keys; on an error (non-finite keys, cancellation) nothing
+  // changes. REQUIRES: keys.dtype == dtype_, keys.dim == dim().
   absl::Status AppendRows(const VectorView& keys, int num_threads,
                           const ProgressCallback& progress);
 
