@@ -45,6 +45,14 @@ struct ClientOptions {
   // Initial HTTP/2 flow-control window in bytes; 0 keeps gRPC's automatic
   // sizing. Default 0.
   int64_t http2_window_bytes = 0;
+  // Largest HTTP/2 DATA frame this client accepts (advertised to the
+  // daemon, which then sends GetSpans payloads in frames up to it); 0 keeps
+  // gRPC's 16 KiB. Default 0.
+  int64_t http2_max_frame_bytes = 0;
+  // Use a TCP connection of this client's own instead of sharing one with
+  // the other clients of the same target in the process (gRPC's default).
+  // Default false.
+  bool dedicated_connection = false;
   // Verify each fetched payload against the XXH3-64 the server sends (a
   // mismatch fails the call with DATA_LOSS). Default true.
   bool verify_checksums = true;

@@ -120,6 +120,10 @@ KvStoreClient::KvStoreClient(const ClientOptions& options)
     args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
     // Retries are ours (with jitter and a deadline), not the channel's.
     args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
+    if (options.http2_max_frame_bytes > 0) {
+      args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, static_cast<int>(options.http2_max_frame_bytes));
+    }
+    if (options.dedicated_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     if (options.http2_window_bytes > 0) {
       args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
       args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES,

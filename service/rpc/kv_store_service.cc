@@ -1,6 +1,8 @@
 #include "service/rpc/kv_store_service.h"
 
 #include <algorithm>
+#include <atomic>
+#include <deque>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,6 +16,8 @@
 #include "common/status_macros.h"
 #include "service/rpc/grpc_status.h"
 #include "service/rpc/proto_convert.h"
+#include <grpcpp/support/byte_buffer.h>
+#include <grpcpp/support/proto_buffer_reader.h>
 
 namespace kvrecall::rpc {
 namespace {
@@ -56,7 +60,8 @@ KvStoreServiceImpl::KvStoreServiceImpl(store::TieredStore* store, const TenantAu
       lookup_metrics_(metrics->Register("kvrecall.v1.KvStore/Lookup")),
       delete_spans_metrics_(metrics->Register("kvrecall.v1.KvStore/DeleteSpans")),
       pin_spans_metrics_(metrics->Register("kvrecall.v1.KvStore/PinSpans")),
-      unpin_spans_metrics_(metrics->Register("kvrecall.v1.KvStore/UnpinSpans")) {}
+      unpin_spans_metrics_(metrics->Register("kvrecall.v1.KvStore/UnpinSpans")),
+      readers_(std::make_unique<ThreadPool>(std::max(1, options.read_threads))) {}
 
 // --- RegisterModel / ListModels ---
 
@@ -282,103 +287,210 @@ absl::Status KvStoreServiceImpl::DoPutSpans(grpc::ServerContext* context,
 
 // --- GetSpans ---
 
-grpc::Status KvStoreServiceImpl::GetSpans(grpc::ServerContext* context,
-                                          const v1::GetSpansRequest* request,
-                                          grpc::ServerWriter<v1::GetSpansResponse>* writer) {
-  RpcScope scope(get_spans_metrics_);
-  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
-  absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
-  if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
-  return scope.Finish(ToGrpcStatus(DoGetSpans(context, *tenant, *request, writer)));
+namespace {
+
+// Appends the key and length of field 2 (payload_chunk, length-delimited) of
+// GetSpansResponse: the bytes that precede a chunk's payload on the wire.
+void AppendChunkPrefix(size_t len, std::string* out) {
+  out->push_back(static_cast<char>((2 << 3) | 2));
+  uint64_t v = len;
+  while (v >= 0x80) {
+    out->push_back(static_cast<char>((v & 0x7f) | 0x80));
+    v >>= 7;
+  }
+  out->push_back(static_cast<char>(v));
 }
 
-absl::Status KvStoreServiceImpl::DoGetSpans(grpc::ServerContext* context,
-                                            const std::string& tenant,
-                                            const v1::GetSpansRequest& request,
-                                            grpc::ServerWriter<v1::GetSpansResponse>* writer) {
-  if (request.model_id().empty()) return absl::InvalidArgumentError("model_id: required");
-  absl::StatusOr<store::ModelGeometry> model = store_->GetModel(request.model_id());
-  if (!model.ok()) {
-    if (model.status().code() == absl::StatusCode::kNotFound) {
-      return absl::NotFoundError(absl::StrCat("unknown model ", request.model_id()));
-    }
-    return model.status();
-  }
-  if (request.hashes_size() == 0) return absl::InvalidArgumentError("hashes: at least one");
-  KVR_ASSIGN_OR_RETURN(std::vector<Hash128> hashes, ParseHashes(request.hashes(), "hashes"));
-  int32_t layer_begin = 0;
-  int32_t layer_end = model->num_layers;
-  if (request.has_layers() && (request.layers().begin() != 0 || request.layers().end() != 0)) {
-    layer_begin = request.layers().begin();
-    layer_end = request.layers().end();
-    if (layer_begin < 0 || layer_begin >= layer_end || layer_end > model->num_layers) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("layers: [", layer_begin, ", ", layer_end, ") is not a non-empty range in [0, ",
-                       model->num_layers, ") of model ", model->model_id));
-    }
-  }
-  const bool all_layers = layer_begin == 0 && layer_end == model->num_layers;
-  int64_t chunk_bytes = request.max_chunk_bytes() > 0 ? request.max_chunk_bytes()
-                                                      : options_.get_chunk_bytes;
-  chunk_bytes = std::min(chunk_bytes, options_.max_message_bytes - kMessageHeadroomBytes);
-  chunk_bytes = std::max<int64_t>(chunk_bytes, 1);
+// A slice of a stored span's payload that keeps the span alive until gRPC
+// has sent it (no copy).
+grpc::Slice PayloadSlice(const store::StoredSpanPtr& span, size_t offset, size_t len) {
+  auto* holder = new store::StoredSpanPtr(span);
+  return grpc::Slice(const_cast<char*>(span->payload.data()) + offset, len,
+                     [](void* p) { delete static_cast<store::StoredSpanPtr*>(p); }, holder);
+}
 
-  int64_t sent = 0;
-  v1::GetSpansResponse message;
-  for (size_t i = 0; i < hashes.size(); ++i) {
-    message.Clear();
-    v1::GetSpanHeader* header = message.mutable_header();
+}  // namespace
+
+// Streams the spans of one GetSpans call. Store reads run on the service's
+// reader pool; reactions only start the next write. At most one write or one
+// read is outstanding at a time, so the members need no lock.
+class GetSpansReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+ public:
+  GetSpansReactor(KvStoreServiceImpl* service, grpc::CallbackServerContext* context,
+                  const grpc::ByteBuffer* raw_request)
+      : service_(service), context_(context), scope_(service->get_spans_metrics_) {
+    if (!scope_.admitted()) {
+      Finish(scope_.Finish(RpcScope::Rejected()));
+      return;
+    }
+    const absl::Status status = Prepare(raw_request);
+    if (!status.ok()) {
+      Finish(scope_.Finish(ToGrpcStatus(status)));
+      return;
+    }
+    service_->readers_->Schedule([this] { LoadNext(); });
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      FinishWith(absl::CancelledError("the client went away"));
+      return;
+    }
+    sent_bytes_ += pending_payload_.front();
+    pending_payload_.pop_front();
+    pending_.pop_front();
+    if (!pending_.empty()) {
+      StartWrite(&pending_.front());
+    } else if (next_ == hashes_.size()) {
+      FinishWith(absl::OkStatus());  // nothing left to read: no hop to a reader
+    } else {
+      service_->readers_->Schedule([this] { LoadNext(); });
+    }
+  }
+
+  void OnCancel() override { cancelled_.store(true, std::memory_order_relaxed); }
+  void OnDone() override { delete this; }
+
+ private:
+  absl::Status Prepare(const grpc::ByteBuffer* raw_request) {
+    KVR_ASSIGN_OR_RETURN(tenant_, service_->auth_->Authenticate(*context_));
+    grpc::ByteBuffer copy(*raw_request);
+    if (!grpc::SerializationTraits<v1::GetSpansRequest>::Deserialize(&copy, &request_).ok()) {
+      return absl::InvalidArgumentError("malformed GetSpansRequest");
+    }
+    if (request_.model_id().empty()) return absl::InvalidArgumentError("model_id: required");
+    absl::StatusOr<store::ModelGeometry> model = service_->store_->GetModel(request_.model_id());
+    if (!model.ok()) {
+      if (model.status().code() == absl::StatusCode::kNotFound) {
+        return absl::NotFoundError(absl::StrCat("unknown model ", request_.model_id()));
+      }
+      return model.status();
+    }
+    model_ = *std::move(model);
+    if (request_.hashes_size() == 0) return absl::InvalidArgumentError("hashes: at least one");
+    KVR_ASSIGN_OR_RETURN(hashes_, ParseHashes(request_.hashes(), "hashes"));
+    layer_begin_ = 0;
+    layer_end_ = model_.num_layers;
+    if (request_.has_layers() && (request_.layers().begin() != 0 || request_.layers().end() != 0)) {
+      layer_begin_ = request_.layers().begin();
+      layer_end_ = request_.layers().end();
+      if (layer_begin_ < 0 || layer_begin_ >= layer_end_ || layer_end_ > model_.num_layers) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "layers: [", layer_begin_, ", ", layer_end_, ") is not a non-empty range in [0, ",
+            model_.num_layers, ") of model ", model_.model_id));
+      }
+    }
+    const KvStoreServiceOptions& o = service_->options_;
+    chunk_bytes_ = request_.max_chunk_bytes() > 0 ? request_.max_chunk_bytes() : o.get_chunk_bytes;
+    chunk_bytes_ = std::max<int64_t>(
+        1, std::min(chunk_bytes_, o.max_message_bytes - kMessageHeadroomBytes));
+    return absl::OkStatus();
+  }
+
+  // On a reader thread: reads the next span and starts writing it, or ends
+  // the call. Touches no member after StartWrite()/Finish().
+  void LoadNext() {
+    if (cancelled_.load(std::memory_order_relaxed)) {
+      FinishWith(absl::CancelledError("the call was cancelled"));
+      return;
+    }
+    if (next_ == hashes_.size()) {
+      FinishWith(absl::OkStatus());
+      return;
+    }
+    const size_t i = next_++;
+    absl::Status status = BuildMessages(i);
+    if (!status.ok()) {
+      FinishWith(status);
+      return;
+    }
+    StartWrite(&pending_.front());
+  }
+
+  absl::Status BuildMessages(size_t i) {
+    v1::GetSpansResponse head;
+    v1::GetSpanHeader* header = head.mutable_header();
     header->set_index(static_cast<int32_t>(i));
-    header->set_hash(request.hashes(static_cast<int>(i)));
-    store::GetResult got = store_->Get(store::SpanKey{tenant, hashes[i]}, model->model_id);
+    header->set_hash(request_.hashes(static_cast<int>(i)));
+    store::GetResult got = service_->store_->Get(store::SpanKey{tenant_, hashes_[i]}, model_.model_id);
     if (got.span == nullptr) {
       header->set_found(false);
       header->set_miss_reason(MissReasonToProto(
           got.miss == store::MissReason::kNone ? store::MissReason::kNeverStored : got.miss));
-      if (!writer->Write(message)) break;
-      continue;
+      grpc::Slice slice(head.SerializeAsString());
+      pending_.emplace_back(&slice, 1);
+      pending_payload_.push_back(0);
+      return absl::OkStatus();
     }
     const store::StoredSpan& span = *got.span;
     const int64_t n = span.meta.num_tokens;
-    const int64_t begin = model->PayloadOffset(n, layer_begin, 0, 0, 0);
-    const int64_t end = layer_end == model->num_layers
+    const int64_t begin = model_.PayloadOffset(n, layer_begin_, 0, 0, 0);
+    const int64_t end = layer_end_ == model_.num_layers
                             ? static_cast<int64_t>(span.payload.size())
-                            : model->PayloadOffset(n, layer_end, 0, 0, 0);
+                            : model_.PayloadOffset(n, layer_end_, 0, 0, 0);
     if (end > static_cast<int64_t>(span.payload.size()) || begin > end) {
-      return absl::InternalError(absl::StrCat("stored span ", hashes[i].ToHex(), " has ",
+      return absl::InternalError(absl::StrCat("stored span ", hashes_[i].ToHex(), " has ",
                                               span.payload.size(),
                                               " payload bytes, fewer than its geometry needs"));
     }
+    const bool all_layers = layer_begin_ == 0 && layer_end_ == model_.num_layers;
     const absl::string_view slice(span.payload.data() + begin, end - begin);
     header->set_found(true);
     header->set_tier(TierToProto(got.tier));
     header->set_parent_hash(span.meta.parent.ToBytes());
     header->set_num_tokens(span.meta.num_tokens);
     header->mutable_token_ids()->Add(span.meta.token_ids.begin(), span.meta.token_ids.end());
-    header->set_dtype(DTypeToProto(model->dtype));
-    for (int64_t d : {int64_t{layer_end - layer_begin}, int64_t{2},
-                      int64_t{model->num_kv_heads}, n, int64_t{model->head_dim}}) {
+    header->set_dtype(DTypeToProto(model_.dtype));
+    for (int64_t d : {int64_t{layer_end_ - layer_begin_}, int64_t{2},
+                      int64_t{model_.num_kv_heads}, n, int64_t{model_.head_dim}}) {
       header->add_shape(d);
     }
     header->set_payload_bytes(static_cast<int64_t>(slice.size()));
     header->set_payload_checksum(all_layers ? span.meta.payload_checksum : Checksum64(slice));
-    header->mutable_layers()->set_begin(layer_begin);
-    header->mutable_layers()->set_end(layer_end);
-    size_t offset = 0;
-    bool ok = true;
+    header->mutable_layers()->set_begin(layer_begin_);
+    header->mutable_layers()->set_end(layer_end_);
+
+    // Message k: [header, first message only][field-2 key + length][payload slice].
+    size_t offset = static_cast<size_t>(begin);
+    bool first = true;
     do {
-      const size_t len = std::min<size_t>(chunk_bytes, slice.size() - offset);
-      message.set_payload_chunk(slice.data() + offset, len);
+      const size_t len = std::min<size_t>(chunk_bytes_, static_cast<size_t>(end) - offset);
+      std::string prefix = first ? head.SerializeAsString() : std::string();
+      AppendChunkPrefix(len, &prefix);
+      grpc::Slice parts[2] = {grpc::Slice(prefix), PayloadSlice(got.span, offset, len)};
+      pending_.emplace_back(parts, 2);
+      pending_payload_.push_back(static_cast<int64_t>(len));
       offset += len;
-      ok = writer->Write(message);
-      message.clear_header();
-    } while (ok && offset < slice.size());
-    sent += static_cast<int64_t>(offset);
-    if (!ok) break;
+      first = false;
+    } while (offset < static_cast<size_t>(end));
+    return absl::OkStatus();
   }
-  get_spans_metrics_->AddPayloadBytes(sent);
-  if (context->IsCancelled()) return absl::CancelledError("the client went away");
-  return absl::OkStatus();
+
+  void FinishWith(const absl::Status& status) {
+    service_->get_spans_metrics_->AddPayloadBytes(sent_bytes_);
+    Finish(scope_.Finish(ToGrpcStatus(status)));
+  }
+
+  KvStoreServiceImpl* const service_;
+  grpc::CallbackServerContext* const context_;
+  RpcScope scope_;
+  std::string tenant_;
+  v1::GetSpansRequest request_;
+  store::ModelGeometry model_;
+  std::vector<Hash128> hashes_;
+  int32_t layer_begin_ = 0;
+  int32_t layer_end_ = 0;
+  int64_t chunk_bytes_ = 0;
+  size_t next_ = 0;
+  std::deque<grpc::ByteBuffer> pending_;  // messages of the current span still to write
+  std::deque<int64_t> pending_payload_;   // payload bytes in each of them
+  int64_t sent_bytes_ = 0;
+  std::atomic<bool> cancelled_{false};
+};
+
+grpc::ServerWriteReactor<grpc::ByteBuffer>* KvStoreServiceImpl::GetSpans(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
+  return new GetSpansReactor(this, context, request);
 }
 
 // --- Lookup ---

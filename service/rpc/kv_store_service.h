@@ -4,13 +4,19 @@
 // Translates and validates requests, authenticates the caller's tenant,
 // assembles streamed payloads and delegates to the store; nothing else.
 //
-// Uses gRPC's synchronous API: each call runs on a server thread and may
-// block (the store syncs durable writes); the number of such threads is
-// bounded by ServerOptions::rpc_threads.
+// Most methods use gRPC's synchronous API: each call runs on a server thread
+// and may block (the store syncs durable writes); the number of such threads
+// is bounded by ServerOptions::rpc_threads. GetSpans is a callback (reactor)
+// method with raw messages: it sends payload bytes straight from the stored
+// span (zero copy, the slices hold a reference to it); its store reads run on
+// a small executor, never in a reaction.
 
 #include <cstdint>
 
+#include <memory>
+
 #include "absl/status/status.h"
+#include "common/thread_pool.h"
 #include "kvrecall/v1/kv_store.grpc.pb.h"
 #include "service/rpc/rpc_metrics.h"
 #include "service/rpc/tenant_auth.h"
@@ -26,10 +32,15 @@ struct KvStoreServiceOptions {
   // Largest message, bytes (ServerOptions::max_message_bytes); chunks stay
   // 64 KiB below it.
   int64_t max_message_bytes = int64_t{16} << 20;
+  // Threads reading spans for GetSpans (ServerOptions::read_threads).
+  int32_t read_threads = 8;
 };
 
+class GetSpansReactor;
+
 // Thread-safe.
-class KvStoreServiceImpl final : public v1::KvStore::Service {
+class KvStoreServiceImpl final
+    : public v1::KvStore::WithRawCallbackMethod_GetSpans<v1::KvStore::Service> {
  public:
   // None of the pointers is owned; all must outlive the service.
   KvStoreServiceImpl(store::TieredStore* store, const TenantAuthenticator* auth,
@@ -42,8 +53,8 @@ class KvStoreServiceImpl final : public v1::KvStore::Service {
   grpc::Status PutSpans(grpc::ServerContext* context,
                         grpc::ServerReader<v1::PutSpansRequest>* reader,
                         v1::PutSpansResponse* response) override;
-  grpc::Status GetSpans(grpc::ServerContext* context, const v1::GetSpansRequest* request,
-                        grpc::ServerWriter<v1::GetSpansResponse>* writer) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* GetSpans(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
   grpc::Status Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
                       v1::LookupResponse* response) override;
   grpc::Status DeleteSpans(grpc::ServerContext* context, const v1::DeleteSpansRequest* request,
@@ -59,11 +70,10 @@ class KvStoreServiceImpl final : public v1::KvStore::Service {
   absl::Status DoPutSpans(grpc::ServerContext* context, const std::string& tenant,
                           grpc::ServerReader<v1::PutSpansRequest>* reader,
                           v1::PutSpansResponse* response);
-  absl::Status DoGetSpans(grpc::ServerContext* context, const std::string& tenant,
-                          const v1::GetSpansRequest& request,
-                          grpc::ServerWriter<v1::GetSpansResponse>* writer);
   absl::Status DoLookup(const std::string& tenant, const v1::LookupRequest& request,
                         v1::LookupResponse* response);
+
+  friend class GetSpansReactor;
 
   store::TieredStore* const store_;
   const TenantAuthenticator* const auth_;
@@ -76,6 +86,7 @@ class KvStoreServiceImpl final : public v1::KvStore::Service {
   RpcMethodMetrics* const delete_spans_metrics_;
   RpcMethodMetrics* const pin_spans_metrics_;
   RpcMethodMetrics* const unpin_spans_metrics_;
+  std::unique_ptr<ThreadPool> readers_;  // GetSpans store reads; last member: joined first
 };
 
 }  // namespace kvrecall::rpc

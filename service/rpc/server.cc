@@ -54,6 +54,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   kv_options.max_span_bytes = options.max_span_bytes;
   kv_options.get_chunk_bytes = options.get_chunk_bytes;
   kv_options.max_message_bytes = options.max_message_bytes;
+  kv_options.read_threads = options.read_threads;
   server->services_.push_back(std::make_unique<KvStoreServiceImpl>(
       server->store_.get(), server->auth_.get(), server->rpc_metrics_.get(), kv_options));
   server->services_.push_back(std::make_unique<AdminServiceImpl>(
@@ -94,6 +95,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
     builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
     builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES,
                                static_cast<int>(options.http2_window_bytes));
+  }
+  if (options.http2_max_frame_bytes > 0) {
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_FRAME_SIZE,
+                               static_cast<int>(options.http2_max_frame_bytes));
   }
   for (const auto& service : server->services_) builder.RegisterService(service.get());
   server->grpc_server_ = builder.BuildAndStart();

@@ -45,6 +45,9 @@ struct ServerOptions {
   // resource quota); calls beyond it get RESOURCE_EXHAUSTED. Default 64;
   // range 2..4096.
   int32_t rpc_threads = 64;
+  // --read_threads: threads reading spans from the store for GetSpans (a
+  // read from a lower tier may block on disk). Default 8; range 1..1024.
+  int32_t read_threads = 8;
   // --completion_queues: completion queues of the synchronous server. 0
   // (default) means one per hardware thread; range 0..64.
   int32_t completion_queues = 0;
@@ -52,6 +55,12 @@ struct ServerOptions {
   // window, in bytes (large windows keep big payloads flowing). 0 leaves
   // gRPC's automatic sizing (BDP probing). Default 0; range 0..1 GiB.
   int64_t http2_window_bytes = 0;
+
+  // --http2_max_frame_bytes: largest HTTP/2 DATA frame the server accepts
+  // (it advertises this; clients send frames up to it). Larger frames mean
+  // fewer frames per megabyte. 0 keeps gRPC's default (16 KiB); range
+  // 0 or 16 KiB..16 MiB - 1.
+  int64_t http2_max_frame_bytes = 0;
 
   // --shutdown_grace_ms: on SIGTERM/SIGINT, in-flight RPCs get this long to
   // finish before they are cancelled. Default 10000; range 0..600000.

@@ -93,7 +93,7 @@ absl::StatusOr<std::string> TenantAuthenticator::TenantForToken(absl::string_vie
 }
 
 absl::StatusOr<std::string> TenantAuthenticator::Authenticate(
-    const grpc::ServerContext& context) const {
+    const grpc::ServerContextBase& context) const {
   if (!enabled_) return std::string();
   const auto& metadata = context.client_metadata();
   auto it = metadata.find("authorization");

@@ -41,7 +41,7 @@ class TenantAuthenticator {
   // The tenant of a call from its `authorization` metadata. UNAUTHENTICATED
   // when authentication is on and the metadata is missing, malformed or names
   // an unknown token.
-  absl::StatusOr<std::string> Authenticate(const grpc::ServerContext& context) const;
+  absl::StatusOr<std::string> Authenticate(const grpc::ServerContextBase& context) const;
 
  private:
   TenantAuthenticator() = default;
