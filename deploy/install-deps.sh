@@ -19,6 +19,8 @@ PACKAGES=(
   python3-faiss python3-hnswlib python3-matplotlib python3-xxhash
   # peers for benchmarks
   redis-server redis-tools
+  # C client of Redis for bench/store (store_bench)
+  libhiredis-dev
 )
 
 missing=()
