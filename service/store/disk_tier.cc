@@ -203,9 +203,14 @@ absl::Status DiskTier::Recover() {
   std::sort(files.begin(), files.end());
 
   RecoveryScan scan;
+  const size_t report_every = std::max<size_t>(16, files.size() / 10);
   for (size_t i = 0; i < files.size(); ++i) {
     const bool verify_payloads = i + 2 >= files.size();
     KVR_RETURN_IF_ERROR(RecoverSegment(files[i].first, files[i].second, verify_payloads, &scan));
+    if ((i + 1) % report_every == 0 && i + 1 < files.size()) {
+      KVR_LOG(INFO) << "disk tier " << options_.dir << ": recovered " << i + 1 << " of "
+                    << files.size() << " segments";
+    }
   }
 
   absl::MutexLock wlock(&write_mu_);
