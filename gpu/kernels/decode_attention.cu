@@ -9,6 +9,7 @@
 #include "gpu/kernels/cuda_check.h"
 #include "gpu/kernels/decode_attention_internal.h"
 #include "gpu/kernels/device_utils.cuh"
+#include "gpu/kernels/dispatch.cuh"
 #include "gpu/kernels/merge_states.h"
 #include "gpu/kernels/top_k_internal.h"
 
@@ -85,13 +86,9 @@ DecodeParams BaseParams(const PagedKvCache& kv, int32_t batch_size, int32_t num_
 cudaError_t WaveBlocks(DType dtype, int32_t head_dim, int32_t heads_per_list, bool dense, int32_t num_sms,
                        int64_t* wave_blocks) {
   int32_t per_sm = 0;
-  cudaError_t err = cudaErrorInvalidValue;
-  if (dtype == DType::kBf16) {
-    err = kernels::DecodeBlocksPerSm<__nv_bfloat16>(head_dim, heads_per_list, dense, &per_sm);
-  } else if (dtype == DType::kF16) {
-    err = kernels::DecodeBlocksPerSm<__half>(head_dim, heads_per_list, dense, &per_sm);
-  }
-  if (err != cudaSuccess) return err;
+  KVR_DISPATCH_KV_DTYPE(dtype, T, {
+    KVR_CUDA_RETURN_IF_ERROR(kernels::DecodeBlocksPerSm<T>(head_dim, heads_per_list, dense, &per_sm));
+  });
   *wave_blocks = static_cast<int64_t>(per_sm) * num_sms;
   return cudaSuccess;
 }
@@ -103,14 +100,8 @@ int32_t SparseHeadsPerList(const SparseDecodeArgs& a) {
 int32_t DenseHeadsPerList(const DenseDecodeArgs& a) { return a.num_q_heads / a.kv.num_kv_heads; }
 
 cudaError_t LaunchTyped(DType dtype, const DecodeParams& p, int32_t head_dim, bool dense, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kBf16:
-      return kernels::LaunchDecodeAttention<__nv_bfloat16>(p, head_dim, dense, stream);
-    case DType::kF16:
-      return kernels::LaunchDecodeAttention<__half>(p, head_dim, dense, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  KVR_DISPATCH_KV_DTYPE(dtype, T, { return kernels::LaunchDecodeAttention<T>(p, head_dim, dense, stream); });
+  return cudaErrorInvalidValue;
 }
 
 // Runs the kernel into the partial states of `w` (or straight into o/lse

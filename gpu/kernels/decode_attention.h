@@ -17,6 +17,11 @@
 
 namespace kvrecall::gpu {
 
+// Thread-safe: the launchers keep no state but per-device caches of kernel
+// attributes and occupancy. The first call on a device (WorkspaceBytes or the
+// launcher) sets a kernel attribute and queries occupancy: make it outside
+// CUDA stream capture; later calls, and the launches themselves, capture.
+
 // Device workspace bytes SparseDecodeAttention needs for `args` on the
 // current device (0 when every list fits one block). 0 for invalid args.
 size_t SparseDecodeAttentionWorkspaceBytes(const SparseDecodeArgs& args);

@@ -14,6 +14,10 @@
 
 namespace kvrecall::gpu {
 
+// Thread-safe: the launcher keeps no state but a per-device record of a
+// kernel attribute it sets on its first launch on a device: make that first
+// launch outside CUDA stream capture; later launches capture into graphs.
+
 // Device workspace bytes LokiScore needs (scores when args.scores is null,
 // top-k histograms when k > 0; 0 otherwise or for invalid args).
 size_t LokiScoreWorkspaceBytes(const LokiScoreArgs& args);

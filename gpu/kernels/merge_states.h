@@ -11,6 +11,8 @@
 
 namespace kvrecall::gpu {
 
+// Thread-safe: the launcher keeps no state; it captures into CUDA graphs.
+
 // Device workspace MergeStates needs (none).
 size_t MergeStatesWorkspaceBytes(const MergeStatesArgs& args);
 

@@ -12,6 +12,8 @@
 
 namespace kvrecall::gpu {
 
+// Thread-safe: the launcher keeps no state; it captures into CUDA graphs.
+
 // Device workspace bytes TopK needs for `args` (about 24.6 KB per row).
 size_t TopKWorkspaceBytes(const TopKArgs& args);
 
