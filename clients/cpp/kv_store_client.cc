@@ -219,6 +219,7 @@ absl::StatusOr<std::vector<PutResult>> KvStoreClient::PutSpans(absl::string_view
         v1::PutSpansRequest message;
         int64_t sent = 0;
         bool cancelled = false;
+        bool half_closed = false;
         bool ok = true;
         for (size_t i = 0; i < spans.size() && ok && !cancelled; ++i) {
           const SpanToPut& s = spans[i];
@@ -238,7 +239,11 @@ absl::StatusOr<std::vector<PutResult>> KvStoreClient::PutSpans(absl::string_view
             const size_t len = std::min(chunk, s.payload.size() - offset);
             message.set_payload_chunk(s.payload.data() + offset, len);
             offset += len;
-            ok = writer->Write(message);
+            const bool last = i + 1 == spans.size() && offset == s.payload.size();
+            // The last message half-closes the stream in the same batch.
+            ok = last ? writer->Write(message, grpc::WriteOptions().set_last_message())
+                      : writer->Write(message);
+            if (last) half_closed = ok;
             message.clear_header();
             sent += static_cast<int64_t>(len);
             if (ok && options.progress) {
@@ -256,7 +261,7 @@ absl::StatusOr<std::vector<PutResult>> KvStoreClient::PutSpans(absl::string_view
           writer->Finish().IgnoreError();  // the cancellation is the result
           return absl::CancelledError("PutSpans cancelled by the progress callback");
         }
-        if (ok) writer->WritesDone();
+        if (ok && !half_closed) writer->WritesDone();
         return FromGrpc(writer->Finish());
       }));
   std::vector<PutResult> results;

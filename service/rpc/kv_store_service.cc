@@ -340,7 +340,7 @@ class GetSpansReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     pending_payload_.pop_front();
     pending_.pop_front();
     if (!pending_.empty()) {
-      StartWrite(&pending_.front());
+      WriteNext();
     } else if (next_ == hashes_.size()) {
       FinishWith(absl::OkStatus());  // nothing left to read: no hop to a reader
     } else {
@@ -402,6 +402,19 @@ class GetSpansReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     absl::Status status = BuildMessages(i);
     if (!status.ok()) {
       FinishWith(status);
+      return;
+    }
+    WriteNext();
+  }
+
+  // Writes pending_.front(); the call's last message goes out together with
+  // the final status (one batch, no further reaction).
+  void WriteNext() {
+    if (pending_.size() == 1 && next_ == hashes_.size()) {
+      sent_bytes_ += pending_payload_.front();
+      service_->get_spans_metrics_->AddPayloadBytes(sent_bytes_);
+      StartWriteAndFinish(&pending_.front(), grpc::WriteOptions(),
+                          scope_.Finish(grpc::Status::OK));
       return;
     }
     StartWrite(&pending_.front());
