@@ -104,6 +104,7 @@ struct LookupResult {
 // "never_stored", "evicted", ... for messages.
 absl::string_view MissReasonName(v1::MissReason reason);
 
+// A connection to kvrecalld (one gRPC channel). Thread-safe.
 class KvStoreClient {
  public:
   // Dials options.target (or uses options.channel). Does not wait for the

@@ -20,6 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "common/logging.h"
+#include "service/daemon/additional_services.h"
 #include "service/daemon/server_flags.h"
 #include "service/rpc/admin_service.h"
 #include "service/rpc/server.h"
@@ -67,14 +68,19 @@ int main(int argc, char** argv) {
   KVR_LOG(INFO) << "kvrecalld " << kvrecall::rpc::kKvrecallVersion
                 << " effective config: " << absl::StrJoin(effective, " ");
 
+  std::vector<std::string> services = {"kvrecall.v1.KvStore", "kvrecall.v1.Admin"};
+  const std::vector<kvrecall::rpc::ServiceFactory> additional =
+      kvrecall::daemon::AdditionalServices(&services);
   absl::StatusOr<std::unique_ptr<kvrecall::rpc::Server>> server =
-      kvrecall::rpc::Server::Create(*options, &kvrecall::store::TieredStore::Open);
+      kvrecall::rpc::Server::Create(*options, &kvrecall::store::TieredStore::Open, additional);
   if (!server.ok()) {
     KVR_LOG(ERROR) << "kvrecalld: cannot start: " << server.status();
     return 1;
   }
   std::printf("kvrecalld listening on %s\n", (*server)->address().c_str());
   std::fflush(stdout);
+  KVR_LOG(INFO) << "serving " << absl::StrJoin(services, ", ")
+                << ", grpc.health.v1.Health and server reflection";
   if ((*server)->metrics_port() > 0) {
     KVR_LOG(INFO) << "metrics on http://" << options->listen_address.substr(
                          0, options->listen_address.rfind(':'))

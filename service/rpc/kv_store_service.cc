@@ -313,7 +313,8 @@ grpc::Slice PayloadSlice(const store::StoredSpanPtr& span, size_t offset, size_t
 
 // Streams the spans of one GetSpans call. Store reads run on the service's
 // reader pool; reactions only start the next write. At most one write or one
-// read is outstanding at a time, so the members need no lock.
+// read is outstanding at a time, and each hands over to the next through
+// gRPC or the pool, so the members need no lock. Thread-compatible.
 class GetSpansReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   GetSpansReactor(KvStoreServiceImpl* service, grpc::CallbackServerContext* context,

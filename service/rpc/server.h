@@ -53,6 +53,8 @@ using ServiceFactory =
 using StoreOpener = std::function<absl::StatusOr<std::unique_ptr<store::TieredStore>>(
     const store::TieredStoreOptions&)>;
 
+// The running gRPC server of kvrecalld and everything it owns (store,
+// services, metrics). Thread-safe.
 class Server {
  public:
   // Validates `options`, reads the tenants file, opens the store through
