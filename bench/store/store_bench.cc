@@ -53,6 +53,9 @@ ABSL_FLAG(std::vector<std::string>, clients, std::vector<std::string>({"1", "4",
 ABSL_FLAG(std::string, bytes_per_cell, "512MiB",
           "payload bytes each system writes (then reads) per size x clients cell");
 ABSL_FLAG(int32_t, min_ops_per_client, 4, "each client does at least this many puts and gets");
+ABSL_FLAG(int32_t, batch, 1,
+          "spans per call: kvrecall streams them in one PutSpans/GetSpans call, Redis pipelines "
+          "that many SET/GET commands");
 ABSL_FLAG(std::string, kvrecalld, "", "kvrecalld binary (default: beside store_bench)");
 ABSL_FLAG(std::string, redis_server, "/usr/bin/redis-server", "redis-server binary");
 ABSL_FLAG(std::vector<std::string>, kvrecalld_flags, std::vector<std::string>(),
@@ -126,9 +129,10 @@ absl::StatusOr<v1::ModelGeometry> GeometryFor(int64_t bytes) {
 class Connection {
  public:
   virtual ~Connection() = default;
-  virtual absl::Status Put(const Hash128& key, const std::vector<uint32_t>& tokens,
-                           absl::string_view payload) = 0;
-  virtual absl::Status Get(const Hash128& key, int64_t expected_bytes) = 0;
+  // Stores `keys`, each with `payload`, in one call (a pipeline for Redis).
+  virtual absl::Status Put(absl::Span<const Hash128> keys, absl::string_view payload) = 0;
+  // Reads `keys` back in one call and checks their sizes.
+  virtual absl::Status Get(absl::Span<const Hash128> keys, int64_t expected_bytes) = 0;
 };
 
 class KvrecallConnection final : public Connection {
@@ -146,18 +150,22 @@ class KvrecallConnection final : public Connection {
     if (!c.ok()) return c.status();
     return std::unique_ptr<Connection>(new KvrecallConnection(*std::move(c), model));
   }
-  absl::Status Put(const Hash128& key, const std::vector<uint32_t>& tokens,
-                   absl::string_view payload) override {
-    client::SpanToPut span{key, root_, model_.block_tokens(), {}, payload,
-                           absl::GetFlag(FLAGS_durable)};
-    return client_->PutSpans(model_.model_id(), {span}).status();
+  absl::Status Put(absl::Span<const Hash128> keys, absl::string_view payload) override {
+    std::vector<client::SpanToPut> spans;
+    for (const Hash128& key : keys) {
+      spans.push_back(client::SpanToPut{key, root_, model_.block_tokens(), {}, payload,
+                                        absl::GetFlag(FLAGS_durable)});
+    }
+    return client_->PutSpans(model_.model_id(), spans).status();
   }
-  absl::Status Get(const Hash128& key, int64_t expected_bytes) override {
-    auto got = client_->GetSpans(model_.model_id(), {key});
+  absl::Status Get(absl::Span<const Hash128> keys, int64_t expected_bytes) override {
+    auto got = client_->GetSpans(model_.model_id(), keys);
     if (!got.ok()) return got.status();
-    if (got->size() != 1 || !(*got)[0].found ||
-        static_cast<int64_t>((*got)[0].payload.size()) != expected_bytes) {
-      return absl::InternalError("kvrecall: a stored span did not come back");
+    if (got->size() != keys.size()) return absl::InternalError("kvrecall: spans missing");
+    for (const auto& span : *got) {
+      if (!span.found || static_cast<int64_t>(span.payload.size()) != expected_bytes) {
+        return absl::InternalError("kvrecall: a stored span did not come back");
+      }
     }
     return absl::OkStatus();
   }
@@ -182,18 +190,29 @@ class RedisConnection final : public Connection {
     return std::unique_ptr<Connection>(new RedisConnection(c));
   }
   ~RedisConnection() override { redisFree(context_); }
-  absl::Status Put(const Hash128& key, const std::vector<uint32_t>&,
-                   absl::string_view payload) override {
-    const std::string k = key.ToHex();
-    const char* argv[] = {"SET", k.data(), payload.data()};
-    const size_t lens[] = {3, k.size(), payload.size()};
-    return Reply(redisCommandArgv(context_, 3, argv, lens), -1);
+  absl::Status Put(absl::Span<const Hash128> keys, absl::string_view payload) override {
+    std::vector<std::string> names;
+    for (const Hash128& key : keys) names.push_back(key.ToHex());
+    for (const std::string& k : names) {
+      const char* argv[] = {"SET", k.data(), payload.data()};
+      const size_t lens[] = {3, k.size(), payload.size()};
+      if (redisAppendCommandArgv(context_, 3, argv, lens) != REDIS_OK) {
+        return absl::UnavailableError(absl::StrCat("redis: ", context_->errstr));
+      }
+    }
+    return Replies(keys.size(), -1);
   }
-  absl::Status Get(const Hash128& key, int64_t expected_bytes) override {
-    const std::string k = key.ToHex();
-    const char* argv[] = {"GET", k.data()};
-    const size_t lens[] = {3, k.size()};
-    return Reply(redisCommandArgv(context_, 2, argv, lens), expected_bytes);
+  absl::Status Get(absl::Span<const Hash128> keys, int64_t expected_bytes) override {
+    std::vector<std::string> names;
+    for (const Hash128& key : keys) names.push_back(key.ToHex());
+    for (const std::string& k : names) {
+      const char* argv[] = {"GET", k.data()};
+      const size_t lens[] = {3, k.size()};
+      if (redisAppendCommandArgv(context_, 2, argv, lens) != REDIS_OK) {
+        return absl::UnavailableError(absl::StrCat("redis: ", context_->errstr));
+      }
+    }
+    return Replies(keys.size(), expected_bytes);
   }
   // Runs a command whose reply does not matter (FLUSHALL, CONFIG SET ...).
   static absl::Status Command(int port, const std::vector<std::string>& args) {
@@ -231,6 +250,19 @@ class RedisConnection final : public Connection {
 
  private:
   explicit RedisConnection(redisContext* c) : context_(c) {}
+  // Reads the replies of `n` pipelined commands.
+  absl::Status Replies(size_t n, int64_t expected_bytes) {
+    absl::Status first;
+    for (size_t i = 0; i < n; ++i) {
+      void* reply = nullptr;
+      if (redisGetReply(context_, &reply) != REDIS_OK) {
+        return absl::UnavailableError(absl::StrCat("redis: ", context_->errstr));
+      }
+      absl::Status s = Reply(reply, expected_bytes);
+      if (first.ok()) first = s;
+    }
+    return first;
+  }
   absl::Status Reply(void* raw, int64_t expected_bytes) {
     auto* reply = static_cast<redisReply*>(raw);
     if (reply == nullptr) return absl::UnavailableError(absl::StrCat("redis: ", context_->errstr));
@@ -318,7 +350,7 @@ absl::StatusOr<PhaseResult> RunPhase(
   for (auto& l : latencies) all.insert(all.end(), l.begin(), l.end());
   PhaseResult r;
   r.ops = static_cast<int64_t>(all.size());
-  r.mib_per_s = r.ops * static_cast<double>(op_bytes) / (1 << 20) / seconds;
+  r.mib_per_s = r.ops * static_cast<double>(op_bytes) / (1 << 20) / seconds;  // op = one call
   r.p50_ms = Percentile(all, 0.50);
   r.p99_ms = Percentile(all, 0.99);
   r.server_cpu_s = server_cpu;
@@ -460,9 +492,11 @@ int Main() {
   const std::string redis_version =
       RedisConnection::Info(redis_port, "redis_version").value_or("?");
 
-  std::printf("kvrecall store benchmark: one span per call over 127.0.0.1, each client on its "
-              "own connection;\nkvrecalld (memory tier, %s puts) vs redis-server %s "
-              "(--save \"\" --appendonly no), same run, same workload.\n",
+  std::printf("kvrecall store benchmark: %d span(s) per call over 127.0.0.1 (Redis: a pipeline of "
+              "%d SET/GET), each client on its own connection;\nkvrecalld (memory tier, %s "
+              "puts) vs redis-server %s (--save \"\" --appendonly no), same run, same "
+              "workload.\n",
+              absl::GetFlag(FLAGS_batch), absl::GetFlag(FLAGS_batch),
               absl::GetFlag(FLAGS_durable) ? "durable" : "non-durable", redis_version.c_str());
   std::printf("machine: %s\n", Machine().c_str());
   {
@@ -482,6 +516,11 @@ int Main() {
   std::ofstream json;
   if (!absl::GetFlag(FLAGS_json_out).empty()) json.open(absl::GetFlag(FLAGS_json_out));
 
+  const int batch = absl::GetFlag(FLAGS_batch);
+  if (batch < 1 || batch > 4096) {
+    std::fprintf(stderr, "store_bench: --batch must be in 1..4096\n");
+    return 2;
+  }
   const int cells = static_cast<int>(sizes.size() * clients.size());
   int cell = 0;
   std::mt19937_64 rng(42);
@@ -507,16 +546,18 @@ int Main() {
     }
     for (int c : clients) {
       ++cell;
-      const int64_t ops =
-          std::max<int64_t>(*cell_bytes / (size * c), absl::GetFlag(FLAGS_min_ops_per_client));
-      std::fprintf(stderr, "[%d/%d] %s x %d clients: %lld puts and gets per client per system\n",
-                   cell, cells, SizeName(size).c_str(), c, static_cast<long long>(ops));
+      // `ops` calls per client, each of `batch` spans.
+      const int64_t ops = std::max<int64_t>(*cell_bytes / (size * c * batch),
+                                            absl::GetFlag(FLAGS_min_ops_per_client));
+      std::fprintf(stderr,
+                   "[%d/%d] %s x %d clients: %lld put and get calls of %d spans per client and "
+                   "system\n",
+                   cell, cells, SizeName(size).c_str(), c, static_cast<long long>(ops), batch);
       // Keys: distinct first spans (parent = the model's root).
       std::vector<std::vector<Hash128>> keys(c);
-      std::vector<std::vector<uint32_t>> tokens(c);
       const Hash128 root = SpanRootHash(model->model_id());
       for (int k = 0; k < c; ++k) {
-        for (int64_t i = 0; i < ops; ++i) {
+        for (int64_t i = 0; i < ops * batch; ++i) {
           std::vector<uint32_t> t(model->block_tokens());
           for (auto& x : t) x = static_cast<uint32_t>(rng());
           keys[k].push_back(SpanHash(root, t));
@@ -538,18 +579,22 @@ int Main() {
         for (int k = 0; k < c; ++k) {
           std::vector<uint32_t> t(model->block_tokens(), static_cast<uint32_t>(k));
           const Hash128 warm = SpanHash(root, t);
-          if (!conns[k]->Put(warm, t, payload).ok() || !conns[k]->Get(warm, size).ok()) {
+          if (!conns[k]->Put({warm}, payload).ok() || !conns[k]->Get({warm}, size).ok()) {
             std::fprintf(stderr, "store_bench: warm-up failed\n");
             return 1;
           }
         }
         const pid_t server_pid = system == 0 ? kv_proc.pid() : redis_proc.pid();
-        auto put = RunPhase(conns, ops, size, server_pid, [&](Connection& conn, int k, int64_t i) {
-          return conn.Put(keys[k][i], tokens[k], payload);
-        });
-        auto get = put.ok() ? RunPhase(conns, ops, size, server_pid,
+        auto slice = [&](int k, int64_t i) {
+          return absl::MakeConstSpan(keys[k]).subspan(static_cast<size_t>(i * batch), batch);
+        };
+        auto put = RunPhase(conns, ops, size * batch, server_pid,
+                            [&](Connection& conn, int k, int64_t i) {
+                              return conn.Put(slice(k, i), payload);
+                            });
+        auto get = put.ok() ? RunPhase(conns, ops, size * batch, server_pid,
                                        [&](Connection& conn, int k, int64_t i) {
-                                         return conn.Get(keys[k][i], size);
+                                         return conn.Get(slice(k, i), size);
                                        })
                             : absl::StatusOr<PhaseResult>(put.status());
         if (!put.ok() || !get.ok()) {
@@ -573,7 +618,7 @@ int Main() {
       for (int op = 0; op < 2; ++op) {
         const PhaseResult& kv = results[0][op];
         const PhaseResult& rd = results[1][op];
-        const double gib = static_cast<double>(kv.ops) * size / (1 << 30);
+        const double gib = static_cast<double>(kv.ops) * size * batch / (1 << 30);
         std::printf("%-7s %7d %-4s %9.0f %9.0f %8.2f %8.2f/%-8.2f %8.2f/%-8.2f %7.2f/%-7.2f "
                     "%7.2f/%-7.2f\n",
                     SizeName(size).c_str(), c, op == 0 ? "put" : "get", kv.mib_per_s,
@@ -585,11 +630,11 @@ int Main() {
               "{\"size_bytes\": %d, \"clients\": %d, \"op\": \"%s\", \"ops\": %d, "
               "\"kvrecall_mib_s\": %.1f, \"redis_mib_s\": %.1f, \"ratio\": %.3f, "
               "\"kvrecall_p50_ms\": %.3f, \"kvrecall_p99_ms\": %.3f, \"redis_p50_ms\": %.3f, "
-              "\"redis_p99_ms\": %.3f, \"kvrecall_server_cpu_s\": %.3f, "
+              "\"redis_p99_ms\": %.3f, \"batch\": %d, \"kvrecall_server_cpu_s\": %.3f, "
               "\"kvrecall_client_cpu_s\": %.3f, \"redis_server_cpu_s\": %.3f, "
               "\"redis_client_cpu_s\": %.3f}\n",
               size, c, op == 0 ? "put" : "get", kv.ops, kv.mib_per_s, rd.mib_per_s,
-              kv.mib_per_s / rd.mib_per_s, kv.p50_ms, kv.p99_ms, rd.p50_ms, rd.p99_ms,
+              kv.mib_per_s / rd.mib_per_s, kv.p50_ms, kv.p99_ms, rd.p50_ms, rd.p99_ms, batch,
               kv.server_cpu_s, kv.client_cpu_s, rd.server_cpu_s, rd.client_cpu_s);
         }
       }

@@ -79,8 +79,8 @@ ABSL_FLAG(ByteSize, get_chunk_bytes, ByteSize{Defaults().get_chunk_bytes},
           "payload bytes per GetSpans response message unless the request asks for less");
 ABSL_FLAG(int32_t, rpc_threads, Defaults().rpc_threads,
           "most threads serving RPCs at once; calls beyond get RESOURCE_EXHAUSTED");
-ABSL_FLAG(int32_t, read_threads, Defaults().read_threads,
-          "threads reading spans from the store for GetSpans");
+ABSL_FLAG(int32_t, store_threads, Defaults().store_threads,
+          "threads making the store calls of PutSpans and GetSpans (reactions never block)");
 ABSL_FLAG(int32_t, completion_queues, Defaults().completion_queues,
           "completion queues of the gRPC server; 0: one per hardware thread");
 ABSL_FLAG(ByteSize, http2_window_bytes, ByteSize{Defaults().http2_window_bytes},
@@ -113,7 +113,7 @@ absl::StatusOr<rpc::ServerOptions> ServerOptionsFromFlags() {
   o.get_chunk_bytes = absl::GetFlag(FLAGS_get_chunk_bytes).bytes;
   o.rpc_threads = absl::GetFlag(FLAGS_rpc_threads);
   o.completion_queues = absl::GetFlag(FLAGS_completion_queues);
-  o.read_threads = absl::GetFlag(FLAGS_read_threads);
+  o.store_threads = absl::GetFlag(FLAGS_store_threads);
   o.http2_window_bytes = absl::GetFlag(FLAGS_http2_window_bytes).bytes;
   o.http2_max_frame_bytes = absl::GetFlag(FLAGS_http2_max_frame_bytes).bytes;
   o.shutdown_grace_ms = absl::GetFlag(FLAGS_shutdown_grace_ms);

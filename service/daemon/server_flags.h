@@ -42,7 +42,7 @@ ABSL_DECLARE_FLAG(kvrecall::daemon::ByteSize, max_span_bytes);
 ABSL_DECLARE_FLAG(kvrecall::daemon::ByteSize, get_chunk_bytes);
 ABSL_DECLARE_FLAG(int32_t, rpc_threads);
 ABSL_DECLARE_FLAG(int32_t, completion_queues);
-ABSL_DECLARE_FLAG(int32_t, read_threads);
+ABSL_DECLARE_FLAG(int32_t, store_threads);
 ABSL_DECLARE_FLAG(kvrecall::daemon::ByteSize, http2_window_bytes);
 ABSL_DECLARE_FLAG(kvrecall::daemon::ByteSize, http2_max_frame_bytes);
 ABSL_DECLARE_FLAG(int64_t, shutdown_grace_ms);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <deque>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "common/status_macros.h"
 #include "service/rpc/grpc_status.h"
 #include "service/rpc/proto_convert.h"
+#include "service/rpc/put_stream.h"
 #include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/proto_buffer_reader.h>
 
@@ -38,14 +40,6 @@ absl::StatusOr<std::vector<Hash128>> ParseHashes(
   return out;
 }
 
-// A span being assembled from a PutSpans stream.
-struct PendingSpan {
-  int index = -1;
-  store::StoredSpan span;
-  std::string salt;
-  int64_t received = 0;
-};
-
 }  // namespace
 
 KvStoreServiceImpl::KvStoreServiceImpl(store::TieredStore* store, const TenantAuthenticator* auth,
@@ -61,7 +55,7 @@ KvStoreServiceImpl::KvStoreServiceImpl(store::TieredStore* store, const TenantAu
       delete_spans_metrics_(metrics->Register("kvrecall.v1.KvStore/DeleteSpans")),
       pin_spans_metrics_(metrics->Register("kvrecall.v1.KvStore/PinSpans")),
       unpin_spans_metrics_(metrics->Register("kvrecall.v1.KvStore/UnpinSpans")),
-      readers_(std::make_unique<ThreadPool>(std::max(1, options.read_threads))) {}
+      store_workers_(std::make_unique<ThreadPool>(std::max(1, options.store_threads))) {}
 
 // --- RegisterModel / ListModels ---
 
@@ -112,177 +106,81 @@ grpc::Status KvStoreServiceImpl::ListModels(grpc::ServerContext* context,
 
 // --- PutSpans ---
 
-grpc::Status KvStoreServiceImpl::PutSpans(grpc::ServerContext* context,
-                                          grpc::ServerReader<v1::PutSpansRequest>* reader,
-                                          v1::PutSpansResponse* response) {
-  RpcScope scope(put_spans_metrics_);
-  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
-  absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
-  if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
-  absl::Status status = DoPutSpans(context, *tenant, reader, response);
-  put_spans_metrics_->AddPayloadBytes(response->payload_bytes());
-  return scope.Finish(ToGrpcStatus(status));
-}
-
-absl::Status KvStoreServiceImpl::DoPutSpans(grpc::ServerContext* context,
-                                            const std::string& tenant,
-                                            grpc::ServerReader<v1::PutSpansRequest>* reader,
-                                            v1::PutSpansResponse* response) {
-  absl::flat_hash_map<std::string, store::ModelGeometry> models;  // cache for this stream
-  PendingSpan pending;
-  bool in_span = false;
-  int num_headers = 0;
-  int64_t payload_bytes = 0;
-  v1::PutSpansRequest request;
-
-  // Errors name the span and say what of the stream is already stored.
-  auto fail = [&](int index, const absl::Status& status) {
-    const int stored = response->results_size();
-    return absl::Status(
-        status.code(),
-        absl::StrCat("span ", index, " of the stream: ", status.message(),
-                     stored == 0 ? std::string(" (no span of this stream is stored)")
-                                 : absl::StrCat(" (spans 0..", stored - 1,
-                                                " of this stream are stored)")));
-  };
-
-  while (reader->Read(&request)) {
-    if (request.has_header()) {
-      const int index = num_headers++;
-      if (in_span) {
-        return fail(pending.index,
-                    absl::InvalidArgumentError(absl::StrCat(
-                        "a new header arrived after ", pending.received, " of ",
-                        pending.span.meta.payload_bytes, " payload bytes; nothing of it is stored")));
-      }
-      const v1::PutSpanHeader& h = request.header();
-      if (h.model_id().empty()) {
-        return fail(index, absl::InvalidArgumentError("header.model_id: required"));
-      }
-      auto it = models.find(h.model_id());
-      if (it == models.end()) {
-        absl::StatusOr<store::ModelGeometry> g = store_->GetModel(h.model_id());
-        if (!g.ok()) {
-          if (g.status().code() == absl::StatusCode::kNotFound) {
-            return fail(index, absl::NotFoundError(absl::StrCat(
-                                   "unknown model ", h.model_id(), " (RegisterModel first)")));
-          }
-          return fail(index, g.status());
-        }
-        it = models.emplace(h.model_id(), *std::move(g)).first;
-      }
-      const store::ModelGeometry& geometry = it->second;
-      pending = PendingSpan();
-      pending.index = index;
-      store::StoredSpan& span = pending.span;
-      span.key.tenant = tenant;
-      absl::StatusOr<Hash128> hash = HashFromProto(h.hash(), "header.hash");
-      if (!hash.ok()) return fail(index, hash.status());
-      span.key.hash = *hash;
-      absl::StatusOr<Hash128> parent = HashFromProto(h.parent_hash(), "header.parent_hash");
-      if (!parent.ok()) return fail(index, parent.status());
-      span.meta.parent = *parent;
-      if (h.num_tokens() < 1 || h.num_tokens() > geometry.block_tokens) {
-        return fail(index, absl::InvalidArgumentError(absl::StrCat(
-                               "header.num_tokens=", h.num_tokens(), " must be in 1..",
-                               geometry.block_tokens, " (block_tokens of ", geometry.model_id,
-                               ")")));
-      }
-      span.meta.model_id = geometry.model_id;
-      span.meta.num_tokens = h.num_tokens();
-      if (h.token_ids_size() > 0) {
-        if (h.token_ids_size() != h.num_tokens()) {
-          return fail(index, absl::InvalidArgumentError(
-                                 absl::StrCat("header.token_ids has ", h.token_ids_size(),
-                                              " ids, num_tokens is ", h.num_tokens())));
-        }
-        span.meta.token_ids.assign(h.token_ids().begin(), h.token_ids().end());
-        const Hash128 expected = SpanHash(span.meta.parent, span.meta.token_ids);
-        if (expected != span.key.hash) {
-          return fail(index, absl::InvalidArgumentError(absl::StrCat(
-                                 "header.hash ", span.key.hash.ToHex(),
-                                 " is not the span hash of its token ids under its parent (",
-                                 expected.ToHex(), "); see docs/hashing.md")));
-        }
-      }
-      const int64_t expected_bytes = geometry.SpanPayloadBytes(h.num_tokens());
-      if (h.payload_bytes() != expected_bytes) {
-        return fail(index,
-                    absl::InvalidArgumentError(absl::StrCat(
-                        "header.payload_bytes=", h.payload_bytes(), " does not match the geometry of ",
-                        geometry.model_id, ": ", geometry.num_layers, " layers x 2 x ",
-                        geometry.num_kv_heads, " kv heads x ", h.num_tokens(), " tokens x ",
-                        geometry.head_dim, " x ", DTypeSize(geometry.dtype), " bytes = ",
-                        expected_bytes)));
-      }
-      if (h.payload_bytes() > options_.max_span_bytes) {
-        return fail(index, absl::ResourceExhaustedError(
-                               absl::StrCat("span payload of ", h.payload_bytes(),
-                                            " bytes exceeds --max_span_bytes=",
-                                            options_.max_span_bytes)));
-      }
-      span.meta.payload_bytes = h.payload_bytes();
-      span.meta.payload_checksum = h.payload_checksum();
-      span.meta.durable = h.durable();
-      pending.salt = h.salt();
-      in_span = true;
-    } else if (!in_span) {
-      return fail(num_headers, absl::InvalidArgumentError(
-                                   "a payload chunk arrived without a span header"));
+// Receives one PutSpans stream. Reactions parse and assemble (PutStream);
+// every completed span is stored on a store thread, which then asks for the
+// next message. One read or one store call is outstanding at a time, and each
+// hands over to the next through gRPC or the pool, so the members need no
+// lock. Thread-compatible.
+class PutSpansReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
+ public:
+  PutSpansReactor(KvStoreServiceImpl* service, grpc::CallbackServerContext* context,
+                  grpc::ByteBuffer* response)
+      : service_(service), response_(response), scope_(service->put_spans_metrics_) {
+    if (!scope_.admitted()) {
+      Finish(scope_.Finish(RpcScope::Rejected()));
+      return;
     }
-
-    std::string* chunk = request.mutable_payload_chunk();
-    if (!chunk->empty()) {
-      store::StoredSpan& span = pending.span;
-      const int64_t size = static_cast<int64_t>(chunk->size());
-      if (pending.received + size > span.meta.payload_bytes) {
-        return fail(pending.index, absl::InvalidArgumentError(absl::StrCat(
-                                       "payload chunks overrun the declared payload_bytes=",
-                                       span.meta.payload_bytes, "; nothing of it is stored")));
-      }
-      if (pending.received == 0 && size == span.meta.payload_bytes) {
-        span.payload.swap(*chunk);  // the whole payload in one message: no copy
-      } else {
-        if (pending.received == 0) span.payload.reserve(span.meta.payload_bytes);
-        span.payload.append(*chunk);
-      }
-      pending.received += size;
-      payload_bytes += size;
-      response->set_payload_bytes(payload_bytes);
+    absl::StatusOr<std::string> tenant = service->auth_->Authenticate(*context);
+    if (!tenant.ok()) {
+      Finish(scope_.Finish(ToGrpcStatus(tenant.status())));
+      return;
     }
+    stream_.emplace(service->store_, *std::move(tenant), service->options_.max_span_bytes);
+    StartRead(&message_);
+  }
 
-    if (in_span && pending.received == pending.span.meta.payload_bytes) {
-      in_span = false;
-      const Hash128 hash = pending.span.key.hash;
-      const bool durable = pending.span.meta.durable;
-      store::PutOptions put_options;
-      put_options.salt = pending.salt;
-      absl::StatusOr<store::PutOutcome> outcome =
-          store_->Put(std::move(pending.span), put_options);
-      if (!outcome.ok()) return fail(pending.index, outcome.status());
-      v1::PutSpanResult* result = response->add_results();
-      result->set_index(pending.index);
-      result->set_hash(hash.ToBytes());
-      result->set_already_present(outcome->already_present);
-      if (durable) result->set_durable_tier(TierToProto(outcome->durable_tier));
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client half-closed, or the call was cancelled
+      FinishWith(cancelled_.load(std::memory_order_relaxed) ? stream_->Cancelled()
+                                                            : stream_->End());
+      return;
     }
+    bool complete = false;
+    absl::Status status = stream_->Consume(message_, &complete);
+    message_.Clear();
+    if (!status.ok()) {
+      FinishWith(status);
+      return;
+    }
+    if (!complete) {
+      StartRead(&message_);
+      return;
+    }
+    service_->store_workers_->Schedule([this] {
+      absl::Status stored = stream_->StoreComplete();
+      if (!stored.ok()) {
+        FinishWith(stored);
+        return;
+      }
+      StartRead(&message_);
+    });
   }
 
-  if (context->IsCancelled()) {
-    return absl::CancelledError(
-        absl::StrCat("the stream was cancelled; ", response->results_size(),
-                     " complete spans are stored, nothing of an unfinished one"));
+  void OnCancel() override { cancelled_.store(true, std::memory_order_relaxed); }
+  void OnDone() override { delete this; }
+
+ private:
+  void FinishWith(const absl::Status& status) {
+    service_->put_spans_metrics_->AddPayloadBytes(stream_->response().payload_bytes());
+    if (status.ok()) {
+      const std::string bytes = stream_->response().SerializeAsString();
+      grpc::Slice slice(bytes);
+      *response_ = grpc::ByteBuffer(&slice, 1);
+    }
+    Finish(scope_.Finish(ToGrpcStatus(status)));
   }
-  if (in_span) {
-    return fail(pending.index,
-                absl::InvalidArgumentError(absl::StrCat(
-                    "the stream ended after ", pending.received, " of ",
-                    pending.span.meta.payload_bytes, " payload bytes; nothing of it is stored")));
-  }
-  if (num_headers == 0) {
-    return absl::InvalidArgumentError("empty PutSpans stream: no span header");
-  }
-  return absl::OkStatus();
+
+  KvStoreServiceImpl* const service_;
+  grpc::ByteBuffer* const response_;
+  RpcScope scope_;
+  std::optional<PutStream> stream_;
+  grpc::ByteBuffer message_;
+  std::atomic<bool> cancelled_{false};
+};
+
+grpc::ServerReadReactor<grpc::ByteBuffer>* KvStoreServiceImpl::PutSpans(
+    grpc::CallbackServerContext* context, grpc::ByteBuffer* response) {
+  return new PutSpansReactor(this, context, response);
 }
 
 // --- GetSpans ---
@@ -329,7 +227,7 @@ class GetSpansReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
       Finish(scope_.Finish(ToGrpcStatus(status)));
       return;
     }
-    service_->readers_->Schedule([this] { LoadNext(); });
+    service_->store_workers_->Schedule([this] { LoadNext(); });
   }
 
   void OnWriteDone(bool ok) override {
@@ -345,7 +243,7 @@ class GetSpansReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     } else if (next_ == hashes_.size()) {
       FinishWith(absl::OkStatus());  // nothing left to read: no hop to a reader
     } else {
-      service_->readers_->Schedule([this] { LoadNext(); });
+      service_->store_workers_->Schedule([this] { LoadNext(); });
     }
   }
 

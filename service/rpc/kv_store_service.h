@@ -6,10 +6,12 @@
 //
 // Most methods use gRPC's synchronous API: each call runs on a server thread
 // and may block (the store syncs durable writes); the number of such threads
-// is bounded by ServerOptions::rpc_threads. GetSpans is a callback (reactor)
-// method with raw messages: it sends payload bytes straight from the stored
-// span (zero copy, the slices hold a reference to it); its store reads run on
-// a small executor, never in a reaction.
+// is bounded by ServerOptions::rpc_threads. PutSpans and GetSpans, which move
+// the payloads, are callback (reactor) methods with raw messages: PutSpans
+// copies each chunk once, from the received slices into the span
+// (service/rpc/put_stream.h); GetSpans sends payload bytes straight from the
+// stored span (zero copy, the slices hold a reference to it). Their store
+// calls run on a pool of store threads, never in a reaction.
 
 #include <cstdint>
 
@@ -32,15 +34,18 @@ struct KvStoreServiceOptions {
   // Largest message, bytes (ServerOptions::max_message_bytes); chunks stay
   // 64 KiB below it.
   int64_t max_message_bytes = int64_t{16} << 20;
-  // Threads reading spans for GetSpans (ServerOptions::read_threads).
-  int32_t read_threads = 8;
+  // Threads making the store calls of PutSpans and GetSpans
+  // (ServerOptions::store_threads).
+  int32_t store_threads = 16;
 };
 
 class GetSpansReactor;
+class PutSpansReactor;
 
 // Thread-safe.
 class KvStoreServiceImpl final
-    : public v1::KvStore::WithRawCallbackMethod_GetSpans<v1::KvStore::Service> {
+    : public v1::KvStore::WithRawCallbackMethod_GetSpans<
+          v1::KvStore::WithRawCallbackMethod_PutSpans<v1::KvStore::Service>> {
  public:
   // None of the pointers is owned; all must outlive the service.
   KvStoreServiceImpl(store::TieredStore* store, const TenantAuthenticator* auth,
@@ -50,9 +55,8 @@ class KvStoreServiceImpl final
                              v1::RegisterModelResponse* response) override;
   grpc::Status ListModels(grpc::ServerContext* context, const v1::ListModelsRequest* request,
                           v1::ListModelsResponse* response) override;
-  grpc::Status PutSpans(grpc::ServerContext* context,
-                        grpc::ServerReader<v1::PutSpansRequest>* reader,
-                        v1::PutSpansResponse* response) override;
+  grpc::ServerReadReactor<grpc::ByteBuffer>* PutSpans(grpc::CallbackServerContext* context,
+                                                      grpc::ByteBuffer* response) override;
   grpc::ServerWriteReactor<grpc::ByteBuffer>* GetSpans(grpc::CallbackServerContext* context,
                                                        const grpc::ByteBuffer* request) override;
   grpc::Status Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
@@ -67,13 +71,11 @@ class KvStoreServiceImpl final
  private:
   absl::Status DoRegisterModel(const v1::RegisterModelRequest& request,
                                v1::RegisterModelResponse* response);
-  absl::Status DoPutSpans(grpc::ServerContext* context, const std::string& tenant,
-                          grpc::ServerReader<v1::PutSpansRequest>* reader,
-                          v1::PutSpansResponse* response);
   absl::Status DoLookup(const std::string& tenant, const v1::LookupRequest& request,
                         v1::LookupResponse* response);
 
   friend class GetSpansReactor;
+  friend class PutSpansReactor;
 
   store::TieredStore* const store_;
   const TenantAuthenticator* const auth_;
@@ -86,7 +88,8 @@ class KvStoreServiceImpl final
   RpcMethodMetrics* const delete_spans_metrics_;
   RpcMethodMetrics* const pin_spans_metrics_;
   RpcMethodMetrics* const unpin_spans_metrics_;
-  std::unique_ptr<ThreadPool> readers_;  // GetSpans store reads; last member: joined first
+  // Store calls of PutSpans and GetSpans; the last member, so joined first.
+  std::unique_ptr<ThreadPool> store_workers_;
 };
 
 }  // namespace kvrecall::rpc

@@ -54,7 +54,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   kv_options.max_span_bytes = options.max_span_bytes;
   kv_options.get_chunk_bytes = options.get_chunk_bytes;
   kv_options.max_message_bytes = options.max_message_bytes;
-  kv_options.read_threads = options.read_threads;
+  kv_options.store_threads = options.store_threads;
   server->services_.push_back(std::make_unique<KvStoreServiceImpl>(
       server->store_.get(), server->auth_.get(), server->rpc_metrics_.get(), kv_options));
   server->services_.push_back(std::make_unique<AdminServiceImpl>(

@@ -72,7 +72,7 @@ absl::Status ValidateServerOptions(const ServerOptions& o) {
   KVR_RETURN_IF_ERROR(Range("get_chunk_bytes", o.get_chunk_bytes, 4096,
                             o.max_message_bytes - (int64_t{64} << 10)));
   KVR_RETURN_IF_ERROR(Range("rpc_threads", o.rpc_threads, 2, 4096));
-  KVR_RETURN_IF_ERROR(Range("read_threads", o.read_threads, 1, 1024));
+  KVR_RETURN_IF_ERROR(Range("store_threads", o.store_threads, 1, 1024));
   KVR_RETURN_IF_ERROR(Range("completion_queues", o.completion_queues, 0, 64));
   KVR_RETURN_IF_ERROR(Range("http2_window_bytes", o.http2_window_bytes, 0, int64_t{1} << 30));
   if (o.http2_max_frame_bytes != 0) {
@@ -101,7 +101,7 @@ std::vector<std::pair<std::string, std::string>> ServerOptionsToFlags(const Serv
       {"get_chunk_bytes", absl::StrCat(o.get_chunk_bytes)},
       {"rpc_threads", absl::StrCat(o.rpc_threads)},
       {"completion_queues", absl::StrCat(o.completion_queues)},
-      {"read_threads", absl::StrCat(o.read_threads)},
+      {"store_threads", absl::StrCat(o.store_threads)},
       {"http2_window_bytes", absl::StrCat(o.http2_window_bytes)},
       {"http2_max_frame_bytes", absl::StrCat(o.http2_max_frame_bytes)},
       {"shutdown_grace_ms", absl::StrCat(o.shutdown_grace_ms)},

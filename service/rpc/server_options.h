@@ -45,9 +45,10 @@ struct ServerOptions {
   // resource quota); calls beyond it get RESOURCE_EXHAUSTED. Default 64;
   // range 2..4096.
   int32_t rpc_threads = 64;
-  // --read_threads: threads reading spans from the store for GetSpans (a
-  // read from a lower tier may block on disk). Default 8; range 1..1024.
-  int32_t read_threads = 8;
+  // --store_threads: threads making the store calls of PutSpans and GetSpans
+  // (a durable put syncs, a read from a lower tier blocks on disk), so that
+  // gRPC reactions never block. Default 16; range 1..1024.
+  int32_t store_threads = 16;
   // --completion_queues: completion queues of the synchronous server. 0
   // (default) means one per hardware thread; range 0..64.
   int32_t completion_queues = 0;
