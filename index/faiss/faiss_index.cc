@@ -29,6 +29,8 @@ namespace {
 
 using faiss_idx_t = faiss::Index::idx_t;
 
+// docs/formats/faiss.md
+constexpr uint32_t kFaissPayloadVersion = 1;
 // Keys per FAISS add() call (progress is reported between calls).
 constexpr int64_t kAddBatch = 8192;
 
@@ -283,6 +285,14 @@ absl::StatusOr<SearchResult> FaissIndex::Search(const VectorView& queries, int32
   const int64_t fetch = hnsw ? std::min<int64_t>(k, n) : std::min<int64_t>(k + 16, n);
   std::vector<int64_t> scanned(nq, 0), exact(nq, 0);
   std::vector<absl::Status> errors(nq);
+  // FAISS 1.7.3 sizes HNSW's candidate queue from the index's own efSearch
+  // (SearchParametersHNSW::efSearch only bounds the result set), so the
+  // field is set for this batch; concurrent batches wait for each other.
+  std::unique_ptr<absl::MutexLock> hnsw_lock;
+  if (hnsw && effort < n) {
+    hnsw_lock = std::make_unique<absl::MutexLock>(&hnsw_mu_);
+    static_cast<faiss::IndexHNSW*>(index_.get())->hnsw.efSearch = static_cast<int>(effort);
+  }
   ThreadPool::Default()->ParallelFor(
       nq, 1,
       [&](int64_t begin, int64_t end) {
@@ -367,6 +377,7 @@ absl::StatusOr<std::string> FaissIndex::Serialize() const {
   }
   std::string payload;
   ByteWriter w(&payload);
+  w.Put<uint32_t>(kFaissPayloadVersion);
   w.Put<uint64_t>(writer.data.size());
   w.PutBytes(writer.data.data(), writer.data.size());
   w.PutBytes(keys_.data(), keys_.size());
@@ -388,6 +399,11 @@ absl::StatusOr<std::unique_ptr<FaissIndex>> FaissIndex::Load(const IndexHeader& 
   }
   std::unique_ptr<FaissIndex> index(new FaissIndex(header.dim, header.key_dtype, *options));
   ByteReader r(payload);
+  KVR_ASSIGN_OR_RETURN(uint32_t version, r.Get<uint32_t>());
+  if (version != kFaissPayloadVersion) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("faiss: payload version ", version, " is not supported"));
+  }
   KVR_ASSIGN_OR_RETURN(uint64_t faiss_bytes, r.Get<uint64_t>());
   if (faiss_bytes > r.remaining()) return absl::DataLossError("faiss: payload truncated");
   faiss::VectorIOReader reader;

@@ -26,6 +26,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "common/progress.h"
 #include "index/flat/aligned_vector.h"
 #include "index/index_format.h"
@@ -60,7 +61,8 @@ struct FaissOptions {
   ParamMap ToParams() const;
 };
 
-// Thread-compatible (see KeyIndex).
+// Thread-compatible (see KeyIndex); concurrent faiss_hnsw searches run one
+// batch at a time (FAISS 1.7.3 reads efSearch from the index object).
 class FaissIndex final : public KeyIndex {
  public:
   static constexpr int32_t kDefaultEf = 64;
@@ -101,6 +103,8 @@ class FaissIndex final : public KeyIndex {
   int64_t size_ = 0;
   AlignedVector<char> keys_;  // [size, dim] of key_dtype_
   std::unique_ptr<faiss::Index> index_;
+  // Held by an HNSW search batch while it sets the index's efSearch.
+  mutable absl::Mutex hnsw_mu_;
 };
 
 }  // namespace kvrecall::index

@@ -118,7 +118,7 @@ TEST_P(FaissIndexTest, AddSerializeLoadKeepExactness) {
   EXPECT_EQ(b.ids, c.ids);
   // A damaged FAISS blob is DATA_LOSS, not a crash.
   std::string payload(decoded.second);
-  payload.replace(8, 8, "garbage!");
+  payload.replace(12, 8, "garbage!");  // inside FAISS's own bytes
   EXPECT_THAT(FaissIndex::Load(decoded.first, payload).status(),
               StatusIs(absl::StatusCode::kDataLoss));
 }

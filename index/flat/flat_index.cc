@@ -20,6 +20,8 @@ namespace {
 // unit streams through it.
 constexpr int64_t kChunkTiles = 64;
 constexpr int64_t kChunkKeys = kChunkTiles * kTileKeys;
+// docs/formats/flat.md
+constexpr uint32_t kFlatPayloadVersion = 1;
 // Queries sharing each key load.
 constexpr int32_t kQueryGroup = 4;
 // Key ranges smaller than this are not split over threads.
@@ -220,12 +222,15 @@ int64_t FlatIndex::KeyBytes() const {
 }
 
 absl::StatusOr<std::string> FlatIndex::Serialize() const {
-  // Payload: the keys as dense rows [size, dim] in the keys' own dtype.
+  // Payload (docs/formats/flat.md): version, then the keys as dense rows
+  // [size, dim] in the keys' own dtype.
   const size_t elem = DTypeSize(key_dtype_);
-  std::string payload(static_cast<size_t>(size_) * dim_ * elem, '\0');
+  std::string payload(sizeof(uint32_t) + static_cast<size_t>(size_) * dim_ * elem, '\0');
+  const uint32_t version = kFlatPayloadVersion;
+  std::memcpy(payload.data(), &version, sizeof(version));
   std::vector<char> row(static_cast<size_t>(dim_) * DTypeSize(tile_dtype_));
   for (int64_t i = 0; i < size_; ++i) {
-    char* out = payload.data() + i * dim_ * elem;
+    char* out = payload.data() + sizeof(uint32_t) + i * dim_ * elem;
     if (tile_dtype_ == key_dtype_) {
       UnpackFromTiles(tiles_.data(), tile_dtype_, dim_, i, out);
     } else {  // f32 tiles of f16/bf16 keys: converting back is exact
@@ -248,14 +253,21 @@ absl::StatusOr<std::unique_ptr<FlatIndex>> FlatIndex::Load(const IndexHeader& he
   if (header.dim <= 0 || header.size < 0) return absl::DataLossError("flat: bad dim or size");
   auto options = FlatOptions::FromParams(header.build_params);
   if (!options.ok()) return absl::DataLossError(options.status().message());
+  ByteReader r(payload);
+  KVR_ASSIGN_OR_RETURN(uint32_t version, r.Get<uint32_t>());
+  if (version != kFlatPayloadVersion) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("flat: payload version ", version, " is not supported"));
+  }
   const size_t expected =
       static_cast<size_t>(header.size) * header.dim * DTypeSize(header.key_dtype);
-  if (payload.size() != expected) {
-    return absl::DataLossError(absl::StrCat("flat: payload is ", payload.size(),
-                                            " bytes, expected ", expected));
+  if (r.remaining() != expected) {
+    return absl::DataLossError(absl::StrCat("flat: payload has ", r.remaining(),
+                                            " key bytes, expected ", expected));
   }
   std::unique_ptr<FlatIndex> index(new FlatIndex(header.dim, header.key_dtype, *options));
-  VectorView keys{payload.data(), header.size, header.dim, header.key_dtype, 0};
+  VectorView keys{payload.data() + sizeof(uint32_t), header.size, header.dim, header.key_dtype,
+                  0};
   KVR_RETURN_IF_ERROR(index->AppendRows(keys));
   return index;
 }

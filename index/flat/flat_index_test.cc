@@ -182,15 +182,21 @@ TEST(FlatIndexTest, SerializeLoadRoundTripsAndDetectsCorruption) {
   KVR_ASSERT_OK_AND_ASSIGN(auto decoded, DecodeIndex(bytes));
   EXPECT_EQ(decoded.first.key_dtype, DType::kF16);
   EXPECT_EQ(decoded.first.build_params.GetString("storage", ""), "f32");
-  EXPECT_EQ(decoded.second.size(), static_cast<size_t>(n * d * 2));  // keys in their own dtype
+  // Version + the keys in their own dtype.
+  EXPECT_EQ(decoded.second.size(), 4 + static_cast<size_t>(n * d * 2));
   KVR_ASSERT_OK_AND_ASSIGN(auto loaded, FlatIndex::Load(decoded.first, decoded.second));
   EXPECT_EQ(loaded->size(), n);
   KVR_ASSERT_OK_AND_ASSIGN(auto a, index->Search(VectorView::F32(q.data(), 2, d), 10, {}));
   KVR_ASSERT_OK_AND_ASSIGN(auto b, loaded->Search(VectorView::F32(q.data(), 2, d), 10, {}));
   EXPECT_EQ(a.ids, b.ids);
   EXPECT_EQ(a.scores, b.scores);
-  EXPECT_THAT(FlatIndex::Load(decoded.first, decoded.second.substr(1)).status(),
+  EXPECT_THAT(FlatIndex::Load(decoded.first, decoded.second.substr(0, decoded.second.size() - 1))
+                  .status(),
               StatusIs(absl::StatusCode::kDataLoss));
+  std::string future(decoded.second);
+  future[0] = 9;  // payload version 9
+  EXPECT_THAT(FlatIndex::Load(decoded.first, future).status(),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
 TEST(FlatIndexTest, RejectsBadSearchInput) {

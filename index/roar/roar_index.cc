@@ -30,6 +30,13 @@ enum Stage { kKnn = 0, kProjection = 1, kConnectivity = 2, kRepair = 3 };
 
 // Training queries per kNN batch (one flat search each; progress between).
 constexpr int64_t kKnnBatch = 1024;
+// docs/formats/roar.md
+constexpr uint32_t kRoarPayloadVersion = 1;
+// Unused slots of a kNN row (a causal query early in the context has fewer
+// than nq keys to choose from).
+constexpr uint32_t kNoKey = std::numeric_limits<uint32_t>::max();
+// Seed nodes of the connectivity searches besides the entry point.
+constexpr int64_t kBuildSeeds = 64;
 // Nodes per parallel work item of the per-node stages.
 constexpr int64_t kNodeGrain = 64;
 
@@ -100,12 +107,18 @@ void AddReverseEdges(const roar::KeyStore& keys, std::vector<std::vector<uint32_
 }  // namespace
 
 absl::StatusOr<RoarOptions> RoarOptions::FromParams(const ParamMap& params) {
-  KVR_RETURN_IF_ERROR(params.CheckKnown("roar build", {"nq", "m", "l", "max_train", "storage"}));
+  KVR_RETURN_IF_ERROR(params.CheckKnown(
+      "roar build", {"nq", "m", "l", "max_train", "targets", "entries", "causal", "storage"}));
   RoarOptions o;
   KVR_ASSIGN_OR_RETURN(int64_t nq, params.GetInt("nq", o.nq, 1, 1000));
   KVR_ASSIGN_OR_RETURN(int64_t m, params.GetInt("m", o.m, 4, 256));
   KVR_ASSIGN_OR_RETURN(int64_t l, params.GetInt("l", o.l, m, 10000));
   KVR_ASSIGN_OR_RETURN(o.max_train, params.GetInt("max_train", o.max_train, 0, INT64_MAX));
+  KVR_ASSIGN_OR_RETURN(int64_t targets, params.GetInt("targets", o.targets, 1, 1000));
+  o.targets = static_cast<int32_t>(targets);
+  KVR_ASSIGN_OR_RETURN(int64_t entries, params.GetInt("entries", o.entries, 1, 1024));
+  o.entries = static_cast<int32_t>(entries);
+  KVR_ASSIGN_OR_RETURN(o.causal, params.GetBool("causal", o.causal));
   o.nq = static_cast<int32_t>(nq);
   o.m = static_cast<int32_t>(m);
   o.l = static_cast<int32_t>(l);
@@ -125,6 +138,9 @@ ParamMap RoarOptions::ToParams() const {
   p.SetInt("m", m);
   p.SetInt("l", l);
   p.SetInt("max_train", max_train);
+  p.SetInt("targets", targets);
+  p.SetInt("entries", entries);
+  p.SetInt("causal", causal ? 1 : 0);
   p.Set("storage", store_f32 ? "f32" : "native");
   return p;
 }
@@ -163,33 +179,67 @@ absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Build(const VectorView& ke
                                             {"repair", 0.05}});
   auto cancelled = [] { return absl::CancelledError("roar build cancelled"); };
 
-  // Training queries as f32, evenly sampled down to max_train.
+  // Training queries as f32, evenly sampled down to max_train. With causal
+  // training, row r of the training queries is the query at position r % n
+  // (the prefill queries of each head in position order): it only ever
+  // attended to keys 0..r % n, so its neighbours are taken among those. The
+  // rows are ordered by position so that a kNN batch shares one key range.
   const VectorView& source = training_queries.rows > 0 ? training_queries : keys;
+  if (checked.causal && source.rows % n != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "roar: causal=1 needs the training queries in position order, a multiple of the ", n,
+        " keys (row r is the query at position r % n); got ", source.rows,
+        " rows (pass causal=0 for unordered training queries)"));
+  }
   int64_t t = source.rows;
   if (checked.max_train > 0 && t > checked.max_train) t = checked.max_train;
+  std::vector<int64_t> rows(t);
+  for (int64_t i = 0; i < t; ++i) rows[i] = source.rows == t ? i : (i * source.rows) / t;
+  std::vector<int64_t> position(t, n - 1);
+  if (checked.causal) {
+    std::stable_sort(rows.begin(), rows.end(),
+                     [n](int64_t a, int64_t b) { return a % n < b % n; });
+    for (int64_t i = 0; i < t; ++i) position[i] = rows[i] % n;
+  }
   std::vector<float> train(t * d);
   for (int64_t i = 0; i < t; ++i) {
-    const int64_t row = source.rows == t ? i : (i * source.rows) / t;
-    ConvertToFloat(source.row(row), source.dtype, d, train.data() + i * d);
+    ConvertToFloat(source.row(rows[i]), source.dtype, d, train.data() + i * d);
   }
 
-  // 1. Exact kNN of every training query.
+  // 1. Exact kNN of every training query (among the keys up to its position).
   const int32_t nq = static_cast<int32_t>(std::min<int64_t>(checked.nq, n));
-  std::vector<uint32_t> knn(t * nq);
+  std::vector<uint32_t> knn(t * nq, kNoKey);
   {
     KVR_ASSIGN_OR_RETURN(auto flat, FlatIndex::Build(keys, FlatOptions()));
-    KVR_ASSIGN_OR_RETURN(ExcludeSet none, ExcludeSet::Create({}, n));
     for (int64_t b = 0; b < t; b += kKnnBatch) {
-      const int64_t rows = std::min(kKnnBatch, t - b);
-      SearchResult r = flat->SearchF32(train.data() + b * d, rows, nq, none, threads);
-      for (int64_t i = 0; i < rows * nq; ++i) knn[b * nq + i] = static_cast<uint32_t>(r.ids[i]);
-      if (!progress.Advance(kKnn, rows, t)) return cancelled();
+      const int64_t count = std::min(kKnnBatch, t - b);
+      const int64_t first = position[b], last = position[b + count - 1];
+      // Keys after the batch's last position never qualify; keys in
+      // (position, last] may, for earlier rows of the batch: fetch that many
+      // more and drop them below.
+      std::vector<PositionRange> after;
+      if (last + 1 < n) after.push_back({last + 1, n});
+      KVR_ASSIGN_OR_RETURN(ExcludeSet exclude, ExcludeSet::Create(after, n));
+      const int32_t fetch = static_cast<int32_t>(std::min<int64_t>(nq + (last - first), n));
+      SearchResult r = flat->SearchF32(train.data() + b * d, count, fetch, exclude, threads);
+      for (int64_t i = 0; i < count; ++i) {
+        int32_t filled = 0;
+        for (int32_t j = 0; j < fetch && filled < nq; ++j) {
+          const int64_t id = r.ids[i * fetch + j];
+          if (id >= 0 && id <= position[b + i]) {
+            knn[(b + i) * nq + filled++] = static_cast<uint32_t>(id);
+          }
+        }
+      }
+      if (!progress.Advance(kKnn, count, t)) return cancelled();
     }
   }
   train = {};
 
-  // 2. Entry point: the key nearest (L2) to the keys' mean.
+  // 2. Entry points: the key nearest (L2) to the keys' mean (RoarGraph's
+  // single entry point) and the best keys of the latest training queries.
   {
+    uint32_t medoid = 0;
     std::vector<double> mean(d, 0.0);
     std::vector<float> row(d);
     for (int64_t i = 0; i < n; ++i) {
@@ -206,27 +256,69 @@ absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Build(const VectorView& ke
       }
       if (dist < best) {
         best = dist;
-        index->entry_point_ = static_cast<uint32_t>(i);
+        medoid = static_cast<uint32_t>(i);
+      }
+    }
+    index->entry_points_ = {medoid};
+    // The best keys of the latest training queries (rows are in position
+    // order): the queries most like the decode queries that follow.
+    for (int64_t q = t - 1;
+         q >= 0 && static_cast<int32_t>(index->entry_points_.size()) < checked.entries; --q) {
+      const uint32_t best = knn[q * nq];
+      if (std::find(index->entry_points_.begin(), index->entry_points_.end(), best) ==
+          index->entry_points_.end()) {
+        index->entry_points_.push_back(best);
       }
     }
   }
 
-  // 3. Projection: pool the other neighbours of all queries whose best key is
-  // t, prune them against t, then add reverse edges.
+  // 3. Projection: each of the first `targets` neighbours t of a training
+  // query gets the query's other neighbours as candidates; a key's
+  // candidates are pooled over all queries (the most frequent `l` kept),
+  // pruned against it, then reverse edges are added.
   std::vector<std::vector<uint32_t>> projected(n);
   {
+    const int32_t targets = std::min<int32_t>(checked.targets, nq);
     std::vector<int64_t> offsets(n + 1, 0);
-    for (int64_t q = 0; q < t; ++q) ++offsets[knn[q * nq] + 1];
+    for (int64_t q = 0; q < t; ++q) {
+      for (int32_t j = 0; j < targets && knn[q * nq + j] != kNoKey; ++j) {
+        ++offsets[knn[q * nq + j] + 1];
+      }
+    }
     for (int64_t i = 0; i < n; ++i) offsets[i + 1] += offsets[i];
-    std::vector<int64_t> by_target(t);
+    std::vector<int64_t> by_target(offsets[n]);  // q * nq + j
     std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
-    for (int64_t q = 0; q < t; ++q) by_target[fill[knn[q * nq]]++] = q;
+    for (int64_t q = 0; q < t; ++q) {
+      for (int32_t j = 0; j < targets && knn[q * nq + j] != kNoKey; ++j) {
+        by_target[fill[knn[q * nq + j]]++] = q * nq + j;
+      }
+    }
     ParallelNodes(n, threads, &progress, kProjection, [&](int64_t target) {
       if (offsets[target] == offsets[target + 1]) return;
       std::vector<uint32_t> ids;
       for (int64_t at = offsets[target]; at < offsets[target + 1]; ++at) {
-        const uint32_t* row = knn.data() + by_target[at] * nq;
-        ids.insert(ids.end(), row + 1, row + nq);
+        const int64_t q = by_target[at] / nq, j = by_target[at] % nq;
+        const uint32_t* row = knn.data() + q * nq;
+        for (int64_t c = 0; c < nq && row[c] != kNoKey; ++c) {
+          if (c != j) ids.push_back(row[c]);
+        }
+      }
+      if (static_cast<int64_t>(ids.size()) > checked.l) {
+        // Keep the l candidates co-retrieved with the target most often.
+        std::sort(ids.begin(), ids.end());
+        std::vector<std::pair<int32_t, uint32_t>> counted;  // (-count, id)
+        for (size_t i = 0; i < ids.size();) {
+          size_t e = i;
+          while (e < ids.size() && ids[e] == ids[i]) ++e;
+          counted.push_back({-static_cast<int32_t>(e - i), ids[i]});
+          i = e;
+        }
+        if (static_cast<int64_t>(counted.size()) > checked.l) {
+          std::nth_element(counted.begin(), counted.begin() + checked.l, counted.end());
+          counted.resize(checked.l);
+        }
+        ids.clear();
+        for (const auto& c : counted) ids.push_back(c.second);
       }
       std::vector<float> scratch;
       const std::vector<Scored> scored =
@@ -234,7 +326,9 @@ absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Build(const VectorView& ke
       OcclusionPrune(store, scored, m, /*top_up=*/true, &projected[target]);
     });
     if (progress.cancelled()) return cancelled();
+
     AddReverseEdges(store, &projected, m, threads);
+
   }
   knn = {};
 
@@ -244,7 +338,12 @@ absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Build(const VectorView& ke
     g1.Resize(n);
     for (int64_t i = 0; i < n; ++i) g1.Set(i, projected[i]);
     std::vector<std::vector<uint32_t>> supply(n);
-    const uint32_t ep = index->entry_point_;
+    // Seeds of these searches: the entry point and keys spread evenly over
+    // the positions, since the projected graph alone may not connect them
+    // (as NSG and RoarGraph seed their build searches).
+    std::vector<uint32_t> seeds = index->entry_points_;
+    const int64_t num_seeds = std::min<int64_t>(kBuildSeeds, n);
+    for (int64_t i = 0; i < num_seeds; ++i) seeds.push_back(static_cast<uint32_t>(i * n / num_seeds));
     ParallelNodes(n, threads, &progress, kConnectivity, [&](int64_t x) {
       thread_local std::vector<float> q;
       thread_local std::vector<Scored> pool;
@@ -252,8 +351,8 @@ absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Build(const VectorView& ke
       store.ToF32(x, q.data());
       std::unique_ptr<VisitedSet> visited = index->visited_pool_.Get(n);
       SearchCounters counters;
-      BeamSearch(store, g1, absl::MakeConstSpan(&ep, 1), q.data(), checked.l, nullptr,
-                 visited.get(), &pool, &counters);
+      BeamSearch(store, g1, seeds, q.data(), checked.l, nullptr, visited.get(), &pool,
+                 &counters);
       index->visited_pool_.Release(std::move(visited));
       pool.erase(std::remove_if(pool.begin(), pool.end(),
                                 [&](const Scored& s) { return s.id == x; }),
@@ -261,7 +360,9 @@ absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Build(const VectorView& ke
       OcclusionPrune(store, pool, m, /*top_up=*/true, &supply[x]);
     });
     if (progress.cancelled()) return cancelled();
+
     AddReverseEdges(store, &supply, 2 * m, threads);
+
     for (int64_t x = 0; x < n; ++x) {
       std::vector<uint32_t> list = projected[x];
       int32_t added = 0;
@@ -295,7 +396,7 @@ absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Build(const VectorView& ke
         }
       }
     };
-    flood(index->entry_point_);
+    for (uint32_t ep : index->entry_points_) flood(ep);
     std::vector<float> q(d);
     std::vector<Scored> pool;
     for (int64_t u = 0; u < n; ++u) {
@@ -303,7 +404,7 @@ absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Build(const VectorView& ke
       store.ToF32(u, q.data());
       std::unique_ptr<VisitedSet> visited = index->visited_pool_.Get(n);
       SearchCounters counters;
-      BeamSearch(store, index->graph_, absl::MakeConstSpan(&index->entry_point_, 1), q.data(),
+      BeamSearch(store, index->graph_, index->entry_points_, q.data(),
                  checked.l, nullptr, visited.get(), &pool, &counters);
       index->visited_pool_.Release(std::move(visited));
       // Every search result is reachable; link from the best one with room.
@@ -343,7 +444,7 @@ void RoarIndex::Insert(uint32_t id) {
   std::vector<Scored> pool;
   std::unique_ptr<VisitedSet> visited = visited_pool_.Get(n);
   SearchCounters counters;
-  BeamSearch(keys_, graph_, absl::MakeConstSpan(&entry_point_, 1), q.data(), options_.l, nullptr,
+  BeamSearch(keys_, graph_, entry_points_, q.data(), options_.l, nullptr,
              visited.get(), &pool, &counters);
   visited_pool_.Release(std::move(visited));
   pool.erase(std::remove_if(pool.begin(), pool.end(), [&](const Scored& s) { return s.id == id; }),
@@ -396,7 +497,7 @@ absl::StatusOr<SearchResult> RoarIndex::Search(const VectorView& queries, int32_
         std::vector<Scored> pool;
         for (int64_t i = begin; i < end; ++i) {
           if (i > begin) visited->Clear();
-          BeamSearch(keys_, graph_, absl::MakeConstSpan(&entry_point_, 1), q.data() + i * dim(),
+          BeamSearch(keys_, graph_, entry_points_, q.data() + i * dim(),
                      ef, &exclude, visited.get(), &pool, &counters[i]);
           const size_t m = std::min<size_t>(pool.size(), k);
           for (size_t j = 0; j < m; ++j) {
@@ -416,7 +517,7 @@ absl::StatusOr<SearchResult> RoarIndex::Search(const VectorView& queries, int32_
 }
 
 int64_t RoarIndex::IndexBytes() const {
-  return graph_.bytes() + static_cast<int64_t>(sizeof(entry_point_));
+  return graph_.bytes() + static_cast<int64_t>(entry_points_.size() * sizeof(uint32_t));
 }
 
 double RoarIndex::AverageDegree() const {
@@ -427,7 +528,9 @@ double RoarIndex::AverageDegree() const {
 absl::StatusOr<std::string> RoarIndex::Serialize() const {
   std::string payload;
   ByteWriter w(&payload);
-  w.Put<uint32_t>(entry_point_);
+  w.Put<uint32_t>(kRoarPayloadVersion);
+  w.Put<uint32_t>(static_cast<uint32_t>(entry_points_.size()));
+  for (uint32_t ep : entry_points_) w.Put<uint32_t>(ep);
   w.Put<uint32_t>(static_cast<uint32_t>(graph_.capacity()));
   for (int64_t i = 0; i < size(); ++i) {
     const absl::Span<const uint32_t> nbrs = graph_.Neighbors(i);
@@ -467,12 +570,26 @@ absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Load(const IndexHeader& he
   std::unique_ptr<RoarIndex> index(new RoarIndex(header.dim, header.key_dtype, *options));
   const int64_t n = header.size;
   ByteReader r(payload);
-  KVR_ASSIGN_OR_RETURN(uint32_t ep, r.Get<uint32_t>());
+  KVR_ASSIGN_OR_RETURN(uint32_t version, r.Get<uint32_t>());
+  if (version != kRoarPayloadVersion) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("roar: payload version ", version, " is not supported"));
+  }
+  KVR_ASSIGN_OR_RETURN(uint32_t num_entries, r.Get<uint32_t>());
+  if (num_entries > 1u + static_cast<uint32_t>(index->options_.entries) ||
+      (n > 0 && num_entries == 0) || (n == 0 && num_entries > 1)) {
+    return absl::DataLossError("roar: bad entry points");
+  }
+  index->entry_points_.resize(num_entries);
+  for (uint32_t& ep : index->entry_points_) {
+    KVR_ASSIGN_OR_RETURN(ep, r.Get<uint32_t>());
+    if (n > 0 && ep >= n) return absl::DataLossError("roar: entry point out of range");
+  }
+  if (n == 0) index->entry_points_ = {0};
   KVR_ASSIGN_OR_RETURN(uint32_t capacity, r.Get<uint32_t>());
-  if (capacity != static_cast<uint32_t>(index->graph_.capacity()) || (n > 0 && ep >= n)) {
+  if (capacity != static_cast<uint32_t>(index->graph_.capacity())) {
     return absl::DataLossError("roar: bad graph header");
   }
-  index->entry_point_ = ep;
   index->graph_.Resize(n);
   std::vector<uint32_t> nbrs;
   for (int64_t i = 0; i < n; ++i) {

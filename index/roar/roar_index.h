@@ -5,25 +5,35 @@
 // distribution for the keys, so a graph of key-to-key proximity navigates
 // badly for them; this graph is built from real queries instead:
 //
-//   1. knn:          exact top-nq keys of every training query (flat search);
-//   2. projection:   each training query links its best key t to its other
-//                    neighbours (pooled over all queries whose best key is t),
-//                    occlusion-pruned to m, then reverse edges (re-pruned);
-//   3. connectivity: every key searches the projected graph (beam l) for
+//   1. knn:          exact top-nq keys of every training query; with causal
+//                    training (default) only among the keys at or before the
+//                    query's position, the keys it really attended to;
+//   2. entries:      the key nearest the keys' mean (RoarGraph's entry point)
+//                    and the best keys of the latest training queries;
+//   3. projection:   each of the first `targets` neighbours t of a training
+//                    query gets the query's other neighbours as candidates
+//                    (RoarGraph: only the first); pooled per key (the l most
+//                    often co-retrieved), occlusion-pruned to m, reverse edges;
+//   4. connectivity: every key searches the projected graph (beam l) for
 //                    itself; the pruned result (m), with reverse edges (2m),
 //                    adds up to 2m edges: degree <= 3m;
-//   4. repair:       keys not reachable from the entry point get an edge
+//   5. repair:       keys not reachable from the entry points get an edge
 //                    from their best reachable key, so that a search with
 //                    ef >= size() visits every key.
 //
-// Search is best-first with a beam of ef >= k from the entry point (the key
-// nearest to the keys' mean); at ef >= size() it returns exactly the flat
-// result. Add() inserts keys by beam search + pruning + reverse edges.
+// Search is best-first with a beam of ef >= k from all entry points; at
+// ef >= size() it returns exactly the flat result. Add() inserts keys by
+// beam search + pruning + reverse edges. The defaults differ from RoarGraph's
+// (nq=100, M=35, L=500, one target, non-causal) where attn-dev measured a
+// better recall per key scanned (docs/index.md).
 //
 // Build parameters (docs/formats/roar.md):
 //   nq=100        kNN per training query (RoarGraph M_sq), 1..1000
-//   m=35          projected out-degree (M_pjbp); final degree <= 3m, 4..256
-//   l=200         build beam of the connectivity step (L_pjpq), >= m
+//   m=12          projected out-degree (M_pjbp); final degree <= 3m, 4..256
+//   l=200         pool and beam of projection / connectivity (L_pjpq), >= m
+//   targets=16    leading kNN entries that become projection targets, 1..1000
+//   entries=16    entry points, 1..1024
+//   causal=1      training row r is the query at position r % n
 //   max_train=0   training queries used, sampled evenly; 0 = all
 //   storage=native|f32   dtype of the stored keys
 // Search knobs: ef (default 128; clamped up to k).
@@ -49,13 +59,25 @@ struct RoarOptions {
   // M_sq). Default 100, range [1, 1000].
   int32_t nq = 100;
   // Out-degree after projection (RoarGraph M_pjbp); the final degree is at
-  // most 3 * m. Default 35, range [4, 256].
-  int32_t m = 35;
-  // Beam width of the connectivity step's searches (RoarGraph L_pjpq), also
-  // the beam of Add(). Default 200, range [m, 10000].
+  // most 3 * m. Default 12, range [4, 256].
+  int32_t m = 12;
+  // Candidates kept per projection target, and the beam of the
+  // connectivity step's searches and of Add() (RoarGraph L_pjpq). Default
+  // 200, range [m, 10000].
   int32_t l = 200;
   // Training queries used (evenly sampled when more are given); 0 = all.
   int64_t max_train = 0;
+  // Leading kNN entries of each training query that become projection
+  // targets (RoarGraph: 1). Default 16, range [1, 1000] (at most nq used).
+  int32_t targets = 16;
+  // Entry points of every search: the key nearest the keys' mean plus the
+  // best keys of the latest training queries (up to entries - 1 distinct).
+  // Default 16, range [1, 1024].
+  int32_t entries = 16;
+  // Training row r is the query at position r % n, whose neighbours are
+  // taken among keys 0..r % n only (the keys it attended to). REQUIRES the
+  // training rows to be a multiple of the keys. Default true.
+  bool causal = true;
   // Store keys as f32 instead of their own dtype. Default false.
   bool store_f32 = false;
   // Build threads; 0 = the default pool.
@@ -99,9 +121,11 @@ class RoarIndex final : public KeyIndex {
   const ParamMap& build_params() const override { return build_params_; }
   absl::StatusOr<std::string> Serialize() const override;
 
-  // Graph statistics (benchmarks, tests).
+  // Graph statistics and internals (benchmarks, tests).
   double AverageDegree() const;
-  uint32_t entry_point() const { return entry_point_; }
+  const std::vector<uint32_t>& entry_points() const { return entry_points_; }
+  const roar::AdjacencyLists& graph() const { return graph_; }
+  const roar::KeyStore& keys() const { return keys_; }
 
  private:
   RoarIndex(int32_t dim, DType key_dtype, const RoarOptions& options);
@@ -116,7 +140,7 @@ class RoarIndex final : public KeyIndex {
   ParamMap build_params_;
   roar::KeyStore keys_;
   roar::AdjacencyLists graph_;
-  uint32_t entry_point_ = 0;
+  std::vector<uint32_t> entry_points_ = {0};  // [0] is the medoid
   mutable roar::VisitedPool visited_pool_;
 
   friend class RoarBuilder;

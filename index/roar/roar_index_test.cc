@@ -89,6 +89,7 @@ TEST(RoarIndexTest, MaxEffortIsExactlyFlatAndDefaultEffortHasHighRecall) {
     // At max effort every key is reached and scored once.
     EXPECT_EQ(full.stats.keys_scanned, 3000 * full.num_queries);
     params.knobs = ParamMap();
+    params.knobs.SetInt("ef", 40);
     KVR_ASSERT_OK_AND_ASSIGN(SearchResult approx, roar->Search(Decode(data), 20, params));
     EXPECT_GE(Recall(approx, exact), 0.9) << "seed " << seed;
     EXPECT_LT(approx.stats.keys_scanned, full.stats.keys_scanned / 3);
@@ -104,7 +105,15 @@ TEST(RoarIndexTest, AddedKeysAreFoundAndMaxEffortStaysExact) {
   const VectorView all = Keys(data);
   VectorView first = all;
   first.rows = 1500;
-  KVR_ASSERT_OK_AND_ASSIGN(auto roar, RoarIndex::Build(first, Training(data), SmallOptions()));
+  // The prefill queries of positions 0..1499 of both heads, in position order.
+  std::vector<float> train;
+  for (int64_t h = 0; h < 2; ++h) {
+    const float* qh = data.s.prefill_queries.data() + h * 2000 * all.dim;
+    train.insert(train.end(), qh, qh + 1500 * all.dim);
+  }
+  KVR_ASSERT_OK_AND_ASSIGN(
+      auto roar,
+      RoarIndex::Build(first, VectorView::F32(train.data(), 3000, all.dim), SmallOptions()));
   VectorView rest{data.keys_f16.data() + 1500 * all.dim, 500, all.dim, DType::kF16, 0};
   KVR_ASSERT_OK(roar->Add(rest));
   EXPECT_EQ(roar->size(), 2000);
@@ -150,7 +159,10 @@ TEST(RoarIndexTest, BuildIsDeterministicAcrossThreadCountsAndRoundTrips) {
   // A corrupted neighbour id is caught by Load, not by a search.
   std::string payload(decoded.second);
   const uint32_t bad = 999999;
-  std::memcpy(payload.data() + 12, &bad, 4);  // first neighbour of node 0
+  // version, entry count, entries, capacity, node 0's count, its first neighbour
+  const size_t at = 16 + 4 * a->entry_points().size();
+  ASSERT_FALSE(a->graph().Neighbors(0).empty());
+  std::memcpy(payload.data() + at, &bad, 4);
   EXPECT_THAT(RoarIndex::Load(decoded.first, payload).status(),
               StatusIs(absl::StatusCode::kDataLoss));
 }
@@ -192,6 +204,16 @@ TEST(RoarIndexTest, RejectsBadInputAndHandlesEdgeSizes) {
   unknown.SetInt("M", 8);
   EXPECT_THAT(RoarOptions::FromParams(unknown).status(),
               StatusIs(absl::StatusCode::kInvalidArgument));
+  // Causal training needs the training rows in position order (a multiple
+  // of the keys); unordered training queries need causal=0.
+  VectorView some_train = Training(data);
+  some_train.rows = 301;
+  EXPECT_THAT(RoarIndex::Build(Keys(data), some_train, SmallOptions()).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  RoarOptions unordered = SmallOptions();
+  unordered.causal = false;
+  KVR_ASSERT_OK_AND_ASSIGN(auto any_order, RoarIndex::Build(Keys(data), some_train, unordered));
+  EXPECT_EQ(any_order->build_params().GetString("causal", ""), "0");
 
   KVR_ASSERT_OK_AND_ASSIGN(auto index,
                            RoarIndex::Build(Keys(data), VectorView::Empty(64), SmallOptions()));
