@@ -52,7 +52,8 @@ ABSL_FLAG(std::vector<std::string>, clients, std::vector<std::string>({"1", "4",
           "numbers of concurrent clients");
 ABSL_FLAG(std::string, bytes_per_cell, "512MiB",
           "payload bytes each system writes (then reads) per size x clients cell");
-ABSL_FLAG(int32_t, min_ops_per_client, 4, "each client does at least this many puts and gets");
+ABSL_FLAG(int32_t, min_spans_per_client, 4,
+          "each client puts and gets at least this many spans (at least one call)");
 ABSL_FLAG(int32_t, batch, 1,
           "spans per call: kvrecall streams them in one PutSpans/GetSpans call, Redis pipelines "
           "that many SET/GET commands");
@@ -427,10 +428,11 @@ int Main() {
   int64_t largest_cell = 0;
   for (int64_t size : sizes) {
     for (int c : clients) {
-      largest_cell = std::max(largest_cell,
-                              std::max<int64_t>(*cell_bytes / (size * c),
-                                                absl::GetFlag(FLAGS_min_ops_per_client)) *
-                                  c * size);
+      const int64_t b = absl::GetFlag(FLAGS_batch);
+      const int64_t calls = std::max<int64_t>(
+          *cell_bytes / (size * c * b),
+          std::max<int64_t>(1, (absl::GetFlag(FLAGS_min_spans_per_client) + b - 1) / b));
+      largest_cell = std::max(largest_cell, calls * b * c * size);
     }
   }
 
@@ -547,8 +549,10 @@ int Main() {
     for (int c : clients) {
       ++cell;
       // `ops` calls per client, each of `batch` spans.
+      const int64_t min_calls =
+          (absl::GetFlag(FLAGS_min_spans_per_client) + batch - 1) / batch;
       const int64_t ops = std::max<int64_t>(*cell_bytes / (size * c * batch),
-                                            absl::GetFlag(FLAGS_min_ops_per_client));
+                                            std::max<int64_t>(1, min_calls));
       std::fprintf(stderr,
                    "[%d/%d] %s x %d clients: %lld put and get calls of %d spans per client and "
                    "system\n",
