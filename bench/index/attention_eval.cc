@@ -67,6 +67,67 @@ absl::StatusOr<EvalSet> LoadCapture(const std::string& dir, int32_t layer, int32
   return set;
 }
 
+namespace {
+
+// Rotates post-RoPE vectors as if they sat `shift` positions later.
+//   x: [rows, d] f32, rotate_half layout (dim i paired with i + d/2)
+void ShiftRope(int64_t shift, int64_t rows, int32_t d, float* x) {
+  const int32_t half = d / 2;
+  std::vector<double> c(half), s(half);
+  for (int32_t i = 0; i < half; ++i) {
+    const double a = static_cast<double>(shift) * std::pow(10000.0, -2.0 * i / d);
+    c[i] = std::cos(a);
+    s[i] = std::sin(a);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* v = x + r * d;
+    for (int32_t i = 0; i < half; ++i) {
+      const double x0 = v[i], x1 = v[i + half];
+      v[i] = static_cast<float>(x0 * c[i] - x1 * s[i]);
+      v[i + half] = static_cast<float>(x1 * c[i] + x0 * s[i]);
+    }
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<EvalSet> MakeTiledCapture(const std::string& dir, int32_t layer, int32_t kv_head,
+                                         int64_t decode, int64_t copies) {
+  if (copies < 1) return absl::InvalidArgumentError("copies must be >= 1");
+  KVR_ASSIGN_OR_RETURN(EvalSet base, LoadCapture(dir, layer, kv_head, decode));
+  const int64_t n = base.num_keys, d = base.dim, group = base.num_training / n;
+  EvalSet set;
+  set.name = absl::StrFormat("L%d/h%d x%d", layer, kv_head, copies);
+  set.layer = layer;
+  set.kv_head = kv_head;
+  set.dim = base.dim;
+  set.num_keys = n * copies;
+  set.keys.resize(set.num_keys * d);
+  set.values.resize(set.num_keys * d);
+  set.training_dtype = DType::kF16;
+  set.num_training = group * set.num_keys;
+  set.training.resize(set.num_training * d * 2);
+  std::vector<float> rows(n * d);
+  std::vector<float> training_f32(n * d);
+  for (int64_t c = 0; c < copies; ++c) {
+    ConvertToFloat(base.keys.data(), DType::kF16, n * d, rows.data());
+    ShiftRope(c * n, n, base.dim, rows.data());
+    ConvertFromFloat(rows.data(), n * d, DType::kF16, set.keys.data() + c * n * d);
+    std::copy(base.values.begin(), base.values.end(), set.values.begin() + c * n * d);
+    for (int64_t g = 0; g < group; ++g) {
+      ConvertToFloat(base.training.data() + g * n * d * 2, DType::kF16, n * d,
+                     training_f32.data());
+      ShiftRope(c * n, n, base.dim, training_f32.data());
+      ConvertFromFloat(training_f32.data(), n * d, DType::kF16,
+                       set.training.data() + (g * set.num_keys + c * n) * d * 2);
+    }
+  }
+  set.num_queries = base.num_queries;
+  set.queries = base.queries;
+  ShiftRope((copies - 1) * n, set.num_queries, base.dim, set.queries.data());
+  return set;
+}
+
 absl::StatusOr<EvalSet> MakeSynthetic(int64_t num_keys, int64_t decode, uint64_t seed) {
   index::SyntheticAttentionOptions o;
   o.num_keys = num_keys;

@@ -41,6 +41,17 @@ struct EvalSet {
 absl::StatusOr<EvalSet> LoadCapture(const std::string& dir, int32_t layer, int32_t kv_head,
                                     int64_t decode);
 
+// A long context built from a capture: `copies` copies of the prefix of
+// layer `layer`, KV head `kv_head`, placed one after another. Keys and
+// queries are post-RoPE, so copy c is the capture shifted by c * n positions
+// (each pair (i, i + d/2) rotated by c * n * theta^(-2i/d), theta = 10000):
+// the keys the model would produce for the same text c * n positions later.
+// The decode queries follow the last copy; the training queries are the
+// prefill queries of every copy, in position order. Scores against the last
+// copy are the capture's own; earlier copies are seen from further away.
+absl::StatusOr<EvalSet> MakeTiledCapture(const std::string& dir, int32_t layer, int32_t kv_head,
+                                         int64_t decode, int64_t copies);
+
 // A synthetic set from index/flat/synthetic_attention.h with `num_keys`
 // keys, 2 query heads and `decode` decode queries per head.
 absl::StatusOr<EvalSet> MakeSynthetic(int64_t num_keys, int64_t decode, uint64_t seed);

@@ -60,7 +60,9 @@ absl::StatusOr<SyntheticAttention> GenerateSyntheticAttention(
   const int32_t d = o.dim, r = o.latent_rank;
   if (o.nuisance_rank < 0 || r + o.nuisance_rank > d || !(o.content_share > 0) ||
       !(o.nuisance_share >= 0) || o.content_share + o.nuisance_share > 1 ||
-      !(o.nuisance_correlation >= 0 && o.nuisance_correlation < 1)) {
+      !(o.nuisance_correlation >= 0 && o.nuisance_correlation < 1) || o.num_topics < 1 ||
+      !(o.segment_length >= 1) || !(o.topic_noise >= 0) || !(o.head_mixing >= 0) ||
+      !(o.target_noise >= 0)) {
     return absl::InvalidArgumentError("synthetic attention: option out of range");
   }
   const int64_t n = o.num_keys;
@@ -134,7 +136,7 @@ absl::StatusOr<SyntheticAttention> GenerateSyntheticAttention(
   std::vector<std::vector<double>> w(o.num_query_heads, std::vector<double>(r * r));
   for (auto& wg : w) {
     for (int32_t i = 0; i < r; ++i) {
-      for (int32_t j = 0; j < r; ++j) wg[i * r + j] = (i == j ? 1.0 : 0.0) + 0.3 * normal(rng) / std::sqrt(r);
+      for (int32_t j = 0; j < r; ++j) wg[i * r + j] = (i == j ? 1.0 : 0.0) + o.head_mixing * normal(rng) / std::sqrt(r);
     }
   }
   std::vector<double> cmat(static_cast<size_t>(d) * r);
@@ -152,11 +154,28 @@ absl::StatusOr<SyntheticAttention> GenerateSyntheticAttention(
       }
     }
   }
-  const double rho = o.temporal_correlation, innov = std::sqrt(1 - rho * rho);
-  for (int64_t t = 0; t < n; ++t) {
-    for (int32_t c = 0; c < r; ++c) {
-      const double prev = t > 0 ? h[(t - 1) * r + c] : UnitT(rng, o.student_t_dof);
-      h[t * r + c] = t > 0 ? rho * prev + innov * UnitT(rng, o.student_t_dof) : prev;
+  // Content: the context is a sequence of segments (mean length
+  // segment_length), each about one of num_topics topics (unit-variance
+  // Student-t vectors); within a segment the state wanders around its topic
+  // with an AR(1) of amplitude topic_noise.
+  {
+    std::vector<double> topics(static_cast<size_t>(o.num_topics) * r);
+    for (double& x : topics) x = UnitT(rng, o.student_t_dof);
+    std::geometric_distribution<int64_t> length(1.0 / o.segment_length);
+    std::uniform_int_distribution<int32_t> pick(0, o.num_topics - 1);
+    const double rho = o.temporal_correlation, innov = std::sqrt(1 - rho * rho);
+    std::vector<double> wander(r, 0.0);
+    int64_t left = 0;
+    int32_t topic = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      if (left-- <= 0) {
+        left = 1 + length(rng);
+        topic = pick(rng);
+      }
+      for (int32_t c = 0; c < r; ++c) {
+        wander[c] = rho * wander[c] + innov * UnitT(rng, o.student_t_dof);
+        h[t * r + c] = topics[static_cast<size_t>(topic) * r + c] + o.topic_noise * wander[c];
+      }
     }
   }
 
@@ -199,7 +218,7 @@ absl::StatusOr<SyntheticAttention> GenerateSyntheticAttention(
       }
     }
     std::vector<double> target(r), mixed(r);
-    for (int32_t c = 0; c < r; ++c) target[c] = h[s * r + c] + 0.5 * normal(rng);
+    for (int32_t c = 0; c < r; ++c) target[c] = h[s * r + c] + o.target_noise * normal(rng);
     for (int32_t i = 0; i < r; ++i) {
       double m = 0;
       for (int32_t j = 0; j < r; ++j) m += w[g][i * r + j] * target[j];

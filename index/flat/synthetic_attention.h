@@ -1,11 +1,12 @@
 #pragma once
 
 // Attention-like synthetic keys, queries and values for tests and scale
-// benchmarks (a real capture has only ~8K positions). Per position t of a
-// context there is a content state h_t (rank r, AR(1) over positions so that
-// neighbouring tokens are alike, Student-t innovations so that scores are
-// heavy-tailed) and a nuisance state u_t (faster AR(1)) in a subspace
-// orthogonal to the content:
+// benchmarks (a real capture has only ~8K positions). A context is a
+// sequence of segments (like passages of text), each about one of
+// num_topics topics; position t has a content state h_t (its segment's
+// topic plus an AR(1) wander; Student-t draws, so scores are heavy-tailed)
+// and a nuisance state u_t (a faster AR(1)) in a subspace orthogonal to the
+// content:
 //
 //   key     k_t = RoPE_t( mu_k + U u_t + A h_t + noise )
 //   query   q_t = RoPE_t( mu_q + focus * A W_g (h_s + noise) + noise )   (head g)
@@ -15,14 +16,13 @@
 // close in the key space are not the keys a query scores high. A query looks
 // for the content h_s of an earlier position s (within the last
 // recent_window positions with probability recent_fraction, else uniform
-// over the past) through a head-specific mixing W_g, so its top keys cluster
-// around s. mu_k is a shared key offset in the slowest RoPE pairs (so that it
-// survives the rotation, as the large mean components of real keys do), and
-// mu_q points away from it: queries are out of distribution for the keys.
-// The defaults match attn-dev layers 3-7 in |mean k|/|k| (~0.4 vs 0.45-0.63),
-// cos(mean q, mean k) (~-0.25 vs -0.1..-0.4), norms (~20), logit spread
-// (std ~3 vs 2.3-3.2) and top-100 attention mass (~0.75 vs 0.6-0.94); they
-// are easier for key-to-key graphs than the real captures (docs/index.md).
+// over the past) through a head-specific mixing W_g, so its top keys are
+// the segments about that topic. mu_k is a shared key offset in the slowest
+// RoPE pairs (so that it survives the rotation, as the large mean components
+// of real keys do), and mu_q points away from it: queries are out of
+// distribution for the keys. The defaults match attn-dev layers 3-7 in
+// |mean k|/|k|, cos(mean q, mean k), norms and logit spread (docs/index.md
+// compares them).
 
 #include <cstdint>
 #include <vector>
@@ -37,11 +37,16 @@ struct SyntheticAttentionOptions {
   int32_t num_query_heads = 2;      // query heads sharing the KV head (GQA group), >= 1
   int64_t num_decode_queries = 256; // per head, at positions num_keys, num_keys+1, ...
   int32_t latent_rank = 32;         // rank r of the content state, 1..dim
+  int32_t num_topics = 1024;        // distinct segment topics, >= 1
+  double segment_length = 64;       // mean positions per segment, >= 1
+  double topic_noise = 0.3;         // wandering of h_t around its topic, >= 0
+  double head_mixing = 0.3;         // off-diagonal scale of W_g, >= 0
+  double target_noise = 0.5;        // noise on the content a query looks for, >= 0
   int32_t nuisance_rank = 32;       // rank of the nuisance state, r + it <= dim
   double content_share = 0.3;       // share of the key variance in A h_t, (0, 1]
   double nuisance_share = 0.6;      // share of the key variance in U u_t, [0, 1 - content]
   double nuisance_correlation = 0.5;  // AR(1) coefficient of u_t, [0, 1)
-  double temporal_correlation = 0.9;  // AR(1) coefficient of h_t, [0, 1)
+  double temporal_correlation = 0.9;  // AR(1) coefficient of the wandering, [0, 1)
   double student_t_dof = 6;         // degrees of freedom of the innovations, > 2
   double key_mean_fraction = 0.55;  // |mu_k| / E|k|, [0, 1)
   double query_mean_cos = -0.3;     // cos(mu_q, mu_k), [-1, 1]

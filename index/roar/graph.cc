@@ -10,10 +10,18 @@
 namespace kvrecall::index::roar {
 namespace {
 
-// a ranks above b: larger score, then smaller id.
-inline bool Better(const Scored& a, const Scored& b) {
-  return a.score > b.score || (a.score == b.score && a.id < b.id);
-}
+// a ranks above b: larger score, then smaller id. A functor, so that the
+// heap algorithms inline it.
+struct BetterFn {
+  bool operator()(const Scored& a, const Scored& b) const {
+    return a.score > b.score || (a.score == b.score && a.id < b.id);
+  }
+};
+constexpr BetterFn Better;
+
+struct LowerScoreFn {
+  bool operator()(const Scored& a, const Scored& b) const { return a.score < b.score; }
+};
 
 }  // namespace
 
@@ -90,7 +98,7 @@ void BeamSearch(const KeyStore& keys, const AdjacencyLists& graph,
                 const ExcludeSet* exclude, VisitedSet* visited, std::vector<Scored>* out,
                 SearchCounters* counters) {
   // candidates: max-heap by score; results: heap whose top is the worst kept.
-  auto cand_less = [](const Scored& a, const Scored& b) { return a.score < b.score; };
+  constexpr LowerScoreFn cand_less;
   std::vector<Scored> candidates;
   std::vector<Scored>& results = *out;
   results.clear();

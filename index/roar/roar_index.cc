@@ -29,7 +29,9 @@ namespace {
 enum Stage { kKnn = 0, kProjection = 1, kConnectivity = 2, kRepair = 3 };
 
 // Training queries per kNN batch (one flat search each; progress between).
-constexpr int64_t kKnnBatch = 1024;
+// Causal batches fetch up to (positions spanned - 1) extra neighbours, so
+// batches stay small in positions.
+constexpr int64_t kKnnBatch = 256;
 // docs/formats/roar.md
 constexpr uint32_t kRoarPayloadVersion = 1;
 // Unused slots of a kNN row (a causal query early in the context has fewer
