@@ -1,8 +1,10 @@
 #!/usr/bin/python3
 """Recall@100 against % of keys scanned, one panel per evaluation set and one
-curve per index kind, from the CSV written by index_bench.
+curve per index kind, from the CSV written by index_bench; with --table, also
+prints a markdown table of each kind's cheapest swept point reaching
+recall@100 >= 0.95.
 
-    /usr/bin/python3 bench/index/plot_index.py index_bench.csv index_bench.png
+    /usr/bin/python3 bench/index/plot_index.py index_bench.csv index_bench.png [--table]
 """
 import csv
 import math
@@ -14,7 +16,29 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def print_table(rows, sets, kinds):
+    """Markdown: per set, each kind's cheapest point with recall@100 >= 0.95."""
+    print("| set | keys | " + " | ".join(kinds) + " |")
+    print("|---|---|" + "---|" * len(kinds))
+    for name in sets:
+        cells = []
+        n = ""
+        for kind in kinds:
+            pts = [r for r in rows if r["set"] == name and r["kind"] == kind
+                   and r["us_per_query_1t"] and float(r["recall100"]) >= 0.95]
+            if not pts:
+                cells.append("not reached")
+                continue
+            best = min(pts, key=lambda r: float(r["pct_scanned"]))
+            n = best["n"]
+            cells.append("%.1f%% / %.0f us" % (float(best["pct_scanned"]),
+                                               float(best["us_per_query_1t"])))
+        print("| %s | %s | %s |" % (name, n, " | ".join(cells)))
+
+
 def main(argv):
+    table = "--table" in argv
+    argv = [a for a in argv if a != "--table"]
     if len(argv) != 3:
         print(__doc__, file=sys.stderr)
         return 2
@@ -63,9 +87,11 @@ def main(argv):
     for i in range(len(sets), nrows * cols):
         axes[i // cols][i % cols].axis("off")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(argv[2], dpi=110)
+    if table:
+        print_table(rows, sets, kinds)
     return 0
 
 

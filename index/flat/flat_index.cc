@@ -109,9 +109,12 @@ SearchResult FlatIndex::SearchF32(const float* queries, int64_t num_queries, int
   // Work units: key ranges (tile ranges) x query blocks.
   const int64_t num_tiles = NumTiles();
   const int threads = ResolveThreads(num_threads);
-  const int64_t num_ranges =
-      std::clamp<int64_t>(num_tiles / kMinTilesPerRange, 1, threads);
   const int64_t num_groups = (num_queries + kQueryGroup - 1) / kQueryGroup;
+  // Many queries: split them (each thread scans every key for its block, no
+  // merge). Few queries: split the keys and merge the per-range top-k.
+  const bool split_queries = num_groups >= 8 * threads;
+  const int64_t num_ranges =
+      split_queries ? 1 : std::clamp<int64_t>(num_tiles / kMinTilesPerRange, 1, threads);
   const int64_t num_blocks =
       std::clamp<int64_t>((threads + num_ranges - 1) / num_ranges, 1, num_groups);
   const int64_t groups_per_block = (num_groups + num_blocks - 1) / num_blocks;
