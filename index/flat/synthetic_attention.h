@@ -20,9 +20,10 @@
 // the segments about that topic. mu_k is a shared key offset in the slowest
 // RoPE pairs (so that it survives the rotation, as the large mean components
 // of real keys do), and mu_q points away from it: queries are out of
-// distribution for the keys. The defaults match attn-dev layers 3-7 in
-// |mean k|/|k|, cos(mean q, mean k), norms and logit spread (docs/index.md
-// compares them).
+// distribution for the keys. The defaults come close to attn-dev layers 3-7
+// in |mean k|/|k|, cos(mean q, mean k), norms, logit spread and top-100
+// attention mass, but not in where a query's top keys lie: here they spread
+// over the context, in real attention most are recent (docs/index.md).
 
 #include <cstdint>
 #include <vector>

@@ -38,7 +38,6 @@
 //   storage=native|f32   dtype of the stored keys
 // Search knobs: ef (default 128; clamped up to k).
 
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
