@@ -242,12 +242,7 @@ absl::Status FaissIndex::AddToFaiss(const VectorView& keys, const ProgressCallba
 }
 
 absl::Status FaissIndex::Add(const VectorView& keys) {
-  KVR_RETURN_IF_ERROR(ValidateVectors("keys", keys, dim_));
-  if (keys.dtype != key_dtype_) {
-    return absl::InvalidArgumentError(absl::StrCat(kind(), ": Add got ", DTypeName(keys.dtype),
-                                                   " keys, the index holds ",
-                                                   DTypeName(key_dtype_)));
-  }
+  KVR_RETURN_IF_ERROR(ValidateAddedKeys(kind(), keys, dim_, key_dtype_));
   if (size_ + keys.rows > std::numeric_limits<int32_t>::max()) {
     return absl::InvalidArgumentError("faiss: more than 2^31-1 keys");
   }

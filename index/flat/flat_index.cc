@@ -67,12 +67,7 @@ absl::StatusOr<std::unique_ptr<FlatIndex>> FlatIndex::Build(const VectorView& ke
 }
 
 absl::Status FlatIndex::Add(const VectorView& keys) {
-  KVR_RETURN_IF_ERROR(ValidateVectors("keys", keys, dim_));
-  if (keys.dtype != key_dtype_) {
-    return absl::InvalidArgumentError(absl::StrCat("flat: Add got ", DTypeName(keys.dtype),
-                                                   " keys, the index holds ",
-                                                   DTypeName(key_dtype_)));
-  }
+  KVR_RETURN_IF_ERROR(ValidateAddedKeys("flat", keys, dim_, key_dtype_));
   return AppendRows(keys);
 }
 

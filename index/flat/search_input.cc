@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
+#include "common/status_macros.h"
 #include "common/thread_pool.h"
 
 namespace kvrecall::index {
@@ -24,6 +25,17 @@ absl::Status ValidateVectors(absl::string_view what, const VectorView& view, int
   }
   if (view.rows > 0 && view.data == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(what, " have rows but no data"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateAddedKeys(absl::string_view kind, const VectorView& keys, int32_t dim,
+                               DType index_dtype) {
+  KVR_RETURN_IF_ERROR(ValidateVectors("keys", keys, dim));
+  if (keys.dtype != index_dtype) {
+    return absl::InvalidArgumentError(absl::StrCat(kind, ": Add got ", DTypeName(keys.dtype),
+                                                   " keys, the index holds ",
+                                                   DTypeName(index_dtype)));
   }
   return absl::OkStatus();
 }

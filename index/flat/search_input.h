@@ -20,6 +20,11 @@ namespace kvrecall::index {
 // data non-null when rows > 0, rows >= 0, stride >= dim, a known dtype.
 absl::Status ValidateVectors(absl::string_view what, const VectorView& view, int32_t dim);
 
+// The checks of KeyIndex::Add: a well-formed view of dimension `dim` in the
+// dtype the index was built with (INVALID_ARGUMENT naming `kind` otherwise).
+absl::Status ValidateAddedKeys(absl::string_view kind, const VectorView& keys, int32_t dim,
+                               DType index_dtype);
+
 // Copies rows of `view` into a dense f32 matrix.
 //   returns: [view.rows, view.dim] f32, row-major
 // REQUIRES: ValidateVectors(view) is OK.

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/half.h"
@@ -226,6 +227,27 @@ __attribute__((target("avx512f"))) void TileAvx512Dispatch(const float* q, const
   }
 }
 
+// Calls kernel(std::integral_constant<int, Q>, first) for groups of Q <= 4
+// queries covering [0, nq): as many groups of 4 as fit, then one of 1-3.
+template <typename Kernel>
+inline void ForQueryGroups(int32_t nq, const Kernel& kernel) {
+  int32_t qi = 0;
+  for (; qi + 4 <= nq; qi += 4) kernel(std::integral_constant<int, 4>{}, qi);
+  switch (nq - qi) {
+    case 3:
+      kernel(std::integral_constant<int, 3>{}, qi);
+      break;
+    case 2:
+      kernel(std::integral_constant<int, 2>{}, qi);
+      break;
+    case 1:
+      kernel(std::integral_constant<int, 1>{}, qi);
+      break;
+    default:
+      break;
+  }
+}
+
 template <DType kDt>
 void ScoreTilesTyped(TilePath path, const float* queries, int32_t nq, const void* tiles, int32_t d,
                      int64_t num_tiles, float* scores, int64_t score_stride) {
@@ -233,43 +255,18 @@ void ScoreTilesTyped(TilePath path, const float* queries, int32_t nq, const void
   for (int64_t t = 0; t < num_tiles; ++t) {
     const void* tile = static_cast<const char*>(tiles) + t * tile_bytes;
     float* out_t = scores + t * kL;
-    int32_t qi = 0;
     switch (path) {
       case TilePath::kAvx512:
-        for (; qi + 4 <= nq; qi += 4) {
-          TileAvx512Dispatch<4, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
-        }
-        switch (nq - qi) {
-          case 3:
-            TileAvx512Dispatch<3, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
-            break;
-          case 2:
-            TileAvx512Dispatch<2, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
-            break;
-          case 1:
-            TileAvx512Dispatch<1, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
-            break;
-          default:
-            break;
-        }
+        ForQueryGroups(nq, [&](auto q_count, int32_t qi) {
+          TileAvx512Dispatch<decltype(q_count)::value, kDt>(
+              queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
+        });
         break;
       case TilePath::kAvx2:
-        for (; qi + 4 <= nq; qi += 4) {
-          TileAvx2<4, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
-        }
-        switch (nq - qi) {
-          case 3:
-            TileAvx2<3, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
-            break;
-          case 2:
-            TileAvx2<2, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
-            break;
-          case 1:
-            TileAvx2<1, kDt>(queries + qi * d, tile, d, out_t + qi * score_stride, score_stride);
-            break;
-          default:
-            break;
-        }
+        ForQueryGroups(nq, [&](auto q_count, int32_t qi) {
+          TileAvx2<decltype(q_count)::value, kDt>(queries + qi * d, tile, d,
+                                                  out_t + qi * score_stride, score_stride);
+        });
         break;
       case TilePath::kScalar:
         TileScalar<kDt>(queries, nq, tile, d, out_t, score_stride);

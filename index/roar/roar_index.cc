@@ -459,12 +459,7 @@ void RoarIndex::Insert(uint32_t id) {
 }
 
 absl::Status RoarIndex::Add(const VectorView& keys) {
-  KVR_RETURN_IF_ERROR(ValidateVectors("keys", keys, dim()));
-  if (keys.dtype != key_dtype_) {
-    return absl::InvalidArgumentError(absl::StrCat("roar: Add got ", DTypeName(keys.dtype),
-                                                   " keys, the index holds ",
-                                                   DTypeName(key_dtype_)));
-  }
+  KVR_RETURN_IF_ERROR(ValidateAddedKeys("roar", keys, dim(), key_dtype_));
   if (size() + keys.rows >= std::numeric_limits<uint32_t>::max()) {
     return absl::InvalidArgumentError("roar: more than 2^32-1 keys");
   }

@@ -141,8 +141,6 @@ class RoarIndex final : public KeyIndex {
   roar::AdjacencyLists graph_;
   std::vector<uint32_t> entry_points_ = {0};  // [0] is the medoid
   mutable roar::VisitedPool visited_pool_;
-
-  friend class RoarBuilder;
 };
 
 }  // namespace kvrecall::index
