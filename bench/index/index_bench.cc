@@ -490,9 +490,10 @@ int Main() {
                                   flat_row->us_1t / r.us_1t, flat_row->us_all / r.us_all,
                                   all_threads);
       }
-      std::printf("   %-11s %s=%lld: %.2f%% scanned, %.1f us/query%s%s\n", kind.c_str(),
-                  r.knob.empty() ? "-" : r.knob.c_str(), static_cast<long long>(r.effort),
-                  r.scanned, r.us_1t, vs_flat.c_str(), vs_hnsw.c_str());
+      const std::string point =
+          r.knob.empty() ? "exact" : absl::StrCat(r.knob, "=", r.effort);
+      std::printf("   %-11s %s: %.2f%% scanned, %.1f us/query%s%s\n", kind.c_str(),
+                  point.c_str(), r.scanned, r.us_1t, vs_flat.c_str(), vs_hnsw.c_str());
     }
   }
 
