@@ -1,14 +1,15 @@
 // retrieval_bench: Attend latency of one decode layer of a Llama-3-8B-like
-// geometry (32 query heads, 8 KV heads, head_dim 128, bf16 K/V) over stored
-// contexts of 32K and 128K tokens, with k = 100 and 1% budgets, in-process
+// geometry (32 query heads, 8 KV heads, head_dim 128, f16 K/V) over stored
+// contexts of about 32K and 128K tokens, with k = 100 and 1% budgets, in-process
 // and over loopback gRPC, against an exact full-context Attend (kind "all")
 // measured in the same run. Also reports the quality of each retrieval
 // (recall of the exact top-k, attention mass relative to the exact top-k).
 //
-// Keys, values and queries come from index/flat/synthetic_attention.h (an
-// attention-like generator calibrated on attn-dev; docs/index.md), one
-// independent stream per KV head, its 4 query heads as the GQA group.
-// Prefill queries of every 4th position train the roar graphs.
+// Keys, values and queries come from the real attn-dev captures (4 layers x
+// 2 KV heads = the 8 KV heads), tiled to length by RoPE-shifted copies
+// (bench/index/attention_eval.h), or with --data=synthetic from the
+// attention-like generator. The prefill queries of every position train the
+// roar graphs (causal), never the timed decode queries.
 //
 //   build/bin/retrieval_bench                      # 32K and 128K, all rows
 //   build/bin/retrieval_bench --tokens=32768 --steps=50 --data_dir=/tmp/rb
@@ -33,6 +34,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "bench/index/attention_eval.h"
 #include "bench/index/machine_info.h"
 #include "common/checksum.h"
 #include "common/half.h"
@@ -52,8 +54,12 @@
 ABSL_FLAG(std::string, tokens, "32768,131072", "context sizes, comma-separated");
 ABSL_FLAG(int, steps, 40, "decode steps timed per row (each step = one Attend of all 32 heads)");
 ABSL_FLAG(int, warmup, 5, "untimed steps before each row");
-ABSL_FLAG(std::string, roar_params, "nq=64,m=32,l=128,max_train=32768",
-          "roar build params");
+ABSL_FLAG(std::string, roar_params, "max_train=65536",
+          "roar build params (docs/index.md); the training queries are sampled down to max_train");
+ABSL_FLAG(std::string, data, "tiled",
+          "tiled: the attn-dev captures tiled to length (RoPE-shifted copies); synthetic: "
+          "index/flat/synthetic_attention.h");
+ABSL_FLAG(std::string, capture_dir, "", "attn-dev directory (default ../shared/data/attn-dev)");
 ABSL_FLAG(std::string, efforts, "128,256", "roar ef values to time");
 ABSL_FLAG(bool, grpc, true, "also time Attend over loopback gRPC");
 ABSL_FLAG(std::string, data_dir, "", "store directory (default: a fresh temporary one)");
@@ -80,56 +86,118 @@ store::ModelGeometry Geometry() {
   m.num_q_heads = kQHeads;
   m.num_kv_heads = kKvHeads;
   m.head_dim = kDim;
-  m.dtype = DType::kBf16;
+  m.dtype = DType::kF16;
   m.block_tokens = kBlock;
   return m;
 }
 
-// Generates the context, stores its spans (unless already stored) and its
-// training queries, opens it. Decode queries are kept for the timed steps.
+// Per KV head: keys, values, training queries and decode queries of its 4
+// query heads, from the real captures tiled to length (--data=tiled) or
+// from the synthetic generator (--data=synthetic).
+struct HeadData {
+  int64_t n = 0;
+  std::vector<float> keys, values;   // [n, d]
+  std::vector<float> training;       // [kGroup, n, d], position order per head
+  std::vector<float> decode;         // [kGroup, steps, d]
+};
+
+absl::StatusOr<HeadData> MakeHeadData(int32_t g, int64_t tokens, int steps) {
+  HeadData out;
+  const std::string data = absl::GetFlag(FLAGS_data);
+  if (data == "tiled") {
+    // KV head g <- capture (layer {1,3,5,7}[g / 2], KV head g % 2); its two
+    // query heads also stand in for query heads 2 and 3, at other decode steps.
+    static const int32_t kLayers[4] = {1, 3, 5, 7};
+    const std::string dir = absl::GetFlag(FLAGS_capture_dir).empty()
+                                ? testing::SharedDir() + "/data/attn-dev"
+                                : absl::GetFlag(FLAGS_capture_dir);
+    const int64_t copies = std::max<int64_t>(1, tokens / (8192 - 2 * steps));
+    KVR_ASSIGN_OR_RETURN(bench::EvalSet set,
+                         bench::MakeTiledCapture(dir, kLayers[g / 2], g % 2, 2 * steps, copies));
+    out.n = set.num_keys;
+    out.keys.resize(set.num_keys * kDim);
+    ConvertToFloat(set.keys.data(), DType::kF16, out.keys.size(), out.keys.data());
+    out.values = set.values;
+    const int64_t group = set.num_training / set.num_keys;  // 2
+    std::vector<float> train(set.num_training * kDim);
+    ConvertToFloat(set.training.data(), set.training_dtype, train.size(), train.data());
+    out.training.resize(static_cast<size_t>(kGroup) * out.n * kDim);
+    out.decode.resize(static_cast<size_t>(kGroup) * steps * kDim);
+    const int64_t per_head = set.num_queries / group;  // 2 * steps
+    for (int32_t j = 0; j < kGroup; ++j) {
+      const int64_t src = j % group;
+      std::copy(train.begin() + src * out.n * kDim, train.begin() + (src + 1) * out.n * kDim,
+                out.training.begin() + j * out.n * kDim);
+      for (int st = 0; st < steps; ++st) {
+        const int64_t row = src * per_head + (j < group ? st : steps + st);
+        std::copy(set.queries.begin() + row * kDim, set.queries.begin() + (row + 1) * kDim,
+                  out.decode.begin() + (j * steps + st) * kDim);
+      }
+    }
+    return out;
+  }
+  if (data != "synthetic") return absl::InvalidArgumentError("--data must be tiled or synthetic");
+  index::SyntheticAttentionOptions o;
+  o.num_keys = tokens;
+  o.dim = kDim;
+  o.num_query_heads = kGroup;
+  o.num_decode_queries = steps;
+  o.seed = 1000 + 17 * g + tokens;
+  KVR_ASSIGN_OR_RETURN(index::SyntheticAttention sa, index::GenerateSyntheticAttention(o));
+  out.n = tokens;
+  out.keys = std::move(sa.keys);
+  out.values = std::move(sa.values);
+  out.training = std::move(sa.prefill_queries);
+  out.decode = std::move(sa.decode_queries);
+  return out;
+}
+
+// Generates the context, stores its spans (unless already stored) and the
+// prefill queries of every position, opens it. Decode queries are kept for
+// the timed steps.
 absl::StatusOr<Context> PrepareContext(store::TieredStore* store,
                                        retrieval::RetrievalService* service, int64_t tokens,
                                        int steps) {
   const auto m = Geometry();
   Context ctx;
-  ctx.tokens = tokens;
-  std::vector<uint16_t> keys(static_cast<size_t>(kKvHeads) * tokens * kDim);    // [h, t, d]
-  std::vector<uint16_t> values(keys.size());
-  const int64_t train_stride = 4;
-  const int64_t n_train = tokens / train_stride;
-  std::vector<float> train(static_cast<size_t>(n_train) * kQHeads * kDim);  // [t', Hq, d]
+  std::vector<uint16_t> keys, values;   // [h, t, d] in the model dtype
+  std::vector<float> train;             // [t, Hq, d]
   ctx.steps.assign(steps, std::vector<float>(kQHeads * kDim));
   for (int32_t g = 0; g < kKvHeads; ++g) {
-    index::SyntheticAttentionOptions o;
-    o.num_keys = tokens;
-    o.dim = kDim;
-    o.num_query_heads = kGroup;
-    o.num_decode_queries = steps;
-    o.seed = 1000 + 17 * g + tokens;
-    KVR_ASSIGN_OR_RETURN(index::SyntheticAttention s, index::GenerateSyntheticAttention(o));
-    for (int64_t i = 0; i < tokens * kDim; ++i) {
-      keys[g * tokens * kDim + i] = FloatToBf16(s.keys[i]);
-      values[g * tokens * kDim + i] = FloatToBf16(s.values[i]);
+    std::fprintf(stderr, "\r  KV head %d of %d   ", g + 1, kKvHeads);
+    KVR_ASSIGN_OR_RETURN(HeadData hd, MakeHeadData(g, tokens, steps));
+    if (g == 0) {
+      tokens = hd.n;
+      keys.resize(static_cast<size_t>(kKvHeads) * tokens * kDim);
+      values.resize(keys.size());
+      train.resize(static_cast<size_t>(tokens) * kQHeads * kDim);
     }
+    if (hd.n != tokens) return absl::InternalError("KV heads of different lengths");
+    ConvertFromFloat(hd.keys.data(), tokens * kDim, m.dtype, keys.data() + g * tokens * kDim);
+    ConvertFromFloat(hd.values.data(), tokens * kDim, m.dtype, values.data() + g * tokens * kDim);
     for (int32_t j = 0; j < kGroup; ++j) {
       const int32_t h = g * kGroup + j;
-      for (int64_t t = 0; t < n_train; ++t) {
-        const float* src = s.prefill_queries.data() + (j * tokens + t * train_stride) * kDim;
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float* src = hd.training.data() + (j * tokens + t) * kDim;
         std::copy(src, src + kDim, train.data() + (t * kQHeads + h) * kDim);
       }
       for (int st = 0; st < steps; ++st) {
-        const float* src = s.decode_queries.data() + (j * steps + st) * kDim;
+        const float* src = hd.decode.data() + (j * steps + st) * kDim;
         std::copy(src, src + kDim, ctx.steps[st].data() + h * kDim);
       }
     }
   }
-  // Spans: token ids are the positions (mod 2^32), so the chain is deterministic per size.
+  std::fprintf(stderr, "\n");
+  ctx.tokens = tokens;
+  // Spans: token ids are a deterministic function of the position, so the
+  // chain (and the context id) is the same in every run.
+  const std::string salt = absl::StrCat("bench-", absl::GetFlag(FLAGS_data), "-", tokens);
   std::vector<uint32_t> token_ids(tokens);
   for (int64_t t = 0; t < tokens; ++t) token_ids[t] = static_cast<uint32_t>(t * 2654435761u);
-  const auto chain = ChainSpanHashes(kModel, absl::StrCat("bench-", tokens), token_ids, kBlock,
+  const auto chain = ChainSpanHashes(kModel, salt, token_ids, kBlock,
                                      /*include_partial_tail=*/true);
   const auto have = store->Lookup("", kModel, chain);
-  Hash128 parent = SpanRootHash(kModel, absl::StrCat("bench-", tokens));
+  Hash128 parent = SpanRootHash(kModel, salt);
   for (size_t i = 0; i < chain.size(); ++i) {
     const int64_t begin = static_cast<int64_t>(i) * kBlock;
     const int32_t n = static_cast<int32_t>(std::min<int64_t>(kBlock, tokens - begin));
@@ -139,7 +207,6 @@ absl::StatusOr<Context> PrepareContext(store::TieredStore* store,
       span.meta.model_id = kModel;
       span.meta.parent = parent;
       span.meta.num_tokens = n;
-      span.meta.durable = true;
       span.payload.resize(m.SpanPayloadBytes(n));
       for (int32_t kv = 0; kv < 2; ++kv) {
         const auto& src = kv == 0 ? keys : values;
@@ -152,14 +219,14 @@ absl::StatusOr<Context> PrepareContext(store::TieredStore* store,
       span.meta.payload_bytes = static_cast<int64_t>(span.payload.size());
       span.meta.payload_checksum = Checksum64(span.payload);
       store::PutOptions po;
-      po.salt = absl::StrCat("bench-", tokens);
+      po.salt = salt;
       KVR_RETURN_IF_ERROR(store->Put(std::move(span), po).status());
     }
     parent = chain[i];
   }
   KVR_ASSIGN_OR_RETURN(auto opened, service->OpenContext("", kModel, chain, absl::InfiniteFuture()));
   ctx.id = opened.context;
-  KVR_RETURN_IF_ERROR(service->AddQueries("", ctx.id, 0, 0, n_train, train));
+  KVR_RETURN_IF_ERROR(service->AddQueries("", ctx.id, 0, 0, tokens, train));
   return ctx;
 }
 
@@ -306,6 +373,7 @@ absl::Status Run() {
     std::fprintf(stderr, "context of %lld tokens: generating and storing\n",
                  static_cast<long long>(tokens));
     KVR_ASSIGN_OR_RETURN(Context ctx, PrepareContext(store.get(), service, tokens, steps + warmup));
+    tokens = ctx.tokens;  // tiled contexts are whole copies of the capture
     double build_s = 0;
     const std::string roar_params = absl::GetFlag(FLAGS_roar_params);
     KVR_RETURN_IF_ERROR(EnsureIndex(service, ctx, "roar", roar_params, &build_s));
@@ -322,9 +390,10 @@ absl::Status Run() {
     };
     const int32_t k1 = static_cast<int32_t>(std::ceil(0.01 * tokens));
     std::vector<Config> configs = {{"all", "all", 0, 0, 0}};
+    for (int64_t ef : efforts) configs.push_back({"roar", "k=100", 100, 0, std::max<int64_t>(ef, 100)});
+    // The 1% budget needs ef >= k: the same multiples of k as the k=100 rows.
     for (int64_t ef : efforts) {
-      configs.push_back({"roar", "k=100", 100, 0, std::max<int64_t>(ef, 100)});
-      configs.push_back({"roar", "1%", 0, 0.01, std::max<int64_t>(ef, k1)});
+      configs.push_back({"roar", "1%", 0, 0.01, std::max<int64_t>(k1, ef * k1 / efforts[0])});
     }
     configs.push_back({"all", "exact k=100", 100, 0, 0});
 
@@ -419,8 +488,8 @@ absl::Status Run() {
   if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
 
   std::printf(
-      "\nAttend, one layer: 32 q heads x 8 KV heads x d 128, bf16 K/V; %d decode steps per row\n",
-      steps);
+      "\nAttend, one layer: 32 q heads x 8 KV heads x d 128, f16 K/V (%s); %d decode steps per row\n",
+      absl::GetFlag(FLAGS_data).c_str(), steps);
   std::printf("%-8s %-6s %-12s %-6s %-10s %10s %10s %9s %7s %8s %8s %8s %s\n", "tokens", "kind",
               "budget", "ef", "path", "p50_us", "p99_us", "scanned", "recall", "mass/ex",
               "mass", "speedup", "grpc_overhead");

@@ -142,18 +142,36 @@ absl::Status Context::AddQueries(int32_t layer, int64_t first_position, int64_t 
   return absl::OkStatus();
 }
 
-std::vector<float> Context::TrainingQueries(int32_t layer, int32_t kv_head) const {
+std::vector<float> Context::TrainingQueries(int32_t layer, int32_t kv_head, int64_t n,
+                                            bool* complete) const {
   const int32_t d = model_.head_dim, hq = model_.num_q_heads;
   const int32_t g = hq / model_.num_kv_heads;
-  std::vector<float> out;
   absl::MutexLock lock(&mu_);
-  for (const auto& [first, q] : layers_[layer].queries) {
-    const int64_t n = static_cast<int64_t>(q.size()) / (static_cast<int64_t>(hq) * d);
-    for (int64_t t = 0; t < n; ++t) {
-      for (int32_t h = kv_head * g; h < (kv_head + 1) * g; ++h) {
-        const float* row = q.data() + (t * hq + h) * d;
-        out.insert(out.end(), row, row + d);
-      }
+  // For each position, the row holding its latest query: (batch, row).
+  std::vector<std::pair<int32_t, int64_t>> source(static_cast<size_t>(std::max<int64_t>(n, 0)),
+                                                  {-1, 0});
+  const auto& batches = layers_[layer].queries;
+  for (size_t b = 0; b < batches.size(); ++b) {
+    const auto& [first, q] = batches[b];
+    const int64_t rows = static_cast<int64_t>(q.size()) / (static_cast<int64_t>(hq) * d);
+    for (int64_t t = 0; t < rows; ++t) {
+      const int64_t pos = first + t;
+      if (pos >= 0 && pos < n) source[pos] = {static_cast<int32_t>(b), t};
+    }
+  }
+  int64_t covered = 0;
+  for (const auto& src : source) covered += src.first >= 0;
+  *complete = n > 0 && covered == n;
+  std::vector<float> out(static_cast<size_t>(g) * covered * d);
+  for (int32_t j = 0; j < g; ++j) {
+    const int32_t h = kv_head * g + j;
+    int64_t row = 0;
+    for (int64_t pos = 0; pos < n; ++pos) {
+      const auto [b, t] = source[pos];
+      if (b < 0) continue;
+      const float* src = batches[b].second.data() + (t * hq + h) * d;
+      std::copy(src, src + d, out.data() + (static_cast<size_t>(j) * covered + row) * d);
+      ++row;
     }
   }
   return out;

@@ -71,9 +71,14 @@ class Context {
   absl::Status AddQueries(int32_t layer, int64_t first_position, int64_t n,
                           absl::Span<const float> queries);
 
-  // Training queries of `kv_head`'s group in `layer`, as rows [m, head_dim]
-  // f32 (every query head of the group, every position stored).
-  std::vector<float> TrainingQueries(int32_t layer, int32_t kv_head) const;
+  // Training queries of `kv_head`'s group in `layer` for positions [0, n),
+  // head-major: [group_size, m, head_dim] f32, each head's rows in position
+  // order (the layout of a causal roar build). *complete is true when every
+  // position in [0, n) has a stored query (then m = n); otherwise the rows
+  // are the positions that have one. Where a position was stored twice, the
+  // latest query wins.
+  std::vector<float> TrainingQueries(int32_t layer, int32_t kv_head, int64_t n,
+                                     bool* complete) const;
 
   // Gathers the keys of (layer, kv_head) for positions [0, n) into rows
   // [n, head_dim] of the model dtype (the input of an index build).

@@ -177,9 +177,15 @@ void RetrievalService::RunOperation(std::shared_ptr<Operation> op, BuildIndexReq
     for (int32_t kv_head : request.kv_heads) {
       const int64_t n = ctx->num_tokens(layer);
       const std::string keys = ctx->GatherKeys(layer, kv_head, n);
-      const std::vector<float> queries = ctx->TrainingQueries(layer, kv_head);
+      bool complete = false;
+      const std::vector<float> queries = ctx->TrainingQueries(layer, kv_head, n, &complete);
       index::BuildOptions bo;
       bo.params = *params;
+      // A causal roar build needs a query for every position; with fewer, the
+      // graph trains on the queries there are, unordered.
+      if (request.kind == "roar" && !complete && !queries.empty() && !bo.params.Has("causal")) {
+        bo.params.Set("causal", "0");
+      }
       if (!artifact_bytes.empty()) {
         bo.artifacts.emplace_back(artifact_name, artifact_bytes);
         if (!bo.params.Has("layer")) bo.params.SetInt("layer", layer);
