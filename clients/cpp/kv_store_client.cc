@@ -15,16 +15,6 @@
 namespace kvrecall::client {
 namespace {
 
-absl::Status FromGrpc(const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
-
-std::chrono::system_clock::time_point ToChrono(absl::Time t) {
-  return std::chrono::system_clock::from_time_t(0) +
-         std::chrono::microseconds(absl::ToUnixMicros(t));
-}
-
 std::vector<absl::Status> ItemStatuses(
     const google::protobuf::RepeatedPtrField<v1::ItemStatus>& items) {
   std::vector<absl::Status> out;
@@ -84,87 +74,23 @@ absl::string_view MissReasonName(v1::MissReason reason) {
 
 absl::StatusOr<std::unique_ptr<KvStoreClient>> KvStoreClient::Create(
     const ClientOptions& options) {
-  if (options.channel == nullptr && options.target.empty()) {
-    return absl::InvalidArgumentError("ClientOptions.target: required");
-  }
-  if (options.deadline_ms <= 0) {
-    return absl::InvalidArgumentError("ClientOptions.deadline_ms must be > 0");
-  }
-  if (options.max_attempts < 1 || options.max_attempts > 100) {
-    return absl::InvalidArgumentError("ClientOptions.max_attempts must be in 1..100");
-  }
-  if (options.initial_backoff_ms < 0 || options.max_backoff_ms < options.initial_backoff_ms ||
-      options.backoff_multiplier < 1 || options.jitter < 0 || options.jitter >= 1) {
-    return absl::InvalidArgumentError(
-        "ClientOptions: backoff needs 0 <= initial <= max, multiplier >= 1, 0 <= jitter < 1");
-  }
-  if (options.max_message_bytes < (int64_t{1} << 20) ||
-      options.max_message_bytes > (int64_t{1} << 30)) {
-    return absl::InvalidArgumentError("ClientOptions.max_message_bytes must be in 1 MiB..1 GiB");
-  }
-  if (options.chunk_bytes < 4096 ||
-      options.chunk_bytes > options.max_message_bytes - (int64_t{64} << 10)) {
-    return absl::InvalidArgumentError(
-        "ClientOptions.chunk_bytes must be in 4 KiB..max_message_bytes - 64 KiB");
-  }
+  KVR_RETURN_IF_ERROR(RpcPolicy::Validate(options));
   return std::unique_ptr<KvStoreClient>(new KvStoreClient(options));
 }
 
 KvStoreClient::KvStoreClient(const ClientOptions& options)
-    : options_(options), rng_(std::random_device()()) {
-  if (options.channel != nullptr) {
-    channel_ = options.channel;
-  } else {
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
-    args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-    // Retries are ours (with jitter and a deadline), not the channel's.
-    args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
-    if (options.http2_max_frame_bytes > 0) {
-      args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, static_cast<int>(options.http2_max_frame_bytes));
-    }
-    if (options.dedicated_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-    if (options.http2_window_bytes > 0) {
-      args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
-      args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES,
-                  static_cast<int>(options.http2_window_bytes));
-    }
-    channel_ = grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args);
-  }
+    : options_(options), policy_(options), channel_(policy_.channel()) {
   kv_ = v1::KvStore::NewStub(channel_);
   admin_ = v1::Admin::NewStub(channel_);
 }
 
 std::unique_ptr<grpc::ClientContext> KvStoreClient::NewContext(absl::Time deadline) const {
-  auto ctx = std::make_unique<grpc::ClientContext>();
-  ctx->set_deadline(ToChrono(deadline));
-  if (!options_.bearer_token.empty()) {
-    ctx->AddMetadata("authorization", "Bearer " + options_.bearer_token);
-  }
-  return ctx;
-}
-
-absl::Duration KvStoreClient::Backoff(int retry) {
-  double ms = static_cast<double>(options_.initial_backoff_ms);
-  for (int i = 1; i < retry && ms < options_.max_backoff_ms; ++i) ms *= options_.backoff_multiplier;
-  ms = std::min(ms, static_cast<double>(options_.max_backoff_ms));
-  absl::MutexLock lock(&rng_mu_);
-  std::uniform_real_distribution<double> jitter(1 - options_.jitter, 1 + options_.jitter);
-  return absl::Milliseconds(ms * jitter(rng_));
+  return policy_.NewContext(deadline);
 }
 
 absl::Status KvStoreClient::Retry(
     absl::Time deadline, const std::function<absl::Status(grpc::ClientContext*)>& attempt) {
-  absl::Status status;
-  for (int i = 1;; ++i) {
-    auto ctx = NewContext(deadline);
-    status = attempt(ctx.get());
-    if (status.code() != absl::StatusCode::kUnavailable || i >= options_.max_attempts) break;
-    const absl::Duration wait = Backoff(i);
-    if (absl::Now() + wait >= deadline) break;
-    absl::SleepFor(wait);
-  }
-  return status;
+  return policy_.Retry(deadline, attempt);
 }
 
 absl::StatusOr<v1::RegisterModelResponse> KvStoreClient::RegisterModel(
@@ -175,7 +101,7 @@ absl::StatusOr<v1::RegisterModelResponse> KvStoreClient::RegisterModel(
   KVR_RETURN_IF_ERROR(Retry(absl::Now() + absl::Milliseconds(options_.deadline_ms),
                             [&](grpc::ClientContext* ctx) {
                               response.Clear();
-                              return FromGrpc(kv_->RegisterModel(ctx, request, &response));
+                              return FromGrpcStatus(kv_->RegisterModel(ctx, request, &response));
                             }));
   return response;
 }
@@ -185,7 +111,7 @@ absl::StatusOr<std::vector<v1::ModelGeometry>> KvStoreClient::ListModels() {
   KVR_RETURN_IF_ERROR(Retry(absl::Now() + absl::Milliseconds(options_.deadline_ms),
                             [&](grpc::ClientContext* ctx) {
                               response.Clear();
-                              return FromGrpc(
+                              return FromGrpcStatus(
                                   kv_->ListModels(ctx, v1::ListModelsRequest(), &response));
                             }));
   return std::vector<v1::ModelGeometry>(response.models().begin(), response.models().end());
@@ -262,7 +188,7 @@ absl::StatusOr<std::vector<PutResult>> KvStoreClient::PutSpans(absl::string_view
           return absl::CancelledError("PutSpans cancelled by the progress callback");
         }
         if (ok && !half_closed) writer->WritesDone();
-        return FromGrpc(writer->Finish());
+        return FromGrpcStatus(writer->Finish());
       }));
   std::vector<PutResult> results;
   results.reserve(response.results_size());
@@ -374,7 +300,7 @@ absl::Status KvStoreClient::GetSpansStreaming(
           reader->Finish().IgnoreError();  // the callback's error is the result
           return callback_status;
         }
-        absl::Status status = FromGrpc(reader->Finish());
+        absl::Status status = FromGrpcStatus(reader->Finish());
         if (!status.ok()) return status;
         if (have_current) {
           if (received != expected_bytes) return absl::InternalError("a span's payload ended early");
@@ -409,7 +335,7 @@ absl::StatusOr<LookupResult> KvStoreClient::Lookup(absl::string_view model_id,
   KVR_RETURN_IF_ERROR(Retry(absl::Now() + absl::Milliseconds(options_.deadline_ms),
                             [&](grpc::ClientContext* ctx) {
                               response.Clear();
-                              return FromGrpc(kv_->Lookup(ctx, request, &response));
+                              return FromGrpcStatus(kv_->Lookup(ctx, request, &response));
                             }));
   return ToLookupResult(response);
 }
@@ -427,7 +353,7 @@ absl::StatusOr<LookupResult> KvStoreClient::LookupTokens(absl::string_view model
   KVR_RETURN_IF_ERROR(Retry(absl::Now() + absl::Milliseconds(options_.deadline_ms),
                             [&](grpc::ClientContext* ctx) {
                               response.Clear();
-                              return FromGrpc(kv_->Lookup(ctx, request, &response));
+                              return FromGrpcStatus(kv_->Lookup(ctx, request, &response));
                             }));
   return ToLookupResult(response);
 }
@@ -440,7 +366,7 @@ absl::StatusOr<std::vector<absl::Status>> KvStoreClient::DeleteSpans(
   KVR_RETURN_IF_ERROR(Retry(absl::Now() + absl::Milliseconds(options_.deadline_ms),
                             [&](grpc::ClientContext* ctx) {
                               response.Clear();
-                              return FromGrpc(kv_->DeleteSpans(ctx, request, &response));
+                              return FromGrpcStatus(kv_->DeleteSpans(ctx, request, &response));
                             }));
   return ItemStatuses(response.results());
 }
@@ -456,7 +382,7 @@ absl::StatusOr<std::vector<absl::Status>> KvStoreClient::PinSpans(
   KVR_RETURN_IF_ERROR(Retry(absl::Now() + absl::Milliseconds(options_.deadline_ms),
                             [&](grpc::ClientContext* ctx) {
                               response.Clear();
-                              return FromGrpc(kv_->PinSpans(ctx, request, &response));
+                              return FromGrpcStatus(kv_->PinSpans(ctx, request, &response));
                             }));
   return ItemStatuses(response.results());
 }
@@ -469,7 +395,7 @@ absl::StatusOr<std::vector<absl::Status>> KvStoreClient::UnpinSpans(
   KVR_RETURN_IF_ERROR(Retry(absl::Now() + absl::Milliseconds(options_.deadline_ms),
                             [&](grpc::ClientContext* ctx) {
                               response.Clear();
-                              return FromGrpc(kv_->UnpinSpans(ctx, request, &response));
+                              return FromGrpcStatus(kv_->UnpinSpans(ctx, request, &response));
                             }));
   return ItemStatuses(response.results());
 }
@@ -479,7 +405,7 @@ absl::StatusOr<v1::StatsResponse> KvStoreClient::Stats() {
   KVR_RETURN_IF_ERROR(Retry(absl::Now() + absl::Milliseconds(options_.deadline_ms),
                             [&](grpc::ClientContext* ctx) {
                               response.Clear();
-                              return FromGrpc(admin_->Stats(ctx, v1::StatsRequest(), &response));
+                              return FromGrpcStatus(admin_->Stats(ctx, v1::StatsRequest(), &response));
                             }));
   return response;
 }
@@ -489,7 +415,7 @@ absl::StatusOr<v1::GetConfigResponse> KvStoreClient::GetConfig() {
   KVR_RETURN_IF_ERROR(Retry(absl::Now() + absl::Milliseconds(options_.deadline_ms),
                             [&](grpc::ClientContext* ctx) {
                               response.Clear();
-                              return FromGrpc(
+                              return FromGrpcStatus(
                                   admin_->GetConfig(ctx, v1::GetConfigRequest(), &response));
                             }));
   return response;

@@ -31,6 +31,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "clients/cpp/client_options.h"
+#include "clients/cpp/rpc_policy.h"
 #include "common/progress.h"
 #include "common/types.h"
 #include "kvrecall/v1/admin.grpc.pb.h"
@@ -171,14 +172,12 @@ class KvStoreClient {
   // attempts are used up or the deadline would pass while backing off.
   absl::Status Retry(absl::Time deadline,
                      const std::function<absl::Status(grpc::ClientContext*)>& attempt);
-  absl::Duration Backoff(int retry) ABSL_LOCKS_EXCLUDED(rng_mu_);
 
   const ClientOptions options_;
+  RpcPolicy policy_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::KvStore::Stub> kv_;
   std::unique_ptr<v1::Admin::Stub> admin_;
-  absl::Mutex rng_mu_;
-  std::mt19937_64 rng_ ABSL_GUARDED_BY(rng_mu_);
 };
 
 }  // namespace kvrecall::client
