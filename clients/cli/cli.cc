@@ -25,6 +25,7 @@
 #include "absl/time/clock.h"
 #include "clients/cli/inputs.h"
 #include "clients/cli/progress_bar.h"
+#include "clients/cli/retrieval_commands.h"
 #include "clients/cpp/kv_store_client.h"
 #include "clients/cpp/span_keys.h"
 #include "common/half.h"
@@ -606,6 +607,7 @@ int CmdBench(const std::string& name, const std::vector<std::string>& args, std:
 
 int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& err) {
   Flags f;
+  RetrievalCommands retrieval;
   if (const char* t = std::getenv("KVRECALL_TARGET"); t != nullptr && *t != '\0') f.target = t;
   if (const char* t = std::getenv("KVRECALL_TOKEN"); t != nullptr) f.token = t;
   CLI::App app{"kvrecall: command-line client of kvrecalld (docs/cli.md)", "kvrecall"};
@@ -682,6 +684,8 @@ int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& e
     app.add_subcommand("stats", "per-tier, per-RPC and miss-reason counters");
     app.add_subcommand("config", "the daemon's effective options and versions");
 
+    retrieval.Register(&app);
+
     auto* bench = app.add_subcommand("bench", "run a benchmark binary: store, index, retrieval, gpu");
     bench->add_option("name", f.bench_name, "which benchmark")
         ->required()
@@ -694,6 +698,15 @@ int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& e
     CLI::App* cmd = app.get_subcommands().front();
     const std::string name = cmd->get_name();
     if (name == "bench") return CmdBench(f.bench_name, cmd->remaining(), err);
+    if (retrieval.Handles(name)) {
+      GlobalOptions g;
+      g.target = f.target;
+      g.token = f.token;
+      g.deadline_ms = f.deadline_ms;
+      g.json = f.json;
+      g.progress = ProgressEnabled(f);
+      return retrieval.Run(cmd, g, out, err);
+    }
 
     client::ClientOptions options;
     options.target = f.target;

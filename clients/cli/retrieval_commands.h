@@ -1,0 +1,48 @@
+#pragma once
+
+// The retrieval commands of `kvrecall` (docs/cli.md): open, queries, index
+// ls|build|rm, search, attend, artifacts ls|get|put, fit-loki, build-index.
+// Registered on the command's CLI::App by RunCli (clients/cli/cli.cc).
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace CLI {
+class App;
+}
+
+namespace kvrecall::cli {
+
+// The global options every command shares.
+struct GlobalOptions {
+  std::string target;
+  std::string token;
+  int64_t deadline_ms = 0;
+  bool json = false;
+  bool progress = false;  // draw progress bars on stderr
+};
+
+// Not thread-safe (one per command line).
+class RetrievalCommands {
+ public:
+  // Adds the subcommands and their options to `app`.
+  void Register(CLI::App* app);
+  // True when `name` is one of the subcommands added.
+  bool Handles(const std::string& name) const;
+  // Runs the parsed subcommand `cmd`. Exit codes as RunCli.
+  int Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& out, std::ostream& err);
+
+ private:
+  // Options of the retrieval commands.
+  std::string model, context, hashes, hashes_file, tokens, text, salt;
+  std::string kind = "roar", params, knobs, build_params, exclude, queries_npy, out_path;
+  std::string layers, kv_heads, captures, layout = "nhd", file, description;
+  int32_t layer = 0, k = 0;
+  int64_t first_position = 0, effort = 0, version = 0, decode = 0, position = -1;
+  double budget = 0, wait_s = 3600;
+  bool union_per_group = false, no_wait = false, upload = false, renumber = false;
+};
+
+}  // namespace kvrecall::cli
