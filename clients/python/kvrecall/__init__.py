@@ -11,6 +11,8 @@ from kvrecall.hashing import (SPAN_HASH_VERSION, chain_span_hashes, span_hash,  
 try:  # the client needs the stubs generated at build time (build/python/kvrecall/v1)
     from kvrecall.client import (Client, FetchedSpan, LookupResult, ModelGeometry,  # noqa: F401
                                  Span, bf16_to_float32, float32_to_bf16, miss_reason_name)
+    from kvrecall.retrieval import (AttendResult, ContextInfo, SearchResult,  # noqa: F401
+                                    merge_attention)
 except ImportError as _e:  # pragma: no cover - hashing works without the stubs
     _IMPORT_ERROR = _e
 

@@ -30,7 +30,9 @@ import numpy as np
 import xxhash
 
 from kvrecall import errors, hashing
-from kvrecall.v1 import admin_pb2, admin_pb2_grpc, common_pb2, kv_store_pb2, kv_store_pb2_grpc
+from kvrecall.retrieval import RetrievalMixin
+from kvrecall.v1 import (admin_pb2, admin_pb2_grpc, common_pb2, kv_store_pb2, kv_store_pb2_grpc,
+                         retrieval_pb2_grpc)
 
 _DTYPES = {"f16": common_pb2.DTYPE_F16, "bf16": common_pb2.DTYPE_BF16, "f32": common_pb2.DTYPE_F32}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
@@ -123,8 +125,9 @@ class LookupResult:
     hashes: List[bytes]  # lookup_tokens: the chain the server computed
 
 
-class Client:
-    """A connection to kvrecalld. Thread-safe (one gRPC channel)."""
+class Client(RetrievalMixin):
+    """A connection to kvrecalld (KvStore, Admin and Retrieval). Thread-safe
+    (one gRPC channel)."""
 
     def __init__(self, target: str = "127.0.0.1:7878", token: Optional[str] = None,
                  deadline_s: float = 30.0, max_attempts: int = 4,
@@ -142,6 +145,7 @@ class Client:
         ])
         self._kv = kv_store_pb2_grpc.KvStoreStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._retrieval = retrieval_pb2_grpc.RetrievalStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.deadline_s = deadline_s
         self.max_attempts = max_attempts

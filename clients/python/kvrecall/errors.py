@@ -85,3 +85,11 @@ def from_rpc_error(error: grpc.RpcError) -> KvrecallError:
     details = error.details() if hasattr(error, "details") else str(error)
     cls = _BY_CODE.get(code, KvrecallError)
     return cls(details or code.name, code)
+
+
+def from_code(code: int, message: str) -> KvrecallError:
+    """The typed exception for a canonical status code number (e.g. the
+    error_code of a BatchAttend response or of a failed operation)."""
+    status = next((s for s in grpc.StatusCode if s.value[0] == code), grpc.StatusCode.UNKNOWN)
+    cls = _BY_CODE.get(status, KvrecallError)
+    return cls(message or status.name, status)
