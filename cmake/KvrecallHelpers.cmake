@@ -46,7 +46,10 @@ function(kvrecall_cc_test)
     DISCOVERY_TIMEOUT 60
     WORKING_DIRECTORY ${PROJECT_SOURCE_DIR}
     PROPERTIES LABELS "${KVR_LABELS}" TIMEOUT ${KVR_TIMEOUT}
-               ENVIRONMENT "KVRECALL_SOURCE_DIR=${PROJECT_SOURCE_DIR};KVRECALL_BINARY_DIR=${PROJECT_BINARY_DIR}")
+               # One variable only: CMake 3.25's gtest_discover_tests splits a list-valued
+               # property into separate arguments. Tests find the build tree through
+               # compile definitions where they need it (tests/integration).
+               ENVIRONMENT "KVRECALL_SOURCE_DIR=${PROJECT_SOURCE_DIR}")
 endfunction()
 
 function(kvrecall_cc_binary)
