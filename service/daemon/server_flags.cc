@@ -91,6 +91,14 @@ ABSL_FLAG(int64_t, shutdown_grace_ms, Defaults().shutdown_grace_ms,
           "on SIGTERM/SIGINT, in-flight RPCs get this long to finish");
 ABSL_FLAG(int32_t, metrics_port, Defaults().metrics_port,
           "serve Prometheus metrics on http://<listen host>:<port>/metrics; 0: off");
+ABSL_FLAG(int32_t, index_build_threads, Defaults().index_build_threads,
+          "index-build operations running at once (each uses every core)");
+ABSL_FLAG(int64_t, context_idle_s, Defaults().context_idle_s,
+          "an open retrieval context unused this long is closed (reopens on use)");
+ABSL_FLAG(bool, persist_indexes, Defaults().persist_indexes,
+          "keep built indexes in the RocksDB catalog, reloaded lazily after a restart");
+ABSL_FLAG(ByteSize, max_artifact_bytes, ByteSize{Defaults().max_artifact_bytes},
+          "largest per-model artifact (Loki bases, encoders, policies) accepted");
 ABSL_FLAG(std::string, port_file, Defaults().port_file,
           "when set, the bound gRPC port is written to this file once serving");
 
@@ -119,6 +127,10 @@ absl::StatusOr<rpc::ServerOptions> ServerOptionsFromFlags() {
   o.shutdown_grace_ms = absl::GetFlag(FLAGS_shutdown_grace_ms);
   o.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   o.port_file = absl::GetFlag(FLAGS_port_file);
+  o.index_build_threads = absl::GetFlag(FLAGS_index_build_threads);
+  o.context_idle_s = absl::GetFlag(FLAGS_context_idle_s);
+  o.persist_indexes = absl::GetFlag(FLAGS_persist_indexes);
+  o.max_artifact_bytes = absl::GetFlag(FLAGS_max_artifact_bytes).bytes;
   KVR_RETURN_IF_ERROR(rpc::ValidateServerOptions(o));
   return o;
 }

@@ -507,11 +507,18 @@ ServiceFactory RetrievalServiceFactory(const retrieval::RetrievalOptions& retrie
   return [retrieval_options, rpc_options](
              const ServiceContext& ctx) -> absl::StatusOr<std::unique_ptr<grpc::Service>> {
     retrieval::RetrievalOptions options = retrieval_options;
+    RetrievalRpcOptions rpc = rpc_options;
+    if (ctx.options != nullptr) {  // the daemon's flags (docs/config.md)
+      options.concurrent_builds = ctx.options->index_build_threads;
+      options.context_idle_ttl = absl::Seconds(ctx.options->context_idle_s);
+      options.persist_indexes = ctx.options->persist_indexes;
+      rpc.max_artifact_bytes = ctx.options->max_artifact_bytes;
+    }
     options.metrics = ctx.metrics;
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::RetrievalService> service,
                          retrieval::RetrievalService::Create(ctx.store, options));
     return std::unique_ptr<grpc::Service>(std::make_unique<RetrievalRpcService>(
-        std::move(service), ctx.auth, ctx.rpc_metrics, rpc_options));
+        std::move(service), ctx.auth, ctx.rpc_metrics, rpc));
   };
 }
 

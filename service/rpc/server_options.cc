@@ -81,6 +81,10 @@ absl::Status ValidateServerOptions(const ServerOptions& o) {
   }
   KVR_RETURN_IF_ERROR(Range("shutdown_grace_ms", o.shutdown_grace_ms, 0, 600000));
   KVR_RETURN_IF_ERROR(Range("metrics_port", o.metrics_port, 0, 65535));
+  KVR_RETURN_IF_ERROR(Range("index_build_threads", o.index_build_threads, 1, 64));
+  KVR_RETURN_IF_ERROR(Range("context_idle_s", o.context_idle_s, 1, 604800));
+  KVR_RETURN_IF_ERROR(
+      Range("max_artifact_bytes", o.max_artifact_bytes, int64_t{1} << 10, int64_t{16} << 30));
   return absl::OkStatus();
 }
 
@@ -107,6 +111,10 @@ std::vector<std::pair<std::string, std::string>> ServerOptionsToFlags(const Serv
       {"shutdown_grace_ms", absl::StrCat(o.shutdown_grace_ms)},
       {"metrics_port", absl::StrCat(o.metrics_port)},
       {"port_file", o.port_file},
+      {"index_build_threads", absl::StrCat(o.index_build_threads)},
+      {"context_idle_s", absl::StrCat(o.context_idle_s)},
+      {"persist_indexes", o.persist_indexes ? "true" : "false"},
+      {"max_artifact_bytes", absl::StrCat(o.max_artifact_bytes)},
   };
   std::sort(flags.begin(), flags.end());
   return flags;

@@ -71,6 +71,20 @@ struct ServerOptions {
   // 0 (default) disables the HTTP endpoint; range 0..65535.
   int32_t metrics_port = 0;
 
+  // Retrieval (kvrecall.v1.Retrieval, docs/retrieval.md):
+  // --index_build_threads: index-build operations running at once (each
+  // uses every core inside). Default 1; range 1..64.
+  int32_t index_build_threads = 1;
+  // --context_idle_s: an open context unused this long is closed (its spans
+  // unpinned); it reopens transparently on next use. Default 600; range 1..604800.
+  int64_t context_idle_s = 600;
+  // --persist_indexes: keep built indexes in the RocksDB catalog (reloaded
+  // lazily after a restart). Default true.
+  bool persist_indexes = true;
+  // --max_artifact_bytes: largest artifact PutArtifact accepts. Default 1 GiB;
+  // range 1 KiB..16 GiB.
+  int64_t max_artifact_bytes = int64_t{1} << 30;
+
   // --port_file: when set, the bound gRPC port is written there (atomically)
   // once the server accepts calls. Default empty.
   std::string port_file;
