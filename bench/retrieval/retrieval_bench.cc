@@ -60,6 +60,8 @@ ABSL_FLAG(std::string, data, "tiled",
           "tiled: the attn-dev captures tiled to length (RoPE-shifted copies); synthetic: "
           "index/flat/synthetic_attention.h");
 ABSL_FLAG(std::string, capture_dir, "", "attn-dev directory (default ../shared/data/attn-dev)");
+ABSL_FLAG(std::string, capture_layers, "1,3,5,7",
+          "captured layers to tile; KV head g takes (layer, KV head) pair g mod 2 x layers");
 ABSL_FLAG(std::string, efforts, "128,256", "roar ef values to time");
 ABSL_FLAG(bool, grpc, true, "also time Attend over loopback gRPC");
 ABSL_FLAG(std::string, data_dir, "", "store directory (default: a fresh temporary one)");
@@ -105,15 +107,23 @@ absl::StatusOr<HeadData> MakeHeadData(int32_t g, int64_t tokens, int steps) {
   HeadData out;
   const std::string data = absl::GetFlag(FLAGS_data);
   if (data == "tiled") {
-    // KV head g <- capture (layer {1,3,5,7}[g / 2], KV head g % 2); its two
-    // query heads also stand in for query heads 2 and 3, at other decode steps.
-    static const int32_t kLayers[4] = {1, 3, 5, 7};
+    // KV head g <- capture pair g mod (2 x layers): (layer, KV head g % 2); its
+    // two query heads also stand in for query heads 2 and 3, at other decode steps.
+    std::vector<int32_t> capture_layers;
+    for (absl::string_view l : absl::StrSplit(absl::GetFlag(FLAGS_capture_layers), ',',
+                                              absl::SkipEmpty())) {
+      int32_t v;
+      if (!absl::SimpleAtoi(l, &v)) return absl::InvalidArgumentError("bad --capture_layers");
+      capture_layers.push_back(v);
+    }
+    if (capture_layers.empty()) return absl::InvalidArgumentError("empty --capture_layers");
+    const int32_t pair = g % static_cast<int32_t>(2 * capture_layers.size());
     const std::string dir = absl::GetFlag(FLAGS_capture_dir).empty()
                                 ? testing::SharedDir() + "/data/attn-dev"
                                 : absl::GetFlag(FLAGS_capture_dir);
     const int64_t copies = std::max<int64_t>(1, tokens / (8192 - 2 * steps));
     KVR_ASSIGN_OR_RETURN(bench::EvalSet set,
-                         bench::MakeTiledCapture(dir, kLayers[g / 2], g % 2, 2 * steps, copies));
+                         bench::MakeTiledCapture(dir, capture_layers[pair / 2], pair % 2, 2 * steps, copies));
     out.n = set.num_keys;
     out.keys.resize(set.num_keys * kDim);
     ConvertToFloat(set.keys.data(), DType::kF16, out.keys.size(), out.keys.data());
