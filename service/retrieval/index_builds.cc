@@ -22,20 +22,11 @@
 
 namespace kvrecall::retrieval {
 
-using internal::ArtifactKey;
-using internal::CheckDeadline;
-using internal::CheckFinite;
 using internal::ContextIndexPrefix;
-using internal::ContextRecordKey;
-using internal::DecodeContextRecord;
-using internal::EncodeContextRecord;
 using internal::IndexKey;
 using internal::IndexLatestKey;
-using internal::kArtifactSpace;
-using internal::kContextSpace;
 using internal::kIndexLatestSpace;
 using internal::kIndexSpace;
-using internal::MicrosSince;
 
 // ---------------------------------------------------------------- index builds
 

@@ -20,16 +20,12 @@
 
 namespace kvrecall::retrieval {
 
-using internal::ArtifactKey;
 using internal::CheckDeadline;
 using internal::CheckFinite;
 using internal::ContextIndexPrefix;
 using internal::ContextRecordKey;
 using internal::DecodeContextRecord;
 using internal::EncodeContextRecord;
-using internal::IndexKey;
-using internal::IndexLatestKey;
-using internal::kArtifactSpace;
 using internal::kContextSpace;
 using internal::kIndexLatestSpace;
 using internal::kIndexSpace;
@@ -319,6 +315,24 @@ absl::Status RetrievalService::AddQueries(absl::string_view tenant, const Hash12
   return ctx->AddQueries(layer, first_position, n, queries);
 }
 
+namespace {
+
+// Positions [0, tokens) outside the (sorted, disjoint) exclude ranges.
+std::vector<int64_t> VisiblePositions(int64_t tokens,
+                                      const std::vector<index::PositionRange>& exclude) {
+  std::vector<int64_t> out;
+  out.reserve(tokens);
+  size_t e = 0;
+  for (int64_t p = 0; p < tokens; ++p) {
+    while (e < exclude.size() && exclude[e].end <= p) ++e;
+    if (e < exclude.size() && exclude[e].begin <= p) continue;
+    out.push_back(p);
+  }
+  return out;
+}
+
+}  // namespace
+
 // Replaces every head's list by the union of its KV group's lists, with that
 // head's exact scores, descending.
 void RetrievalService::UnionPerGroup(const RetrieveRequest& request, const LayerKvView& view,
@@ -370,14 +384,7 @@ absl::StatusOr<SearchReply> RetrievalService::SearchInternal(const RetrieveReque
 
   if (request.index.kind == "all") {
     // No index: every non-excluded position; with k > 0, the exact top-k of them.
-    std::vector<int64_t> all;
-    all.reserve(tokens);
-    size_t e = 0;
-    for (int64_t p = 0; p < tokens; ++p) {
-      while (e < request.exclude.size() && request.exclude[e].end <= p) ++e;
-      if (e < request.exclude.size() && request.exclude[e].begin <= p) continue;
-      all.push_back(p);
-    }
+    std::vector<int64_t> all = VisiblePositions(tokens, request.exclude);
     reply.stats.keys_scanned = static_cast<int64_t>(all.size()) * hq;
     if (k == 0 && !need_scores) {
       for (int32_t h = 0; h < hq; ++h) reply.ids[h] = all;
@@ -561,14 +568,7 @@ absl::StatusOr<AttendReply> RetrievalService::Attend(const RetrieveRequest& requ
   if (request.index.kind == "all" && k == 0) {
     // Exact attention over every non-excluded position: one shared list, and
     // no positions in the reply (they are implied).
-    std::vector<int64_t> all;
-    all.reserve(tokens);
-    size_t e = 0;
-    for (int64_t p = 0; p < tokens; ++p) {
-      while (e < request.exclude.size() && request.exclude[e].end <= p) ++e;
-      if (e < request.exclude.size() && request.exclude[e].begin <= p) continue;
-      all.push_back(p);
-    }
+    std::vector<int64_t> all = VisiblePositions(tokens, request.exclude);
     reply.stats.context_tokens = tokens;
     reply.stats.keys_scanned = static_cast<int64_t>(all.size()) * m.num_q_heads;
     reply.stats.search_us = MicrosSince(search_start);

@@ -130,6 +130,9 @@ struct DiskTier::RecoveryScan {
   };
   absl::flat_hash_map<SpanKey, Candidate> best;
   absl::flat_hash_map<SpanKey, Loc> tomb;
+  // Span records whose header verified but whose payload did not: seq of the
+  // newest such record per key.
+  absl::flat_hash_map<SpanKey, uint64_t> corrupt;
   uint64_t max_seq = 0;
 };
 
@@ -222,6 +225,14 @@ absl::Status DiskTier::Recover() {
       segments_[cand.loc.segment]->live_bytes += static_cast<int64_t>(cand.loc.length);
       live_bytes_ += static_cast<int64_t>(cand.loc.length);
       index_.emplace(key, IndexEntry{cand.loc, std::move(cand.meta), false});
+    }
+    for (const auto& [key, seq] : scan.corrupt) {
+      auto live = index_.find(key);
+      if (live != index_.end() && live->second.loc.seq > seq) continue;
+      auto t = scan.tomb.find(key);
+      if (t != scan.tomb.end() && t->second.seq > seq) continue;
+      lost_.insert(key);
+      metrics_.checksum_failures->Increment();
     }
     for (const auto& [key, loc] : scan.tomb) {
       if (!instances_.contains(key)) continue;
@@ -360,7 +371,14 @@ absl::Status DiskTier::RecoverSegment(uint64_t id, const std::string& path, bool
     Parsed p;
     const bool header_ok = parse_at(off, &p);
     const bool fits = header_ok && off + p.h.record_bytes() <= size;
-    if (fits && (!verify_payloads || verify_at(off, p.h.record_bytes()))) {
+    const bool payload_ok = fits && (!verify_payloads || verify_at(off, p.h.record_bytes()));
+    if (fits && !payload_ok && p.h.kind == RecordKind::kSpan) {
+      // The header names the span: its next read reports a checksum failure
+      // (unless a newer valid record of the key turns up).
+      uint64_t& seq = scan->corrupt[p.key];
+      seq = std::max(seq, p.h.seq);
+    }
+    if (payload_ok) {
       Loc loc{id, off, p.h.record_bytes(), p.h.prefix_bytes(), p.h.payload_len, p.h.seq};
       scan->max_seq = std::max(scan->max_seq, p.h.seq);
       s->refs.push_back(Segment::Ref{loc, p.h.kind, p.key});
@@ -646,7 +664,8 @@ absl::StatusOr<StoredSpanPtr> DiskTier::ReadIndexed(const SpanKey& key, bool vic
     absl::MutexLock lock(&mu_);
     if (!victim && lost_.erase(key) > 0) {
       return absl::DataLossError(absl::StrCat(
-          "span ", key.hash.ToHex(), ": its record failed verification during compaction"));
+          "span ", key.hash.ToHex(),
+          ": its record failed verification (found by recovery or compaction)"));
     }
     auto it = index_.find(key);
     if (it == index_.end() || (victim && !it->second.leaving)) {
@@ -751,6 +770,11 @@ absl::Status DiskTier::Sync() {
   }
   if (::fdatasync(file->fd) != 0) return ErrnoError("fdatasync", file->path, errno);
   return SyncDir();
+}
+
+std::vector<SpanKey> DiskTier::RecoveredCorruptKeys() const {
+  absl::MutexLock lock(&mu_);
+  return std::vector<SpanKey>(lost_.begin(), lost_.end());
 }
 
 DiskRecoveryStats DiskTier::recovery_stats() const {

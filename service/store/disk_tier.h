@@ -98,6 +98,10 @@ class DiskTier : public Tier {
   ~DiskTier() override;
 
   TierId id() const override { return TierId::kDisk; }
+
+  // Spans whose newest record recovery found corrupt (header intact, payload
+  // not) and that no later read has reported yet.
+  std::vector<SpanKey> RecoveredCorruptKeys() const;
   int64_t capacity_bytes() const override { return options_.capacity_bytes; }
   absl::Status Put(StoredSpanPtr span, const TierPutOptions& options,
                    std::vector<SpanKey>* victims) override;
@@ -193,7 +197,8 @@ class DiskTier : public Tier {
   absl::flat_hash_map<SpanKey, Loc> tombs_ ABSL_GUARDED_BY(mu_);
   // Records of each key physically present in segment files (live or not).
   absl::flat_hash_map<SpanKey, int32_t> instances_ ABSL_GUARDED_BY(mu_);
-  // Live records found corrupt by compaction: the next Get says DATA_LOSS.
+  // Live records found corrupt by compaction or recovery: the next Get says
+  // DATA_LOSS (and the store reports a checksum failure).
   absl::flat_hash_set<SpanKey> lost_ ABSL_GUARDED_BY(mu_);
   int64_t live_bytes_ ABSL_GUARDED_BY(mu_) = 0;      // live span records
   int64_t leaving_bytes_ ABSL_GUARDED_BY(mu_) = 0;   // of which leaving

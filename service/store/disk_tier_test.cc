@@ -247,6 +247,29 @@ TEST_F(DiskTierTest, CorruptMiddleRecordIsSkippedAndCounted) {
   for (int i : {0, 1, 3, 4, 5}) ExpectReadable(tier.get(), spans[i]);
 }
 
+TEST_F(DiskTierTest, PayloadCorruptedAtRestIsReportedAsDataLossAfterRecovery) {
+  SCOPED_TRACE(absl::StrCat("seed=", seed_));
+  std::vector<StoredSpanPtr> spans;
+  {
+    auto tier = Open();
+    for (int i = 0; i < 4; ++i) {
+      spans.push_back(Span());
+      Put(tier.get(), spans.back());
+    }
+  }
+  // Flip a payload byte of the second record (its header stays valid).
+  auto [path, at] = Find(dir_, spans[1]->payload.substr(0, 64));
+  ASSERT_FALSE(path.empty());
+  XorByte(path, at + 10);
+  auto tier = Open();
+  EXPECT_EQ(tier->recovery_stats().corrupt_records, 1);
+  EXPECT_EQ(tier->recovery_stats().live_spans, 3);
+  // The first read says why the span is gone, and it is never served.
+  EXPECT_THAT(tier->Get(spans[1]->key), StatusIs(absl::StatusCode::kDataLoss));
+  EXPECT_THAT(tier->Get(spans[1]->key), StatusIs(absl::StatusCode::kNotFound));
+  for (int i : {0, 2, 3}) ExpectReadable(tier.get(), spans[i]);
+}
+
 TEST_F(DiskTierTest, CompactionKeepsEveryLiveRecordAndFreesSpace) {
   SCOPED_TRACE(absl::StrCat("seed=", seed_));
   std::vector<StoredSpanPtr> spans;

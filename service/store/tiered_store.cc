@@ -298,6 +298,16 @@ absl::Status TieredStoreImpl::Init() {
                        << " differs between disk and rocksdb; keeping the rocksdb copy";
       disk_->Delete(key).IgnoreError();  // the directory no longer refers to it either way
     }
+    // Spans whose record recovery found corrupt (and no valid copy elsewhere):
+    // their misses must say checksum failure, not never stored.
+    std::vector<SpanKey> corrupt;
+    for (const SpanKey& key : disk_->RecoveredCorruptKeys()) {
+      if (!DirLookup(key).has_value()) corrupt.push_back(key);
+    }
+    if (!corrupt.empty()) {
+      KVR_RETURN_IF_ERROR(
+          rocksdb_->PutTombstones(corrupt, MissReason::kChecksumFailure, /*sync=*/true));
+    }
   }
   if (memory_ == nullptr && disk_ == nullptr && !rocksdb_holds_spans_) {
     KVR_LOG(WARNING) << "store " << o.data_dir << " has no tier for spans (all capacities 0)";

@@ -292,8 +292,9 @@ TEST_F(DaemonIntegrationTest, CorruptRecordOnDiskIsDroppedCountedAndNeverServed)
   KVR_ASSERT_OK_AND_ASSIGN(auto lookup, client_->Lookup(kModel, Hashes(spans)));
   EXPECT_EQ(lookup.prefix_spans, 2);
 
-  // Corruption found while the daemon is down: recovery skips the record
-  // (and logs it); it is never served after the restart either.
+  // Corruption found while the daemon is down: recovery skips the record,
+  // logs and counts it; it is never served after the restart, and its miss
+  // says checksum failure.
   KVR_ASSERT_OK(daemon_->Stop());
   ASSERT_TRUE(CorruptFirstOccurrence(dir_ + "/data/segments", spans[3].payload.substr(1000, 64)));
   KVR_ASSERT_OK(daemon_->Start());
@@ -304,6 +305,15 @@ TEST_F(DaemonIntegrationTest, CorruptRecordOnDiskIsDroppedCountedAndNeverServed)
   EXPECT_FALSE(got[2].found);
   EXPECT_FALSE(got[3].found) << "a record corrupted at rest is never served";
   EXPECT_TRUE(got[3].payload.empty());
+  EXPECT_EQ(got[3].miss_reason, v1::MISS_REASON_CHECKSUM_FAILURE)
+      << "a record found corrupt by recovery says why: "
+      << client::MissReasonName(got[3].miss_reason);
+  {
+    const v1::StatsResponse after = Stats();
+    int64_t corrupt = 0;
+    for (const auto& t : after.tiers()) corrupt += t.checksum_failures();
+    EXPECT_GE(corrupt, 1) << "recovery counts the corrupt record";
+  }
   EXPECT_THAT(daemon_->Log(), HasSubstr("corrupt records"));
 }
 
