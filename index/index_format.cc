@@ -25,6 +25,21 @@ absl::Status ByteReader::GetBytes(void* out, size_t n) {
   return absl::OkStatus();
 }
 
+absl::Status ReadPayloadVersion(const IndexHeader& header, absl::string_view kind,
+                                uint32_t version, ByteReader* reader) {
+  if (header.kind != kind) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("index bytes hold kind '", header.kind, "', not '", kind, "'"));
+  }
+  KVR_ASSIGN_OR_RETURN(uint32_t found, reader->Get<uint32_t>());
+  if (found != version) {
+    return absl::FailedPreconditionError(absl::StrCat(kind, " payload version ", found,
+                                                      " is not supported (this build reads ",
+                                                      version, ")"));
+  }
+  return absl::OkStatus();
+}
+
 std::string EncodeIndex(const IndexHeader& header, absl::string_view payload) {
   std::string fields;
   ByteWriter w(&fields);

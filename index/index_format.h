@@ -100,6 +100,12 @@ class ByteReader {
   absl::string_view in_;
 };
 
+// Checks that `header` is an index of `kind` (else INVALID_ARGUMENT) and
+// reads the leading u32 version of its payload, which must be `version`
+// (else FAILED_PRECONDITION naming both; DATA_LOSS when truncated).
+absl::Status ReadPayloadVersion(const IndexHeader& header, absl::string_view kind,
+                                uint32_t version, ByteReader* reader);
+
 // Header + payload -> index bytes.
 std::string EncodeIndex(const IndexHeader& header, absl::string_view payload);
 

@@ -376,13 +376,7 @@ absl::StatusOr<std::string> FaissIndex::Serialize() const {
   w.Put<uint64_t>(writer.data.size());
   w.PutBytes(writer.data.data(), writer.data.size());
   w.PutBytes(keys_.data(), keys_.size());
-  IndexHeader header;
-  header.kind = std::string(kind());
-  header.dim = dim_;
-  header.size = size_;
-  header.key_dtype = key_dtype_;
-  header.build_params = build_params_;
-  return EncodeIndex(header, payload);
+  return EncodeIndex(IndexHeader{std::string(kind()), dim_, size_, key_dtype_, build_params_}, payload);
 }
 
 absl::StatusOr<std::unique_ptr<FaissIndex>> FaissIndex::Load(const IndexHeader& header,

@@ -236,13 +236,7 @@ absl::StatusOr<std::string> FlatIndex::Serialize() const {
       ConvertFromFloat(reinterpret_cast<const float*>(row.data()), dim_, key_dtype_, out);
     }
   }
-  IndexHeader header;
-  header.kind = "flat";
-  header.dim = dim_;
-  header.size = size_;
-  header.key_dtype = key_dtype_;
-  header.build_params = build_params_;
-  return EncodeIndex(header, payload);
+  return EncodeIndex(IndexHeader{std::string("flat"), dim_, size_, key_dtype_, build_params_}, payload);
 }
 
 absl::StatusOr<std::unique_ptr<FlatIndex>> FlatIndex::Load(const IndexHeader& header,

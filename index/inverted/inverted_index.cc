@@ -521,13 +521,7 @@ absl::StatusOr<std::string> InvertedIndex::Serialize() const {
     w.PutBytes(list.deltas.data(), list.deltas.size());
     w.PutBytes(list.acts.data(), list.acts.size() * sizeof(uint16_t));
   }
-  IndexHeader header;
-  header.kind = std::string(kKind);
-  header.dim = dim();
-  header.size = size_;
-  header.key_dtype = dtype_;
-  header.build_params = build_params_;
-  return EncodeIndex(header, payload);
+  return EncodeIndex(IndexHeader{std::string(kKind), dim(), size_, dtype_, build_params_}, payload);
 }
 
 absl::StatusOr<std::unique_ptr<InvertedIndex>> InvertedIndex::Load(absl::string_view bytes) {
@@ -537,17 +531,8 @@ absl::StatusOr<std::unique_ptr<InvertedIndex>> InvertedIndex::Load(absl::string_
 
 absl::StatusOr<std::unique_ptr<InvertedIndex>> InvertedIndex::Load(const IndexHeader& header,
                                                                   absl::string_view payload) {
-  if (header.kind != kKind) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("index bytes hold kind '", header.kind, "', not 'inverted'"));
-  }
   ByteReader r(payload);
-  KVR_ASSIGN_OR_RETURN(uint32_t version, r.Get<uint32_t>());
-  if (version != kInvertedPayloadVersion) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("inverted payload version ", version, " is not supported (this build reads ",
-                     kInvertedPayloadVersion, ")"));
-  }
+  KVR_RETURN_IF_ERROR(ReadPayloadVersion(header, kKind, kInvertedPayloadVersion, &r));
   KVR_ASSIGN_OR_RETURN(std::string encoder_bytes, r.GetString());
   KVR_ASSIGN_OR_RETURN(auto encoders, ParseSparseEncoders(encoder_bytes));
   if (encoders.size() != 1) return absl::DataLossError("inverted payload must hold one encoder");

@@ -377,13 +377,7 @@ absl::StatusOr<std::string> LokiIndex::Serialize() const {
     UnpackFromTiles(plane_tiles_.data(), dtype_, rank_, t, row.data());
     w.PutBytes(row.data(), row.size());
   }
-  IndexHeader header;
-  header.kind = std::string(kKind);
-  header.dim = dim();
-  header.size = size_;
-  header.key_dtype = dtype_;
-  header.build_params = build_params_;
-  return EncodeIndex(header, payload);
+  return EncodeIndex(IndexHeader{std::string(kKind), dim(), size_, dtype_, build_params_}, payload);
 }
 
 absl::StatusOr<std::unique_ptr<LokiIndex>> LokiIndex::Load(absl::string_view bytes) {
@@ -393,17 +387,8 @@ absl::StatusOr<std::unique_ptr<LokiIndex>> LokiIndex::Load(absl::string_view byt
 
 absl::StatusOr<std::unique_ptr<LokiIndex>> LokiIndex::Load(const IndexHeader& header,
                                                       absl::string_view payload) {
-  if (header.kind != kKind) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("index bytes hold kind '", header.kind, "', not 'loki'"));
-  }
   ByteReader r(payload);
-  KVR_ASSIGN_OR_RETURN(uint32_t version, r.Get<uint32_t>());
-  if (version != kLokiPayloadVersion) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("loki payload version ", version, " is not supported (this build reads ",
-                     kLokiPayloadVersion, ")"));
-  }
+  KVR_RETURN_IF_ERROR(ReadPayloadVersion(header, kKind, kLokiPayloadVersion, &r));
   KVR_ASSIGN_OR_RETURN(uint32_t rank, r.Get<uint32_t>());
   KVR_ASSIGN_OR_RETURN(std::string basis_bytes, r.GetString());
   KVR_ASSIGN_OR_RETURN(std::vector<PcaBasis> bases, ParsePcaBases(basis_bytes));

@@ -343,13 +343,7 @@ absl::StatusOr<std::string> QuestIndex::Serialize() const {
       w.PutBytes(row.data(), row.size());
     }
   }
-  IndexHeader header;
-  header.kind = std::string(kKind);
-  header.dim = dim_;
-  header.size = size_;
-  header.key_dtype = dtype_;
-  header.build_params = build_params_;
-  return EncodeIndex(header, payload);
+  return EncodeIndex(IndexHeader{std::string(kKind), dim_, size_, dtype_, build_params_}, payload);
 }
 
 absl::StatusOr<std::unique_ptr<QuestIndex>> QuestIndex::Load(absl::string_view bytes) {
@@ -359,17 +353,8 @@ absl::StatusOr<std::unique_ptr<QuestIndex>> QuestIndex::Load(absl::string_view b
 
 absl::StatusOr<std::unique_ptr<QuestIndex>> QuestIndex::Load(const IndexHeader& header,
                                                       absl::string_view payload) {
-  if (header.kind != kKind) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("index bytes hold kind '", header.kind, "', not 'quest'"));
-  }
   ByteReader r(payload);
-  KVR_ASSIGN_OR_RETURN(uint32_t version, r.Get<uint32_t>());
-  if (version != kQuestPayloadVersion) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("quest payload version ", version, " is not supported (this build reads ",
-                     kQuestPayloadVersion, ")"));
-  }
+  KVR_RETURN_IF_ERROR(ReadPayloadVersion(header, kKind, kQuestPayloadVersion, &r));
   KVR_ASSIGN_OR_RETURN(uint32_t page_size, r.Get<uint32_t>());
   KVR_ASSIGN_OR_RETURN(uint64_t n, r.Get<uint64_t>());
   if (page_size < 1 || page_size > static_cast<uint32_t>(kMaxPageSize) || header.dim < 1 ||

@@ -547,13 +547,7 @@ absl::StatusOr<std::string> RoarIndex::Serialize() const {
       w.PutBytes(row.data(), row.size());
     }
   }
-  IndexHeader header;
-  header.kind = "roar";
-  header.dim = dim();
-  header.size = size();
-  header.key_dtype = key_dtype_;
-  header.build_params = build_params_;
-  return EncodeIndex(header, payload);
+  return EncodeIndex(IndexHeader{std::string("roar"), dim(), size(), key_dtype_, build_params_}, payload);
 }
 
 absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Load(const IndexHeader& header,
