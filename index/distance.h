@@ -74,4 +74,12 @@ class TopK {
   std::vector<std::pair<float, int64_t>> heap_;
 };
 
+// Writes the k best of (scores[i], ids[i]) in TopK's order (score
+// descending, ties by smaller id) to out_ids / out_scores, padded with
+// -1 / -inf: the same result as pushing every pair through a TopK, without a
+// heap push per pair. `order` is scratch space reused across calls.
+//   scores, ids: [n];  out_ids, out_scores: [k]
+void WriteTopK(const std::vector<float>& scores, const std::vector<int64_t>& ids, int32_t k,
+               std::vector<int32_t>* order, int64_t* out_ids, float* out_scores);
+
 }  // namespace kvrecall::index

@@ -57,34 +57,6 @@ std::vector<PositionRange> IncludedRuns(const ExcludeSet& exclude, int64_t n) {
 
 enum class QueryMode { kProject, kEncode };
 
-// Writes the k best of (scores[i], ids[i]) in the order of TopK
-// (index/distance.h: score descending, ties by smaller position) to
-// out_ids / out_scores, padded with -1 / -inf: the same result as pushing
-// every pair through a TopK, without a heap push per pair.
-void WriteTopK(const std::vector<float>& scores, const std::vector<int64_t>& ids, int32_t k,
-               std::vector<int32_t>* order, int64_t* out_ids, float* out_scores) {
-  const int64_t n = static_cast<int64_t>(ids.size());
-  order->resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) (*order)[static_cast<size_t>(i)] = static_cast<int32_t>(i);
-  auto better = [&](int32_t a, int32_t b) {
-    const float sa = scores[static_cast<size_t>(a)], sb = scores[static_cast<size_t>(b)];
-    return sa > sb || (sa == sb && ids[static_cast<size_t>(a)] < ids[static_cast<size_t>(b)]);
-  };
-  const int64_t top = std::min<int64_t>(n, k);
-  if (n > top) std::nth_element(order->begin(), order->begin() + top, order->end(), better);
-  std::sort(order->begin(), order->begin() + top, better);
-  for (int64_t i = 0; i < k; ++i) {
-    if (i < top) {
-      const int32_t at = (*order)[static_cast<size_t>(i)];
-      out_ids[i] = ids[static_cast<size_t>(at)];
-      out_scores[i] = scores[static_cast<size_t>(at)];
-    } else {
-      out_ids[i] = -1;
-      out_scores[i] = -std::numeric_limits<float>::infinity();
-    }
-  }
-}
-
 }  // namespace
 
 struct InvertedIndex::QueryKnobs {
