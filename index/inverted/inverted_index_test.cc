@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -12,6 +11,7 @@
 #include "common/npy.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "index/testing/index_testing.h"
 #include "index/distance.h"
 #include "index/index_format.h"
 #include "tests/testing/status_matchers.h"
@@ -25,21 +25,10 @@ using ::testing::HasSubstr;
 
 constexpr uint32_t kSeed = 4409;
 
-struct Matrix {
-  std::vector<char> bytes;
-  int64_t rows = 0;
-  int32_t dim = 0;
-  DType dtype = DType::kF32;
-  VectorView view() const { return VectorView{bytes.data(), rows, dim, dtype, 0}; }
-  VectorView slice(int64_t begin, int64_t end) const {
-    return VectorView{bytes.data() + begin * dim * DTypeSize(dtype), end - begin, dim, dtype, 0};
-  }
-};
-
 // Keys that are sparse positive mixtures of a hidden dictionary (what a
 // sparse encoder can capture) and queries aligned with single atoms.
 struct SparseData {
-  Matrix keys, queries;
+  KeyMatrix keys, queries;
 };
 
 SparseData MakeSparseData(int64_t n, int64_t m, int32_t d, DType dtype, uint32_t seed) {
@@ -68,9 +57,9 @@ SparseData MakeSparseData(int64_t n, int64_t m, int32_t d, DType dtype, uint32_t
     for (int32_t j = 0; j < d; ++j) q[i * d + j] = 4.0f * dict[a * d + j] + 0.3f * g(rng);
   }
   SparseData data;
-  data.keys = Matrix{std::vector<char>(k.size() * DTypeSize(dtype)), n, d, dtype};
+  data.keys = KeyMatrix{std::vector<char>(k.size() * DTypeSize(dtype)), n, d, dtype};
   ConvertFromFloat(k.data(), k.size(), dtype, data.keys.bytes.data());
-  data.queries = Matrix{std::vector<char>(q.size() * DTypeSize(dtype)), m, d, dtype};
+  data.queries = KeyMatrix{std::vector<char>(q.size() * DTypeSize(dtype)), m, d, dtype};
   ConvertFromFloat(q.data(), q.size(), dtype, data.queries.bytes.data());
   return data;
 }
@@ -86,47 +75,6 @@ InvertedOptions SmallOptions() {
   return o;
 }
 
-SearchResult BruteForce(const Matrix& keys, const Matrix& queries, int32_t k,
-                        const std::vector<PositionRange>& exclude) {
-  SearchResult r;
-  r.num_queries = queries.rows;
-  r.k = k;
-  std::vector<float> q(static_cast<size_t>(queries.dim));
-  for (int64_t qi = 0; qi < queries.rows; ++qi) {
-    ConvertToFloat(queries.view().row(qi), queries.dtype, q.size(), q.data());
-    std::vector<std::pair<float, int64_t>> all;
-    for (int64_t t = 0; t < keys.rows; ++t) {
-      bool excluded = false;
-      for (const PositionRange& e : exclude) excluded |= (t >= e.begin && t < e.end);
-      if (!excluded) all.emplace_back(DotRow(q.data(), keys.view().row(t), keys.dtype, keys.dim), t);
-    }
-    std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    });
-    for (int32_t j = 0; j < k; ++j) {
-      const bool have = j < static_cast<int32_t>(all.size());
-      r.ids.push_back(have ? all[j].second : -1);
-      r.scores.push_back(have ? all[j].first : -std::numeric_limits<float>::infinity());
-    }
-  }
-  return r;
-}
-
-double Recall(const SearchResult& got, const SearchResult& want) {
-  double hit = 0;
-  for (int64_t qi = 0; qi < want.num_queries; ++qi) {
-    std::set<int64_t> w(want.ids.begin() + qi * want.k, want.ids.begin() + (qi + 1) * want.k);
-    for (int32_t j = 0; j < got.k; ++j) hit += w.count(got.ids[qi * got.k + j]);
-  }
-  return hit / (want.num_queries * want.k);
-}
-
-SearchParams Knobs(const std::string& text) {
-  SearchParams p;
-  p.knobs = *ParamMap::Parse(text);
-  return p;
-}
-
 TEST(InvertedIndexTest, MaxEffortEqualsBruteForceForEveryDtype) {
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBf16}) {
     SCOPED_TRACE(::testing::Message() << "seed " << kSeed << " dtype " << DTypeName(dtype));
@@ -140,10 +88,10 @@ TEST(InvertedIndexTest, MaxEffortEqualsBruteForceForEveryDtype) {
     EXPECT_LE(index->posting_entries(), 600 * 4);
     for (const std::vector<PositionRange>& exclude :
          {std::vector<PositionRange>{}, std::vector<PositionRange>{{0, 50}, {200, 201}, {590, 700}}}) {
-      SearchParams params = Knobs("candidates=600");
+      SearchParams params = SearchKnobs("candidates=600");
       params.exclude = exclude;
       KVR_ASSERT_OK_AND_ASSIGN(SearchResult got, index->Search(data.queries.view(), 20, params));
-      const SearchResult want = BruteForce(data.keys, data.queries, 20, exclude);
+      const SearchResult want = BruteForceTopK(data.keys, data.queries, 20, exclude);
       EXPECT_EQ(got.ids, want.ids);
       EXPECT_EQ(got.scores, want.scores);
       EXPECT_EQ(got.stats.visited, 0);  // no posting list read
@@ -158,24 +106,24 @@ TEST(InvertedIndexTest, CoActivationFindsTopKeys) {
   options.train.epochs = 10;
   KVR_ASSERT_OK_AND_ASSIGN(auto index,
                            InvertedIndex::Create(data.keys.view(), VectorView::Empty(16), options));
-  const SearchResult want = BruteForce(data.keys, data.queries, 10, {});
+  const SearchResult want = BruteForceTopK(data.keys, data.queries, 10, {});
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult got,
-                           index->Search(data.queries.view(), 10, Knobs("candidates=80,query_features=8")));
+                           index->Search(data.queries.view(), 10, SearchKnobs("candidates=80,query_features=8")));
   // Each query is aligned with one atom; the features that reconstruct that
   // atom lead straight to the keys containing it.
-  EXPECT_GT(Recall(got, want), 0.8) << "seed " << kSeed;
+  EXPECT_GT(RecallOf(got, want), 0.8) << "seed " << kSeed;
   EXPECT_GT(got.stats.visited, 0);
   EXPECT_LT(got.stats.visited, 24 * index->posting_entries());
   EXPECT_EQ(got.stats.keys_scanned, 24 * 80);
   EXPECT_EQ(got.stats.exact_scores, 24 * 80);
   // More candidates are never worse here, and idf/encode modes run.
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult more,
-                           index->Search(data.queries.view(), 10, Knobs("candidates=400,query_features=8")));
-  EXPECT_GE(Recall(more, want), Recall(got, want));
-  KVR_EXPECT_OK(index->Search(data.queries.view(), 10, Knobs("idf=1")).status());
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult enc, index->Search(data.queries.view(), 10, Knobs("query_mode=encode")));
+                           index->Search(data.queries.view(), 10, SearchKnobs("candidates=400,query_features=8")));
+  EXPECT_GE(RecallOf(more, want), RecallOf(got, want));
+  KVR_EXPECT_OK(index->Search(data.queries.view(), 10, SearchKnobs("idf=1")).status());
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult enc, index->Search(data.queries.view(), 10, SearchKnobs("query_mode=encode")));
   EXPECT_EQ(enc.stats.keys_scanned, 24 * 80);
-  SearchParams one = Knobs("candidates=80,query_features=8");
+  SearchParams one = SearchKnobs("candidates=80,query_features=8");
   one.num_threads = 1;
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult serial, index->Search(data.queries.view(), 10, one));
   EXPECT_EQ(serial.ids, got.ids);
@@ -188,14 +136,14 @@ TEST(InvertedIndexTest, FillsWithRecentPositionsAndHonoursExcludes) {
   KVR_ASSERT_OK_AND_ASSIGN(auto index,
                            InvertedIndex::Create(data.keys.view(), VectorView::Empty(16), SmallOptions()));
   // One query feature touches few positions; 450 candidates need the fill.
-  SearchParams params = Knobs("candidates=450,query_features=1");
+  SearchParams params = SearchKnobs("candidates=450,query_features=1");
   params.exclude = {{100, 200}};
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult got, index->Search(data.queries.view(), 30, params));
-  const SearchResult want = BruteForce(data.keys, data.queries, 30, params.exclude);
+  const SearchResult want = BruteForceTopK(data.keys, data.queries, 30, params.exclude);
   EXPECT_EQ(got.stats.exact_scores, 4 * 400);
   for (int64_t id : got.ids) EXPECT_TRUE(id < 100 || id >= 200) << id;
-  EXPECT_GT(Recall(got, want), 0.7);
-  params = Knobs("candidates=5");
+  EXPECT_GT(RecallOf(got, want), 0.7);
+  params = SearchKnobs("candidates=5");
   params.exclude = {{0, 490}};
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult few, index->Search(data.queries.view(), 5, params));
   for (int64_t id : few.ids) EXPECT_GE(id, 490);
@@ -215,7 +163,7 @@ TEST(InvertedIndexTest, AddEqualsBuildingAtOnce) {
   KVR_ASSERT_OK(grown->Add(data.keys.slice(150, 399)));
   KVR_ASSERT_OK(grown->Add(data.keys.slice(399, 400)));
   EXPECT_EQ(*grown->Serialize(), *whole->Serialize());
-  const Matrix wrong = MakeSparseData(2, 1, 16, DType::kF32, kSeed).keys;
+  const KeyMatrix wrong = MakeSparseData(2, 1, 16, DType::kF32, kSeed).keys;
   EXPECT_THAT(grown->Add(wrong.view()), StatusIs(absl::StatusCode::kInvalidArgument));
   std::vector<uint16_t> nan(16, FloatToBf16(std::nanf("")));
   EXPECT_THAT(grown->Add(VectorView{nan.data(), 1, 16, DType::kBf16, 0}),
@@ -230,7 +178,7 @@ TEST(InvertedIndexTest, SpansRespectBudgetWindowsAndExcludes) {
                            InvertedIndex::Create(data.keys.view(), VectorView::Empty(16), SmallOptions()));
   for (int64_t window : {0, 3, 20}) {
     for (int64_t budget : {1, 17, 100}) {
-      SearchParams params = Knobs(absl::StrCat("window=", window));
+      SearchParams params = SearchKnobs(absl::StrCat("window=", window));
       params.exclude = {{300, 400}};
       KVR_ASSERT_OK_AND_ASSIGN(SpanResult r, index->SearchSpans(data.queries.view(), budget, params));
       int64_t tokens = 0;
@@ -250,14 +198,14 @@ TEST(InvertedIndexTest, SpansRespectBudgetWindowsAndExcludes) {
   }
   // Window 0: the spans are the best-scoring single positions, so the top
   // token-level candidate of Search (by co-activation) is covered.
-  KVR_ASSERT_OK_AND_ASSIGN(SpanResult zero, index->SearchSpans(data.queries.slice(0, 1), 1, Knobs("window=0")));
+  KVR_ASSERT_OK_AND_ASSIGN(SpanResult zero, index->SearchSpans(data.queries.slice(0, 1), 1, SearchKnobs("window=0")));
   ASSERT_EQ(zero.spans.size(), 1u);
   EXPECT_EQ(zero.spans[0].end - zero.spans[0].begin, 1);
   EXPECT_GT(zero.spans[0].score, 0);
   KVR_ASSERT_OK_AND_ASSIGN(SpanResult none, index->SearchSpans(data.queries.view(), 0, {}));
   EXPECT_TRUE(none.spans.empty());
   EXPECT_THAT(index->SearchSpans(data.queries.view(), -1, {}), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(index->SearchSpans(data.queries.view(), 5, Knobs("candidates=3")),
+  EXPECT_THAT(index->SearchSpans(data.queries.view(), 5, SearchKnobs("candidates=3")),
               StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
@@ -266,14 +214,14 @@ TEST(InvertedIndexTest, RejectsBadInput) {
   const SparseData data = MakeSparseData(200, 2, 16, DType::kF32, kSeed);
   KVR_ASSERT_OK_AND_ASSIGN(auto index,
                            InvertedIndex::Create(data.keys.view(), VectorView::Empty(16), SmallOptions()));
-  const Matrix wrong = MakeSparseData(2, 2, 8, DType::kF32, kSeed).queries;
+  const KeyMatrix wrong = MakeSparseData(2, 2, 8, DType::kF32, kSeed).queries;
   EXPECT_THAT(index->Search(wrong.view(), 3, {}), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(index->Search(data.queries.view(), 0, {}), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(index->Search(data.queries.view(), 3, Knobs("query_mode=magic")),
+  EXPECT_THAT(index->Search(data.queries.view(), 3, SearchKnobs("query_mode=magic")),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("magic")));
-  EXPECT_THAT(index->Search(data.queries.view(), 3, Knobs("query_features=65")),
+  EXPECT_THAT(index->Search(data.queries.view(), 3, SearchKnobs("query_features=65")),
               StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(index->Search(data.queries.view(), 3, Knobs("window=3")),
+  EXPECT_THAT(index->Search(data.queries.view(), 3, SearchKnobs("window=3")),
               StatusIs(absl::StatusCode::kInvalidArgument));
   SearchParams overlapping;
   overlapping.exclude = {{0, 10}, {5, 12}};
@@ -335,8 +283,8 @@ TEST(InvertedIndexTest, SerializeLoadRoundTripAndCorruption) {
   EXPECT_EQ(loaded->posting_entries(), index->posting_entries());
   EXPECT_EQ(loaded->IndexBytes(), index->IndexBytes());
   EXPECT_EQ(*loaded->Serialize(), bytes);
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult a, index->Search(data.queries.view(), 8, Knobs("candidates=30")));
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult b, loaded->Search(data.queries.view(), 8, Knobs("candidates=30")));
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult a, index->Search(data.queries.view(), 8, SearchKnobs("candidates=30")));
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult b, loaded->Search(data.queries.view(), 8, SearchKnobs("candidates=30")));
   EXPECT_EQ(a.ids, b.ids);
   EXPECT_EQ(a.stats.visited, b.stats.visited);
   std::string flipped = bytes;
@@ -358,8 +306,8 @@ TEST(InvertedIndexTest, MaxEffortEqualsBruteForceOnRealCaptures) {
   auto q = ReadNpy(dir + "layer07_q.npy");
   if (!k.ok() || !q.ok()) GTEST_SKIP() << "attention captures not found under " << dir;
   const int64_t n = 1024;
-  Matrix keys{std::vector<char>(k->data.data(), k->data.data() + n * 128 * 2), n, 128, DType::kF16};
-  Matrix queries{{}, 16, 128, DType::kF16};
+  KeyMatrix keys{std::vector<char>(k->data.data(), k->data.data() + n * 128 * 2), n, 128, DType::kF16};
+  KeyMatrix queries{{}, 16, 128, DType::kF16};
   for (int h = 0; h < 2; ++h) {
     const char* base = q->data.data() + (h * 8192 + 1024) * 128 * 2;
     queries.bytes.insert(queries.bytes.end(), base, base + 8 * 128 * 2);
@@ -369,13 +317,13 @@ TEST(InvertedIndexTest, MaxEffortEqualsBruteForceOnRealCaptures) {
   options.train.k = 8;
   options.train.epochs = 2;
   KVR_ASSERT_OK_AND_ASSIGN(auto index, InvertedIndex::Create(keys.view(), VectorView::Empty(128), options));
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult got, index->Search(queries.view(), 20, Knobs("candidates=1024")));
-  const SearchResult want = BruteForce(keys, queries, 20, {});
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult got, index->Search(queries.view(), 20, SearchKnobs("candidates=1024")));
+  const SearchResult want = BruteForceTopK(keys, queries, 20, {});
   EXPECT_EQ(got.ids, want.ids);
   EXPECT_EQ(got.scores, want.scores);
   // Co-activation candidates at a moderate effort already find part of the top.
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult approx, index->Search(queries.view(), 20, Knobs("candidates=160")));
-  EXPECT_GT(Recall(approx, want), 0.4);
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult approx, index->Search(queries.view(), 20, SearchKnobs("candidates=160")));
+  EXPECT_GT(RecallOf(approx, want), 0.4);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include "common/npy.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "index/testing/index_testing.h"
 #include "index/distance.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
@@ -23,27 +24,15 @@ using ::testing::HasSubstr;
 
 constexpr uint32_t kSeed = 7301;
 
-// Keys or queries of one dtype, owned.
-struct Matrix {
-  std::vector<char> bytes;
-  int64_t rows = 0;
-  int32_t dim = 0;
-  DType dtype = DType::kF32;
-  VectorView view() const { return VectorView{bytes.data(), rows, dim, dtype, 0}; }
-  VectorView slice(int64_t begin, int64_t end) const {
-    return VectorView{bytes.data() + begin * dim * DTypeSize(dtype), end - begin, dim, dtype, 0};
-  }
-};
-
-Matrix FromFloats(const std::vector<float>& x, int64_t rows, int32_t dim, DType dtype) {
-  Matrix m{std::vector<char>(x.size() * DTypeSize(dtype)), rows, dim, dtype};
+KeyMatrix FromFloats(const std::vector<float>& x, int64_t rows, int32_t dim, DType dtype) {
+  KeyMatrix m{std::vector<char>(x.size() * DTypeSize(dtype)), rows, dim, dtype};
   ConvertFromFloat(x.data(), x.size(), dtype, m.bytes.data());
   return m;
 }
 
 // Gaussian vectors whose variance decays over a random-free basis: dimension
 // j has standard deviation 4 * 0.8^j, so a few dims dominate.
-Matrix LowRankGaussian(int64_t rows, int32_t dim, DType dtype, uint32_t seed) {
+KeyMatrix LowRankGaussian(int64_t rows, int32_t dim, DType dtype, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> g;
   std::vector<float> x(static_cast<size_t>(rows) * dim);
@@ -53,55 +42,11 @@ Matrix LowRankGaussian(int64_t rows, int32_t dim, DType dtype, uint32_t seed) {
   return FromFloats(x, rows, dim, dtype);
 }
 
-// Brute force: every eligible position scored with DotRow, sorted by
-// (score desc, position asc), the first k.
-SearchResult BruteForce(const Matrix& keys, const Matrix& queries, int32_t k,
-                        const std::vector<PositionRange>& exclude) {
-  SearchResult r;
-  r.num_queries = queries.rows;
-  r.k = k;
-  std::vector<float> q(static_cast<size_t>(queries.dim));
-  for (int64_t qi = 0; qi < queries.rows; ++qi) {
-    ConvertToFloat(queries.view().row(qi), queries.dtype, q.size(), q.data());
-    std::vector<std::pair<float, int64_t>> all;
-    for (int64_t t = 0; t < keys.rows; ++t) {
-      bool excluded = false;
-      for (const PositionRange& e : exclude) excluded |= (t >= e.begin && t < e.end);
-      if (!excluded) all.emplace_back(DotRow(q.data(), keys.view().row(t), keys.dtype, keys.dim), t);
-    }
-    std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    });
-    for (int32_t j = 0; j < k; ++j) {
-      const bool have = j < static_cast<int32_t>(all.size());
-      r.ids.push_back(have ? all[j].second : -1);
-      r.scores.push_back(have ? all[j].first : -std::numeric_limits<float>::infinity());
-    }
-  }
-  return r;
-}
-
-double Recall(const SearchResult& got, const SearchResult& want) {
-  double hit = 0, total = 0;
-  for (int64_t qi = 0; qi < want.num_queries; ++qi) {
-    std::set<int64_t> w(want.ids.begin() + qi * want.k, want.ids.begin() + (qi + 1) * want.k);
-    for (int32_t j = 0; j < got.k; ++j) hit += w.count(got.ids[qi * got.k + j]);
-    total += want.k;
-  }
-  return hit / total;
-}
-
-SearchParams Knobs(const std::string& text) {
-  SearchParams p;
-  p.knobs = *ParamMap::Parse(text);
-  return p;
-}
-
 TEST(LokiIndexTest, MaxEffortEqualsBruteForceForEveryDtype) {
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBf16}) {
     SCOPED_TRACE(::testing::Message() << "seed " << kSeed << " dtype " << DTypeName(dtype));
-    const Matrix keys = LowRankGaussian(700, 32, dtype, kSeed);
-    const Matrix queries = LowRankGaussian(9, 32, dtype, kSeed + 1);
+    const KeyMatrix keys = LowRankGaussian(700, 32, dtype, kSeed);
+    const KeyMatrix queries = LowRankGaussian(9, 32, dtype, kSeed + 1);
     LokiOptions options;
     options.rank = 8;
     KVR_ASSERT_OK_AND_ASSIGN(auto index, LokiIndex::Create(keys.view(), options));
@@ -110,10 +55,10 @@ TEST(LokiIndexTest, MaxEffortEqualsBruteForceForEveryDtype) {
     EXPECT_EQ(index->SearchEffortKnob(), "candidates");
     for (const std::vector<PositionRange>& exclude :
          {std::vector<PositionRange>{}, std::vector<PositionRange>{{0, 10}, {300, 450}, {690, 900}}}) {
-      SearchParams params = Knobs("candidates=700");
+      SearchParams params = SearchKnobs("candidates=700");
       params.exclude = exclude;
       KVR_ASSERT_OK_AND_ASSIGN(SearchResult got, index->Search(queries.view(), 25, params));
-      const SearchResult want = BruteForce(keys, queries, 25, exclude);
+      const SearchResult want = BruteForceTopK(keys, queries, 25, exclude);
       EXPECT_EQ(got.ids, want.ids);
       EXPECT_EQ(got.scores, want.scores);
       int64_t eligible = 700;
@@ -126,16 +71,16 @@ TEST(LokiIndexTest, MaxEffortEqualsBruteForceForEveryDtype) {
 
 TEST(LokiIndexTest, LowRankScoringFindsTopKeysAndCountsWork) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
-  const Matrix keys = LowRankGaussian(4000, 64, DType::kF16, kSeed);
-  const Matrix queries = LowRankGaussian(32, 64, DType::kF32, kSeed + 2);
+  const KeyMatrix keys = LowRankGaussian(4000, 64, DType::kF16, kSeed);
+  const KeyMatrix queries = LowRankGaussian(32, 64, DType::kF32, kSeed + 2);
   LokiOptions options;
   options.rank = 16;
   KVR_ASSERT_OK_AND_ASSIGN(auto index, LokiIndex::Create(keys.view(), options));
-  const SearchResult want = BruteForce(keys, queries, 20, {});
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult got, index->Search(queries.view(), 20, Knobs("candidates=160")));
+  const SearchResult want = BruteForceTopK(keys, queries, 20, {});
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult got, index->Search(queries.view(), 20, SearchKnobs("candidates=160")));
   // The variance is concentrated in the leading dims, so 16 of 64 rotated dims
   // rank nearly as well as all of them.
-  EXPECT_GT(Recall(got, want), 0.95) << "seed " << kSeed;
+  EXPECT_GT(RecallOf(got, want), 0.95) << "seed " << kSeed;
   EXPECT_EQ(got.stats.keys_scanned, 32 * 4000);
   EXPECT_EQ(got.stats.exact_scores, 32 * 160);
   for (int64_t qi = 0; qi < 32; ++qi) {
@@ -150,12 +95,12 @@ TEST(LokiIndexTest, LowRankScoringFindsTopKeysAndCountsWork) {
     }
   }
   // Fewer rank dims rank worse; the default candidates (8k) still do well.
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult r2, index->Search(queries.view(), 20, Knobs("rank=2,candidates=40")));
-  EXPECT_LT(Recall(r2, want), Recall(got, want));
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult r2, index->Search(queries.view(), 20, SearchKnobs("rank=2,candidates=40")));
+  EXPECT_LT(RecallOf(r2, want), RecallOf(got, want));
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult def, index->Search(queries.view(), 20, {}));
   EXPECT_EQ(def.stats.exact_scores, 32 * 160);
   // One thread gives the same result as the pool.
-  SearchParams one = Knobs("candidates=160");
+  SearchParams one = SearchKnobs("candidates=160");
   one.num_threads = 1;
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult serial, index->Search(queries.view(), 20, one));
   EXPECT_EQ(serial.ids, got.ids);
@@ -163,10 +108,10 @@ TEST(LokiIndexTest, LowRankScoringFindsTopKeysAndCountsWork) {
 
 TEST(LokiIndexTest, LowEffortHonoursExcludeRanges) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
-  const Matrix keys = LowRankGaussian(1000, 32, DType::kF32, kSeed);
-  const Matrix queries = LowRankGaussian(16, 32, DType::kF32, kSeed + 3);
+  const KeyMatrix keys = LowRankGaussian(1000, 32, DType::kF32, kSeed);
+  const KeyMatrix queries = LowRankGaussian(16, 32, DType::kF32, kSeed + 3);
   KVR_ASSERT_OK_AND_ASSIGN(auto index, LokiIndex::Create(keys.view(), {}));
-  SearchParams params = Knobs("candidates=30");
+  SearchParams params = SearchKnobs("candidates=30");
   params.exclude = {{0, 400}, {500, 990}};
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult got, index->Search(queries.view(), 10, params));
   for (int64_t id : got.ids) {
@@ -187,18 +132,18 @@ TEST(LokiIndexTest, LowEffortHonoursExcludeRanges) {
 
 TEST(LokiIndexTest, RejectsBadSearchInput) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
-  const Matrix keys = LowRankGaussian(100, 16, DType::kF32, kSeed);
-  const Matrix queries = LowRankGaussian(2, 16, DType::kF32, kSeed);
-  const Matrix wrong = LowRankGaussian(2, 8, DType::kF32, kSeed);
+  const KeyMatrix keys = LowRankGaussian(100, 16, DType::kF32, kSeed);
+  const KeyMatrix queries = LowRankGaussian(2, 16, DType::kF32, kSeed);
+  const KeyMatrix wrong = LowRankGaussian(2, 8, DType::kF32, kSeed);
   KVR_ASSERT_OK_AND_ASSIGN(auto index, LokiIndex::Create(keys.view(), {}));
   EXPECT_EQ(index->rank(), 4);
   EXPECT_THAT(index->Search(wrong.view(), 5, {}), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(index->Search(queries.view(), 0, {}), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(index->Search(queries.view(), 5, Knobs("ef=3")),
+  EXPECT_THAT(index->Search(queries.view(), 5, SearchKnobs("ef=3")),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'ef'")));
-  EXPECT_THAT(index->Search(queries.view(), 5, Knobs("rank=5")),
+  EXPECT_THAT(index->Search(queries.view(), 5, SearchKnobs("rank=5")),
               StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(index->Search(queries.view(), 5, Knobs("candidates=0")),
+  EXPECT_THAT(index->Search(queries.view(), 5, SearchKnobs("candidates=0")),
               StatusIs(absl::StatusCode::kInvalidArgument));
   SearchParams bad;
   bad.exclude = {{10, 20}, {15, 30}};
@@ -209,8 +154,8 @@ TEST(LokiIndexTest, RejectsBadSearchInput) {
 
 TEST(LokiIndexTest, AddEqualsBuildingAtOnce) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
-  const Matrix keys = LowRankGaussian(900, 32, DType::kBf16, kSeed);
-  const Matrix queries = LowRankGaussian(8, 32, DType::kBf16, kSeed + 4);
+  const KeyMatrix keys = LowRankGaussian(900, 32, DType::kBf16, kSeed);
+  const KeyMatrix queries = LowRankGaussian(8, 32, DType::kBf16, kSeed + 4);
   KVR_ASSERT_OK_AND_ASSIGN(auto whole, LokiIndex::Create(keys.view(), {}));
   LokiOptions with_basis;
   with_basis.basis = whole->basis();
@@ -219,31 +164,31 @@ TEST(LokiIndexTest, AddEqualsBuildingAtOnce) {
   KVR_ASSERT_OK(grown->Add(keys.slice(899, 900)));
   EXPECT_EQ(grown->size(), 900);
   for (const char* knobs : {"candidates=50", "candidates=900"}) {
-    KVR_ASSERT_OK_AND_ASSIGN(SearchResult a, whole->Search(queries.view(), 12, Knobs(knobs)));
-    KVR_ASSERT_OK_AND_ASSIGN(SearchResult b, grown->Search(queries.view(), 12, Knobs(knobs)));
+    KVR_ASSERT_OK_AND_ASSIGN(SearchResult a, whole->Search(queries.view(), 12, SearchKnobs(knobs)));
+    KVR_ASSERT_OK_AND_ASSIGN(SearchResult b, grown->Search(queries.view(), 12, SearchKnobs(knobs)));
     EXPECT_EQ(a.ids, b.ids) << knobs;
     EXPECT_EQ(a.scores, b.scores) << knobs;
   }
   // Bad adds change nothing.
-  const Matrix other_dim = LowRankGaussian(3, 16, DType::kBf16, kSeed);
-  const Matrix other_dtype = LowRankGaussian(3, 32, DType::kF32, kSeed);
+  const KeyMatrix other_dim = LowRankGaussian(3, 16, DType::kBf16, kSeed);
+  const KeyMatrix other_dtype = LowRankGaussian(3, 32, DType::kF32, kSeed);
   EXPECT_THAT(grown->Add(other_dim.view()), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(grown->Add(other_dtype.view()), StatusIs(absl::StatusCode::kInvalidArgument));
   std::vector<float> nan(32, std::nanf(""));
-  const Matrix nan_keys = FromFloats(nan, 1, 32, DType::kBf16);
+  const KeyMatrix nan_keys = FromFloats(nan, 1, 32, DType::kBf16);
   EXPECT_THAT(grown->Add(nan_keys.view()), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_EQ(grown->size(), 900);
 }
 
 TEST(LokiIndexTest, CreateValidatesOptions) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
-  const Matrix keys = LowRankGaussian(50, 16, DType::kF32, kSeed);
+  const KeyMatrix keys = LowRankGaussian(50, 16, DType::kF32, kSeed);
   LokiOptions options;
   options.rank = 17;
   EXPECT_THAT(LokiIndex::Create(keys.view(), options), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(LokiIndex::Create(keys.slice(0, 0), {}),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("no keys")));
-  const Matrix other = LowRankGaussian(50, 8, DType::kF32, kSeed);
+  const KeyMatrix other = LowRankGaussian(50, 8, DType::kF32, kSeed);
   KVR_ASSERT_OK_AND_ASSIGN(PcaBasis b8, FitPcaBasis(other.view(), {}));
   options = {};
   options.basis = b8;
@@ -264,7 +209,7 @@ TEST(LokiIndexTest, CreateValidatesOptions) {
 
 TEST(LokiIndexTest, OptionsFromBuildParamsAndArtifacts) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
-  const Matrix keys = LowRankGaussian(300, 16, DType::kF32, kSeed);
+  const KeyMatrix keys = LowRankGaussian(300, 16, DType::kF32, kSeed);
   KVR_ASSERT_OK_AND_ASSIGN(PcaBasis b, FitPcaBasis(keys.view(), {}));
   b.layer = 3;
   b.kv_head = 1;
@@ -292,8 +237,8 @@ TEST(LokiIndexTest, OptionsFromBuildParamsAndArtifacts) {
 
 TEST(LokiIndexTest, SerializeLoadRoundTrip) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
-  const Matrix keys = LowRankGaussian(600, 32, DType::kF16, kSeed);
-  const Matrix queries = LowRankGaussian(5, 32, DType::kF16, kSeed + 5);
+  const KeyMatrix keys = LowRankGaussian(600, 32, DType::kF16, kSeed);
+  const KeyMatrix queries = LowRankGaussian(5, 32, DType::kF16, kSeed + 5);
   KVR_ASSERT_OK_AND_ASSIGN(auto index, LokiIndex::Create(keys.view(), {}));
   KVR_ASSERT_OK_AND_ASSIGN(std::string bytes, index->Serialize());
   KVR_ASSERT_OK_AND_ASSIGN(auto loaded, LokiIndex::Load(bytes));
@@ -302,8 +247,8 @@ TEST(LokiIndexTest, SerializeLoadRoundTrip) {
   EXPECT_EQ(loaded->build_params(), index->build_params());
   EXPECT_EQ(loaded->IndexBytes(), index->IndexBytes());
   EXPECT_EQ(loaded->KeyBytes(), 600 * 32 * 2);
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult a, index->Search(queries.view(), 10, Knobs("candidates=40")));
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult b, loaded->Search(queries.view(), 10, Knobs("candidates=40")));
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult a, index->Search(queries.view(), 10, SearchKnobs("candidates=40")));
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult b, loaded->Search(queries.view(), 10, SearchKnobs("candidates=40")));
   EXPECT_EQ(a.ids, b.ids);
   EXPECT_EQ(a.scores, b.scores);
   std::string corrupt = bytes;
@@ -324,22 +269,22 @@ TEST(LokiIndexTest, MaxEffortEqualsBruteForceOnRealCaptures) {
   ASSERT_EQ(k->descr, "<f2");
   ASSERT_EQ(k->shape, (std::vector<int64_t>{2, 8192, 128}));
   const int64_t n = 2048;
-  Matrix keys{std::vector<char>(k->data.data(), k->data.data() + n * 128 * 2), n, 128, DType::kF16};
+  KeyMatrix keys{std::vector<char>(k->data.data(), k->data.data() + n * 128 * 2), n, 128, DType::kF16};
   // Queries at positions 2048..2063 of query heads 0 and 1.
-  Matrix queries{{}, 32, 128, DType::kF16};
+  KeyMatrix queries{{}, 32, 128, DType::kF16};
   for (int h = 0; h < 2; ++h) {
     const char* base = q->data.data() + (h * 8192 + 2048) * 128 * 2;
     queries.bytes.insert(queries.bytes.end(), base, base + 16 * 128 * 2);
   }
   KVR_ASSERT_OK_AND_ASSIGN(auto index, LokiIndex::Create(keys.view(), {}));
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult got,
-                           index->Search(queries.view(), 41, Knobs("candidates=2048")));
-  const SearchResult want = BruteForce(keys, queries, 41, {});
+                           index->Search(queries.view(), 41, SearchKnobs("candidates=2048")));
+  const SearchResult want = BruteForceTopK(keys, queries, 41, {});
   EXPECT_EQ(got.ids, want.ids);
   EXPECT_EQ(got.scores, want.scores);
   // At the default effort (8k candidates, r = 32) most of the exact top keys are found.
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult approx, index->Search(queries.view(), 41, {}));
-  EXPECT_GT(Recall(approx, want), 0.8);
+  EXPECT_GT(RecallOf(approx, want), 0.8);
 }
 
 }  // namespace

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -12,6 +11,7 @@
 #include "common/npy.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "index/testing/index_testing.h"
 #include "index/distance.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
@@ -24,20 +24,9 @@ using ::testing::HasSubstr;
 
 constexpr uint32_t kSeed = 5521;
 
-struct Matrix {
-  std::vector<char> bytes;
-  int64_t rows = 0;
-  int32_t dim = 0;
-  DType dtype = DType::kF32;
-  VectorView view() const { return VectorView{bytes.data(), rows, dim, dtype, 0}; }
-  VectorView slice(int64_t begin, int64_t end) const {
-    return VectorView{bytes.data() + begin * dim * DTypeSize(dtype), end - begin, dim, dtype, 0};
-  }
-};
-
 // Keys that drift slowly with position (a random walk plus noise), so that
 // pages are tight in some directions, as keys of real text are.
-Matrix DriftingKeys(int64_t rows, int32_t dim, DType dtype, uint32_t seed) {
+KeyMatrix DriftingKeys(int64_t rows, int32_t dim, DType dtype, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> g;
   std::vector<float> x(static_cast<size_t>(rows) * dim);
@@ -48,35 +37,9 @@ Matrix DriftingKeys(int64_t rows, int32_t dim, DType dtype, uint32_t seed) {
       x[i * dim + j] = walk[j] + 0.3f * g(rng);
     }
   }
-  Matrix m{std::vector<char>(x.size() * DTypeSize(dtype)), rows, dim, dtype};
+  KeyMatrix m{std::vector<char>(x.size() * DTypeSize(dtype)), rows, dim, dtype};
   ConvertFromFloat(x.data(), x.size(), dtype, m.bytes.data());
   return m;
-}
-
-SearchResult BruteForce(const Matrix& keys, const Matrix& queries, int32_t k,
-                        const std::vector<PositionRange>& exclude) {
-  SearchResult r;
-  r.num_queries = queries.rows;
-  r.k = k;
-  std::vector<float> q(static_cast<size_t>(queries.dim));
-  for (int64_t qi = 0; qi < queries.rows; ++qi) {
-    ConvertToFloat(queries.view().row(qi), queries.dtype, q.size(), q.data());
-    std::vector<std::pair<float, int64_t>> all;
-    for (int64_t t = 0; t < keys.rows; ++t) {
-      bool excluded = false;
-      for (const PositionRange& e : exclude) excluded |= (t >= e.begin && t < e.end);
-      if (!excluded) all.emplace_back(DotRow(q.data(), keys.view().row(t), keys.dtype, keys.dim), t);
-    }
-    std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    });
-    for (int32_t j = 0; j < k; ++j) {
-      const bool have = j < static_cast<int32_t>(all.size());
-      r.ids.push_back(have ? all[j].second : -1);
-      r.scores.push_back(have ? all[j].first : -std::numeric_limits<float>::infinity());
-    }
-  }
-  return r;
 }
 
 // Keys the tile kernels score for the eligible runs of [0, n) when every
@@ -93,36 +56,21 @@ int64_t TileLanes(const std::vector<PositionRange>& exclude, int64_t n) {
   return lanes;
 }
 
-double Recall(const SearchResult& got, const SearchResult& want) {
-  double hit = 0;
-  for (int64_t qi = 0; qi < want.num_queries; ++qi) {
-    std::set<int64_t> w(want.ids.begin() + qi * want.k, want.ids.begin() + (qi + 1) * want.k);
-    for (int32_t j = 0; j < got.k; ++j) hit += w.count(got.ids[qi * got.k + j]);
-  }
-  return hit / (want.num_queries * want.k);
-}
-
-SearchParams Knobs(const std::string& text) {
-  SearchParams p;
-  p.knobs = *ParamMap::Parse(text);
-  return p;
-}
-
 TEST(QuestIndexTest, MaxEffortEqualsBruteForceForEveryDtype) {
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBf16}) {
     SCOPED_TRACE(::testing::Message() << "seed " << kSeed << " dtype " << DTypeName(dtype));
-    const Matrix keys = DriftingKeys(701, 32, dtype, kSeed);
-    const Matrix queries = DriftingKeys(7, 32, dtype, kSeed + 1);
+    const KeyMatrix keys = DriftingKeys(701, 32, dtype, kSeed);
+    const KeyMatrix queries = DriftingKeys(7, 32, dtype, kSeed + 1);
     KVR_ASSERT_OK_AND_ASSIGN(auto index, QuestIndex::Create(keys.view(), {}));
     EXPECT_EQ(index->num_pages(), 44);
     EXPECT_EQ(index->MaxSearchEffort(), 44);
     EXPECT_EQ(index->SearchEffortKnob(), "pages");
     for (const std::vector<PositionRange>& exclude :
          {std::vector<PositionRange>{}, std::vector<PositionRange>{{0, 20}, {100, 333}, {690, 800}}}) {
-      SearchParams params = Knobs("pages=44");
+      SearchParams params = SearchKnobs("pages=44");
       params.exclude = exclude;
       KVR_ASSERT_OK_AND_ASSIGN(SearchResult got, index->Search(queries.view(), 30, params));
-      const SearchResult want = BruteForce(keys, queries, 30, exclude);
+      const SearchResult want = BruteForceTopK(keys, queries, 30, exclude);
       EXPECT_EQ(got.ids, want.ids);
       EXPECT_EQ(got.scores, want.scores);
       // Every eligible page: no bounds, whole tiles of keys scored exactly.
@@ -135,7 +83,7 @@ TEST(QuestIndexTest, MaxEffortEqualsBruteForceForEveryDtype) {
 TEST(QuestIndexTest, PageBoundsAreUpperBounds) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBf16}) {
-    const Matrix keys = DriftingKeys(500, 24, dtype, kSeed + 7);
+    const KeyMatrix keys = DriftingKeys(500, 24, dtype, kSeed + 7);
     QuestOptions options;
     options.page_size = 8;
     KVR_ASSERT_OK_AND_ASSIGN(auto index, QuestIndex::Create(keys.view(), options));
@@ -156,35 +104,35 @@ TEST(QuestIndexTest, PageBoundsAreUpperBounds) {
 
 TEST(QuestIndexTest, TopPagesFindTopKeysAndCountWork) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
-  const Matrix keys = DriftingKeys(4096, 64, DType::kF16, kSeed);
-  const Matrix queries = DriftingKeys(16, 64, DType::kF32, kSeed + 2);
+  const KeyMatrix keys = DriftingKeys(4096, 64, DType::kF16, kSeed);
+  const KeyMatrix queries = DriftingKeys(16, 64, DType::kF32, kSeed + 2);
   KVR_ASSERT_OK_AND_ASSIGN(auto index, QuestIndex::Create(keys.view(), {}));
-  const SearchResult want = BruteForce(keys, queries, 16, {});
+  const SearchResult want = BruteForceTopK(keys, queries, 16, {});
   double previous = 0;
   for (int pages : {1, 4, 16, 64, 255}) {
     KVR_ASSERT_OK_AND_ASSIGN(SearchResult got,
-                             index->Search(queries.view(), 16, Knobs(absl::StrCat("pages=", pages))));
-    const double recall = Recall(got, want);
+                             index->Search(queries.view(), 16, SearchKnobs(absl::StrCat("pages=", pages))));
+    const double recall = RecallOf(got, want);
     EXPECT_GE(recall, previous) << "pages " << pages;  // nested page sets: no worse
     previous = recall;
     EXPECT_EQ(got.stats.visited, 16 * pages);
     EXPECT_EQ(got.stats.exact_scores, 16 * pages * 16);
     EXPECT_EQ(got.stats.keys_scanned, 16 * (pages * 16 + 2 * 256));
   }
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult all, index->Search(queries.view(), 16, Knobs("pages=256")));
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult all, index->Search(queries.view(), 16, SearchKnobs("pages=256")));
   EXPECT_EQ(all.ids, want.ids);
   EXPECT_EQ(all.stats.keys_scanned, 16 * 4096);
   // Slowly drifting keys make tight pages: 16 of 256 pages already hold most of
   // the exact top 16.
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult r16, index->Search(queries.view(), 16, Knobs("pages=16")));
-  EXPECT_GT(Recall(r16, want), 0.7) << "seed " << kSeed;
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult r16, index->Search(queries.view(), 16, SearchKnobs("pages=16")));
+  EXPECT_GT(RecallOf(r16, want), 0.7) << "seed " << kSeed;
   // The default is 8 * ceil(k / page_size) pages; fewer than ceil(k / 16) are raised.
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult def, index->Search(queries.view(), 40, {}));
   EXPECT_EQ(def.stats.visited, 16 * 24);
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult raised, index->Search(queries.view(), 40, Knobs("pages=1")));
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult raised, index->Search(queries.view(), 40, SearchKnobs("pages=1")));
   EXPECT_EQ(raised.stats.visited, 16 * 3);
   for (int64_t id : raised.ids) EXPECT_GE(id, 0);
-  SearchParams one = Knobs("pages=16");
+  SearchParams one = SearchKnobs("pages=16");
   one.num_threads = 1;
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult serial, index->Search(queries.view(), 16, one));
   EXPECT_EQ(serial.ids, r16.ids);
@@ -192,10 +140,10 @@ TEST(QuestIndexTest, TopPagesFindTopKeysAndCountWork) {
 
 TEST(QuestIndexTest, LowEffortHonoursExcludeRanges) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
-  const Matrix keys = DriftingKeys(1000, 16, DType::kF32, kSeed);
-  const Matrix queries = DriftingKeys(8, 16, DType::kF32, kSeed + 3);
+  const KeyMatrix keys = DriftingKeys(1000, 16, DType::kF32, kSeed);
+  const KeyMatrix queries = DriftingKeys(8, 16, DType::kF32, kSeed + 3);
   KVR_ASSERT_OK_AND_ASSIGN(auto index, QuestIndex::Create(keys.view(), {}));
-  SearchParams params = Knobs("pages=2");
+  SearchParams params = SearchKnobs("pages=2");
   params.exclude = {{0, 405}, {410, 995}};  // pages 25 (partly), 62 (partly) remain
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult got, index->Search(queries.view(), 4, params));
   for (int64_t qi = 0; qi < 8; ++qi) {
@@ -208,7 +156,7 @@ TEST(QuestIndexTest, LowEffortHonoursExcludeRanges) {
   // eligible keys (400..416 and 992..1000) are scored exactly.
   EXPECT_EQ(got.stats.exact_scores, 8 * 24);
   EXPECT_EQ(got.stats.keys_scanned, 8 * 24);
-  params = Knobs("pages=1");
+  params = SearchKnobs("pages=1");
   params.exclude = {{0, 405}, {410, 995}};
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult one, index->Search(queries.view(), 4, params));
   EXPECT_EQ(one.stats.visited, 8);
@@ -219,8 +167,8 @@ TEST(QuestIndexTest, LowEffortHonoursExcludeRanges) {
 
 TEST(QuestIndexTest, AddEqualsBuildingAtOnce) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
-  const Matrix keys = DriftingKeys(300, 16, DType::kBf16, kSeed);
-  const Matrix queries = DriftingKeys(6, 16, DType::kBf16, kSeed + 4);
+  const KeyMatrix keys = DriftingKeys(300, 16, DType::kBf16, kSeed);
+  const KeyMatrix queries = DriftingKeys(6, 16, DType::kBf16, kSeed + 4);
   QuestOptions options;
   options.page_size = 16;
   KVR_ASSERT_OK_AND_ASSIGN(auto whole, QuestIndex::Create(keys.view(), options));
@@ -231,10 +179,10 @@ TEST(QuestIndexTest, AddEqualsBuildingAtOnce) {
   for (int64_t t = 250; t < 300; ++t) KVR_ASSERT_OK(grown->Add(keys.slice(t, t + 1)));
   EXPECT_EQ(grown->size(), 300);
   EXPECT_EQ(*grown->Serialize(), *whole->Serialize());
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult a, whole->Search(queries.view(), 5, Knobs("pages=2")));
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult b, grown->Search(queries.view(), 5, Knobs("pages=2")));
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult a, whole->Search(queries.view(), 5, SearchKnobs("pages=2")));
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult b, grown->Search(queries.view(), 5, SearchKnobs("pages=2")));
   EXPECT_EQ(a.ids, b.ids);
-  const Matrix other_dtype = DriftingKeys(2, 16, DType::kF32, kSeed);
+  const KeyMatrix other_dtype = DriftingKeys(2, 16, DType::kF32, kSeed);
   EXPECT_THAT(grown->Add(other_dtype.view()), StatusIs(absl::StatusCode::kInvalidArgument));
   std::vector<uint16_t> inf(16, FloatToBf16(INFINITY));
   EXPECT_THAT(grown->Add(VectorView{inf.data(), 1, 16, DType::kBf16, 0}),
@@ -244,8 +192,8 @@ TEST(QuestIndexTest, AddEqualsBuildingAtOnce) {
 
 TEST(QuestIndexTest, RejectsBadInput) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
-  const Matrix keys = DriftingKeys(64, 16, DType::kF32, kSeed);
-  const Matrix wrong = DriftingKeys(2, 8, DType::kF32, kSeed);
+  const KeyMatrix keys = DriftingKeys(64, 16, DType::kF32, kSeed);
+  const KeyMatrix wrong = DriftingKeys(2, 8, DType::kF32, kSeed);
   QuestOptions bad_page;
   bad_page.page_size = 0;
   EXPECT_THAT(QuestIndex::Create(keys.view(), bad_page), StatusIs(absl::StatusCode::kInvalidArgument));
@@ -259,9 +207,9 @@ TEST(QuestIndexTest, RejectsBadInput) {
   EXPECT_EQ(*index->build_params().GetInt("page_size", 0), 8);
   EXPECT_THAT(index->Search(wrong.view(), 3, {}), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(index->Search(keys.slice(0, 2), 0, {}), StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(index->Search(keys.slice(0, 2), 3, Knobs("pages=0")),
+  EXPECT_THAT(index->Search(keys.slice(0, 2), 3, SearchKnobs("pages=0")),
               StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(index->Search(keys.slice(0, 2), 3, Knobs("candidates=3")),
+  EXPECT_THAT(index->Search(keys.slice(0, 2), 3, SearchKnobs("candidates=3")),
               StatusIs(absl::StatusCode::kInvalidArgument));
   SearchParams overlapping;
   overlapping.exclude = {{0, 10}, {5, 12}};
@@ -280,8 +228,8 @@ TEST(QuestIndexTest, RejectsBadInput) {
 
 TEST(QuestIndexTest, SerializeLoadRoundTrip) {
   SCOPED_TRACE(::testing::Message() << "seed " << kSeed);
-  const Matrix keys = DriftingKeys(333, 32, DType::kF16, kSeed);
-  const Matrix queries = DriftingKeys(4, 32, DType::kF16, kSeed + 5);
+  const KeyMatrix keys = DriftingKeys(333, 32, DType::kF16, kSeed);
+  const KeyMatrix queries = DriftingKeys(4, 32, DType::kF16, kSeed + 5);
   KVR_ASSERT_OK_AND_ASSIGN(auto index, QuestIndex::Create(keys.view(), {}));
   KVR_ASSERT_OK_AND_ASSIGN(std::string bytes, index->Serialize());
   KVR_ASSERT_OK_AND_ASSIGN(auto loaded, QuestIndex::Load(bytes));
@@ -289,8 +237,8 @@ TEST(QuestIndexTest, SerializeLoadRoundTrip) {
   EXPECT_EQ(loaded->page_size(), 16);
   EXPECT_EQ(loaded->IndexBytes(), 2 * 2 * 16 * 32 * 2);  // max and min of 21 pages in 2 tiles
   EXPECT_EQ(*loaded->Serialize(), bytes);
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult a, index->Search(queries.view(), 7, Knobs("pages=3")));
-  KVR_ASSERT_OK_AND_ASSIGN(SearchResult b, loaded->Search(queries.view(), 7, Knobs("pages=3")));
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult a, index->Search(queries.view(), 7, SearchKnobs("pages=3")));
+  KVR_ASSERT_OK_AND_ASSIGN(SearchResult b, loaded->Search(queries.view(), 7, SearchKnobs("pages=3")));
   EXPECT_EQ(a.ids, b.ids);
   EXPECT_EQ(a.scores, b.scores);
   std::string corrupt = bytes;
@@ -309,17 +257,17 @@ TEST(QuestIndexTest, MaxEffortEqualsBruteForceOnRealCaptures) {
   const int64_t n = 2048;
   // KV head 1: keys [1, 0:2048), queries of heads 2 and 3 at 2048..2063.
   const char* kbase = k->data.data() + 8192 * 128 * 2;
-  Matrix keys{std::vector<char>(kbase, kbase + n * 128 * 2), n, 128, DType::kF16};
-  Matrix queries{{}, 32, 128, DType::kF16};
+  KeyMatrix keys{std::vector<char>(kbase, kbase + n * 128 * 2), n, 128, DType::kF16};
+  KeyMatrix queries{{}, 32, 128, DType::kF16};
   for (int h = 2; h < 4; ++h) {
     const char* base = q->data.data() + (h * 8192 + 2048) * 128 * 2;
     queries.bytes.insert(queries.bytes.end(), base, base + 16 * 128 * 2);
   }
   KVR_ASSERT_OK_AND_ASSIGN(auto index, QuestIndex::Create(keys.view(), {}));
-  SearchParams params = Knobs("pages=128");
+  SearchParams params = SearchKnobs("pages=128");
   params.exclude = {{0, 4}, {1900, 2048}};
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult got, index->Search(queries.view(), 41, params));
-  const SearchResult want = BruteForce(keys, queries, 41, params.exclude);
+  const SearchResult want = BruteForceTopK(keys, queries, 41, params.exclude);
   EXPECT_EQ(got.ids, want.ids);
   EXPECT_EQ(got.scores, want.scores);
 }
