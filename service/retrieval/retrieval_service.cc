@@ -485,13 +485,10 @@ absl::StatusOr<SearchReply> RetrievalService::SearchInternal(const RetrieveReque
 
 namespace {
 
-// Validates the shared fields of Search/Attend; returns k.
+// Validates the shared fields of Search/Attend (the layer is checked before);
+// returns k.
 absl::StatusOr<int32_t> ValidateRetrieve(const RetrieveRequest& r, const store::ModelGeometry& m,
                                          int64_t tokens) {
-  if (r.layer < 0 || r.layer >= m.num_layers) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layer ", r.layer, " is not within [0, ", m.num_layers, ")"));
-  }
   const size_t want = static_cast<size_t>(m.num_q_heads) * m.head_dim;
   if (r.queries.size() != want) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -534,29 +531,30 @@ absl::StatusOr<int32_t> ValidateRetrieve(const RetrieveRequest& r, const store::
 
 }  // namespace
 
-absl::StatusOr<SearchReply> RetrievalService::Search(const RetrieveRequest& request) {
-  KVR_RETURN_IF_ERROR(CheckDeadline(request.deadline, "before the search started"));
-  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Context> ctx,
-                       GetContext(request.tenant, request.context, request.deadline));
-  if (request.layer < 0 || request.layer >= ctx->model().num_layers) {
+absl::StatusOr<RetrievalService::Prepared> RetrievalService::Prepare(
+    const RetrieveRequest& request, absl::string_view what) {
+  KVR_RETURN_IF_ERROR(CheckDeadline(request.deadline, what));
+  Prepared p;
+  KVR_ASSIGN_OR_RETURN(p.ctx, GetContext(request.tenant, request.context, request.deadline));
+  if (request.layer < 0 || request.layer >= p.ctx->model().num_layers) {
     return absl::InvalidArgumentError(absl::StrCat("layer ", request.layer, " is not within [0, ",
-                                                   ctx->model().num_layers, ")"));
+                                                   p.ctx->model().num_layers, ")"));
   }
-  const int64_t tokens = ctx->num_tokens(request.layer);
-  KVR_ASSIGN_OR_RETURN(int32_t k, ValidateRetrieve(request, ctx->model(), tokens));
-  return SearchInternal(request, *ctx, tokens, k, /*need_scores=*/true);
+  p.tokens = p.ctx->num_tokens(request.layer);
+  KVR_ASSIGN_OR_RETURN(p.k, ValidateRetrieve(request, p.ctx->model(), p.tokens));
+  return p;
+}
+
+absl::StatusOr<SearchReply> RetrievalService::Search(const RetrieveRequest& request) {
+  KVR_ASSIGN_OR_RETURN(Prepared p, Prepare(request, "before the search started"));
+  return SearchInternal(request, *p.ctx, p.tokens, p.k, /*need_scores=*/true);
 }
 
 absl::StatusOr<AttendReply> RetrievalService::Attend(const RetrieveRequest& request) {
-  KVR_RETURN_IF_ERROR(CheckDeadline(request.deadline, "before the attention started"));
-  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Context> ctx,
-                       GetContext(request.tenant, request.context, request.deadline));
-  if (request.layer < 0 || request.layer >= ctx->model().num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", request.layer, " is not within [0, ",
-                                                   ctx->model().num_layers, ")"));
-  }
-  const int64_t tokens = ctx->num_tokens(request.layer);
-  KVR_ASSIGN_OR_RETURN(int32_t k, ValidateRetrieve(request, ctx->model(), tokens));
+  KVR_ASSIGN_OR_RETURN(Prepared p, Prepare(request, "before the attention started"));
+  const std::shared_ptr<Context>& ctx = p.ctx;
+  const int64_t tokens = p.tokens;
+  const int32_t k = p.k;
   const auto& m = ctx->model();
   AttendReply reply;
   PartialAttentionArgs args;

@@ -232,6 +232,14 @@ class RetrievalService {
   absl::StatusOr<std::shared_ptr<LoadedIndex>> FindIndex(const Context& ctx, int32_t layer,
                                                          int32_t kv_head,
                                                          const IndexSelector& sel);
+  // What Search and Attend check first: the deadline, the context (reopened
+  // if needed), the layer, then the request (ValidateRetrieve); gives k.
+  struct Prepared {
+    std::shared_ptr<Context> ctx;
+    int64_t tokens = 0;
+    int32_t k = 0;
+  };
+  absl::StatusOr<Prepared> Prepare(const RetrieveRequest& request, absl::string_view what);
   absl::StatusOr<SearchReply> SearchInternal(const RetrieveRequest& request, const Context& ctx,
                                              int64_t tokens, int32_t k, bool need_scores);
   static void UnionPerGroup(const RetrieveRequest& request, const LayerKvView& view,
