@@ -24,6 +24,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "clients/cli/inputs.h"
+#include "clients/cli/output.h"
 #include "clients/cli/progress_bar.h"
 #include "clients/cli/retrieval_commands.h"
 #include "clients/cpp/kv_store_client.h"
@@ -32,7 +33,6 @@
 #include "common/npy.h"
 #include "common/status_macros.h"
 #include <google/protobuf/struct.pb.h>
-#include <google/protobuf/util/json_util.h>
 
 namespace kvrecall::cli {
 namespace {
@@ -40,9 +40,6 @@ namespace {
 using google::protobuf::Struct;
 using google::protobuf::Value;
 
-constexpr int kExitOk = 0;
-constexpr int kExitFailed = 1;
-constexpr int kExitUsage = 2;
 // Spans per PutSpans stream: bounds memory and keeps retries of UNAVAILABLE small.
 constexpr int64_t kPutBatchBytes = int64_t{64} << 20;
 
@@ -93,26 +90,10 @@ Value Bool(bool b) {
   return v;
 }
 
-std::string ToJson(const google::protobuf::Message& m) {
-  std::string json;
-  google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = true;
-  options.always_print_primitive_fields = true;
-  options.preserve_proto_field_names = true;
-  if (!google::protobuf::util::MessageToJsonString(m, &json, options).ok()) return "{}";
-  return json;
-}
-
 bool ProgressEnabled(const Flags& f) {
   if (f.progress == "always") return true;
   if (f.progress == "never") return false;
   return isatty(STDERR_FILENO) == 1;
-}
-
-int Fail(std::ostream& err, const absl::Status& status) {
-  err << "kvrecall: " << absl::StatusCodeToString(status.code()) << ": " << status.message()
-      << "\n";
-  return kExitFailed;
 }
 
 // --- inputs ---

@@ -16,6 +16,7 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "clients/cli/inputs.h"
+#include "clients/cli/output.h"
 #include "clients/cpp/kv_store_client.h"
 #include "clients/cpp/retrieval_client.h"
 #include "clients/cpp/span_keys.h"
@@ -24,29 +25,10 @@
 #include "common/status_macros.h"
 #include "index/index_factory.h"
 #include "index/loki/pca_basis.h"
-#include <google/protobuf/util/json_util.h>
 
 namespace kvrecall::cli {
 namespace {
 
-constexpr int kExitOk = 0;
-constexpr int kExitFailed = 1;
-
-int Fail(std::ostream& err, const absl::Status& status) {
-  err << "kvrecall: " << absl::StatusCodeToString(status.code()) << ": " << status.message()
-      << "\n";
-  return kExitFailed;
-}
-
-std::string Json(const google::protobuf::Message& m) {
-  std::string json;
-  google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = true;
-  options.always_print_primitive_fields = true;
-  options.preserve_proto_field_names = true;
-  if (!google::protobuf::util::MessageToJsonString(m, &json, options).ok()) return "{}";
-  return json;
-}
 
 absl::StatusOr<std::vector<int32_t>> ParseIntList(const std::string& text, absl::string_view what) {
   std::vector<int32_t> out;
@@ -275,7 +257,7 @@ absl::Status WaitAndReport(client::RetrievalClient& rc, const v1::Operation& sta
       }));
   if (g.progress) err << "\n";
   if (g.json) {
-    out << Json(op) << "\n";
+    out << ToJson(op) << "\n";
   } else {
     out << absl::StrFormat("%s: %s in %.1f s (%s)\n", op.id(),
                            absl::AsciiStrToLower(v1::OperationState_Name(op.state()).substr(16)),
@@ -427,7 +409,7 @@ int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& 
         if (g.json) {
           v1::ListIndexesResponse r;
           for (const auto& i : list) *r.add_indexes() = i;
-          out << Json(r) << "\n";
+          out << ToJson(r) << "\n";
           return absl::OkStatus();
         }
         out << absl::StrFormat("%-32s %5s %4s %-10s %-28s %9s %12s %s\n", "context", "layer",
@@ -449,7 +431,7 @@ int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& 
       KVR_ASSIGN_OR_RETURN(std::vector<int32_t> hs, ParseIntList(kv_heads, "kv_heads"));
       KVR_ASSIGN_OR_RETURN(v1::Operation op, rc.BuildIndex(id, kind, params, ls, hs));
       if (no_wait) {
-        out << (g.json ? Json(op) : op.id() + " started: " + op.description()) << "\n";
+        out << (g.json ? ToJson(op) : op.id() + " started: " + op.description()) << "\n";
         return absl::OkStatus();
       }
       return WaitAndReport(rc, op, wait_s, g, out, err);
@@ -488,7 +470,7 @@ int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& 
         KVR_ASSIGN_OR_RETURN(v1::SearchResponse r,
                              rc.Search(id, layer, q, static_cast<int32_t>(hq), o));
         if (g.json) {
-          out << Json(r) << "\n";
+          out << ToJson(r) << "\n";
           return absl::OkStatus();
         }
         for (int h = 0; h < r.heads_size(); ++h) {
@@ -520,7 +502,7 @@ int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& 
         resp.mutable_lse_natural()->Add(r.lse.begin(), r.lse.end());
         for (const auto& p : r.positions) resp.add_heads()->mutable_positions()->Add(p.begin(), p.end());
         *resp.mutable_stats() = r.stats;
-        out << Json(resp) << "\n";
+        out << ToJson(resp) << "\n";
         return absl::OkStatus();
       }
       for (int64_t h = 0; h < hq; ++h) {
@@ -542,7 +524,7 @@ int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& 
         if (g.json) {
           v1::ListArtifactsResponse r;
           for (const auto& a : list) *r.add_artifacts() = a;
-          out << Json(r) << "\n";
+          out << ToJson(r) << "\n";
           return absl::OkStatus();
         }
         out << absl::StrFormat("%-16s %7s %12s %-20s %s\n", "kind", "version", "bytes", "created",
@@ -565,7 +547,7 @@ int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& 
       }
       KVR_ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(file));
       KVR_ASSIGN_OR_RETURN(v1::ArtifactInfo info, rc.PutArtifact(model, kind, bytes, description));
-      out << (g.json ? Json(info)
+      out << (g.json ? ToJson(info)
                      : absl::StrCat("stored ", kind, " version ", info.version(), " of ", model,
                                     " (", info.bytes(), " bytes)"))
           << "\n";
