@@ -90,6 +90,68 @@ void Attention(const Capture& c, int l, int h, const float* q, const std::vector
   *lse = m + std::log(sum);
 }
 
+// The decode queries of layer l at position t: [kQHeads, kDim].
+std::vector<float> DecodeQueries(const Capture& c, int l, int t) {
+  std::vector<float> q(kQHeads * kDim);
+  for (int h = 0; h < kQHeads; ++h) {
+    std::copy_n(c.q[l].data() + (static_cast<size_t>(h) * kT + t) * kDim, kDim,
+                q.data() + h * kDim);
+  }
+  return q;
+}
+
+// Head h's remote partial (out, lse over what Attend retrieved) merged with
+// the worker's local partial over the sinks and the window [window, t],
+// against full causal attention over [0, t].
+struct MergeCheck {
+  double err = 0;       // |o_merged - o_full|
+  double ref_norm = 0;  // |o_full|
+  double out_norm = 0;  // |o_merged|
+  double lse = 0;       // of the merged state
+  double lse_full = 0;
+};
+MergeCheck MergeWithLocal(const Capture& c, int l, int h, const float* q, int t, int64_t window,
+                          const client::AttendResult& remote) {
+  std::vector<int64_t> local, visible;
+  for (int64_t p = 0; p < kSinks; ++p) local.push_back(p);
+  for (int64_t p = window; p <= t; ++p) local.push_back(p);
+  for (int64_t p = 0; p <= t; ++p) visible.push_back(p);
+  std::vector<double> o_local, o_full;
+  double lse_local;
+  MergeCheck r;
+  Attention(c, l, h, q, local, &o_local, &lse_local);
+  Attention(c, l, h, q, visible, &o_full, &r.lse_full);
+  const double lr = remote.lse[h];
+  const double mx = std::max(lr, lse_local);
+  r.lse = mx + std::log(std::exp(lr - mx) + std::exp(lse_local - mx));
+  const double wr = std::exp(lr - r.lse), wl = std::exp(lse_local - r.lse);
+  for (int j = 0; j < kDim; ++j) {
+    const double merged = wr * remote.out[h * kDim + j] + wl * o_local[j];
+    r.err += (merged - o_full[j]) * (merged - o_full[j]);
+    r.ref_norm += o_full[j] * o_full[j];
+    r.out_norm += merged * merged;
+  }
+  r.err = std::sqrt(r.err);
+  r.ref_norm = std::sqrt(r.ref_norm);
+  r.out_norm = std::sqrt(r.out_norm);
+  return r;
+}
+
+// The largest |v| among positions [0, t] of head h's KV head.
+double MaxValueNorm(const Capture& c, int l, int h, int t) {
+  const int g = h / (kQHeads / kKvHeads);
+  double vmax = 0;
+  for (int64_t p = 0; p <= t; ++p) {
+    double n2 = 0;
+    for (int j = 0; j < kDim; ++j) {
+      const double x = c.v[l][(static_cast<size_t>(g) * kT + p) * kDim + j];
+      n2 += x * x;
+    }
+    vmax = std::max(vmax, std::sqrt(n2));
+  }
+  return vmax;
+}
+
 class RetrievalAttnDevTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -168,11 +230,7 @@ TEST_F(RetrievalAttnDevTest, AttendMergedWithLocalPartialMatchesFullAttention) {
     int evaluated = 0;
     for (int l = 0; l < kLayers; ++l) {
       for (int t = kPrefix; t < kT; t += 16) {
-        std::vector<float> q(kQHeads * kDim);
-        for (int h = 0; h < kQHeads; ++h) {
-          std::copy_n(c.q[l].data() + (static_cast<size_t>(h) * kT + t) * kDim, kDim,
-                      q.data() + h * kDim);
-        }
+        const std::vector<float> q = DecodeQueries(c, l, t);
         // The worker holds the sinks and its window [t - 63, t]; positions after
         // t are not visible to this query at all.
         const int64_t window = t - kWindow + 1;
@@ -185,46 +243,17 @@ TEST_F(RetrievalAttnDevTest, AttendMergedWithLocalPartialMatchesFullAttention) {
         exact.kind = "all";
         KVR_ASSERT_OK_AND_ASSIGN(client::AttendResult oracle,
                                  rc->Attend(ctx, l, q, kQHeads, exact));
-        std::vector<int64_t> local, visible;
-        for (int64_t p = 0; p < kSinks; ++p) local.push_back(p);
-        for (int64_t p = window; p <= t; ++p) local.push_back(p);
-        for (int64_t p = 0; p <= t; ++p) visible.push_back(p);
         for (int h = 0; h < kQHeads; ++h) {
-          std::vector<double> o_local, o_full;
-          double lse_local, lse_full;
-          Attention(c, l, h, q.data() + h * kDim, local, &o_local, &lse_local);
-          Attention(c, l, h, q.data() + h * kDim, visible, &o_full, &lse_full);
-          // Merge (remote, local) exactly.
-          const double lr = remote.lse[h];
-          const double mx = std::max(lr, lse_local);
-          const double lse = mx + std::log(std::exp(lr - mx) + std::exp(lse_local - mx));
-          const double wr = std::exp(lr - lse), wl = std::exp(lse_local - lse);
-          double err2 = 0, ref2 = 0, out2 = 0, vmax = 0;
-          std::vector<double> merged(kDim);
-          for (int j = 0; j < kDim; ++j) {
-            merged[j] = wr * remote.out[h * kDim + j] + wl * o_local[j];
-            err2 += (merged[j] - o_full[j]) * (merged[j] - o_full[j]);
-            ref2 += o_full[j] * o_full[j];
-            out2 += merged[j] * merged[j];
-          }
-          const int g = h / (kQHeads / kKvHeads);
-          for (int64_t p : visible) {
-            double n2 = 0;
-            for (int j = 0; j < kDim; ++j) {
-              const double x = c.v[l][(static_cast<size_t>(g) * kT + p) * kDim + j];
-              n2 += x * x;
-            }
-            vmax = std::max(vmax, std::sqrt(n2));
-          }
+          const MergeCheck m = MergeWithLocal(c, l, h, q.data() + h * kDim, t, window, remote);
           // The merged set holds mass P = exp(lse - lse_full) of the full attention;
           // o_S - o* = (1 - P)(o_S - o_rest), so |o_S - o*| <= (1 - P)(|o_S| + max|v|).
-          const double mass = std::exp(lse - lse_full);
+          const double mass = std::exp(m.lse - m.lse_full);
           ASSERT_LE(mass, 1 + 1e-4) << kind << " layer " << l << " t " << t << " head " << h;
-          const double bound = (1 - std::min(1.0, mass)) * (std::sqrt(out2) + vmax) +
-                               1e-4 * std::sqrt(ref2);
-          EXPECT_LE(std::sqrt(err2), bound)
+          const double bound = (1 - std::min(1.0, mass)) * (m.out_norm + MaxValueNorm(c, l, h, t)) +
+                               1e-4 * m.ref_norm;
+          EXPECT_LE(m.err, bound)
               << kind << " layer " << l << " t " << t << " head " << h << " mass " << mass;
-          worst_excess = std::max(worst_excess, std::sqrt(err2) / bound);
+          worst_excess = std::max(worst_excess, m.err / bound);
           mass_ratio_sum += std::exp(double(remote.lse[h]) - oracle.lse[h]);
           ++evaluated;
         }
@@ -241,11 +270,7 @@ TEST_F(RetrievalAttnDevTest, AttendMergedWithLocalPartialMatchesFullAttention) {
   for (const char* kind : {"roar", "loki"}) {
     for (int l = 0; l < kLayers; ++l) {
       const int t = kT - 1 - 37 * l;
-      std::vector<float> q(kQHeads * kDim);
-      for (int h = 0; h < kQHeads; ++h) {
-        std::copy_n(c.q[l].data() + (static_cast<size_t>(h) * kT + t) * kDim, kDim,
-                    q.data() + h * kDim);
-      }
+      const std::vector<float> q = DecodeQueries(c, l, t);
       const int64_t window = t - kWindow + 1;
       client::RetrieveOptions o;
       o.kind = kind;
@@ -253,27 +278,10 @@ TEST_F(RetrievalAttnDevTest, AttendMergedWithLocalPartialMatchesFullAttention) {
       o.exclude = {{0, kSinks}, {window, kT}};
       o.k = static_cast<int32_t>(window - kSinks);
       KVR_ASSERT_OK_AND_ASSIGN(client::AttendResult remote, rc->Attend(ctx, l, q, kQHeads, o));
-      std::vector<int64_t> local, visible;
-      for (int64_t p = 0; p < kSinks; ++p) local.push_back(p);
-      for (int64_t p = window; p <= t; ++p) local.push_back(p);
-      for (int64_t p = 0; p <= t; ++p) visible.push_back(p);
       for (int h = 0; h < kQHeads; ++h) {
-        std::vector<double> o_local, o_full;
-        double lse_local, lse_full;
-        Attention(c, l, h, q.data() + h * kDim, local, &o_local, &lse_local);
-        Attention(c, l, h, q.data() + h * kDim, visible, &o_full, &lse_full);
-        const double lr = remote.lse[h];
-        const double mx = std::max(lr, lse_local);
-        const double lse = mx + std::log(std::exp(lr - mx) + std::exp(lse_local - mx));
-        double err2 = 0, ref2 = 0;
-        for (int j = 0; j < kDim; ++j) {
-          const double merged = std::exp(lr - lse) * remote.out[h * kDim + j] +
-                                std::exp(lse_local - lse) * o_local[j];
-          err2 += (merged - o_full[j]) * (merged - o_full[j]);
-          ref2 += o_full[j] * o_full[j];
-        }
-        EXPECT_LT(std::sqrt(err2 / ref2), 1e-4) << kind << " layer " << l << " head " << h;
-        EXPECT_NEAR(lse, lse_full, 1e-4 * std::abs(lse_full)) << kind << " layer " << l;
+        const MergeCheck m = MergeWithLocal(c, l, h, q.data() + h * kDim, t, window, remote);
+        EXPECT_LT(m.err / m.ref_norm, 1e-4) << kind << " layer " << l << " head " << h;
+        EXPECT_NEAR(m.lse, m.lse_full, 1e-4 * std::abs(m.lse_full)) << kind << " layer " << l;
       }
     }
   }
