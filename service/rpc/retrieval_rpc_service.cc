@@ -131,18 +131,27 @@ void StatsToProto(const retrieval::RetrieveStats& s, int64_t server_us, v1::Retr
 RetrievalRpcService::RetrievalRpcService(std::unique_ptr<retrieval::RetrievalService> retrieval,
                                          const TenantAuthenticator* auth, RpcMetrics* metrics,
                                          const RetrievalRpcOptions& options)
-    : retrieval_(std::move(retrieval)), auth_(auth), metrics_(metrics), options_(options) {}
+    : retrieval_(std::move(retrieval)), auth_(auth), options_(options) {
+  static constexpr const char* kNames[kNumMethods] = {
+      "OpenContext", "CloseContext", "AppendTokens", "AddQueries", "BuildIndex",
+      "GetOperation", "WaitOperation", "CancelOperation", "ListIndexes", "DeleteIndex",
+      "Search", "Attend", "BatchAttend", "BatchAttend.request", "PutArtifact", "GetArtifact",
+      "ListArtifacts"};
+  for (int i = 0; i < kNumMethods; ++i) {
+    method_metrics_[i] = metrics->Register(absl::StrCat("kvrecall.v1.Retrieval/", kNames[i]));
+  }
+}
 
 // Times the call under its method name and authenticates the caller's tenant.
 #define KVR_RPC_PROLOGUE(method)                                                         \
-  RpcScope scope(metrics_->Register("kvrecall.v1.Retrieval/" method));                   \
+  RpcScope scope(method_metrics_[method]);                                               \
   absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);                    \
   if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()))
 
 grpc::Status RetrievalRpcService::OpenContext(grpc::ServerContext* context,
                                               const v1::OpenContextRequest* request,
                                               v1::OpenContextResponse* response) {
-  KVR_RPC_PROLOGUE("OpenContext");
+  KVR_RPC_PROLOGUE(kOpenContext);
   auto run = [&]() -> absl::Status {
     std::vector<Hash128> chain;
     for (int i = 0; i < request->chain_size(); ++i) {
@@ -164,7 +173,7 @@ grpc::Status RetrievalRpcService::OpenContext(grpc::ServerContext* context,
 grpc::Status RetrievalRpcService::CloseContext(grpc::ServerContext* context,
                                                const v1::CloseContextRequest* request,
                                                v1::CloseContextResponse* response) {
-  KVR_RPC_PROLOGUE("CloseContext");
+  KVR_RPC_PROLOGUE(kCloseContext);
   auto run = [&]() -> absl::Status {
     KVR_ASSIGN_OR_RETURN(Hash128 id, ContextFromProto(request->context()));
     return retrieval_->CloseContext(*tenant, id);
@@ -175,7 +184,7 @@ grpc::Status RetrievalRpcService::CloseContext(grpc::ServerContext* context,
 grpc::Status RetrievalRpcService::AppendTokens(grpc::ServerContext* context,
                                                const v1::AppendTokensRequest* request,
                                                v1::AppendTokensResponse* response) {
-  KVR_RPC_PROLOGUE("AppendTokens");
+  KVR_RPC_PROLOGUE(kAppendTokens);
   auto run = [&]() -> absl::Status {
     KVR_ASSIGN_OR_RETURN(Hash128 id, ContextFromProto(request->context()));
     KVR_ASSIGN_OR_RETURN(store::ModelGeometry m,
@@ -222,7 +231,7 @@ grpc::Status RetrievalRpcService::AppendTokens(grpc::ServerContext* context,
 grpc::Status RetrievalRpcService::AddQueries(grpc::ServerContext* context,
                                              grpc::ServerReader<v1::AddQueriesRequest>* reader,
                                              v1::AddQueriesResponse* response) {
-  KVR_RPC_PROLOGUE("AddQueries");
+  KVR_RPC_PROLOGUE(kAddQueries);
   auto run = [&]() -> absl::Status {
     v1::AddQueriesRequest msg;
     Hash128 id;
@@ -256,7 +265,7 @@ grpc::Status RetrievalRpcService::AddQueries(grpc::ServerContext* context,
 grpc::Status RetrievalRpcService::BuildIndex(grpc::ServerContext* context,
                                              const v1::BuildIndexRequest* request,
                                              v1::Operation* response) {
-  KVR_RPC_PROLOGUE("BuildIndex");
+  KVR_RPC_PROLOGUE(kBuildIndex);
   auto run = [&]() -> absl::Status {
     retrieval::BuildIndexRequest req;
     req.tenant = *tenant;
@@ -276,7 +285,7 @@ grpc::Status RetrievalRpcService::BuildIndex(grpc::ServerContext* context,
 grpc::Status RetrievalRpcService::GetOperation(grpc::ServerContext* context,
                                                const v1::GetOperationRequest* request,
                                                v1::Operation* response) {
-  KVR_RPC_PROLOGUE("GetOperation");
+  KVR_RPC_PROLOGUE(kGetOperation);
   auto info = retrieval_->GetOperation(request->id());
   if (info.ok()) OperationToProto(*info, response);
   return scope.Finish(ToGrpcStatus(info.status()));
@@ -285,7 +294,7 @@ grpc::Status RetrievalRpcService::GetOperation(grpc::ServerContext* context,
 grpc::Status RetrievalRpcService::WaitOperation(grpc::ServerContext* context,
                                                 const v1::WaitOperationRequest* request,
                                                 v1::Operation* response) {
-  KVR_RPC_PROLOGUE("WaitOperation");
+  KVR_RPC_PROLOGUE(kWaitOperation);
   absl::Time deadline = CallDeadline(*context);
   if (request->timeout_ms() > 0) {
     deadline = std::min(deadline, absl::Now() + absl::Milliseconds(request->timeout_ms()));
@@ -300,7 +309,7 @@ grpc::Status RetrievalRpcService::WaitOperation(grpc::ServerContext* context,
 grpc::Status RetrievalRpcService::CancelOperation(grpc::ServerContext* context,
                                                   const v1::CancelOperationRequest* request,
                                                   v1::Operation* response) {
-  KVR_RPC_PROLOGUE("CancelOperation");
+  KVR_RPC_PROLOGUE(kCancelOperation);
   absl::Status s = retrieval_->CancelOperation(request->id());
   if (s.ok()) {
     auto info = retrieval_->GetOperation(request->id());
@@ -313,7 +322,7 @@ grpc::Status RetrievalRpcService::CancelOperation(grpc::ServerContext* context,
 grpc::Status RetrievalRpcService::ListIndexes(grpc::ServerContext* context,
                                               const v1::ListIndexesRequest* request,
                                               v1::ListIndexesResponse* response) {
-  KVR_RPC_PROLOGUE("ListIndexes");
+  KVR_RPC_PROLOGUE(kListIndexes);
   auto run = [&]() -> absl::Status {
     Hash128 id;
     if (!request->context().empty()) {
@@ -339,7 +348,7 @@ grpc::Status RetrievalRpcService::ListIndexes(grpc::ServerContext* context,
 grpc::Status RetrievalRpcService::DeleteIndex(grpc::ServerContext* context,
                                               const v1::DeleteIndexRequest* request,
                                               v1::DeleteIndexResponse* response) {
-  KVR_RPC_PROLOGUE("DeleteIndex");
+  KVR_RPC_PROLOGUE(kDeleteIndex);
   auto run = [&]() -> absl::Status {
     KVR_ASSIGN_OR_RETURN(Hash128 id, ContextFromProto(request->context()));
     if (request->kind().empty()) return absl::InvalidArgumentError("kind: required");
@@ -351,7 +360,7 @@ grpc::Status RetrievalRpcService::DeleteIndex(grpc::ServerContext* context,
 grpc::Status RetrievalRpcService::Search(grpc::ServerContext* context,
                                          const v1::SearchRequest* request,
                                          v1::SearchResponse* response) {
-  KVR_RPC_PROLOGUE("Search");
+  KVR_RPC_PROLOGUE(kSearch);
   const absl::Time start = absl::Now();
   auto run = [&]() -> absl::Status {
     const absl::Time deadline = CallDeadline(*context);
@@ -404,15 +413,15 @@ absl::Status RetrievalRpcService::DoAttend(const std::string& tenant, absl::Time
 grpc::Status RetrievalRpcService::Attend(grpc::ServerContext* context,
                                          const v1::AttendRequest* request,
                                          v1::AttendResponse* response) {
-  KVR_RPC_PROLOGUE("Attend");
+  KVR_RPC_PROLOGUE(kAttend);
   return scope.Finish(ToGrpcStatus(DoAttend(*tenant, CallDeadline(*context), *request, response)));
 }
 
 grpc::Status RetrievalRpcService::BatchAttend(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::AttendResponse, v1::AttendRequest>* stream) {
-  KVR_RPC_PROLOGUE("BatchAttend");
-  RpcMethodMetrics* per_request = metrics_->Register("kvrecall.v1.Retrieval/BatchAttend.request");
+  KVR_RPC_PROLOGUE(kBatchAttend);
+  RpcMethodMetrics* per_request = method_metrics_[kBatchAttendRequest];
   v1::AttendRequest request;
   while (stream->Read(&request)) {
     RpcScope one(per_request);
@@ -435,7 +444,7 @@ grpc::Status RetrievalRpcService::BatchAttend(
 grpc::Status RetrievalRpcService::PutArtifact(grpc::ServerContext* context,
                                               grpc::ServerReader<v1::PutArtifactRequest>* reader,
                                               v1::ArtifactInfo* response) {
-  KVR_RPC_PROLOGUE("PutArtifact");
+  KVR_RPC_PROLOGUE(kPutArtifact);
   auto run = [&]() -> absl::Status {
     v1::PutArtifactRequest msg;
     std::string model, kind, description, bytes;
@@ -469,7 +478,7 @@ grpc::Status RetrievalRpcService::PutArtifact(grpc::ServerContext* context,
 grpc::Status RetrievalRpcService::GetArtifact(grpc::ServerContext* context,
                                               const v1::GetArtifactRequest* request,
                                               grpc::ServerWriter<v1::GetArtifactResponse>* writer) {
-  KVR_RPC_PROLOGUE("GetArtifact");
+  KVR_RPC_PROLOGUE(kGetArtifact);
   auto run = [&]() -> absl::Status {
     KVR_ASSIGN_OR_RETURN(auto got, retrieval_->GetArtifact(request->model_id(), request->kind(),
                                                            request->version()));
@@ -492,7 +501,7 @@ grpc::Status RetrievalRpcService::GetArtifact(grpc::ServerContext* context,
 grpc::Status RetrievalRpcService::ListArtifacts(grpc::ServerContext* context,
                                                 const v1::ListArtifactsRequest* request,
                                                 v1::ListArtifactsResponse* response) {
-  KVR_RPC_PROLOGUE("ListArtifacts");
+  KVR_RPC_PROLOGUE(kListArtifacts);
   auto list = retrieval_->ListArtifacts(request->model_id());
   if (list.ok()) {
     for (const auto& info : *list) ArtifactInfoToProto(info, response->add_artifacts());

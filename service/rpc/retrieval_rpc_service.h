@@ -7,6 +7,7 @@
 // Uses gRPC's synchronous API: calls run on server threads and may block
 // (promotion of spans from disk, waits on operations).
 
+#include <array>
 #include <memory>
 
 #include "absl/status/statusor.h"
@@ -77,10 +78,17 @@ class RetrievalRpcService final : public v1::Retrieval::Service {
   absl::Status DoAttend(const std::string& tenant, absl::Time deadline,
                         const v1::AttendRequest& request, v1::AttendResponse* response);
 
+  // The methods, for their metrics (registered once, at construction).
+  enum Method {
+    kOpenContext, kCloseContext, kAppendTokens, kAddQueries, kBuildIndex, kGetOperation,
+    kWaitOperation, kCancelOperation, kListIndexes, kDeleteIndex, kSearch, kAttend,
+    kBatchAttend, kBatchAttendRequest, kPutArtifact, kGetArtifact, kListArtifacts, kNumMethods
+  };
+
   std::unique_ptr<retrieval::RetrievalService> retrieval_;
   const TenantAuthenticator* const auth_;
-  RpcMetrics* const metrics_;
   const RetrievalRpcOptions options_;
+  std::array<RpcMethodMetrics*, kNumMethods> method_metrics_{};
 };
 
 // A Server additional-service factory building the Retrieval service over
