@@ -177,13 +177,15 @@ std::vector<float> Context::TrainingQueries(int32_t layer, int32_t kv_head, int6
   return out;
 }
 
-std::string Context::GatherKeys(int32_t layer, int32_t kv_head, int64_t n) const {
+std::string Context::GatherKeys(int32_t layer, int32_t kv_head, int64_t begin,
+                                int64_t end) const {
   const LayerKvView view = KvView(layer);
   const size_t row_bytes = static_cast<size_t>(model_.head_dim) * DTypeSize(model_.dtype);
-  n = std::min(n, view.num_tokens);
-  std::string out(static_cast<size_t>(n) * row_bytes, '\0');
-  for (int64_t p = 0; p < n; ++p) {
-    std::memcpy(out.data() + p * row_bytes, view.KeyRow(kv_head, p), row_bytes);
+  end = std::min(end, view.num_tokens);
+  begin = std::clamp<int64_t>(begin, 0, end);
+  std::string out(static_cast<size_t>(end - begin) * row_bytes, '\0');
+  for (int64_t p = begin; p < end; ++p) {
+    std::memcpy(out.data() + (p - begin) * row_bytes, view.KeyRow(kv_head, p), row_bytes);
   }
   return out;
 }

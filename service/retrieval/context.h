@@ -80,9 +80,10 @@ class Context {
   std::vector<float> TrainingQueries(int32_t layer, int32_t kv_head, int64_t n,
                                      bool* complete) const;
 
-  // Gathers the keys of (layer, kv_head) for positions [0, n) into rows
-  // [n, head_dim] of the model dtype (the input of an index build).
-  std::string GatherKeys(int32_t layer, int32_t kv_head, int64_t n) const;
+  // Gathers the keys of (layer, kv_head) for positions [begin, end) into rows
+  // [end - begin, head_dim] of the model dtype (clipped to the positions the
+  // layer holds): the input of an index build or of Add().
+  std::string GatherKeys(int32_t layer, int32_t kv_head, int64_t begin, int64_t end) const;
 
   // Bytes held by appended tokens and training queries.
   int64_t OwnedBytes() const;

@@ -167,7 +167,7 @@ void RetrievalService::RunOperation(std::shared_ptr<Operation> op, BuildIndexReq
   for (int32_t layer : request.layers) {
     for (int32_t kv_head : request.kv_heads) {
       const int64_t n = ctx->num_tokens(layer);
-      const std::string keys = ctx->GatherKeys(layer, kv_head, n);
+      const std::string keys = ctx->GatherKeys(layer, kv_head, 0, n);
       bool complete = false;
       const std::vector<float> queries = ctx->TrainingQueries(layer, kv_head, n, &complete);
       index::BuildOptions bo;
@@ -221,15 +221,8 @@ void RetrievalService::RunOperation(std::shared_ptr<Operation> op, BuildIndexReq
         absl::MutexLock ilock(&li->mu);
         li->index = std::move(*built);
         // Catch up with tokens appended during the build.
-        const int64_t have = li->index->size();
-        const int64_t want = ctx->num_tokens(layer);
-        if (want > have) {
-          const std::string more = ctx->GatherKeys(layer, kv_head, want);
-          const size_t row = static_cast<size_t>(m.head_dim) * DTypeSize(m.dtype);
-          li->index->Add(index::VectorView{more.data() + have * row, want - have, m.head_dim,
-                                           m.dtype, 0})
-              .IgnoreError();  // kinds that cannot grow serve the built prefix
-        }
+        CatchUpIndex(*ctx, layer, kv_head, li->index.get())
+            .IgnoreError();  // kinds that cannot grow serve the built prefix
         if (options_.persist_indexes) {
           auto bytes = li->index->Serialize();
           absl::Status saved = bytes.status();
@@ -459,15 +452,8 @@ absl::StatusOr<std::shared_ptr<RetrievalService::LoadedIndex>> RetrievalService:
   {
     absl::MutexLock ilock(&li->mu);
     li->index = std::move(loaded);
-    const int64_t have = li->index->size();
-    const int64_t want = ctx.num_tokens(layer);
-    if (want > have) {
-      const std::string more = ctx.GatherKeys(layer, kv_head, want);
-      const auto& m = ctx.model();
-      const size_t row = static_cast<size_t>(m.head_dim) * DTypeSize(m.dtype);
-      li->index->Add(index::VectorView{more.data() + have * row, want - have, m.head_dim, m.dtype, 0})
-          .IgnoreError();  // kinds that cannot grow serve the positions they hold
-    }
+    CatchUpIndex(ctx, layer, kv_head, li->index.get())
+        .IgnoreError();  // kinds that cannot grow serve the positions they hold
   }
   absl::MutexLock lock(&mu_);
   auto [it, inserted] = indexes_.emplace(key, li);

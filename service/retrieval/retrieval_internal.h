@@ -118,6 +118,19 @@ struct RetrievalService::LoadedIndex {
   std::unique_ptr<index::KeyIndex> index ABSL_GUARDED_BY(mu);
 };
 
+// Adds to `index` the keys of (layer, kv_head) that `ctx` holds beyond the
+// index's positions (tokens appended since it was built or persisted).
+// REQUIRES: the caller holds the index's write lock.
+inline absl::Status CatchUpIndex(const Context& ctx, int32_t layer, int32_t kv_head,
+                                 index::KeyIndex* index) {
+  const int64_t have = index->size();
+  const int64_t want = ctx.num_tokens(layer);
+  if (want <= have) return absl::OkStatus();
+  const std::string keys = ctx.GatherKeys(layer, kv_head, have, want);
+  const auto& m = ctx.model();
+  return index->Add(index::VectorView{keys.data(), want - have, m.head_dim, m.dtype, 0});
+}
+
 struct RetrievalService::OpenContextEntry {
   std::shared_ptr<Context> context;
   absl::Time last_used;

@@ -290,14 +290,8 @@ absl::StatusOr<int64_t> RetrievalService::AppendTokens(absl::string_view tenant,
   }
   for (const auto& li : affected) {
     absl::MutexLock lock(&li->mu);
-    const int64_t have = li->index->size();
-    const int64_t want = ctx->num_tokens(li->layer);
-    if (have >= want) continue;
-    const std::string keys = ctx->GatherKeys(li->layer, li->kv_head, want);
-    const size_t row = static_cast<size_t>(ctx->model().head_dim) * DTypeSize(ctx->model().dtype);
-    index::VectorView view{keys.data() + have * row, want - have, ctx->model().head_dim,
-                           ctx->model().dtype, 0};
-    absl::Status added = li->index->Add(view);
+    const absl::Status added =
+        CatchUpIndex(*ctx, li->layer, li->kv_head, li->index.get());
     if (!added.ok()) {
       KVR_LOG(WARNING) << "index " << li->kind << " of layer " << li->layer << " head "
                        << li->kv_head << " could not add appended tokens: " << added;

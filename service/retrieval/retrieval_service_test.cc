@@ -285,7 +285,7 @@ TEST_F(RetrievalServiceTest, LokiBuildsUseTheModelsBasisArtifact) {
   // Fit one basis per (layer, KV head) of layer 0 only.
   std::vector<index::loki::PcaBasis> bases;
   for (int32_t h = 0; h < kKvHeads; ++h) {
-    const std::string keys = ctx->GatherKeys(0, h, 128);
+    const std::string keys = ctx->GatherKeys(0, h, 0, 128);
     KVR_ASSERT_OK_AND_ASSIGN(
         index::loki::PcaBasis b,
         index::loki::FitPcaBasis(index::VectorView::F32(reinterpret_cast<const float*>(keys.data()),
