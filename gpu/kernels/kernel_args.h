@@ -220,6 +220,137 @@ struct QuestScoreArgs {
 };
 
 // ---------------------------------------------------------------------------
+// Decode-step bookkeeping (gpu/worker): the small kernels that keep a paged
+// KV cache, Loki's rotated key plane and Quest's page bounds up to date and
+// turn a selection into position lists, all reading the per-step state
+// (sequence lengths) from device memory, so that a whole decode step can be
+// captured once in a CUDA graph and replayed step after step.
+
+// seq_lens[b] += num_tokens for every sequence; optionally also
+// pages[b] = ceil(seq_lens[b] / page_size) (after the increment).
+struct AdvanceSeqLensArgs {
+  int32_t* seq_lens = nullptr;  // [batch_size], device, updated in place
+  int32_t batch_size = 0;       // >= 1
+  int32_t num_tokens = 1;       // >= 0
+  int32_t* pages = nullptr;     // [batch_size] output or nullptr
+  int32_t page_size = 16;       // >= 1 when pages != nullptr
+};
+
+// Writes num_tokens new K/V rows per (sequence, KV head) into a paged cache
+// at positions [start_b, start_b + num_tokens), start_b = seq_lens[b] -
+// num_tokens (the rows just counted by AdvanceSeqLens) when start_positions
+// is null, else start_positions[b]. Rows whose position has no valid page
+// (page id < 0 or >= num_pages) are skipped.
+struct AppendKvArgs {
+  // Destination cache: its k and v pools are written (the const in
+  // PagedKvCache is cast away); page_table and seq_lens are read.
+  PagedKvCache kv;
+  int32_t batch_size = 0;   // >= 1
+  int32_t num_tokens = 0;   // >= 1
+  // Source rows, kv.dtype: element (b, kv_head, t, d) at
+  //   k_src[b * src_batch_stride + kv_head * src_head_stride + t * src_token_stride + d]
+  // (the same for v_src). [B, Hkv, T, d] contiguous has src_token_stride = d,
+  // src_head_stride = T * d, src_batch_stride = Hkv * T * d.
+  const void* k_src = nullptr;
+  const void* v_src = nullptr;
+  int64_t src_batch_stride = 0;
+  int64_t src_head_stride = 0;
+  int64_t src_token_stride = 0;
+  const int32_t* start_positions = nullptr;  // [batch_size] or nullptr (see above)
+};
+
+// Projection of rows onto the first `rank` columns of per-head matrices
+// (Loki's rotation, methods.md §2): for each (b, h, t) and j < rank,
+//   y[b, h, t + offset_b, j] = Σ_i x[b, h, t, i] * P[h / heads_per_matrix][i, j]
+// where offset_b = seq_lens[b] - num_tokens when offset_from_seq_lens (the
+// rows just appended), else 0.
+struct ProjectRowsArgs {
+  const void* x = nullptr;      // element (b, h, t, i) at x[b*x_batch_stride + h*x_head_stride + t*x_token_stride + i]
+  DType x_dtype = DType::kF32;  // kF32, kBf16 or kF16
+  int64_t x_batch_stride = 0;
+  int64_t x_head_stride = 0;
+  int64_t x_token_stride = 0;
+  // [num_heads / heads_per_matrix, head_dim, matrix_cols] f32: row i of
+  // matrix m holds input dimension i; columns [0, rank) are used.
+  const float* matrices = nullptr;
+  int32_t matrix_cols = 0;      // >= rank (head_dim for a full PCA basis)
+  int32_t heads_per_matrix = 1; // e.g. the GQA group size for query heads sharing their KV head's basis
+  int32_t batch_size = 0;       // >= 1
+  int32_t num_heads = 0;        // >= 1, a multiple of heads_per_matrix
+  int32_t num_tokens = 0;       // >= 1
+  int32_t head_dim = 128;       // 64 or 128
+  int32_t rank = 32;            // 1..head_dim
+  void* y = nullptr;            // element (b, h, t, j) at y[b*y_batch_stride + h*y_head_stride + t*y_token_stride + j]
+  DType y_dtype = DType::kF32;  // kF32, kBf16 or kF16
+  int64_t y_batch_stride = 0;
+  int64_t y_head_stride = 0;
+  int64_t y_token_stride = 0;   // >= rank
+  bool offset_from_seq_lens = false;
+  const int32_t* seq_lens = nullptr;  // [batch_size]; required when offset_from_seq_lens
+  int32_t max_positions = 0;    // rows with t + offset_b outside [0, max_positions) are skipped (0: no check)
+};
+
+// Quest page bounds from a paged KV cache: for each (b, kv_head) and each
+// Quest page p of `quest_page_size` positions, the element-wise max and min
+// of the keys at positions [p*P, min((p+1)*P, seq_lens[b])). Updates the
+// pages [first_b, ceil(seq_lens[b] / P)), first_b = 0 when last_pages == 0,
+// else max(0, ceil(seq_lens[b] / P) - last_pages) (after a decode step,
+// last_pages = 1 refreshes the page the new token landed in). Positions
+// whose KV page is invalid are left out of the bound; a page with no valid
+// position gets max = -inf, min = +inf (its score is -inf).
+struct PageBoundsArgs {
+  PagedKvCache kv;              // read: k, page_table, seq_lens
+  int32_t batch_size = 0;       // >= 1
+  int32_t quest_page_size = 16; // P >= 1
+  int32_t last_pages = 0;       // 0: every page; else the last `last_pages` pages
+  // Outputs, kv.dtype, the layout of QuestScoreArgs: element (b, kv_head, p, d) at
+  // page_max[b * seq_stride + kv_head * head_stride + p * head_dim + d]; same for page_min.
+  void* page_max = nullptr;
+  void* page_min = nullptr;
+  int64_t seq_stride = 0;
+  int64_t head_stride = 0;      // >= max_pages * head_dim
+  int32_t max_pages = 0;        // pages past it are not written
+};
+
+// Sets scores to -inf outside the selection candidates of each row: with
+// T = seq_lens[b] (b = row / rows_per_seq) and unit U (1 for per-token
+// scores, P for Quest page scores), column c covers positions [c*U, (c+1)*U)
+// and is kept when that range meets [sinks, T - window); other columns of
+// [0, num_cols) become -inf.
+struct MaskScoresArgs {
+  float* scores = nullptr;      // [num_rows, row_stride] f32, in place
+  int32_t num_rows = 0;         // batch_size * rows_per_seq
+  int32_t rows_per_seq = 1;     // e.g. num_q_heads
+  int32_t num_cols = 0;         // >= 1
+  int64_t row_stride = 0;       // >= num_cols; 0 means num_cols
+  const int32_t* seq_lens = nullptr;  // [num_rows / rows_per_seq]
+  int32_t sinks = 0;
+  int32_t window = 0;
+  int32_t unit = 1;             // >= 1
+};
+
+// Position lists for sparse attention from a selection: for each (b, list),
+//   [0, min(sinks, T)) ∪ [max(sinks, T - window), T) ∪ expand(selected)
+// where T = seq_lens[b] and expand() maps each selected entry e >= 0 to the
+// positions [e*U, (e+1)*U) that lie in [sinks, T - window) (entries < 0 are
+// skipped). The result is written in that order (sinks, window, then the
+// expansion in selection order) with its length; positions are distinct
+// when the selected entries are. selected may be null (sinks ∪ window only).
+struct ComposeListsArgs {
+  int32_t batch_size = 0;       // >= 1
+  int32_t num_lists = 0;        // lists per sequence (num_q_heads or num_kv_heads)
+  const int32_t* seq_lens = nullptr;   // [batch_size]
+  int32_t sinks = 0;
+  int32_t window = 0;
+  const int32_t* selected = nullptr;   // [batch_size, num_lists, num_selected] or nullptr
+  int32_t num_selected = 0;
+  int32_t unit = 1;                    // >= 1
+  int32_t* positions = nullptr;        // [batch_size, num_lists, max_list_len] output
+  int32_t* list_lens = nullptr;        // [batch_size, num_lists] output
+  int32_t max_list_len = 0;            // >= sinks + window + num_selected * unit
+};
+
+// ---------------------------------------------------------------------------
 // Validation, shared by launchers and references.
 
 namespace internal {
