@@ -46,6 +46,13 @@ v1::AttendRequest MakeAttendRequest(const Hash128& context, int32_t layer,
   v1::AttendRequest r;
   FillRetrieve(context, layer, queries, num_q_heads, options, &r);
   r.set_omit_positions(options.omit_positions);
+  if (!options.positions.empty()) {  // attend by positions: no index selector
+    r.clear_index();
+    for (const auto& list : options.positions) {
+      r.add_positions()->mutable_positions()->Add(list.begin(), list.end());
+    }
+  }
+  r.set_select_k(options.select_k);
   return r;
 }
 
@@ -98,7 +105,9 @@ absl::StatusOr<std::unique_ptr<RetrievalClient>> RetrievalClient::Create(
 }
 
 RetrievalClient::RetrievalClient(const ClientOptions& options)
-    : policy_(options), stub_(v1::Retrieval::NewStub(policy_.channel())) {}
+    : policy_(options),
+      max_message_bytes_(options.max_message_bytes),
+      stub_(v1::Retrieval::NewStub(policy_.channel())) {}
 
 // Runs one unary call with the policy's deadline and retries.
 #define KVR_UNARY(method, request, response)                                    \
@@ -340,6 +349,38 @@ absl::StatusOr<std::vector<v1::ArtifactInfo>> RetrievalClient::ListArtifacts(
   v1::ListArtifactsResponse response;
   KVR_UNARY(ListArtifacts, request, response);
   return std::vector<v1::ArtifactInfo>(response.artifacts().begin(), response.artifacts().end());
+}
+
+absl::Status RetrievalClient::GatherKv(
+    const Hash128& context, int32_t layer_begin, int32_t layer_end,
+    const std::vector<std::vector<int64_t>>& kv_head_positions,
+    const std::function<absl::Status(const v1::GatherKvResponse&)>& on_rows) {
+  v1::GatherKvRequest request;
+  request.set_context(context.ToBytes());
+  request.mutable_layers()->set_begin(layer_begin);
+  request.mutable_layers()->set_end(layer_end);
+  for (const auto& list : kv_head_positions) {
+    request.add_kv_heads()->mutable_positions()->Add(list.begin(), list.end());
+  }
+  // Messages well under the receive limit (a row is never split).
+  request.set_max_message_bytes(std::max<int64_t>(64 << 10, max_message_bytes_ / 2));
+  // No retries once rows were delivered: the callback has consumed them.
+  bool delivered = false;
+  return policy_.Retry(policy_.CallDeadline(), [&](grpc::ClientContext* ctx) -> absl::Status {
+    if (delivered) return absl::AbortedError("GatherKv broke off after delivering rows");
+    auto reader = stub_->GatherKv(ctx, request);
+    v1::GatherKvResponse msg;
+    while (reader->Read(&msg)) {
+      delivered = true;
+      absl::Status s = on_rows(msg);
+      if (!s.ok()) {
+        ctx->TryCancel();
+        reader->Finish().ok();  // the callback's status is what matters
+        return s;
+      }
+    }
+    return FromGrpcStatus(reader->Finish());
+  });
 }
 
 #undef KVR_UNARY

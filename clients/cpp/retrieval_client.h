@@ -44,6 +44,13 @@ struct RetrieveOptions {
   std::vector<std::pair<int64_t, int64_t>> exclude;  // [begin, end) ranges, sorted, disjoint
   bool union_per_group = false;  // GQA: the union of the group's lists for every head
   bool omit_positions = false;   // Attend: do not return the positions
+  // Attend by positions: num_q_heads lists (or num_kv_heads lists shared by
+  // each group); when not empty, no index is searched (k, budget, kind,
+  // exclude are not sent).
+  std::vector<std::vector<int64_t>> positions;
+  // Attend with kind "all" and k == 0: also return the select_k positions of
+  // the highest logits per query head.
+  int32_t select_k = 0;
 };
 
 struct AttendResult {
@@ -125,6 +132,14 @@ class RetrievalClient {
   absl::StatusOr<AttendResult> Attend(const Hash128& context, int32_t layer,
                                       absl::Span<const float> queries, int32_t num_q_heads,
                                       const RetrieveOptions& options);
+  // The K/V rows of `kv_head_positions[g]` (one list per KV head) in layers
+  // [layer_begin, layer_end) (0, 0: every layer), delivered message by message
+  // to `on_rows` in layer order (GatherKvResponse: layer, first_row, keys and
+  // values [rows, head_dim] in the model's dtype). A non-OK status from
+  // `on_rows` cancels the call and is returned.
+  absl::Status GatherKv(const Hash128& context, int32_t layer_begin, int32_t layer_end,
+                        const std::vector<std::vector<int64_t>>& kv_head_positions,
+                        const std::function<absl::Status(const v1::GatherKvResponse&)>& on_rows);
   // Opens a BatchAttend stream whose deadline is `lifetime` from now.
   absl::StatusOr<std::unique_ptr<AttendStream>> OpenAttendStream(absl::Duration lifetime);
 
@@ -142,6 +157,7 @@ class RetrievalClient {
   explicit RetrievalClient(const ClientOptions& options);
 
   RpcPolicy policy_;
+  int64_t max_message_bytes_ = 0;
   std::unique_ptr<v1::Retrieval::Stub> stub_;
 };
 

@@ -153,6 +153,57 @@ TEST_F(RetrievalClientTest, OpenBuildSearchAttendAndStream) {
   KVR_EXPECT_OK(rc_->CloseContext(ctx));
 }
 
+TEST_F(RetrievalClientTest, AttendByPositionsSelectKAndGatherKv) {
+  KVR_ASSERT_OK_AND_ASSIGN(auto opened, rc_->OpenContext(Model().model_id(), chain_));
+  KVR_ASSERT_OK_AND_ASSIGN(Hash128 ctx, Hash128::FromBytes(opened.context()));
+  // Full attention over everything but [0, 10) that also selects the top 6.
+  RetrieveOptions all;
+  all.kind = "all";
+  all.exclude = {{0, 10}};
+  all.select_k = 6;
+  KVR_ASSERT_OK_AND_ASSIGN(AttendResult full, rc_->Attend(ctx, 1, queries_, kQHeads, all));
+  ASSERT_EQ(full.positions.size(), static_cast<size_t>(kQHeads));
+  for (const auto& p : full.positions) {
+    ASSERT_EQ(p.size(), 6u);
+    for (int64_t id : p) EXPECT_GE(id, 10);
+  }
+  // A later layer reuses that selection: attend by positions, per query head.
+  RetrieveOptions reuse;
+  reuse.positions = full.positions;
+  KVR_ASSERT_OK_AND_ASSIGN(AttendResult by_pos, rc_->Attend(ctx, 0, queries_, kQHeads, reuse));
+  EXPECT_TRUE(by_pos.positions.empty());
+  // The same as an exact search-and-attend of layer 1 over the same top 6.
+  RetrieveOptions exact;
+  exact.kind = "all";
+  exact.k = 6;
+  exact.exclude = {{0, 10}};
+  KVR_ASSERT_OK_AND_ASSIGN(AttendResult top6, rc_->Attend(ctx, 1, queries_, kQHeads, exact));
+  reuse.positions = full.positions;
+  KVR_ASSERT_OK_AND_ASSIGN(AttendResult same, rc_->Attend(ctx, 1, queries_, kQHeads, reuse));
+  for (size_t i = 0; i < same.out.size(); ++i) EXPECT_NEAR(same.out[i], top6.out[i], 1e-6);
+
+  // Rows of two KV heads' positions in both layers, in small messages.
+  std::vector<std::vector<int64_t>> lists = {{1, 149, 77}, {0}};
+  std::vector<int32_t> layers_seen;
+  int64_t rows = 0;
+  KVR_ASSERT_OK(rc_->GatherKv(ctx, 0, 0, lists, [&](const v1::GatherKvResponse& m) {
+    if (layers_seen.empty() || layers_seen.back() != m.layer()) layers_seen.push_back(m.layer());
+    EXPECT_EQ(m.keys().shape(1), kDim);
+    EXPECT_EQ(m.keys().data().size(), m.values().data().size());
+    rows += m.keys().shape(0);
+    return absl::OkStatus();
+  }));
+  EXPECT_EQ(layers_seen, (std::vector<int32_t>{0, 1}));
+  EXPECT_EQ(rows, 8);
+  // The callback's error stops the stream and is returned.
+  EXPECT_THAT(rc_->GatherKv(ctx, 0, 2, lists,
+                            [](const v1::GatherKvResponse&) { return absl::AbortedError("enough"); }),
+              StatusIs(absl::StatusCode::kAborted, HasSubstr("enough")));
+  EXPECT_THAT(rc_->GatherKv(ctx, 1, 3, lists,
+                            [](const v1::GatherKvResponse&) { return absl::OkStatus(); }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layers [1, 3)")));
+}
+
 TEST_F(RetrievalClientTest, QueriesAppendsAndArtifacts) {
   KVR_ASSERT_OK_AND_ASSIGN(auto opened, rc_->OpenContext(Model().model_id(), chain_));
   KVR_ASSERT_OK_AND_ASSIGN(Hash128 ctx, Hash128::FromBytes(opened.context()));

@@ -535,8 +535,122 @@ absl::StatusOr<RetrievalService::Prepared> RetrievalService::Prepare(
                                                    p.ctx->model().num_layers, ")"));
   }
   p.tokens = p.ctx->num_tokens(request.layer);
+  if (!request.positions.empty()) return p;  // AttendPositions checks the rest
   KVR_ASSIGN_OR_RETURN(p.k, ValidateRetrieve(request, p.ctx->model(), p.tokens));
+  if (request.select_k != 0) {
+    if (request.index.kind != "all" || p.k != 0) {
+      return absl::InvalidArgumentError(
+          "select_k needs index kind \"all\" and k = 0 (attention over every position)");
+    }
+    int64_t excluded = 0;
+    for (const auto& e : request.exclude) excluded += e.end - e.begin;
+    if (request.select_k < 0 || request.select_k > p.tokens - excluded) {
+      return absl::InvalidArgumentError(absl::StrCat("select_k = ", request.select_k,
+                                                     " is not within [0, ", p.tokens - excluded,
+                                                     "], the positions attended"));
+    }
+  }
   return p;
+}
+
+namespace {
+
+// Checks explicit position lists (one per query head or one per KV head),
+// each position distinct and within [0, tokens).
+absl::Status ValidatePositionLists(const std::vector<std::vector<int64_t>>& lists,
+                                   const store::ModelGeometry& m, int64_t tokens,
+                                   bool per_kv_head_only) {
+  const size_t n = lists.size();
+  if (n != static_cast<size_t>(m.num_kv_heads) &&
+      (per_kv_head_only || n != static_cast<size_t>(m.num_q_heads))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        n, " position lists; give ",
+        per_kv_head_only ? "" : absl::StrCat(m.num_q_heads, " (one per query head) or "),
+        m.num_kv_heads, " (one per KV head)"));
+  }
+  std::vector<int64_t> sorted;
+  for (size_t i = 0; i < n; ++i) {
+    sorted = lists[i];
+    std::sort(sorted.begin(), sorted.end());
+    if (!sorted.empty() && (sorted.front() < 0 || sorted.back() >= tokens)) {
+      const int64_t bad = sorted.front() < 0 ? sorted.front() : sorted.back();
+      return absl::InvalidArgumentError(absl::StrCat("position ", bad, " of list ", i,
+                                                     " is outside [0, ", tokens, ")"));
+    }
+    auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+    if (dup != sorted.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("position ", *dup, " appears twice in list ", i));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<AttendReply> RetrievalService::AttendPositions(const RetrieveRequest& request) {
+  KVR_ASSIGN_OR_RETURN(Prepared p, Prepare(request, "before the attention started"));
+  const auto& m = p.ctx->model();
+  if (request.k != 0 || request.budget != 0 || !request.exclude.empty() || request.select_k != 0) {
+    return absl::InvalidArgumentError(
+        "attend by positions takes no k, budget, exclude or select_k");
+  }
+  const size_t want = static_cast<size_t>(m.num_q_heads) * m.head_dim;
+  if (request.queries.size() != want) {
+    return absl::InvalidArgumentError(absl::StrCat("queries must be [", m.num_q_heads, ", ",
+                                                   m.head_dim, "] f32; got ",
+                                                   request.queries.size(), " values"));
+  }
+  KVR_RETURN_IF_ERROR(CheckFinite(request.queries, "query"));
+  KVR_RETURN_IF_ERROR(ValidatePositionLists(request.positions, m, p.tokens,
+                                            /*per_kv_head_only=*/false));
+  AttendReply reply;
+  reply.ids.resize(m.num_q_heads);
+  reply.stats.context_tokens = p.tokens;
+  PartialAttentionArgs args;
+  args.queries = request.queries.data();
+  args.num_q_heads = m.num_q_heads;
+  args.group_size = m.num_q_heads / m.num_kv_heads;
+  const int32_t heads_per_list =
+      request.positions.size() == static_cast<size_t>(m.num_kv_heads) ? args.group_size : 1;
+  for (const auto& list : request.positions) {
+    args.ids.emplace_back(list);
+    reply.stats.keys_scanned += static_cast<int64_t>(list.size()) * heads_per_list;
+  }
+  const absl::Time start = absl::Now();
+  KVR_RETURN_IF_ERROR(ComputePartialAttention(p.ctx->KvView(request.layer), args, &reply.state));
+  reply.stats.attend_us = MicrosSince(start);
+  return reply;
+}
+
+absl::StatusOr<GatherKvReply> RetrievalService::GatherKv(
+    absl::string_view tenant, const Hash128& context, int32_t layer,
+    const std::vector<std::vector<int64_t>>& kv_head_positions, absl::Time deadline) {
+  KVR_RETURN_IF_ERROR(CheckDeadline(deadline, "before the gather started"));
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<Context> ctx, GetContext(tenant, context, deadline));
+  const auto& m = ctx->model();
+  if (layer < 0 || layer >= m.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " is not within [0, ", m.num_layers, ")"));
+  }
+  const int64_t tokens = ctx->num_tokens(layer);
+  KVR_RETURN_IF_ERROR(ValidatePositionLists(kv_head_positions, m, tokens,
+                                            /*per_kv_head_only=*/true));
+  const LayerKvView view = ctx->KvView(layer);
+  const size_t row_bytes = static_cast<size_t>(m.head_dim) * DTypeSize(m.dtype);
+  GatherKvReply reply;
+  for (const auto& list : kv_head_positions) reply.rows += static_cast<int64_t>(list.size());
+  reply.keys.resize(static_cast<size_t>(reply.rows) * row_bytes);
+  reply.values.resize(reply.keys.size());
+  size_t offset = 0;
+  for (int32_t g = 0; g < m.num_kv_heads; ++g) {
+    for (int64_t pos : kv_head_positions[g]) {
+      std::memcpy(reply.keys.data() + offset, view.KeyRow(g, pos), row_bytes);
+      std::memcpy(reply.values.data() + offset, view.ValueRow(g, pos), row_bytes);
+      offset += row_bytes;
+    }
+  }
+  return reply;
 }
 
 absl::StatusOr<SearchReply> RetrievalService::Search(const RetrieveRequest& request) {
@@ -545,6 +659,7 @@ absl::StatusOr<SearchReply> RetrievalService::Search(const RetrieveRequest& requ
 }
 
 absl::StatusOr<AttendReply> RetrievalService::Attend(const RetrieveRequest& request) {
+  if (!request.positions.empty()) return AttendPositions(request);
   KVR_ASSIGN_OR_RETURN(Prepared p, Prepare(request, "before the attention started"));
   const std::shared_ptr<Context>& ctx = p.ctx;
   const int64_t tokens = p.tokens;
@@ -567,6 +682,13 @@ absl::StatusOr<AttendReply> RetrievalService::Attend(const RetrieveRequest& requ
     sorted_ids.push_back(std::move(all));
     for (int32_t kvh = 0; kvh < m.num_kv_heads; ++kvh) args.ids.emplace_back(sorted_ids[0]);
     reply.ids.resize(m.num_q_heads);
+    if (request.select_k > 0) {
+      // The exact top select_k of the attended positions, for later layers.
+      KVR_ASSIGN_OR_RETURN(SearchReply top, SearchInternal(request, *ctx, tokens, request.select_k,
+                                                           /*need_scores=*/true));
+      reply.ids = std::move(top.ids);
+      reply.stats.search_us = MicrosSince(search_start);
+    }
   } else {
     KVR_ASSIGN_OR_RETURN(SearchReply found,
                          SearchInternal(request, *ctx, tokens, k, /*need_scores=*/false));

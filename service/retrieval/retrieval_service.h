@@ -86,6 +86,15 @@ struct RetrieveRequest {
   std::vector<index::PositionRange> exclude;  // sorted, disjoint, within the context
   GqaMode gqa_mode = GqaMode::kPerHead;
   absl::Time deadline = absl::InfiniteFuture();
+  // Attend only. Attend by positions: when not empty, the attention of each
+  // query head is over exactly these positions and no index is searched (k,
+  // budget and exclude must be 0 / empty). num_q_heads lists, or
+  // num_kv_heads lists shared by each group; positions distinct within a
+  // list and within the layer's tokens.
+  std::vector<std::vector<int64_t>> positions;
+  // Attend only, with index kind "all" and k == 0: also return the select_k
+  // positions of the highest logits per query head (descending) in ids.
+  int32_t select_k = 0;
 };
 
 struct RetrieveStats {
@@ -104,8 +113,20 @@ struct SearchReply {
 
 struct AttendReply {
   PartialAttentionResult state;  // out [num_q_heads, head_dim] f32, lse [num_q_heads] natural log
-  std::vector<std::vector<int64_t>> ids;  // per query head, the attended positions
+  // Per query head: the attended positions (index searches), the select_k
+  // top positions (kind "all" with select_k), or empty (attend by positions,
+  // or kind "all" without select_k).
+  std::vector<std::vector<int64_t>> ids;
   RetrieveStats stats;
+};
+
+// The K/V rows of one layer at given positions (GatherKv).
+struct GatherKvReply {
+  // [rows, head_dim] each, the model's dtype: the rows of kv head 0's
+  // positions in the given order, then kv head 1's, ...
+  std::string keys;
+  std::string values;
+  int64_t rows = 0;
 };
 
 struct OpenContextReply {
@@ -206,6 +227,13 @@ class RetrievalService {
   // --- retrieval ---
   absl::StatusOr<SearchReply> Search(const RetrieveRequest& request);
   absl::StatusOr<AttendReply> Attend(const RetrieveRequest& request);
+  // The K and V rows of `layer` at `kv_head_positions[g]` for every KV head g
+  // (num_kv_heads lists). INVALID_ARGUMENT for a bad layer, a wrong number of
+  // lists or a position outside the layer's tokens.
+  absl::StatusOr<GatherKvReply> GatherKv(absl::string_view tenant, const Hash128& context,
+                                         int32_t layer,
+                                         const std::vector<std::vector<int64_t>>& kv_head_positions,
+                                         absl::Time deadline);
 
   // --- per-model artifacts (Loki bases, sparse encoders, head roles, layer policies) ---
   // Stores a new version (1, 2, ...) of (model, kind). NOT_FOUND for an unknown model.
@@ -240,6 +268,7 @@ class RetrievalService {
     int32_t k = 0;
   };
   absl::StatusOr<Prepared> Prepare(const RetrieveRequest& request, absl::string_view what);
+  absl::StatusOr<AttendReply> AttendPositions(const RetrieveRequest& request);
   absl::StatusOr<SearchReply> SearchInternal(const RetrieveRequest& request, const Context& ctx,
                                              int64_t tokens, int32_t k, bool need_scores);
   static void UnionPerGroup(const RetrieveRequest& request, const LayerKvView& view,

@@ -1,6 +1,7 @@
 #include "service/retrieval/retrieval_service.h"
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -212,6 +213,109 @@ TEST_F(RetrievalServiceTest, AttendAllEqualsFullAttentionAndMergesExactly) {
     EXPECT_LT(std::sqrt(num / den), 1e-5) << "head " << h;
     EXPECT_NEAR(merged.lse[h], lse[h], 1e-5 * (1 + std::abs(lse[h])));
   }
+}
+
+TEST_F(RetrievalServiceTest, AttendByPositionsEqualsAttentionOverThosePositions) {
+  auto chain = StoreContext(100, 21);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  auto ctx = OpenedContext(chain);
+  const auto q = RandomQueries(22);
+  // One list per query head (what a layer reusing another layer's selection sends).
+  std::vector<std::vector<int64_t>> lists = {{5, 17, 3}, {99, 0}, {50}, {}};
+  RetrieveRequest req;
+  req.context = chain.back();
+  req.layer = 0;
+  req.queries = q;
+  req.positions = lists;
+  KVR_ASSERT_OK_AND_ASSIGN(AttendReply got, service_->Attend(req));
+  PartialAttentionArgs args;
+  args.queries = q.data();
+  args.num_q_heads = kQHeads;
+  args.group_size = 2;
+  for (const auto& l : lists) args.ids.emplace_back(l);
+  PartialAttentionResult want;
+  KVR_ASSERT_OK(ComputePartialAttention(ctx->KvView(0), args, &want));
+  EXPECT_EQ(got.state.out, want.out);
+  EXPECT_EQ(got.state.lse, want.lse);
+  EXPECT_TRUE(std::isinf(got.state.lse[3]) && got.state.lse[3] < 0);  // empty list
+  EXPECT_EQ(got.stats.keys_scanned, 6);
+
+  // One list per KV head, shared by its group.
+  req.positions = {{1, 2, 3}, {4, 5}};
+  KVR_ASSERT_OK_AND_ASSIGN(got, service_->Attend(req));
+  EXPECT_EQ(got.stats.keys_scanned, 10);
+
+  // Bad lists: wrong count, out of range, repeated, mixed with a search.
+  req.positions = {{1}, {2}, {3}};
+  EXPECT_THAT(service_->Attend(req), StatusIs(absl::StatusCode::kInvalidArgument,
+                                              HasSubstr("3 position lists")));
+  req.positions = {{1}, {100}};
+  EXPECT_THAT(service_->Attend(req), StatusIs(absl::StatusCode::kInvalidArgument,
+                                              HasSubstr("position 100 of list 1")));
+  req.positions = {{7, 7}, {1}};
+  EXPECT_THAT(service_->Attend(req), StatusIs(absl::StatusCode::kInvalidArgument,
+                                              HasSubstr("appears twice")));
+  req.positions = {{1}, {2}};
+  req.k = 3;
+  EXPECT_THAT(service_->Attend(req), StatusIs(absl::StatusCode::kInvalidArgument,
+                                              HasSubstr("takes no k")));
+}
+
+TEST_F(RetrievalServiceTest, AttendAllWithSelectKReturnsTheExactTopK) {
+  auto chain = StoreContext(100, 23);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  const auto q = RandomQueries(24);
+  RetrieveRequest req;
+  req.context = chain.back();
+  req.layer = 1;
+  req.queries = q;
+  req.index.kind = "all";
+  req.exclude = {{0, 4}, {90, 100}};
+  KVR_ASSERT_OK_AND_ASSIGN(AttendReply plain, service_->Attend(req));
+  req.select_k = 7;
+  KVR_ASSERT_OK_AND_ASSIGN(AttendReply with_top, service_->Attend(req));
+  EXPECT_EQ(with_top.state.out, plain.state.out);  // the attention itself is unchanged
+  RetrieveRequest search = req;
+  search.select_k = 0;
+  search.k = 7;
+  KVR_ASSERT_OK_AND_ASSIGN(SearchReply exact, service_->Search(search));
+  ASSERT_EQ(with_top.ids.size(), static_cast<size_t>(kQHeads));
+  for (int h = 0; h < kQHeads; ++h) EXPECT_EQ(with_top.ids[h], exact.ids[h]) << "head " << h;
+
+  req.select_k = 87;  // 86 positions are attended
+  EXPECT_THAT(service_->Attend(req), StatusIs(absl::StatusCode::kInvalidArgument,
+                                              HasSubstr("select_k = 87")));
+  req.select_k = 3;
+  req.index.kind = "flat";
+  req.k = 5;
+  EXPECT_THAT(service_->Attend(req), StatusIs(absl::StatusCode::kInvalidArgument,
+                                              HasSubstr("select_k needs")));
+}
+
+TEST_F(RetrievalServiceTest, GatherKvReturnsTheRowsOfEachKvHead) {
+  auto chain = StoreContext(100, 25);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  auto ctx = OpenedContext(chain);
+  std::vector<std::vector<int64_t>> lists = {{3, 64, 17}, {99}};
+  KVR_ASSERT_OK_AND_ASSIGN(GatherKvReply got,
+                           service_->GatherKv("", chain.back(), 1, lists, absl::InfiniteFuture()));
+  ASSERT_EQ(got.rows, 4);
+  const LayerKvView view = ctx->KvView(1);
+  const size_t row = kDim * sizeof(float);
+  int64_t r = 0;
+  for (int32_t g = 0; g < kKvHeads; ++g) {
+    for (int64_t pos : lists[g]) {
+      EXPECT_EQ(std::memcmp(got.keys.data() + r * row, view.KeyRow(g, pos), row), 0);
+      EXPECT_EQ(std::memcmp(got.values.data() + r * row, view.ValueRow(g, pos), row), 0);
+      ++r;
+    }
+  }
+  EXPECT_THAT(service_->GatherKv("", chain.back(), 2, lists, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layer 2")));
+  EXPECT_THAT(service_->GatherKv("", chain.back(), 0, {{1}, {2}, {3}, {4}}, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("one per KV head")));
+  EXPECT_THAT(service_->GatherKv("", chain.back(), 0, {{1}, {-1}}, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("outside")));
 }
 
 TEST_F(RetrievalServiceTest, FlatIndexSearchIsExactAndHonoursExclusions) {

@@ -136,7 +136,7 @@ RetrievalRpcService::RetrievalRpcService(std::unique_ptr<retrieval::RetrievalSer
       "OpenContext", "CloseContext", "AppendTokens", "AddQueries", "BuildIndex",
       "GetOperation", "WaitOperation", "CancelOperation", "ListIndexes", "DeleteIndex",
       "Search", "Attend", "BatchAttend", "BatchAttend.request", "PutArtifact", "GetArtifact",
-      "ListArtifacts"};
+      "ListArtifacts", "GatherKv"};
   for (int i = 0; i < kNumMethods; ++i) {
     method_metrics_[i] = metrics->Register(absl::StrCat("kvrecall.v1.Retrieval/", kNames[i]));
   }
@@ -392,6 +392,17 @@ absl::Status RetrievalRpcService::DoAttend(const std::string& tenant, absl::Time
   std::vector<float> queries;
   retrieval::RetrieveRequest req;
   KVR_RETURN_IF_ERROR(FillRetrieveRequest(tenant, deadline, request, m, &queries, &req));
+  if (request.positions_size() > 0) {
+    if (!request.index().kind().empty() || request.index().effort() != 0 ||
+        request.gqa_mode() != v1::GQA_MODE_PER_HEAD) {
+      return absl::InvalidArgumentError(
+          "attend by positions takes no index selector or gqa_mode");
+    }
+    for (const auto& list : request.positions()) {
+      req.positions.emplace_back(list.positions().begin(), list.positions().end());
+    }
+  }
+  req.select_k = request.select_k();
   KVR_ASSIGN_OR_RETURN(retrieval::AttendReply reply, retrieval_->Attend(req));
   v1::Tensor* out = response->mutable_out();
   out->set_dtype(v1::DTYPE_F32);
@@ -400,7 +411,7 @@ absl::Status RetrievalRpcService::DoAttend(const std::string& tenant, absl::Time
   out->set_data(reinterpret_cast<const char*>(reply.state.out.data()),
                 reply.state.out.size() * sizeof(float));
   response->mutable_lse_natural()->Add(reply.state.lse.begin(), reply.state.lse.end());
-  if (!request.omit_positions()) {
+  if (!request.omit_positions() && request.positions_size() == 0) {
     for (const auto& ids : reply.ids) {
       response->add_heads()->mutable_positions()->Add(ids.begin(), ids.end());
     }
@@ -439,6 +450,59 @@ grpc::Status RetrievalRpcService::BatchAttend(
     }
   }
   return scope.Finish(grpc::Status::OK);
+}
+
+grpc::Status RetrievalRpcService::GatherKv(grpc::ServerContext* context,
+                                           const v1::GatherKvRequest* request,
+                                           grpc::ServerWriter<v1::GatherKvResponse>* writer) {
+  KVR_RPC_PROLOGUE(kGatherKv);
+  auto run = [&]() -> absl::Status {
+    const absl::Time deadline = CallDeadline(*context);
+    KVR_ASSIGN_OR_RETURN(Hash128 id, ContextFromProto(request->context()));
+    KVR_ASSIGN_OR_RETURN(store::ModelGeometry m, retrieval_->ContextModel(*tenant, id, deadline));
+    int32_t begin = request->layers().begin(), end = request->layers().end();
+    if (begin == 0 && end == 0) end = m.num_layers;
+    if (begin < 0 || end > m.num_layers || begin >= end) {
+      return absl::InvalidArgumentError(absl::StrCat("layers [", begin, ", ", end,
+                                                     ") is not a range within [0, ",
+                                                     m.num_layers, ")"));
+    }
+    if (request->max_message_bytes() < 0) {
+      return absl::InvalidArgumentError("max_message_bytes must not be negative");
+    }
+    std::vector<std::vector<int64_t>> lists;
+    for (const auto& head : request->kv_heads()) {
+      lists.emplace_back(head.positions().begin(), head.positions().end());
+    }
+    const int64_t row_bytes = static_cast<int64_t>(m.head_dim) * DTypeSize(m.dtype);
+    const int64_t max_bytes =
+        request->max_message_bytes() > 0 ? request->max_message_bytes() : int64_t{4} << 20;
+    // Rows per message: keys and values of a row together, at least one row.
+    const int64_t rows_per_message = std::max<int64_t>(1, max_bytes / (2 * row_bytes));
+    v1::GatherKvResponse msg;
+    for (int32_t layer = begin; layer < end; ++layer) {
+      KVR_ASSIGN_OR_RETURN(retrieval::GatherKvReply rows,
+                           retrieval_->GatherKv(*tenant, id, layer, lists, deadline));
+      int64_t first = 0;
+      do {
+        const int64_t n = std::min(rows_per_message, rows.rows - first);
+        msg.Clear();
+        msg.set_layer(layer);
+        msg.set_first_row(first);
+        for (auto [tensor, bytes] : {std::pair{msg.mutable_keys(), &rows.keys},
+                                     std::pair{msg.mutable_values(), &rows.values}}) {
+          tensor->set_dtype(DTypeToProto(m.dtype));
+          tensor->add_shape(n);
+          tensor->add_shape(m.head_dim);
+          tensor->set_data(bytes->data() + first * row_bytes, static_cast<size_t>(n * row_bytes));
+        }
+        if (!writer->Write(msg)) return absl::CancelledError("the client went away");
+        first += n;
+      } while (first < rows.rows);
+    }
+    return absl::OkStatus();
+  };
+  return scope.Finish(ToGrpcStatus(run()));
 }
 
 grpc::Status RetrievalRpcService::PutArtifact(grpc::ServerContext* context,

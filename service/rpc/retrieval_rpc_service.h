@@ -65,6 +65,8 @@ class RetrievalRpcService final : public v1::Retrieval::Service {
   grpc::Status BatchAttend(
       grpc::ServerContext* context,
       grpc::ServerReaderWriter<v1::AttendResponse, v1::AttendRequest>* stream) override;
+  grpc::Status GatherKv(grpc::ServerContext* context, const v1::GatherKvRequest* request,
+                        grpc::ServerWriter<v1::GatherKvResponse>* writer) override;
   grpc::Status PutArtifact(grpc::ServerContext* context,
                            grpc::ServerReader<v1::PutArtifactRequest>* reader,
                            v1::ArtifactInfo* response) override;
@@ -82,7 +84,8 @@ class RetrievalRpcService final : public v1::Retrieval::Service {
   enum Method {
     kOpenContext, kCloseContext, kAppendTokens, kAddQueries, kBuildIndex, kGetOperation,
     kWaitOperation, kCancelOperation, kListIndexes, kDeleteIndex, kSearch, kAttend,
-    kBatchAttend, kBatchAttendRequest, kPutArtifact, kGetArtifact, kListArtifacts, kNumMethods
+    kBatchAttend, kBatchAttendRequest, kPutArtifact, kGetArtifact, kListArtifacts, kGatherKv,
+    kNumMethods
   };
 
   std::unique_ptr<retrieval::RetrievalService> retrieval_;
