@@ -71,6 +71,8 @@ struct Budget {
   // Positions per query head for a context of `tokens` positions:
   // k, or ceil(fraction * tokens); at least 1 when not empty, 0 when empty.
   int64_t Resolve(int64_t tokens) const;
+
+  friend bool operator==(const Budget&, const Budget&) = default;
 };
 
 struct LayerSpec {
@@ -86,6 +88,10 @@ struct LayerSpec {
   // Remote: passed to the service's search.
   std::string knobs;
   int32_t source = -1;  // kReuse: the earlier layer whose selection is reused
+
+  // Field-wise equality (ValidatePolicy requires the fields a role does not
+  // use to keep their defaults, so equal policies mean equal behaviour).
+  friend bool operator==(const LayerSpec&, const LayerSpec&) = default;
 };
 
 struct LayerPolicy {
@@ -103,7 +109,17 @@ struct LayerPolicy {
   bool IsReused(int32_t l) const;
   // Counts by role (for reports).
   int32_t CountRole(LayerRole role) const;
+
+  friend bool operator==(const LayerPolicy&, const LayerPolicy&) = default;
 };
+
+// The JSON "format" value of this version of the role table.
+inline constexpr const char kLayerPolicyFormat[] = "kvrecall.layer_policy.v1";
+// The artifact kind under which kvrecalld stores role tables.
+inline constexpr const char kLayerPolicyArtifactKind[] = "layer_policy";
+
+// "full", "select", "reuse".
+const char* LayerRoleName(LayerRole role);
 
 // Checks a policy: at least one layer; sinks >= 0, window >= 1; every SELECT
 // has a known kind for its `where` and a budget; FULL budgets valid; every
