@@ -8,7 +8,7 @@
 #include "common/half.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "index/flat/synthetic_attention.h"
+#include "index/testing/synthetic_attention.h"
 #include "index/index_format.h"
 #include "tests/testing/status_matchers.h"
 

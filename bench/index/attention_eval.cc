@@ -12,7 +12,7 @@
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
 #include "index/distance.h"
-#include "index/flat/synthetic_attention.h"
+#include "index/testing/synthetic_attention.h"
 
 namespace kvrecall::bench {
 namespace {

@@ -52,7 +52,7 @@ absl::StatusOr<EvalSet> LoadCapture(const std::string& dir, int32_t layer, int32
 absl::StatusOr<EvalSet> MakeTiledCapture(const std::string& dir, int32_t layer, int32_t kv_head,
                                          int64_t decode, int64_t copies);
 
-// A synthetic set from index/flat/synthetic_attention.h with `num_keys`
+// A synthetic set from index/testing/synthetic_attention.h with `num_keys`
 // keys, 2 query heads and `decode` decode queries per head.
 absl::StatusOr<EvalSet> MakeSynthetic(int64_t num_keys, int64_t decode, uint64_t seed);
 

@@ -20,7 +20,7 @@
 #include "common/thread_pool.h"
 #include "index/distance.h"
 #include "index/flat/flat_index.h"
-#include "index/flat/tile_scoring.h"
+#include "index/tile_scoring.h"
 
 ABSL_FLAG(int64_t, keys, 131072, "keys in the index");
 ABSL_FLAG(int32_t, dim, 128, "head dimension");

@@ -42,7 +42,7 @@
 #include "common/span_hash.h"
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
-#include "index/flat/synthetic_attention.h"
+#include "index/testing/synthetic_attention.h"
 #include "kvrecall/v1/retrieval.grpc.pb.h"
 #include "service/retrieval/retrieval_service.h"
 #include "service/rpc/retrieval_rpc_service.h"
@@ -58,7 +58,7 @@ ABSL_FLAG(std::string, roar_params, "max_train=65536",
           "roar build params (docs/index.md); the training queries are sampled down to max_train");
 ABSL_FLAG(std::string, data, "tiled",
           "tiled: the attn-dev captures tiled to length (RoPE-shifted copies); synthetic: "
-          "index/flat/synthetic_attention.h");
+          "index/testing/synthetic_attention.h");
 ABSL_FLAG(std::string, capture_dir, "", "attn-dev directory (default ../shared/data/attn-dev)");
 ABSL_FLAG(std::string, capture_layers, "1,3,5,7",
           "captured layers to tile; KV head g takes (layer, KV head) pair g mod 2 x layers");

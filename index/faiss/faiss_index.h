@@ -28,7 +28,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "common/progress.h"
-#include "index/flat/aligned_vector.h"
+#include "index/aligned_vector.h"
 #include "index/index_format.h"
 #include "index/key_index.h"
 

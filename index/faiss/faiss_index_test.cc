@@ -8,7 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "index/flat/flat_index.h"
-#include "index/flat/synthetic_attention.h"
+#include "index/testing/synthetic_attention.h"
 #include "tests/testing/status_matchers.h"
 
 namespace kvrecall::index {

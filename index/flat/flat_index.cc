@@ -10,7 +10,7 @@
 #include "common/thread_pool.h"
 #include "index/distance.h"
 #include "index/flat/streaming_topk.h"
-#include "index/flat/tile_scoring.h"
+#include "index/tile_scoring.h"
 
 namespace kvrecall::index {
 namespace {

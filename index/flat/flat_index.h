@@ -23,8 +23,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "index/flat/aligned_vector.h"
-#include "index/flat/search_input.h"
+#include "index/aligned_vector.h"
+#include "index/search_input.h"
 #include "index/index_format.h"
 #include "index/key_index.h"
 

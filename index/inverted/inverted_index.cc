@@ -12,7 +12,7 @@
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
 #include "index/distance.h"
-#include "index/flat/search_input.h"
+#include "index/search_input.h"
 
 namespace kvrecall::index::inverted {
 namespace {

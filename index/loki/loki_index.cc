@@ -12,8 +12,8 @@
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
 #include "index/distance.h"
-#include "index/flat/search_input.h"
-#include "index/flat/tile_scoring.h"
+#include "index/search_input.h"
+#include "index/tile_scoring.h"
 #include "index/index_format.h"
 
 namespace kvrecall::index::loki {

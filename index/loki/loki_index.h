@@ -5,7 +5,7 @@
 //
 // Storage. The index keeps
 //   - the rotated key plane K'[:, :R] = (K P^T)[:, :R] in the keys' dtype, in
-//     the transposed 16-key tiles of index/flat/tile_scoring.h ([ceil(n/16),
+//     the transposed 16-key tiles of index/tile_scoring.h ([ceil(n/16),
 //     R, 16]): the first r <= R rotated dims of every key are contiguous
 //     within its tile, and the approximate pass reads r/d of the key bytes
 //     with the register-blocked tile kernels (4 queries share each load);
@@ -49,7 +49,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/progress.h"
-#include "index/flat/aligned_vector.h"
+#include "index/aligned_vector.h"
 #include "index/index_format.h"
 #include "index/key_index.h"
 #include "index/loki/pca_basis.h"
@@ -139,7 +139,7 @@ class LokiIndex final : public KeyIndex {
   int64_t size_ = 0;
   std::vector<char> keys_;   // [size_, d] elements of dtype_, row-major
   // (P k)[:rank_] of every key in transposed tiles of 16 keys
-  // (index/flat/tile_scoring.h): [ceil(size_ / 16), rank_, 16] elements of
+  // (index/tile_scoring.h): [ceil(size_ / 16), rank_, 16] elements of
   // dtype_, zero padded; the first r rows of a tile are the first r rotated
   // dims of its 16 keys.
   AlignedVector<char> plane_tiles_;

@@ -10,7 +10,7 @@
 // Storage: the keys as given (their dtype) and the bounds M, m (one d-vector
 // per page each, in the keys' dtype: a min or max of representable values is
 // representable, so the bounds are exact), all in the transposed 16-vector
-// tiles of index/flat/tile_scoring.h: the bound pass scores 16 pages and the
+// tiles of index/tile_scoring.h: the bound pass scores 16 pages and the
 // exact pass 16 keys per vector load, bit-identical to DotRow (so exact scores
 // equal flat's). Pages are aligned to positions: page p holds
 // [p·page_size, (p+1)·page_size); the last page may be partial and Add()
@@ -47,7 +47,7 @@
 #include "absl/strings/string_view.h"
 #include "common/progress.h"
 #include "index/index_format.h"
-#include "index/flat/aligned_vector.h"
+#include "index/aligned_vector.h"
 #include "index/key_index.h"
 #include "index/params.h"
 
@@ -131,7 +131,7 @@ class QuestIndex final : public KeyIndex {
   DType dtype_;
   ParamMap build_params_;
   int64_t size_ = 0;
-  // In the transposed 16-vector tiles of index/flat/tile_scoring.h, zero padded:
+  // In the transposed 16-vector tiles of index/tile_scoring.h, zero padded:
   AlignedVector<char> key_tiles_;  // keys: [ceil(size_ / 16), dim_, 16] of dtype_
   AlignedVector<char> max_tiles_;  // page maxima: [ceil(num_pages() / 16), dim_, 16] of dtype_
   AlignedVector<char> min_tiles_;  // page minima: same shape

@@ -15,8 +15,8 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "common/types.h"
-#include "index/flat/aligned_vector.h"
-#include "index/flat/search_input.h"
+#include "index/aligned_vector.h"
+#include "index/search_input.h"
 
 namespace kvrecall::index::roar {
 

@@ -11,7 +11,7 @@
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
 #include "index/flat/flat_index.h"
-#include "index/flat/search_input.h"
+#include "index/search_input.h"
 #include "index/roar/build_progress.h"
 
 namespace kvrecall::index {

@@ -12,7 +12,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "index/flat/flat_index.h"
-#include "index/flat/synthetic_attention.h"
+#include "index/testing/synthetic_attention.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
 

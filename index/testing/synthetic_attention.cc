@@ -1,4 +1,4 @@
-#include "index/flat/synthetic_attention.h"
+#include "index/testing/synthetic_attention.h"
 
 #include <cmath>
 #include <random>

@@ -1,4 +1,4 @@
-#include "index/flat/tile_scoring.h"
+#include "index/tile_scoring.h"
 
 #include <cmath>
 #include <random>

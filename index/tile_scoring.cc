@@ -1,4 +1,4 @@
-#include "index/flat/tile_scoring.h"
+#include "index/tile_scoring.h"
 
 // GCC 12's avx512fintrin.h trips -Wuninitialized on its own _mm512_undefined
 // helpers (GCC bug 105593); the warning is about the header, not this file.

@@ -1,4 +1,4 @@
-#include "index/flat/search_input.h"
+#include "index/search_input.h"
 
 #include <algorithm>
 #include <cstring>
