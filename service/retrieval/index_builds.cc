@@ -114,14 +114,18 @@ void RetrievalService::BuilderLoop() {
   }
 }
 
+void RetrievalService::FinishOperation(Operation& op, OperationState state, absl::Status error) {
+  absl::MutexLock lock(&mu_);
+  op.info.state = state;
+  op.info.error = std::move(error);
+  op.info.elapsed = absl::Now() - op.started;
+  op.info.eta = absl::ZeroDuration();
+  if (state == OperationState::kDone) op.info.fraction = 1.0;
+}
+
 void RetrievalService::RunOperation(std::shared_ptr<Operation> op, BuildIndexRequest request) {
   auto finish = [&](OperationState state, absl::Status error) {
-    absl::MutexLock lock(&mu_);
-    op->info.state = state;
-    op->info.error = std::move(error);
-    op->info.elapsed = absl::Now() - op->started;
-    op->info.eta = absl::ZeroDuration();
-    if (state == OperationState::kDone) op->info.fraction = 1.0;
+    FinishOperation(*op, state, std::move(error));
   };
   if (op->cancel.load()) {
     finish(OperationState::kCancelled, absl::CancelledError("cancelled before it started"));
@@ -155,7 +159,8 @@ void RetrievalService::RunOperation(std::shared_ptr<Operation> op, BuildIndexReq
     }
   }
 
-  const int64_t items = static_cast<int64_t>(request.layers.size() * request.kv_heads.size());
+  BuildProgress progress;
+  progress.items = static_cast<int64_t>(request.layers.size() * request.kv_heads.size());
   int64_t total_keys = 0;
   for (int32_t l : request.layers) total_keys += ctx->num_tokens(l) * request.kv_heads.size();
   {
@@ -163,42 +168,11 @@ void RetrievalService::RunOperation(std::shared_ptr<Operation> op, BuildIndexReq
     op->info.state = OperationState::kRunning;
     op->info.keys_total = total_keys;
   }
-  int64_t done_items = 0, done_keys = 0;
   for (int32_t layer : request.layers) {
     for (int32_t kv_head : request.kv_heads) {
       const int64_t n = ctx->num_tokens(layer);
-      const std::string keys = ctx->GatherKeys(layer, kv_head, 0, n);
-      bool complete = false;
-      const std::vector<float> queries = ctx->TrainingQueries(layer, kv_head, n, &complete);
-      index::BuildOptions bo;
-      bo.params = *params;
-      // A causal roar build needs a query for every position; with fewer, the
-      // graph trains on the queries there are, unordered.
-      if (request.kind == "roar" && !complete && !queries.empty() && !bo.params.Has("causal")) {
-        bo.params.Set("causal", "0");
-      }
-      if (!artifact_bytes.empty()) {
-        bo.artifacts.emplace_back(artifact_name, artifact_bytes);
-        if (!bo.params.Has("layer")) bo.params.SetInt("layer", layer);
-        if (!bo.params.Has("kv_head")) bo.params.SetInt("kv_head", kv_head);
-      }
-      bo.progress = [&, n](const Progress& p) {
-        absl::MutexLock lock(&mu_);
-        const double f = (static_cast<double>(done_items) + std::clamp(p.fraction, 0.0, 1.0)) /
-                         static_cast<double>(items);
-        op->info.fraction = std::max(op->info.fraction, f);
-        op->info.stage = absl::StrCat("layer ", layer, " head ", kv_head, ": ", p.stage);
-        op->info.keys_indexed = done_keys + static_cast<int64_t>(p.fraction * n);
-        op->info.elapsed = absl::Now() - op->started;
-        if (op->info.fraction > 0) {
-          op->info.eta = op->info.elapsed * ((1.0 - op->info.fraction) / op->info.fraction);
-        }
-        return !op->cancel.load();
-      };
-      index::VectorView key_view{keys.data(), n, m.head_dim, m.dtype, 0};
-      index::VectorView query_view = index::VectorView::F32(
-          queries.data(), static_cast<int64_t>(queries.size() / m.head_dim), m.head_dim);
-      auto built = index::BuildIndex(request.kind, key_view, query_view, bo);
+      auto built = BuildLayerHead(*op, request, *ctx, *params, artifact_name, artifact_bytes,
+                                  layer, kv_head, progress);
       if (op->cancel.load()) {
         finish(OperationState::kCancelled, absl::CancelledError("cancelled by request"));
         return;
@@ -217,39 +191,86 @@ void RetrievalService::RunOperation(std::shared_ptr<Operation> op, BuildIndexReq
       li->kind = request.kind;
       li->params = params->ToString();
       li->key = IndexKey(request.tenant, request.context, layer, kv_head, li->kind, li->params);
-      {
-        absl::MutexLock ilock(&li->mu);
-        li->index = std::move(*built);
-        // Catch up with tokens appended during the build.
-        CatchUpIndex(*ctx, layer, kv_head, li->index.get())
-            .IgnoreError();  // kinds that cannot grow serve the built prefix
-        if (options_.persist_indexes) {
-          auto bytes = li->index->Serialize();
-          absl::Status saved = bytes.status();
-          if (saved.ok()) saved = store_->CatalogPut(kIndexSpace, li->key, *bytes);
-          if (saved.ok()) {
-            saved = store_->CatalogPut(
-                kIndexLatestSpace,
-                IndexLatestKey(request.tenant, request.context, layer, kv_head, li->kind),
-                li->params);
-          }
-          if (!saved.ok()) {
-            finish(OperationState::kFailed, saved);
-            return;
-          }
-        }
+      const absl::Status installed = InstallIndex(request, *ctx, std::move(*built), li);
+      if (!installed.ok()) {
+        finish(OperationState::kFailed, installed);
+        return;
       }
-      {
-        absl::MutexLock lock(&mu_);
-        indexes_[li->key] = li;
-        ++done_items;
-        done_keys += n;
-        op->info.keys_indexed = done_keys;
-        op->info.fraction = static_cast<double>(done_items) / static_cast<double>(items);
-      }
+      absl::MutexLock lock(&mu_);
+      ++progress.done_items;
+      progress.done_keys += n;
+      op->info.keys_indexed = progress.done_keys;
+      op->info.fraction =
+          static_cast<double>(progress.done_items) / static_cast<double>(progress.items);
     }
   }
   finish(OperationState::kDone, absl::OkStatus());
+}
+
+absl::StatusOr<std::unique_ptr<index::KeyIndex>> RetrievalService::BuildLayerHead(
+    Operation& op, const BuildIndexRequest& request, const Context& ctx,
+    const index::ParamMap& params, const std::string& artifact_name,
+    const std::string& artifact_bytes, int32_t layer, int32_t kv_head,
+    const BuildProgress& progress) {
+  const store::ModelGeometry& m = ctx.model();
+  const int64_t n = ctx.num_tokens(layer);
+  const std::string keys = ctx.GatherKeys(layer, kv_head, 0, n);
+  bool complete = false;
+  const std::vector<float> queries = ctx.TrainingQueries(layer, kv_head, n, &complete);
+  index::BuildOptions bo;
+  bo.params = params;
+  // A causal roar build needs a query for every position; with fewer, the
+  // graph trains on the queries there are, unordered.
+  if (request.kind == "roar" && !complete && !queries.empty() && !bo.params.Has("causal")) {
+    bo.params.Set("causal", "0");
+  }
+  if (!artifact_bytes.empty()) {
+    bo.artifacts.emplace_back(artifact_name, artifact_bytes);
+    if (!bo.params.Has("layer")) bo.params.SetInt("layer", layer);
+    if (!bo.params.Has("kv_head")) bo.params.SetInt("kv_head", kv_head);
+  }
+  bo.progress = [&, n](const Progress& p) {
+    absl::MutexLock lock(&mu_);
+    const double f =
+        (static_cast<double>(progress.done_items) + std::clamp(p.fraction, 0.0, 1.0)) /
+        static_cast<double>(progress.items);
+    op.info.fraction = std::max(op.info.fraction, f);
+    op.info.stage = absl::StrCat("layer ", layer, " head ", kv_head, ": ", p.stage);
+    op.info.keys_indexed = progress.done_keys + static_cast<int64_t>(p.fraction * n);
+    op.info.elapsed = absl::Now() - op.started;
+    if (op.info.fraction > 0) {
+      op.info.eta = op.info.elapsed * ((1.0 - op.info.fraction) / op.info.fraction);
+    }
+    return !op.cancel.load();
+  };
+  index::VectorView key_view{keys.data(), n, m.head_dim, m.dtype, 0};
+  index::VectorView query_view = index::VectorView::F32(
+      queries.data(), static_cast<int64_t>(queries.size() / m.head_dim), m.head_dim);
+  return index::BuildIndex(request.kind, key_view, query_view, bo);
+}
+
+absl::Status RetrievalService::InstallIndex(const BuildIndexRequest& request, const Context& ctx,
+                                            std::unique_ptr<index::KeyIndex> built,
+                                            std::shared_ptr<LoadedIndex> li) {
+  {
+    absl::MutexLock ilock(&li->mu);
+    li->index = std::move(built);
+    // Catch up with tokens appended during the build.
+    CatchUpIndex(ctx, li->layer, li->kv_head, li->index.get())
+        .IgnoreError();  // kinds that cannot grow serve the built prefix
+    if (options_.persist_indexes) {
+      auto bytes = li->index->Serialize();
+      KVR_RETURN_IF_ERROR(bytes.status());
+      KVR_RETURN_IF_ERROR(store_->CatalogPut(kIndexSpace, li->key, *bytes));
+      KVR_RETURN_IF_ERROR(store_->CatalogPut(
+          kIndexLatestSpace,
+          IndexLatestKey(request.tenant, request.context, li->layer, li->kv_head, li->kind),
+          li->params));
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  indexes_[li->key] = std::move(li);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<OperationInfo> RetrievalService::GetOperation(absl::string_view id) const {

@@ -273,7 +273,31 @@ class RetrievalService {
                                              int64_t tokens, int32_t k, bool need_scores);
   static void UnionPerGroup(const RetrieveRequest& request, const LayerKvView& view,
                             SearchReply* reply);
+  // One build operation: checks, then per (layer, KV head) BuildLayerHead
+  // and InstallIndex, with progress and cancellation; ends in FinishOperation.
   void RunOperation(std::shared_ptr<Operation> op, BuildIndexRequest request);
+  // How far an operation is: items are (layer, KV head) pairs. Written by
+  // RunOperation, read by the build's progress callback, both under mu_.
+  struct BuildProgress {
+    int64_t items = 0;
+    int64_t done_items = 0;
+    int64_t done_keys = 0;
+  };
+  // Builds the index of (layer, kv_head) of `request` over the context's keys
+  // and training queries; reports progress into `op` and stops when it is
+  // cancelled.
+  absl::StatusOr<std::unique_ptr<index::KeyIndex>> BuildLayerHead(
+      Operation& op, const BuildIndexRequest& request, const Context& ctx,
+      const index::ParamMap& params, const std::string& artifact_name,
+      const std::string& artifact_bytes, int32_t layer, int32_t kv_head,
+      const BuildProgress& progress) ABSL_LOCKS_EXCLUDED(mu_);
+  // Puts `built` into `li`, adds the keys appended during the build, persists
+  // it when options_.persist_indexes, and serves it (indexes_).
+  absl::Status InstallIndex(const BuildIndexRequest& request, const Context& ctx,
+                            std::unique_ptr<index::KeyIndex> built,
+                            std::shared_ptr<LoadedIndex> li) ABSL_LOCKS_EXCLUDED(mu_);
+  void FinishOperation(Operation& op, OperationState state, absl::Status error)
+      ABSL_LOCKS_EXCLUDED(mu_);
   void CloseIdleContexts() ABSL_LOCKS_EXCLUDED(mu_);
   void BuilderLoop();
 
