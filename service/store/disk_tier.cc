@@ -109,11 +109,7 @@ struct DiskTier::SegmentFile {
 };
 
 struct DiskTier::Segment {
-  struct Ref {
-    Loc loc;
-    RecordKind kind;
-    SpanKey key;
-  };
+  using Ref = RecordRef;
   std::shared_ptr<SegmentFile> file;
   int64_t size = 0;        // bytes written (the next append offset of the active segment)
   int64_t live_bytes = 0;  // live span records and needed tombstones
@@ -827,9 +823,19 @@ void DiskTier::RemoveSegmentLocked(uint64_t id) {
   segments_.erase(seg_it);
 }
 
+bool DiskTier::IsCurrentLocked(uint64_t id, const RecordRef& r) const {
+  if (r.kind == RecordKind::kSpan) {
+    auto it = index_.find(r.key);
+    return it != index_.end() && it->second.loc.segment == id &&
+           it->second.loc.offset == r.loc.offset;
+  }
+  auto t = tombs_.find(r.key);
+  return t != tombs_.end() && t->second.segment == id && t->second.offset == r.loc.offset;
+}
+
 absl::Status DiskTier::CompactSegment(uint64_t id, bool* removed) {
   *removed = false;
-  std::vector<Segment::Ref> todo;
+  std::vector<RecordRef> todo;
   std::shared_ptr<SegmentFile> file;
   {
     absl::MutexLock lock(&mu_);
@@ -838,101 +844,88 @@ absl::Status DiskTier::CompactSegment(uint64_t id, bool* removed) {
       return absl::OkStatus();
     }
     file = seg_it->second->file;
-    for (const Segment::Ref& r : seg_it->second->refs) {
-      if (r.kind == RecordKind::kSpan) {
-        auto it = index_.find(r.key);
-        if (it != index_.end() && it->second.loc.segment == id &&
-            it->second.loc.offset == r.loc.offset) {
-          todo.push_back(r);
-        }
-      } else {
-        auto t = tombs_.find(r.key);
-        if (t != tombs_.end() && t->second.segment == id && t->second.offset == r.loc.offset) {
-          todo.push_back(r);
-        }
-      }
+    for (const RecordRef& r : seg_it->second->refs) {
+      if (IsCurrentLocked(id, r)) todo.push_back(r);
     }
   }
-
   std::vector<std::shared_ptr<SegmentFile>> written;
   int64_t copied = 0;
   std::string buf;
-  for (const Segment::Ref& r : todo) {
-    Loc loc = r.loc;
-    std::shared_ptr<SegmentFile> out;
-    if (r.kind == RecordKind::kTombstone) {
-      EncodedRecord rec = EncodeTombstoneRecord(r.key, r.loc.seq);
-      KVR_RETURN_IF_ERROR(Append(rec.prefix, "", rec.suffix, &loc, &out));
-    } else {
-      buf.resize(r.loc.length);
-      absl::Status read = PreadAll(file->fd, buf.data(), buf.size(), r.loc.offset, file->path);
-      if (read.ok() && !VerifyRecordBytes(buf)) {
-        read = absl::DataLossError(absl::StrCat("record at ", file->path, ":", r.loc.offset,
-                                                " failed its checksum during compaction"));
-      }
-      if (!read.ok()) {
-        if (read.code() != absl::StatusCode::kDataLoss) return read;
-        KVR_LOG(ERROR) << read;
-        absl::MutexLock lock(&mu_);
-        auto it = index_.find(r.key);
-        if (it != index_.end() && it->second.loc.segment == id &&
-            it->second.loc.offset == r.loc.offset) {
-          DropEntryLocked(r.key);
-          lost_.insert(r.key);
-          metrics_.checksum_failures->Increment();
-          PublishMetricsLocked();
-        }
-        continue;
-      }
-      KVR_RETURN_IF_ERROR(Append(buf, "", "", &loc, &out));
-    }
-    if (written.empty() || written.back() != out) written.push_back(out);
-    absl::MutexLock lock(&mu_);
-    AddRefLocked(loc, r.kind, r.key);
-    const int64_t len = static_cast<int64_t>(loc.length);
-    if (r.kind == RecordKind::kSpan) {
-      auto it = index_.find(r.key);
-      if (it != index_.end() && it->second.loc.segment == id &&
-          it->second.loc.offset == r.loc.offset) {
-        it->second.loc = loc;
-        AddLiveLocked(id, -static_cast<int64_t>(r.loc.length));
-        AddLiveLocked(loc.segment, len);
-        ++copied;
-      }
-    } else {
-      auto t = tombs_.find(r.key);
-      if (t != tombs_.end() && t->second.segment == id && t->second.offset == r.loc.offset) {
-        t->second = loc;
-        AddLiveLocked(id, -static_cast<int64_t>(r.loc.length));
-        AddLiveLocked(loc.segment, len);
-        ++copied;
-      }
-    }
+  for (const RecordRef& r : todo) {
+    KVR_ASSIGN_OR_RETURN(const bool moved, MoveRecord(id, *file, r, &buf, &written));
+    if (moved) ++copied;
   }
   // The copies must be durable before the originals go.
   for (const auto& f : written) {
     if (::fdatasync(f->fd) != 0) return ErrnoError("fdatasync", f->path, errno);
   }
-  int64_t size = 0;
+  return RemoveCompactedSegment(id, *file, !todo.empty(), copied, removed);
+}
+
+absl::StatusOr<bool> DiskTier::MoveRecord(uint64_t id, const SegmentFile& file,
+                                          const RecordRef& r, std::string* buf,
+                                          std::vector<std::shared_ptr<SegmentFile>>* written) {
+  Loc loc = r.loc;
+  std::shared_ptr<SegmentFile> out;
+  if (r.kind == RecordKind::kTombstone) {
+    EncodedRecord rec = EncodeTombstoneRecord(r.key, r.loc.seq);
+    KVR_RETURN_IF_ERROR(Append(rec.prefix, "", rec.suffix, &loc, &out));
+  } else {
+    buf->resize(r.loc.length);
+    absl::Status read = PreadAll(file.fd, buf->data(), buf->size(), r.loc.offset, file.path);
+    if (read.ok() && !VerifyRecordBytes(*buf)) {
+      read = absl::DataLossError(absl::StrCat("record at ", file.path, ":", r.loc.offset,
+                                              " failed its checksum during compaction"));
+    }
+    if (!read.ok()) {
+      if (read.code() != absl::StatusCode::kDataLoss) return read;
+      KVR_LOG(ERROR) << read;
+      absl::MutexLock lock(&mu_);
+      if (IsCurrentLocked(id, r)) {
+        DropEntryLocked(r.key);
+        lost_.insert(r.key);
+        metrics_.checksum_failures->Increment();
+        PublishMetricsLocked();
+      }
+      return false;
+    }
+    KVR_RETURN_IF_ERROR(Append(*buf, "", "", &loc, &out));
+  }
+  if (written->empty() || written->back() != out) written->push_back(out);
+  absl::MutexLock lock(&mu_);
+  AddRefLocked(loc, r.kind, r.key);
+  if (!IsCurrentLocked(id, r)) return false;
+  if (r.kind == RecordKind::kSpan) {
+    index_.find(r.key)->second.loc = loc;
+  } else {
+    tombs_.find(r.key)->second = loc;
+  }
+  AddLiveLocked(id, -static_cast<int64_t>(r.loc.length));
+  AddLiveLocked(loc.segment, static_cast<int64_t>(loc.length));
+  return true;
+}
+
+absl::Status DiskTier::RemoveCompactedSegment(uint64_t id, const SegmentFile& file,
+                                              bool compacted, int64_t copied, bool* removed) {
   {
     absl::MutexLock lock(&mu_);
     auto seg_it = segments_.find(id);
     if (seg_it == segments_.end()) return absl::OkStatus();
-    for (const Segment::Ref& r : seg_it->second->refs) {
+    for (const RecordRef& r : seg_it->second->refs) {
       auto it = index_.find(r.key);
       if (r.kind == RecordKind::kSpan && it != index_.end() && it->second.loc.segment == id) {
         return absl::InternalError(
-            absl::StrCat("segment ", file->path, " still holds live records after compaction"));
+            absl::StrCat("segment ", file.path, " still holds live records after compaction"));
       }
     }
-    size = seg_it->second->size;
+    const int64_t size = seg_it->second->size;
     RemoveSegmentLocked(id);
     ++compaction_.segments_removed;
-    if (!todo.empty()) ++compaction_.segments_compacted;
+    if (compacted) ++compaction_.segments_compacted;
     compaction_.records_copied += copied;
     compaction_.bytes_reclaimed += size;
   }
-  if (::unlink(file->path.c_str()) != 0) return ErrnoError("unlink", file->path, errno);
+  if (::unlink(file.path.c_str()) != 0) return ErrnoError("unlink", file.path, errno);
   *removed = true;
   return SyncDir();
 }

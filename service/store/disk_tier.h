@@ -145,6 +145,12 @@ class DiskTier : public Tier {
     SpanMeta meta;  // without token ids
     bool leaving = false;
   };
+  // One record of a segment file: where, what, whose.
+  struct RecordRef {
+    Loc loc;
+    RecordKind kind;
+    SpanKey key;
+  };
 
   explicit DiskTier(const DiskTierOptions& options);
   absl::Status Recover();
@@ -175,7 +181,23 @@ class DiskTier : public Tier {
   void RemoveSegmentLocked(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PublishMetricsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool WantsCompactionLocked(const Segment& s) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // True when `r`, a record of segment `id`, is the one the index (a span)
+  // or the tombstone map (a tombstone) points at: compaction must keep it.
+  bool IsCurrentLocked(uint64_t id, const RecordRef& r) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Copies the current records of segment `id` into the active segment, syncs
+  // the copies, then removes the segment file (*removed). No-op for a segment
+  // that no longer wants compaction.
   absl::Status CompactSegment(uint64_t id, bool* removed);
+  // Copies record `r` of `file` (segment `id`) to the active segment and
+  // points the index or tombstone map at the copy; false when it was no longer
+  // current or failed its checksum (then dropped and remembered as lost).
+  // `written`: the files written to, to sync.
+  absl::StatusOr<bool> MoveRecord(uint64_t id, const SegmentFile& file, const RecordRef& r,
+                                  std::string* buf,
+                                  std::vector<std::shared_ptr<SegmentFile>>* written);
+  // Removes compacted segment `id` once no live span remains in it.
+  absl::Status RemoveCompactedSegment(uint64_t id, const SegmentFile& file, bool compacted,
+                                      int64_t copied, bool* removed);
   void CompactionLoop();
   absl::Status SyncDir() const;
 

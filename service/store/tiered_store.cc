@@ -71,6 +71,8 @@ class TieredStoreImpl final : public TieredStore {
   explicit TieredStoreImpl(const TieredStoreOptions& options);
   ~TieredStoreImpl() override;
 
+  // Opens the store: ValidateOptions, LockDataDir, OpenTiers, the models
+  // from the catalog, RebuildDirectory. Called once, by TieredStore::Open.
   absl::Status Init();
 
   absl::Status RegisterModel(const ModelGeometry& geometry) override;
@@ -98,6 +100,17 @@ class TieredStoreImpl final : public TieredStore {
 
  private:
   using VictimList = std::pair<TierId, std::vector<SpanKey>>;
+
+  // The steps of Init. INVALID_ARGUMENT naming the option that is out of range.
+  static absl::Status ValidateOptions(const TieredStoreOptions& o);
+  // Creates data_dir and takes its LOCK file (FAILED_PRECONDITION when another
+  // store holds it).
+  absl::Status LockDataDir();
+  // RocksDB always; disk and memory when they have a capacity.
+  absl::Status OpenTiers();
+  // The directory of every span from RocksDB and the disk segments; spans that
+  // disk recovery found corrupt become checksum-failure tombstones.
+  absl::Status RebuildDirectory();
 
   absl::Time Now() const { return options_.clock ? options_.clock() : absl::Now(); }
   absl::Mutex& StripeFor(const SpanKey& key) const {
@@ -205,7 +218,24 @@ void TieredStoreImpl::WriteMemoryOnlyTombstones() {
 }
 
 absl::Status TieredStoreImpl::Init() {
-  const TieredStoreOptions& o = options_;
+  KVR_RETURN_IF_ERROR(ValidateOptions(options_));
+  KVR_RETURN_IF_ERROR(LockDataDir());
+  KVR_RETURN_IF_ERROR(OpenTiers());
+  KVR_ASSIGN_OR_RETURN(std::vector<ModelGeometry> models, rocksdb_->LoadModels());
+  {
+    absl::MutexLock lock(&models_mu_);
+    for (ModelGeometry& m : models) models_[m.model_id] = std::move(m);
+    models_gauge_->Set(static_cast<int64_t>(models_.size()));
+  }
+  KVR_RETURN_IF_ERROR(RebuildDirectory());
+  if (memory_ == nullptr && disk_ == nullptr && !rocksdb_holds_spans_) {
+    KVR_LOG(WARNING) << "store " << options_.data_dir
+                     << " has no tier for spans (all capacities 0)";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TieredStoreImpl::ValidateOptions(const TieredStoreOptions& o) {
   if (o.data_dir.empty()) return absl::InvalidArgumentError("data_dir is required");
   if (o.memory_capacity_bytes < 0 || o.disk_capacity_bytes < 0 || o.rocksdb_capacity_bytes < 0) {
     return absl::InvalidArgumentError("capacities must be >= 0");
@@ -222,8 +252,11 @@ absl::Status TieredStoreImpl::Init() {
     return absl::InvalidArgumentError(absl::StrCat(
         "disk_compaction_live_fraction must be in 0..1, got ", o.disk_compaction_live_fraction));
   }
-  KVR_RETURN_IF_ERROR(ParseCompression(o.rocksdb_compression).status());
+  return ParseCompression(o.rocksdb_compression).status();
+}
 
+absl::Status TieredStoreImpl::LockDataDir() {
+  const TieredStoreOptions& o = options_;
   std::error_code ec;
   std::filesystem::create_directories(o.data_dir, ec);
   if (ec) {
@@ -239,7 +272,11 @@ absl::Status TieredStoreImpl::Init() {
     return absl::FailedPreconditionError(
         absl::StrCat(o.data_dir, " is in use by another store (", lock_path, " is locked)"));
   }
+  return absl::OkStatus();
+}
 
+absl::Status TieredStoreImpl::OpenTiers() {
+  const TieredStoreOptions& o = options_;
   RocksDbTierOptions rocks;
   rocks.dir = (std::filesystem::path(o.data_dir) / "rocksdb").string();
   rocks.capacity_bytes = o.rocksdb_capacity_bytes;
@@ -268,51 +305,40 @@ absl::Status TieredStoreImpl::Init() {
     memory.metrics = o.metrics;
     KVR_ASSIGN_OR_RETURN(memory_, MemoryTier::Create(memory));
   }
+  return absl::OkStatus();
+}
 
-  KVR_ASSIGN_OR_RETURN(std::vector<ModelGeometry> models, rocksdb_->LoadModels());
-  {
-    absl::MutexLock lock(&models_mu_);
-    for (ModelGeometry& m : models) models_[m.model_id] = std::move(m);
-    models_gauge_->Set(static_cast<int64_t>(models_.size()));
-  }
-
-  // Rebuild the directory: RocksDB first, then the disk tier. A key held by
-  // both with different payloads (possible only after a crash between a
-  // delete and a re-put) keeps the RocksDB copy.
+absl::Status TieredStoreImpl::RebuildDirectory() {
+  // RocksDB first, then the disk tier. A key held by both with different
+  // payloads (possible only after a crash between a delete and a re-put)
+  // keeps the RocksDB copy.
   rocksdb_->ForEachSpan(
       [&](const SpanKey& key, const SpanMeta& meta) { DirInsert(key, ToDirEntry(meta)); });
-  if (disk_ != nullptr) {
-    std::vector<SpanKey> conflicting;
-    disk_->ForEachSpan([&](const SpanKey& key, const SpanMeta& meta) {
-      std::optional<DirEntry> e = DirLookup(key);
-      if (!e.has_value()) {
-        DirInsert(key, ToDirEntry(meta));
-      } else if (e->checksum != meta.payload_checksum) {
-        conflicting.push_back(key);
-      } else if (meta.durable && !e->durable) {
-        DirSetDurable(key);
-      }
-    });
-    for (const SpanKey& key : conflicting) {
-      KVR_LOG(WARNING) << "span " << key.hash.ToHex()
-                       << " differs between disk and rocksdb; keeping the rocksdb copy";
-      disk_->Delete(key).IgnoreError();  // the directory no longer refers to it either way
+  if (disk_ == nullptr) return absl::OkStatus();
+  std::vector<SpanKey> conflicting;
+  disk_->ForEachSpan([&](const SpanKey& key, const SpanMeta& meta) {
+    std::optional<DirEntry> e = DirLookup(key);
+    if (!e.has_value()) {
+      DirInsert(key, ToDirEntry(meta));
+    } else if (e->checksum != meta.payload_checksum) {
+      conflicting.push_back(key);
+    } else if (meta.durable && !e->durable) {
+      DirSetDurable(key);
     }
-    // Spans whose record recovery found corrupt (and no valid copy elsewhere):
-    // their misses must say checksum failure, not never stored.
-    std::vector<SpanKey> corrupt;
-    for (const SpanKey& key : disk_->RecoveredCorruptKeys()) {
-      if (!DirLookup(key).has_value()) corrupt.push_back(key);
-    }
-    if (!corrupt.empty()) {
-      KVR_RETURN_IF_ERROR(
-          rocksdb_->PutTombstones(corrupt, MissReason::kChecksumFailure, /*sync=*/true));
-    }
+  });
+  for (const SpanKey& key : conflicting) {
+    KVR_LOG(WARNING) << "span " << key.hash.ToHex()
+                     << " differs between disk and rocksdb; keeping the rocksdb copy";
+    disk_->Delete(key).IgnoreError();  // the directory no longer refers to it either way
   }
-  if (memory_ == nullptr && disk_ == nullptr && !rocksdb_holds_spans_) {
-    KVR_LOG(WARNING) << "store " << o.data_dir << " has no tier for spans (all capacities 0)";
+  // Spans whose record recovery found corrupt (and no valid copy elsewhere):
+  // their misses must say checksum failure, not never stored.
+  std::vector<SpanKey> corrupt;
+  for (const SpanKey& key : disk_->RecoveredCorruptKeys()) {
+    if (!DirLookup(key).has_value()) corrupt.push_back(key);
   }
-  return absl::OkStatus();
+  if (corrupt.empty()) return absl::OkStatus();
+  return rocksdb_->PutTombstones(corrupt, MissReason::kChecksumFailure, /*sync=*/true);
 }
 
 // ---------------------------------------------------------------------------
