@@ -25,6 +25,7 @@
 #include "absl/time/clock.h"
 #include "clients/cli/inputs.h"
 #include "clients/cli/output.h"
+#include "clients/cli/policy_commands.h"
 #include "clients/cli/progress_bar.h"
 #include "clients/cli/retrieval_commands.h"
 #include "clients/cpp/kv_store_client.h"
@@ -589,6 +590,7 @@ int CmdBench(const std::string& name, const std::vector<std::string>& args, std:
 int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& err) {
   Flags f;
   RetrievalCommands retrieval;
+  PolicyCommands policy;
   if (const char* t = std::getenv("KVRECALL_TARGET"); t != nullptr && *t != '\0') f.target = t;
   if (const char* t = std::getenv("KVRECALL_TOKEN"); t != nullptr) f.token = t;
   CLI::App app{"kvrecall: command-line client of kvrecalld (docs/cli.md)", "kvrecall"};
@@ -666,6 +668,7 @@ int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& e
     app.add_subcommand("config", "the daemon's effective options and versions");
 
     retrieval.Register(&app);
+    policy.Register(&app);
 
     auto* bench = app.add_subcommand("bench", "run a benchmark binary: store, index, retrieval, gpu");
     bench->add_option("name", f.bench_name, "which benchmark")
@@ -679,14 +682,16 @@ int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& e
     CLI::App* cmd = app.get_subcommands().front();
     const std::string name = cmd->get_name();
     if (name == "bench") return CmdBench(f.bench_name, cmd->remaining(), err);
-    if (retrieval.Handles(name)) {
+    if (retrieval.Handles(name) || policy.Handles(name)) {
       GlobalOptions g;
       g.target = f.target;
       g.token = f.token;
       g.deadline_ms = f.deadline_ms;
       g.json = f.json;
       g.progress = ProgressEnabled(f);
-      return retrieval.Run(cmd, g, out, err);
+      g.stage_lines = !g.progress && f.progress == "auto";
+      return retrieval.Handles(name) ? retrieval.Run(cmd, g, out, err)
+                                     : policy.Run(cmd, g, out, err);
     }
 
     client::ClientOptions options;

@@ -22,6 +22,9 @@ struct GlobalOptions {
   int64_t deadline_ms = 0;
   bool json = false;
   bool progress = false;  // draw progress bars on stderr
+  // No bar (auto mode, stderr not a terminal): long local work prints a line
+  // per stage on stderr instead.
+  bool stage_lines = false;
 };
 
 // Not thread-safe (one per command line).
