@@ -227,7 +227,8 @@ struct QuestScoreArgs {
 // captured once in a CUDA graph and replayed step after step.
 
 // seq_lens[b] += num_tokens for every sequence; optionally also
-// pages[b] = ceil(seq_lens[b] / page_size) (after the increment).
+// pages[b] = ceil(seq_lens[b] / page_size) (after the increment; 0 for a
+// length <= 0). One launch per step: num_tokens is a launch constant.
 struct AdvanceSeqLensArgs {
   int32_t* seq_lens = nullptr;  // [batch_size], device, updated in place
   int32_t batch_size = 0;       // >= 1
@@ -240,17 +241,21 @@ struct AdvanceSeqLensArgs {
 // at positions [start_b, start_b + num_tokens), start_b = seq_lens[b] -
 // num_tokens (the rows just counted by AdvanceSeqLens) when start_positions
 // is null, else start_positions[b]. Rows whose position has no valid page
-// (page id < 0 or >= num_pages) are skipped.
+// (position < 0, position / page_size >= max_pages_per_seq, or page id < 0
+// or >= num_pages) are skipped; positions are not checked against seq_lens
+// (rows may be written ahead of AdvanceSeqLens through start_positions).
 struct AppendKvArgs {
   // Destination cache: its k and v pools are written (the const in
-  // PagedKvCache is cast away); page_table and seq_lens are read.
+  // PagedKvCache is cast away); page_table is read, and seq_lens when
+  // start_positions is null (seq_lens may be null otherwise).
   PagedKvCache kv;
   int32_t batch_size = 0;   // >= 1
   int32_t num_tokens = 0;   // >= 1
   // Source rows, kv.dtype: element (b, kv_head, t, d) at
   //   k_src[b * src_batch_stride + kv_head * src_head_stride + t * src_token_stride + d]
   // (the same for v_src). [B, Hkv, T, d] contiguous has src_token_stride = d,
-  // src_head_stride = T * d, src_batch_stride = Hkv * T * d.
+  // src_head_stride = T * d, src_batch_stride = Hkv * T * d. Both 16-byte
+  // aligned; strides non-negative multiples of 8 elements.
   const void* k_src = nullptr;
   const void* v_src = nullptr;
   int64_t src_batch_stride = 0;
@@ -263,7 +268,9 @@ struct AppendKvArgs {
 // (Loki's rotation, methods.md §2): for each (b, h, t) and j < rank,
 //   y[b, h, t + offset_b, j] = Σ_i x[b, h, t, i] * P[h / heads_per_matrix][i, j]
 // where offset_b = seq_lens[b] - num_tokens when offset_from_seq_lens (the
-// rows just appended), else 0.
+// rows just appended), else 0. Rows whose output position t + offset_b is
+// negative are always skipped. f32 accumulation, one rounding to y_dtype.
+// No alignment is required of x, matrices or y.
 struct ProjectRowsArgs {
   const void* x = nullptr;      // element (b, h, t, i) at x[b*x_batch_stride + h*x_head_stride + t*x_token_stride + i]
   DType x_dtype = DType::kF32;  // kF32, kBf16 or kF16
@@ -287,7 +294,7 @@ struct ProjectRowsArgs {
   int64_t y_token_stride = 0;   // >= rank
   bool offset_from_seq_lens = false;
   const int32_t* seq_lens = nullptr;  // [batch_size]; required when offset_from_seq_lens
-  int32_t max_positions = 0;    // rows with t + offset_b outside [0, max_positions) are skipped (0: no check)
+  int32_t max_positions = 0;    // >= 0; rows with t + offset_b >= max_positions are skipped (0: no upper check)
 };
 
 // Quest page bounds from a paged KV cache: for each (b, kv_head) and each
@@ -297,9 +304,11 @@ struct ProjectRowsArgs {
 // else max(0, ceil(seq_lens[b] / P) - last_pages) (after a decode step,
 // last_pages = 1 refreshes the page the new token landed in). Positions
 // whose KV page is invalid are left out of the bound; a page with no valid
-// position gets max = -inf, min = +inf (its score is -inf).
+// position gets max = -inf, min = +inf (its score is -inf). A sequence
+// length <= 0 has no pages. The bounds are exact (max and min of 16-bit
+// values need no rounding; NaN keys are ignored, as fmax/fmin do).
 struct PageBoundsArgs {
-  PagedKvCache kv;              // read: k, page_table, seq_lens
+  PagedKvCache kv;              // read: k, page_table, seq_lens (v may be null)
   int32_t batch_size = 0;       // >= 1
   int32_t quest_page_size = 16; // P >= 1
   int32_t last_pages = 0;       // 0: every page; else the last `last_pages` pages
@@ -307,25 +316,26 @@ struct PageBoundsArgs {
   // page_max[b * seq_stride + kv_head * head_stride + p * head_dim + d]; same for page_min.
   void* page_max = nullptr;
   void* page_min = nullptr;
-  int64_t seq_stride = 0;
-  int64_t head_stride = 0;      // >= max_pages * head_dim
-  int32_t max_pages = 0;        // pages past it are not written
+  int64_t seq_stride = 0;       // multiple of 8; outputs 16-byte aligned
+  int64_t head_stride = 0;      // multiple of 8, >= max_pages * head_dim
+  int32_t max_pages = 0;        // >= 1; pages past it are not written
 };
 
 // Sets scores to -inf outside the selection candidates of each row: with
 // T = seq_lens[b] (b = row / rows_per_seq) and unit U (1 for per-token
 // scores, P for Quest page scores), column c covers positions [c*U, (c+1)*U)
-// and is kept when that range meets [sinks, T - window); other columns of
-// [0, num_cols) become -inf.
+// and is kept when that range meets [sinks, T - window), i.e. when
+// c*U < T - window and (c+1)*U > sinks; other columns of [0, num_cols)
+// become -inf (columns past num_cols are not touched).
 struct MaskScoresArgs {
   float* scores = nullptr;      // [num_rows, row_stride] f32, in place
-  int32_t num_rows = 0;         // batch_size * rows_per_seq
-  int32_t rows_per_seq = 1;     // e.g. num_q_heads
+  int32_t num_rows = 0;         // batch_size * rows_per_seq, >= 1
+  int32_t rows_per_seq = 1;     // >= 1, divides num_rows; e.g. num_q_heads
   int32_t num_cols = 0;         // >= 1
   int64_t row_stride = 0;       // >= num_cols; 0 means num_cols
   const int32_t* seq_lens = nullptr;  // [num_rows / rows_per_seq]
-  int32_t sinks = 0;
-  int32_t window = 0;
+  int32_t sinks = 0;            // >= 0
+  int32_t window = 0;           // >= 0
   int32_t unit = 1;             // >= 1
 };
 
@@ -336,18 +346,20 @@ struct MaskScoresArgs {
 // skipped). The result is written in that order (sinks, window, then the
 // expansion in selection order) with its length; positions are distinct
 // when the selected entries are. selected may be null (sinks ∪ window only).
+// A length T <= 0 gives an empty list; entries of positions at or past the
+// list's length are left unchanged.
 struct ComposeListsArgs {
   int32_t batch_size = 0;       // >= 1
-  int32_t num_lists = 0;        // lists per sequence (num_q_heads or num_kv_heads)
+  int32_t num_lists = 0;        // >= 1, lists per sequence (num_q_heads or num_kv_heads)
   const int32_t* seq_lens = nullptr;   // [batch_size]
-  int32_t sinks = 0;
-  int32_t window = 0;
+  int32_t sinks = 0;                   // >= 0
+  int32_t window = 0;                  // >= 0
   const int32_t* selected = nullptr;   // [batch_size, num_lists, num_selected] or nullptr
-  int32_t num_selected = 0;
+  int32_t num_selected = 0;            // >= 0; ignored when selected is null
   int32_t unit = 1;                    // >= 1
   int32_t* positions = nullptr;        // [batch_size, num_lists, max_list_len] output
   int32_t* list_lens = nullptr;        // [batch_size, num_lists] output
-  int32_t max_list_len = 0;            // >= sinks + window + num_selected * unit
+  int32_t max_list_len = 0;            // >= 1 and >= sinks + window + num_selected * unit (num_selected 0 when selected is null)
 };
 
 // ---------------------------------------------------------------------------
@@ -358,9 +370,13 @@ namespace internal {
 inline bool IsKvDType(DType d) { return d == DType::kBf16 || d == DType::kF16; }
 inline bool IsAligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-inline const char* ValidateKv(const PagedKvCache& kv, int32_t batch_size, int32_t num_q_heads) {
-  if (kv.k == nullptr || kv.v == nullptr) return "kv.k and kv.v must not be null";
-  if (kv.page_table == nullptr || kv.seq_lens == nullptr) return "kv.page_table and kv.seq_lens must not be null";
+// The pool, its strides and page table; v and seq_lens only where a kernel
+// reads them.
+inline const char* ValidateKvPool(const PagedKvCache& kv, bool reads_v, bool reads_seq_lens) {
+  if (kv.k == nullptr) return "kv.k must not be null";
+  if (reads_v && kv.v == nullptr) return "kv.v must not be null";
+  if (kv.page_table == nullptr) return "kv.page_table must not be null";
+  if (reads_seq_lens && kv.seq_lens == nullptr) return "kv.seq_lens must not be null";
   if (!IsKvDType(kv.dtype)) return "kv.dtype must be kBf16 or kF16";
   if (kv.head_dim != 64 && kv.head_dim != 128) return "head_dim must be 64 or 128";
   if (kv.num_kv_heads < 1) return "num_kv_heads must be >= 1";
@@ -371,7 +387,13 @@ inline const char* ValidateKv(const PagedKvCache& kv, int32_t batch_size, int32_
       kv.token_stride % 8 != 0 || kv.head_stride % 8 != 0) {
     return "kv strides must be non-negative multiples of 8 elements";
   }
-  if (!IsAligned16(kv.k) || !IsAligned16(kv.v)) return "kv.k and kv.v must be 16-byte aligned";
+  if (!IsAligned16(kv.k)) return "kv.k must be 16-byte aligned";
+  if (reads_v && !IsAligned16(kv.v)) return "kv.v must be 16-byte aligned";
+  return nullptr;
+}
+
+inline const char* ValidateKv(const PagedKvCache& kv, int32_t batch_size, int32_t num_q_heads) {
+  if (const char* e = ValidateKvPool(kv, /*reads_v=*/true, /*reads_seq_lens=*/true)) return e;
   if (batch_size < 1) return "batch_size must be >= 1";
   if (num_q_heads < 1 || num_q_heads % kv.num_kv_heads != 0) {
     return "num_q_heads must be a positive multiple of num_kv_heads";
@@ -486,6 +508,93 @@ inline const char* ValidateQuestScoreArgs(const QuestScoreArgs& a) {
   if (a.k > 0) {
     if (a.k > a.max_pages) return "k must be <= max_pages";
     if (a.top_k_pages == nullptr) return "top_k_pages must not be null when k > 0";
+  }
+  return nullptr;
+}
+
+inline const char* ValidateAdvanceSeqLensArgs(const AdvanceSeqLensArgs& a) {
+  if (a.seq_lens == nullptr) return "seq_lens must not be null";
+  if (a.batch_size < 1) return "batch_size must be >= 1";
+  if (a.num_tokens < 0) return "num_tokens must be >= 0";
+  if (a.pages != nullptr && a.page_size < 1) return "page_size must be >= 1 when pages is set";
+  return nullptr;
+}
+
+inline const char* ValidateAppendKvArgs(const AppendKvArgs& a) {
+  if (const char* e = internal::ValidateKvPool(a.kv, /*reads_v=*/true, /*reads_seq_lens=*/a.start_positions == nullptr)) {
+    return e;
+  }
+  if (a.batch_size < 1) return "batch_size must be >= 1";
+  if (a.num_tokens < 1) return "num_tokens must be >= 1";
+  if (a.k_src == nullptr || a.v_src == nullptr) return "k_src and v_src must not be null";
+  if (!internal::IsAligned16(a.k_src) || !internal::IsAligned16(a.v_src)) return "k_src and v_src must be 16-byte aligned";
+  if (a.src_batch_stride < 0 || a.src_head_stride < 0 || a.src_token_stride < 0 || a.src_batch_stride % 8 != 0 ||
+      a.src_head_stride % 8 != 0 || a.src_token_stride % 8 != 0) {
+    return "source strides must be non-negative multiples of 8 elements";
+  }
+  return nullptr;
+}
+
+inline const char* ValidateProjectRowsArgs(const ProjectRowsArgs& a) {
+  if (a.x == nullptr || a.matrices == nullptr || a.y == nullptr) return "x, matrices and y must not be null";
+  const auto is_dtype = [](DType d) { return d == DType::kF32 || d == DType::kBf16 || d == DType::kF16; };
+  if (!is_dtype(a.x_dtype) || !is_dtype(a.y_dtype)) return "x_dtype and y_dtype must be kF32, kBf16 or kF16";
+  if (a.head_dim != 64 && a.head_dim != 128) return "head_dim must be 64 or 128";
+  if (a.rank < 1 || a.rank > a.head_dim) return "rank must be in [1, head_dim]";
+  if (a.matrix_cols < a.rank) return "matrix_cols must be >= rank";
+  if (a.batch_size < 1 || a.num_tokens < 1) return "batch_size and num_tokens must be >= 1";
+  if (a.heads_per_matrix < 1) return "heads_per_matrix must be >= 1";
+  if (a.num_heads < 1 || a.num_heads % a.heads_per_matrix != 0) {
+    return "num_heads must be a positive multiple of heads_per_matrix";
+  }
+  if (a.x_batch_stride < 0 || a.x_head_stride < 0 || a.x_token_stride < 0 || a.y_batch_stride < 0 ||
+      a.y_head_stride < 0 || a.y_token_stride < 0) {
+    return "strides must be non-negative";
+  }
+  if (a.y_token_stride < a.rank) return "y_token_stride must be >= rank";
+  if (a.offset_from_seq_lens && a.seq_lens == nullptr) return "seq_lens must not be null when offset_from_seq_lens";
+  if (a.max_positions < 0) return "max_positions must be >= 0";
+  return nullptr;
+}
+
+inline const char* ValidatePageBoundsArgs(const PageBoundsArgs& a) {
+  if (const char* e = internal::ValidateKvPool(a.kv, /*reads_v=*/false, /*reads_seq_lens=*/true)) return e;
+  if (a.batch_size < 1 || a.batch_size > 65535) return "batch_size must be in [1, 65535]";
+  if (a.kv.num_kv_heads > 65535) return "num_kv_heads must be <= 65535";
+  if (a.quest_page_size < 1) return "quest_page_size must be >= 1";
+  if (a.last_pages < 0) return "last_pages must be >= 0";
+  if (a.page_max == nullptr || a.page_min == nullptr) return "page_max and page_min must not be null";
+  if (!internal::IsAligned16(a.page_max) || !internal::IsAligned16(a.page_min)) return "page_max and page_min must be 16-byte aligned";
+  if (a.max_pages < 1) return "max_pages must be >= 1";
+  if (a.seq_stride < 0 || a.head_stride < 0 || a.seq_stride % 8 != 0 || a.head_stride % 8 != 0) {
+    return "seq_stride and head_stride must be non-negative multiples of 8 elements";
+  }
+  if (a.head_stride < static_cast<int64_t>(a.max_pages) * a.kv.head_dim) return "head_stride must be >= max_pages * head_dim";
+  return nullptr;
+}
+
+inline const char* ValidateMaskScoresArgs(const MaskScoresArgs& a) {
+  if (a.scores == nullptr || a.seq_lens == nullptr) return "scores and seq_lens must not be null";
+  if (a.num_rows < 1) return "num_rows must be >= 1";
+  if (a.rows_per_seq < 1 || a.num_rows % a.rows_per_seq != 0) return "rows_per_seq must be >= 1 and divide num_rows";
+  if (a.num_cols < 1) return "num_cols must be >= 1";
+  if (a.row_stride != 0 && a.row_stride < a.num_cols) return "row_stride must be >= num_cols";
+  if (a.sinks < 0 || a.window < 0) return "sinks and window must be >= 0";
+  if (a.unit < 1) return "unit must be >= 1";
+  return nullptr;
+}
+
+inline const char* ValidateComposeListsArgs(const ComposeListsArgs& a) {
+  if (a.seq_lens == nullptr || a.positions == nullptr || a.list_lens == nullptr) {
+    return "seq_lens, positions and list_lens must not be null";
+  }
+  if (a.batch_size < 1 || a.num_lists < 1) return "batch_size and num_lists must be >= 1";
+  if (a.sinks < 0 || a.window < 0) return "sinks and window must be >= 0";
+  if (a.num_selected < 0) return "num_selected must be >= 0";
+  if (a.unit < 1) return "unit must be >= 1";
+  const int64_t expanded = a.selected != nullptr ? static_cast<int64_t>(a.num_selected) * a.unit : 0;
+  if (a.max_list_len < 1 || a.max_list_len < static_cast<int64_t>(a.sinks) + a.window + expanded) {
+    return "max_list_len must be >= 1 and >= sinks + window + num_selected * unit";
   }
   return nullptr;
 }

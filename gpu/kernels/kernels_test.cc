@@ -12,10 +12,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -24,6 +26,7 @@
 #include "gpu/kernels/loki_score.h"
 #include "gpu/kernels/merge_states.h"
 #include "gpu/kernels/quest_score.h"
+#include "gpu/kernels/step_kernels.h"
 #include "gpu/kernels/top_k.h"
 #include "gpu/reference/half_convert.h"
 #include "gpu/reference/reference.h"
@@ -244,8 +247,12 @@ struct PagedKv {
     Sync();
   }
 
-  // (Re)uploads the host arrays.
+  // (Re)uploads the host arrays and points both views at the current ones.
   void Sync() {
+    host.k = k.data();
+    host.v = v.data();
+    host.page_table = page_table.data();
+    host.seq_lens = seq_lens.data();
     dk.Allocate(k.size());
     dk.Upload(k);
     dv.Allocate(v.size());
@@ -1203,6 +1210,644 @@ TEST(GraphCaptureTest, DecodeStepCapturesAndReplaysIdentically) {
   };
   EXPECT_EQ(sorted_rows(top1.Download(), 64), sorted_rows(top2.Download(), 64));
   EXPECT_EQ(sorted_rows(ltop1.Download(), 32), sorted_rows(ltop2.Download(), 32));
+  KVR_ASSERT_CUDA(cudaGraphExecDestroy(exec));
+  KVR_ASSERT_CUDA(cudaGraphDestroy(graph));
+  KVR_ASSERT_CUDA(cudaStreamDestroy(stream));
+}
+
+
+// ---------------------------------------------------------------------------
+// Decode-step bookkeeping kernels: each launcher against its reference on
+// fresh random data over a small shape grid. Outputs the kernels must not
+// touch (pool slots of skipped rows, positions past a list's length, score
+// padding) are poisoned identically on both sides and compared bit for bit.
+
+// "k1v1 k2v2 ...": a trace label built by appending (GCC 12 warns falsely
+// on chains of std::string operator+ here).
+std::string Label(std::initializer_list<std::pair<const char*, int64_t>> parts) {
+  std::string s;
+  for (const auto& [key, value] : parts) {
+    s += key;
+    s += std::to_string(value);
+    s += ' ';
+  }
+  return s;
+}
+
+bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+TEST(StepKernelsTest, AdvanceSeqLensMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (int32_t batch : {1, 7, 300}) {
+    for (int32_t tokens : {0, 1, 5}) {
+      for (int32_t page_size : {0, 1, 7, 16}) {  // 0: no pages output
+        SCOPED_TRACE(Label({{"b", batch}, {"t", tokens}, {"ps", page_size}}));
+        std::vector<int32_t> lens(batch);
+        for (int32_t& l : lens) l = static_cast<int32_t>(rng() % 5000);
+        std::vector<int32_t> pages(batch, -1);
+        DeviceArray<int32_t> dlens(lens), dpages(pages);
+        AdvanceSeqLensArgs ref;
+        ref.seq_lens = lens.data();
+        ref.batch_size = batch;
+        ref.num_tokens = tokens;
+        ref.pages = page_size > 0 ? pages.data() : nullptr;
+        ref.page_size = std::max(page_size, 1);
+        ASSERT_TRUE(reference::AdvanceSeqLens(ref));
+        AdvanceSeqLensArgs a = ref;
+        a.seq_lens = dlens.get();
+        a.pages = page_size > 0 ? dpages.get() : nullptr;
+        KVR_ASSERT_CUDA(AdvanceSeqLens(a, nullptr));
+        KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+        EXPECT_EQ(dlens.Download(), lens);
+        EXPECT_EQ(dpages.Download(), pages);
+      }
+    }
+  }
+}
+
+TEST(StepKernelsTest, AppendKvMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  int i = 0;
+  for (DType dtype : {DType::kBf16, DType::kF16}) {
+    for (int32_t d : {64, 128}) {
+      for (int32_t tokens : {1, 37}) {
+        for (bool explicit_start : {false, true}) {
+          const int32_t page_size = i % 3 == 0 ? 16 : (i % 3 == 1 ? 7 : 1);
+          const bool hnd = i % 2 == 1;
+          ++i;
+          const std::string name = DTypeName(dtype) + " d" + std::to_string(d) + " t" + std::to_string(tokens) +
+                                   " ps" + std::to_string(page_size) + (hnd ? " hnd" : " nhd") +
+                                   (explicit_start ? " start" : " seq_lens");
+          SCOPED_TRACE(name);
+          const int32_t batch = 3, kv_heads = 3;
+          // Lengths after the append; the pool holds room for 100 more tokens.
+          const std::vector<int32_t> lens = {500, 37 + tokens, tokens};
+          PagedKv kv;
+          kv.Build(rng, dtype, d, kv_heads, {600, 37 + tokens, tokens}, page_size, hnd);
+          kv.seq_lens = lens;
+          kv.page_table[499 / page_size] = -1;                        // sequence 0: the page of position 499 gone
+          kv.page_table[kv.host.max_pages_per_seq] = kv.host.num_pages;  // sequence 1: its first page outside the pool
+          kv.Sync();
+          // Source rows [B, Hkv, T, d + 8] (padded tokens).
+          const int64_t tok_stride = d + 8;
+          const std::vector<uint16_t> ks = RandomHalf(rng, static_cast<size_t>(batch) * kv_heads * tokens * tok_stride, dtype);
+          const std::vector<uint16_t> vs = RandomHalf(rng, ks.size(), dtype);
+          // Explicit starts: one row partly past the page table, one negative.
+          const std::vector<int32_t> starts = {590, 3, -2};
+          AppendKvArgs ref;
+          ref.kv = kv.host;
+          ref.batch_size = batch;
+          ref.num_tokens = tokens;
+          ref.k_src = ks.data();
+          ref.v_src = vs.data();
+          ref.src_token_stride = tok_stride;
+          ref.src_head_stride = tokens * tok_stride;
+          ref.src_batch_stride = kv_heads * tokens * tok_stride;
+          ref.start_positions = explicit_start ? starts.data() : nullptr;
+          ASSERT_TRUE(reference::AppendKv(ref));
+          DeviceArray<uint16_t> dks(ks), dvs(vs);
+          DeviceArray<int32_t> dstarts(starts);
+          AppendKvArgs a = ref;
+          a.kv = kv.dev;
+          a.k_src = dks.get();
+          a.v_src = dvs.get();
+          a.start_positions = explicit_start ? dstarts.get() : nullptr;
+          KVR_ASSERT_CUDA(AppendKv(a, nullptr));
+          KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+          EXPECT_TRUE(kv.dk.Download() == kv.k) << "K pool differs";
+          EXPECT_TRUE(kv.dv.Download() == kv.v) << "V pool differs";
+        }
+      }
+    }
+  }
+}
+
+TEST(StepKernelsTest, ProjectRowsMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  struct Case {
+    DType x_dtype, y_dtype;
+    int32_t d, rank, heads_per_matrix, tokens;
+    bool offset;
+  };
+  const Case cases[] = {
+      {DType::kF32, DType::kF32, 128, 32, 4, 1, false},   // Loki query rotation, GQA group 4
+      {DType::kBf16, DType::kBf16, 128, 32, 1, 1, true},   // the key row just appended
+      {DType::kF16, DType::kF16, 64, 16, 1, 300, true},
+      {DType::kBf16, DType::kF32, 64, 64, 2, 1000, false},  // full rank, prefill of the key plane
+      {DType::kF32, DType::kBf16, 128, 1, 1, 9, true},
+      {DType::kF16, DType::kF32, 128, 128, 1, 20, false},
+  };
+  for (const Case& c : cases) {
+    const std::string name = DTypeName(c.x_dtype) + "->" + DTypeName(c.y_dtype) + " d" + std::to_string(c.d) + " r" +
+                             std::to_string(c.rank) + " hpm" + std::to_string(c.heads_per_matrix) + " t" +
+                             std::to_string(c.tokens) + (c.offset ? " offset" : "");
+    SCOPED_TRACE(name);
+    const int32_t batch = 2, heads = 4, cap = c.tokens + 40;
+    const int64_t x_tok = c.d + 3, y_tok = c.rank + 5;
+    const size_t x_elems = static_cast<size_t>(batch) * heads * c.tokens * x_tok;
+    std::vector<float> xf = RandomNormal(rng, x_elems, 1.0f);
+    std::vector<uint16_t> xh(x_elems);
+    for (size_t e = 0; e < x_elems; ++e) xh[e] = FloatToHalfBits(xf[e], c.x_dtype == DType::kF32 ? DType::kBf16 : c.x_dtype);
+    const int32_t cols = c.rank + 7;
+    const std::vector<float> mats = RandomNormal(rng, static_cast<size_t>(heads / c.heads_per_matrix) * c.d * cols, 0.1f);
+    // Sequence 0 wrote its rows 10 positions in; sequence 1 at the end of its capacity, past max_positions.
+    std::vector<int32_t> seq_lens = {c.tokens + 10, cap};
+    const size_t y_elems = static_cast<size_t>(batch) * heads * cap * y_tok;
+    const bool y32 = c.y_dtype == DType::kF32;
+    std::vector<float> ref_y32(y32 ? y_elems : 0, std::nanf(""));
+    std::vector<uint16_t> ref_y16(y32 ? 0 : y_elems, 0xffff);
+    ProjectRowsArgs ref;
+    ref.x = c.x_dtype == DType::kF32 ? static_cast<const void*>(xf.data()) : static_cast<const void*>(xh.data());
+    ref.x_dtype = c.x_dtype;
+    ref.x_token_stride = x_tok;
+    ref.x_head_stride = c.tokens * x_tok;
+    ref.x_batch_stride = heads * c.tokens * x_tok;
+    ref.matrices = mats.data();
+    ref.matrix_cols = cols;
+    ref.heads_per_matrix = c.heads_per_matrix;
+    ref.batch_size = batch;
+    ref.num_heads = heads;
+    ref.num_tokens = c.tokens;
+    ref.head_dim = c.d;
+    ref.rank = c.rank;
+    ref.y = y32 ? static_cast<void*>(ref_y32.data()) : static_cast<void*>(ref_y16.data());
+    ref.y_dtype = c.y_dtype;
+    ref.y_token_stride = y_tok;
+    ref.y_head_stride = cap * y_tok;
+    ref.y_batch_stride = heads * cap * y_tok;
+    ref.offset_from_seq_lens = c.offset;
+    ref.seq_lens = seq_lens.data();
+    ref.max_positions = c.offset ? cap - 3 : 0;
+    ASSERT_TRUE(reference::ProjectRows(ref));
+
+    DeviceArray<float> dxf(xf), dmats(mats), dy32(ref_y32.size());
+    DeviceArray<uint16_t> dxh(xh), dy16(ref_y16.size());
+    DeviceArray<int32_t> dlens(seq_lens);
+    dy32.Poison();
+    dy16.Poison();
+    ProjectRowsArgs a = ref;
+    a.x = c.x_dtype == DType::kF32 ? static_cast<const void*>(dxf.get()) : static_cast<const void*>(dxh.get());
+    a.matrices = dmats.get();
+    a.y = y32 ? static_cast<void*>(dy32.get()) : static_cast<void*>(dy16.get());
+    a.seq_lens = dlens.get();
+    KVR_ASSERT_CUDA(ProjectRows(a, nullptr));
+    KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+    std::vector<float> got, want;
+    int unwritten_mismatch = 0;
+    const std::vector<float> g32 = y32 ? dy32.Download() : std::vector<float>();
+    const std::vector<uint16_t> g16 = y32 ? std::vector<uint16_t>() : dy16.Download();
+    for (size_t e = 0; e < y_elems; ++e) {
+      const float w = y32 ? ref_y32[e] : HalfBitsToFloat(ref_y16[e], c.y_dtype);
+      const float g = y32 ? g32[e] : HalfBitsToFloat(g16[e], c.y_dtype);
+      if (std::isnan(w)) {
+        unwritten_mismatch += !std::isnan(g);
+      } else {
+        want.push_back(w);
+        got.push_back(g);
+      }
+    }
+    EXPECT_EQ(unwritten_mismatch, 0);
+    ASSERT_FALSE(want.empty());
+    EXPECT_LE(RelErr(got, want), y32 ? 1e-5 : kTol);
+  }
+}
+
+TEST(StepKernelsTest, ComputePageBoundsMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  int i = 0;
+  for (DType dtype : {DType::kBf16, DType::kF16}) {
+    for (int32_t d : {64, 128}) {
+      for (int32_t qp : {1, 5, 16, 64}) {
+        const int32_t last_pages = i % 3 == 0 ? 0 : (i % 3 == 1 ? 1 : 3);
+        const int32_t page_size = i % 2 == 0 ? 16 : 7;
+        const bool hnd = (i / 2) % 2 == 1;
+        ++i;
+        const std::string name = DTypeName(dtype) + " d" + std::to_string(d) + " P" + std::to_string(qp) + " last" +
+                                 std::to_string(last_pages) + " ps" + std::to_string(page_size) + (hnd ? " hnd" : " nhd");
+        SCOPED_TRACE(name);
+        const int32_t batch = 3, kv_heads = 2;
+        PagedKv kv;
+        kv.Build(rng, dtype, d, kv_heads, {1000, 333, 1}, page_size, hnd);
+        kv.page_table[2] = -1;  // sequence 0 loses one KV page
+        kv.Sync();
+        const int32_t max_pages = (1000 + qp - 1) / qp - 2;  // the last two pages of sequence 0 are not written
+        const int64_t head_stride = static_cast<int64_t>(max_pages) * d + 8;
+        const int64_t seq_stride = head_stride * kv_heads;
+        std::vector<uint16_t> ref_max(static_cast<size_t>(batch) * seq_stride, 0xffff), ref_min(ref_max);
+        PageBoundsArgs ref;
+        ref.kv = kv.host;
+        ref.batch_size = batch;
+        ref.quest_page_size = qp;
+        ref.last_pages = last_pages;
+        ref.page_max = ref_max.data();
+        ref.page_min = ref_min.data();
+        ref.seq_stride = seq_stride;
+        ref.head_stride = head_stride;
+        ref.max_pages = max_pages;
+        ASSERT_TRUE(reference::ComputePageBounds(ref));
+        DeviceArray<uint16_t> dmax(ref_max.size()), dmin(ref_min.size());
+        dmax.Poison();
+        dmin.Poison();
+        PageBoundsArgs a = ref;
+        a.kv = kv.dev;
+        a.page_max = dmax.get();
+        a.page_min = dmin.get();
+        KVR_ASSERT_CUDA(ComputePageBounds(a, nullptr));
+        KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+        EXPECT_TRUE(dmax.Download() == ref_max) << "page_max differs";
+        EXPECT_TRUE(dmin.Download() == ref_min) << "page_min differs";
+      }
+    }
+  }
+}
+
+TEST(StepKernelsTest, MaskScoresMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (int32_t unit : {1, 16}) {
+    for (int32_t sinks : {0, 4, 100}) {
+      for (int32_t window : {0, 64}) {
+        SCOPED_TRACE(Label({{"U", unit}, {"sinks", sinks}, {"window", window}}));
+        const int32_t batch = 4, rows_per_seq = 8, cols = 20000 / unit, pad = 5;
+        const std::vector<int32_t> seq_lens = {20000, 777, 0, 120};
+        std::vector<float> scores = RandomNormal(rng, static_cast<size_t>(batch) * rows_per_seq * (cols + pad), 1.0f);
+        DeviceArray<float> dscores(scores);
+        DeviceArray<int32_t> dlens(seq_lens);
+        MaskScoresArgs ref;
+        ref.scores = scores.data();
+        ref.num_rows = batch * rows_per_seq;
+        ref.rows_per_seq = rows_per_seq;
+        ref.num_cols = cols;
+        ref.row_stride = cols + pad;
+        ref.seq_lens = seq_lens.data();
+        ref.sinks = sinks;
+        ref.window = window;
+        ref.unit = unit;
+        ASSERT_TRUE(reference::MaskScores(ref));
+        MaskScoresArgs a = ref;
+        a.scores = dscores.get();
+        a.seq_lens = dlens.get();
+        KVR_ASSERT_CUDA(MaskScores(a, nullptr));
+        KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+        EXPECT_TRUE(SameBits(dscores.Download(), scores));
+      }
+    }
+  }
+}
+
+TEST(StepKernelsTest, ComposeListsMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (int32_t unit : {1, 4, 16}) {
+    for (int32_t num_selected : {0, 1, 300}) {
+      for (bool null_selection : {false, true}) {
+        if (null_selection && num_selected > 1) continue;
+        SCOPED_TRACE(Label({{"U", unit}, {"n", num_selected}, {"null", null_selection}}));
+        const int32_t batch = 4, lists = 8, sinks = 4, window = 64;
+        const std::vector<int32_t> seq_lens = {50000, 900, 3, 0};
+        const int32_t max_len = sinks + window + num_selected * unit + 11;
+        // Distinct entries per list (a top-k's output), some -1.
+        std::vector<int32_t> selected(std::max<size_t>(static_cast<size_t>(batch) * lists * num_selected, 1));
+        for (int32_t b = 0; b < batch; ++b) {
+          const int32_t cols = std::max(1, (seq_lens[b] + unit - 1) / unit);
+          for (int32_t l = 0; l < lists; ++l) {
+            std::vector<int32_t> all(std::max(cols, num_selected));
+            std::iota(all.begin(), all.end(), 0);
+            std::shuffle(all.begin(), all.end(), rng);
+            for (int32_t e = 0; e < num_selected; ++e) {
+              selected[(static_cast<size_t>(b) * lists + l) * num_selected + e] = rng() % 17 == 0 ? -1 : all[e];
+            }
+          }
+        }
+        std::vector<int32_t> positions(static_cast<size_t>(batch) * lists * max_len, -1), list_lens(batch * lists, -1);
+        DeviceArray<int32_t> dlens(seq_lens), dsel(selected), dpos(positions.size()), dlist_lens(list_lens.size());
+        dpos.Poison();
+        dlist_lens.Poison();
+        ComposeListsArgs ref;
+        ref.batch_size = batch;
+        ref.num_lists = lists;
+        ref.seq_lens = seq_lens.data();
+        ref.sinks = sinks;
+        ref.window = window;
+        ref.selected = null_selection ? nullptr : selected.data();
+        ref.num_selected = num_selected;
+        ref.unit = unit;
+        ref.positions = positions.data();
+        ref.list_lens = list_lens.data();
+        ref.max_list_len = max_len;
+        ASSERT_TRUE(reference::ComposeLists(ref));
+        ComposeListsArgs a = ref;
+        a.seq_lens = dlens.get();
+        a.selected = null_selection ? nullptr : dsel.get();
+        a.positions = dpos.get();
+        a.list_lens = dlist_lens.get();
+        KVR_ASSERT_CUDA(ComposeLists(a, nullptr));
+        KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+        EXPECT_EQ(dlist_lens.Download(), list_lens);
+        EXPECT_TRUE(dpos.Download() == positions) << "positions differ";
+      }
+    }
+  }
+}
+
+TEST(StepKernelsTest, LaunchersRejectBadArgumentsWithoutLaunching) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(777);
+  PagedKv kv;
+  kv.Build(rng, DType::kBf16, 128, 2, {64}, 16, false);
+  const std::vector<uint16_t> pool = kv.k;
+  DeviceArray<int32_t> ints(1024);
+  DeviceArray<float> floats(1024);
+  DeviceArray<uint16_t> halves(4096);
+  ints.Poison();
+  floats.Poison();
+  halves.Poison();
+  auto expect_untouched = [&](const std::string& what) {
+    KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess) << what;
+    for (int32_t x : ints.Download()) ASSERT_EQ(x, -1) << what;
+    for (float x : floats.Download()) ASSERT_TRUE(std::isnan(x)) << what;
+    for (uint16_t x : halves.Download()) ASSERT_EQ(x, 0xffff) << what;
+    EXPECT_TRUE(kv.dk.Download() == pool) << what;
+  };
+
+  AdvanceSeqLensArgs adv;
+  adv.seq_lens = ints.get();
+  adv.batch_size = 0;
+  EXPECT_EQ(AdvanceSeqLens(adv, nullptr), cudaErrorInvalidValue);
+  adv.batch_size = 4;
+  adv.pages = ints.get() + 8;
+  adv.page_size = 0;
+  EXPECT_EQ(AdvanceSeqLens(adv, nullptr), cudaErrorInvalidValue);
+  expect_untouched("advance");
+
+  AppendKvArgs ap;
+  ap.kv = kv.dev;
+  ap.batch_size = 1;
+  ap.num_tokens = 1;
+  ap.k_src = halves.get();
+  ap.v_src = halves.get();
+  ap.src_token_stride = 128;
+  {
+    AppendKvArgs a = ap;
+    a.src_head_stride = 4;
+    EXPECT_EQ(AppendKv(a, nullptr), cudaErrorInvalidValue);
+    a = ap;
+    a.k_src = halves.get() + 1;
+    EXPECT_EQ(AppendKv(a, nullptr), cudaErrorInvalidValue);
+    a = ap;
+    a.kv.dtype = DType::kF32;
+    EXPECT_EQ(AppendKv(a, nullptr), cudaErrorInvalidValue);
+    a = ap;
+    a.num_tokens = 0;
+    EXPECT_EQ(AppendKv(a, nullptr), cudaErrorInvalidValue);
+    expect_untouched("append");
+  }
+
+  ProjectRowsArgs pr;
+  pr.x = floats.get();
+  pr.matrices = floats.get();
+  pr.matrix_cols = 32;
+  pr.batch_size = 1;
+  pr.num_heads = 1;
+  pr.num_tokens = 1;
+  pr.head_dim = 128;
+  pr.rank = 32;
+  pr.y = floats.get();
+  pr.y_token_stride = 32;
+  {
+    ProjectRowsArgs a = pr;
+    a.head_dim = 96;
+    EXPECT_EQ(ProjectRows(a, nullptr), cudaErrorInvalidValue);
+    a = pr;
+    a.rank = 0;
+    EXPECT_EQ(ProjectRows(a, nullptr), cudaErrorInvalidValue);
+    a = pr;
+    a.y_dtype = static_cast<DType>(5);
+    EXPECT_EQ(ProjectRows(a, nullptr), cudaErrorInvalidValue);
+    expect_untouched("project");
+  }
+
+  PageBoundsArgs pb;
+  pb.kv = kv.dev;
+  pb.batch_size = 1;
+  pb.page_max = halves.get();
+  pb.page_min = halves.get();
+  pb.max_pages = 4;
+  pb.head_stride = 4 * 128;
+  {
+    PageBoundsArgs a = pb;
+    a.quest_page_size = 0;
+    EXPECT_EQ(ComputePageBounds(a, nullptr), cudaErrorInvalidValue);
+    a = pb;
+    a.max_pages = 5;  // head_stride too small
+    EXPECT_EQ(ComputePageBounds(a, nullptr), cudaErrorInvalidValue);
+    a = pb;
+    a.page_max = halves.get() + 4;
+    EXPECT_EQ(ComputePageBounds(a, nullptr), cudaErrorInvalidValue);
+    expect_untouched("page bounds");
+  }
+
+  MaskScoresArgs ms;
+  ms.scores = floats.get();
+  ms.num_rows = 4;
+  ms.num_cols = 16;
+  ms.seq_lens = ints.get();
+  ms.unit = 0;
+  EXPECT_EQ(MaskScores(ms, nullptr), cudaErrorInvalidValue);
+  ms.unit = 1;
+  ms.rows_per_seq = 3;
+  EXPECT_EQ(MaskScores(ms, nullptr), cudaErrorInvalidValue);
+  expect_untouched("mask");
+
+  ComposeListsArgs cl;
+  cl.batch_size = 1;
+  cl.num_lists = 2;
+  cl.seq_lens = ints.get();
+  cl.sinks = 4;
+  cl.window = 8;
+  cl.selected = ints.get();
+  cl.num_selected = 4;
+  cl.positions = ints.get() + 64;
+  cl.list_lens = ints.get() + 32;
+  cl.max_list_len = 15;  // < 4 + 8 + 4
+  EXPECT_EQ(ComposeLists(cl, nullptr), cudaErrorInvalidValue);
+  cl.max_list_len = 16;
+  cl.unit = 0;
+  EXPECT_EQ(ComposeLists(cl, nullptr), cudaErrorInvalidValue);
+  expect_untouched("compose");
+}
+
+// A GPU-resident decode step captured once and replayed step after step:
+// AdvanceSeqLens, AppendKv of the step's new K/V rows, ComposeLists (sinks,
+// window and a fixed selection) and SparseDecodeAttention over the lists.
+// Between replays only the source rows and the queries change (copied into
+// the same buffers); every step is compared with the references run on the
+// host copy of the state.
+TEST(GraphCaptureTest, DecodeStepWithBookkeepingReplaysStepAfterStep) {
+  SKIP_WITHOUT_DEVICE();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int32_t batch = 2, kv_heads = 2, group = 4, hq = kv_heads * group, d = 128, page_size = 16;
+  const int32_t sinks = 4, window = 16, num_selected = 64, steps = 6;
+  const DType dtype = DType::kBf16;
+  PagedKv kv;
+  // Pages for 400 tokens; the sequences start at 300 and 123.
+  kv.Build(rng, dtype, d, kv_heads, {400, 400}, page_size, false);
+  kv.seq_lens = {300, 123};
+  kv.Sync();
+  std::vector<int32_t> selected(static_cast<size_t>(batch) * kv_heads * num_selected);
+  for (int32_t b = 0; b < batch; ++b) {
+    for (int32_t h = 0; h < kv_heads; ++h) {
+      std::vector<int32_t> all(kv.seq_lens[b]);
+      std::iota(all.begin(), all.end(), 0);
+      std::shuffle(all.begin(), all.end(), rng);
+      std::copy(all.begin(), all.begin() + num_selected, selected.begin() + (b * kv_heads + h) * num_selected);
+    }
+  }
+  const int32_t max_len = sinks + window + num_selected;
+  const size_t src_elems = static_cast<size_t>(batch) * kv_heads * d;
+  DeviceArray<uint16_t> dks(src_elems), dvs(src_elems);
+  DeviceArray<float> dq(static_cast<size_t>(batch) * hq * d), d_o(dq.size()), d_lse(static_cast<size_t>(batch) * hq);
+  DeviceArray<int32_t> dsel(selected), dpos(static_cast<size_t>(batch) * kv_heads * max_len),
+      dlist_lens(static_cast<size_t>(batch) * kv_heads);
+
+  AdvanceSeqLensArgs adv;
+  adv.batch_size = batch;
+  adv.num_tokens = 1;
+  AppendKvArgs app;
+  app.batch_size = batch;
+  app.num_tokens = 1;
+  app.src_token_stride = d;
+  app.src_head_stride = d;
+  app.src_batch_stride = static_cast<int64_t>(kv_heads) * d;
+  ComposeListsArgs cl;
+  cl.batch_size = batch;
+  cl.num_lists = kv_heads;
+  cl.sinks = sinks;
+  cl.window = window;
+  cl.num_selected = num_selected;
+  cl.max_list_len = max_len;
+  SparseDecodeArgs sp;
+  sp.batch_size = batch;
+  sp.num_q_heads = hq;
+  sp.max_list_len = max_len;
+
+  // Device arguments.
+  AdvanceSeqLensArgs dadv = adv;
+  dadv.seq_lens = kv.dseq_lens.get();
+  AppendKvArgs dapp = app;
+  dapp.kv = kv.dev;
+  dapp.k_src = dks.get();
+  dapp.v_src = dvs.get();
+  ComposeListsArgs dcl = cl;
+  dcl.seq_lens = kv.dseq_lens.get();
+  dcl.selected = dsel.get();
+  dcl.positions = dpos.get();
+  dcl.list_lens = dlist_lens.get();
+  SparseDecodeArgs dsp = sp;
+  dsp.kv = kv.dev;
+  dsp.q = dq.get();
+  dsp.positions = dpos.get();
+  dsp.list_lens = dlist_lens.get();
+  dsp.o = d_o.get();
+  dsp.lse = d_lse.get();
+  Workspace ws(SparseDecodeAttentionWorkspaceBytes(dsp));
+
+  cudaStream_t stream;
+  KVR_ASSERT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  // The attention launcher's first call on a device sets a kernel attribute:
+  // make it outside capture (over the still-uncomposed, poisoned lists with
+  // length 0), as its header asks.
+  dlist_lens.Poison(0);
+  KVR_ASSERT_CUDA(SparseDecodeAttention(dsp, ws.get(), stream));
+  KVR_ASSERT_CUDA(cudaStreamSynchronize(stream));
+
+  cudaGraph_t graph;
+  KVR_ASSERT_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  cudaError_t captured = AdvanceSeqLens(dadv, stream);
+  if (captured == cudaSuccess) captured = AppendKv(dapp, stream);
+  if (captured == cudaSuccess) captured = ComposeLists(dcl, stream);
+  if (captured == cudaSuccess) captured = SparseDecodeAttention(dsp, ws.get(), stream);
+  KVR_ASSERT_CUDA(cudaStreamEndCapture(stream, &graph));
+  KVR_ASSERT_CUDA(captured);
+  cudaGraphExec_t exec;
+  KVR_ASSERT_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+
+  for (int32_t step = 0; step < steps; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    const std::vector<uint16_t> ks = RandomHalf(rng, src_elems, dtype);
+    const std::vector<uint16_t> vs = RandomHalf(rng, src_elems, dtype);
+    const std::vector<float> q = RandomNormal(rng, dq.size(), 2.0f);
+    dks.Upload(ks);
+    dvs.Upload(vs);
+    dq.Upload(q);
+    d_o.Poison();
+    d_lse.Poison();
+    // The copies above run on the legacy stream, which does not order the
+    // non-blocking `stream`: finish them before the replay.
+    KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+    KVR_ASSERT_CUDA(cudaGraphLaunch(exec, stream));
+
+    // The same step on the host.
+    AdvanceSeqLensArgs hadv = adv;
+    hadv.seq_lens = kv.seq_lens.data();
+    ASSERT_TRUE(reference::AdvanceSeqLens(hadv));
+    AppendKvArgs happ = app;
+    happ.kv = kv.host;
+    happ.k_src = ks.data();
+    happ.v_src = vs.data();
+    ASSERT_TRUE(reference::AppendKv(happ));
+    std::vector<int32_t> positions(dpos.size(), -1), list_lens(dlist_lens.size());
+    ComposeListsArgs hcl = cl;
+    hcl.seq_lens = kv.seq_lens.data();
+    hcl.selected = selected.data();
+    hcl.positions = positions.data();
+    hcl.list_lens = list_lens.data();
+    ASSERT_TRUE(reference::ComposeLists(hcl));
+    std::vector<float> o(dq.size()), lse(d_lse.size());
+    SparseDecodeArgs hsp = sp;
+    hsp.kv = kv.host;
+    hsp.q = q.data();
+    hsp.positions = positions.data();
+    hsp.list_lens = list_lens.data();
+    hsp.o = o.data();
+    hsp.lse = lse.data();
+    ASSERT_TRUE(reference::SparseDecodeAttention(hsp));
+
+    KVR_ASSERT_CUDA(cudaStreamSynchronize(stream));
+    EXPECT_EQ(kv.dseq_lens.Download(), kv.seq_lens);
+    EXPECT_EQ(dlist_lens.Download(), list_lens);
+    const std::vector<int32_t> got_pos = dpos.Download();
+    for (size_t li = 0; li < list_lens.size(); ++li) {
+      ASSERT_TRUE(std::equal(positions.begin() + li * max_len, positions.begin() + li * max_len + list_lens[li],
+                             got_pos.begin() + li * max_len))
+          << "list " << li;
+    }
+    EXPECT_LE(RelErr(d_o.Download(), o), kTol);
+    EXPECT_EQ(LseMismatches(d_lse.Download(), lse), 0);
+  }
+  EXPECT_TRUE(kv.dk.Download() == kv.k) << "K pool differs after the steps";
+  EXPECT_TRUE(kv.dv.Download() == kv.v) << "V pool differs after the steps";
   KVR_ASSERT_CUDA(cudaGraphExecDestroy(exec));
   KVR_ASSERT_CUDA(cudaGraphDestroy(graph));
   KVR_ASSERT_CUDA(cudaStreamDestroy(stream));

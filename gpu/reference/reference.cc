@@ -35,6 +35,33 @@ int64_t ResolveToken(const PagedKvCache& kv, int32_t b, int64_t pos, int32_t kv_
   return page * kv.page_stride + (pos - page_index * kv.page_size) * kv.token_stride + kv_head * kv.head_stride;
 }
 
+// Element offset of `pos` of sequence b (kv_head 0) in a paged pool, or -1
+// when the position has no valid page. Unlike ResolveToken, the position is
+// not checked against seq_lens (AppendKv and ComputePageBounds bound it).
+int64_t ResolveSlot(const PagedKvCache& kv, int32_t b, int64_t pos) {
+  if (pos < 0) return -1;
+  const int64_t page_index = pos / kv.page_size;
+  if (page_index >= kv.max_pages_per_seq) return -1;
+  const int32_t page = kv.page_table[static_cast<int64_t>(b) * kv.max_pages_per_seq + page_index];
+  if (page < 0 || page >= kv.num_pages) return -1;
+  return page * kv.page_stride + (pos - page_index * kv.page_size) * kv.token_stride;
+}
+
+// Element i of an f32, bf16 or f16 array.
+double LoadAny(const void* base, int64_t index, DType dtype) {
+  if (dtype == DType::kF32) return static_cast<const float*>(base)[index];
+  return LoadHalf(base, index, dtype);
+}
+
+void StoreAny(void* base, int64_t index, DType dtype, double value) {
+  const float f = static_cast<float>(value);
+  if (dtype == DType::kF32) {
+    static_cast<float*>(base)[index] = f;
+  } else {
+    static_cast<uint16_t*>(base)[index] = FloatToHalfBits(f, dtype);
+  }
+}
+
 // Attention of one f32 query over the K/V rows at `offsets` (all valid),
 // in float64. Writes o [head_dim] and returns lse (natural log).
 double AttendRows(const PagedKvCache& kv, const float* q, double scale, const std::vector<int64_t>& offsets,
@@ -291,6 +318,143 @@ bool QuestScore(const QuestScoreArgs& a) {
         srow[p] = static_cast<float>(scale * bound);
       }
       if (a.k > 0) TopKRow(srow, a.max_pages, a.k, a.top_k_pages + row * a.k, nullptr);
+    }
+  }
+  return true;
+}
+
+bool AdvanceSeqLens(const AdvanceSeqLensArgs& a) {
+  if (ValidateAdvanceSeqLensArgs(a) != nullptr) return false;
+  for (int32_t b = 0; b < a.batch_size; ++b) {
+    a.seq_lens[b] += a.num_tokens;
+    if (a.pages != nullptr) {
+      const int64_t len = std::max(a.seq_lens[b], 0);
+      a.pages[b] = static_cast<int32_t>((len + a.page_size - 1) / a.page_size);
+    }
+  }
+  return true;
+}
+
+bool AppendKv(const AppendKvArgs& a) {
+  if (ValidateAppendKvArgs(a) != nullptr) return false;
+  const PagedKvCache& kv = a.kv;
+  uint16_t* k = static_cast<uint16_t*>(const_cast<void*>(kv.k));
+  uint16_t* v = static_cast<uint16_t*>(const_cast<void*>(kv.v));
+  const uint16_t* ks = static_cast<const uint16_t*>(a.k_src);
+  const uint16_t* vs = static_cast<const uint16_t*>(a.v_src);
+  for (int32_t b = 0; b < a.batch_size; ++b) {
+    const int64_t start = a.start_positions != nullptr ? a.start_positions[b]
+                                                       : static_cast<int64_t>(kv.seq_lens[b]) - a.num_tokens;
+    for (int32_t t = 0; t < a.num_tokens; ++t) {
+      const int64_t slot = ResolveSlot(kv, b, start + t);
+      if (slot < 0) continue;
+      for (int32_t h = 0; h < kv.num_kv_heads; ++h) {
+        const int64_t dst = slot + h * kv.head_stride;
+        const int64_t src = b * a.src_batch_stride + h * a.src_head_stride + t * a.src_token_stride;
+        std::copy(ks + src, ks + src + kv.head_dim, k + dst);
+        std::copy(vs + src, vs + src + kv.head_dim, v + dst);
+      }
+    }
+  }
+  return true;
+}
+
+bool ProjectRows(const ProjectRowsArgs& a) {
+  if (ValidateProjectRowsArgs(a) != nullptr) return false;
+  const int64_t d = a.head_dim;
+  std::vector<double> x(d);
+  for (int32_t b = 0; b < a.batch_size; ++b) {
+    const int64_t offset = a.offset_from_seq_lens ? static_cast<int64_t>(a.seq_lens[b]) - a.num_tokens : 0;
+    for (int32_t h = 0; h < a.num_heads; ++h) {
+      const float* mat = a.matrices + static_cast<int64_t>(h / a.heads_per_matrix) * d * a.matrix_cols;
+      for (int32_t t = 0; t < a.num_tokens; ++t) {
+        const int64_t pos = t + offset;
+        if (pos < 0 || (a.max_positions > 0 && pos >= a.max_positions)) continue;
+        const int64_t xb = b * a.x_batch_stride + h * a.x_head_stride + t * a.x_token_stride;
+        for (int64_t i = 0; i < d; ++i) x[i] = LoadAny(a.x, xb + i, a.x_dtype);
+        const int64_t yb = b * a.y_batch_stride + h * a.y_head_stride + pos * a.y_token_stride;
+        for (int32_t j = 0; j < a.rank; ++j) {
+          double sum = 0;
+          for (int64_t i = 0; i < d; ++i) sum += x[i] * mat[i * a.matrix_cols + j];
+          StoreAny(a.y, yb + j, a.y_dtype, sum);
+        }
+      }
+    }
+  }
+  return true;
+}
+
+bool ComputePageBounds(const PageBoundsArgs& a) {
+  if (ValidatePageBoundsArgs(a) != nullptr) return false;
+  const PagedKvCache& kv = a.kv;
+  const int32_t d = kv.head_dim;
+  const int64_t psz = a.quest_page_size;
+  std::vector<float> mx(d), mn(d);
+  for (int32_t b = 0; b < a.batch_size; ++b) {
+    const int64_t len = std::max(kv.seq_lens[b], 0);
+    const int64_t pages = (len + psz - 1) / psz;
+    const int64_t first = a.last_pages == 0 ? 0 : std::max<int64_t>(0, pages - a.last_pages);
+    const int64_t end = std::min<int64_t>(pages, a.max_pages);
+    for (int32_t h = 0; h < kv.num_kv_heads; ++h) {
+      for (int64_t p = first; p < end; ++p) {
+        std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
+        std::fill(mn.begin(), mn.end(), std::numeric_limits<float>::infinity());
+        for (int64_t pos = p * psz; pos < std::min((p + 1) * psz, len); ++pos) {
+          const int64_t slot = ResolveSlot(kv, b, pos);
+          if (slot < 0) continue;
+          for (int32_t j = 0; j < d; ++j) {
+            const float x = static_cast<float>(LoadHalf(kv.k, slot + h * kv.head_stride + j, kv.dtype));
+            mx[j] = std::fmax(mx[j], x);
+            mn[j] = std::fmin(mn[j], x);
+          }
+        }
+        const int64_t out = b * a.seq_stride + h * a.head_stride + p * d;
+        for (int32_t j = 0; j < d; ++j) {
+          static_cast<uint16_t*>(a.page_max)[out + j] = FloatToHalfBits(mx[j], kv.dtype);
+          static_cast<uint16_t*>(a.page_min)[out + j] = FloatToHalfBits(mn[j], kv.dtype);
+        }
+      }
+    }
+  }
+  return true;
+}
+
+bool MaskScores(const MaskScoresArgs& a) {
+  if (ValidateMaskScoresArgs(a) != nullptr) return false;
+  const int64_t stride = a.row_stride != 0 ? a.row_stride : a.num_cols;
+  for (int32_t r = 0; r < a.num_rows; ++r) {
+    const int64_t hi = static_cast<int64_t>(a.seq_lens[r / a.rows_per_seq]) - a.window;
+    float* row = a.scores + r * stride;
+    for (int64_t c = 0; c < a.num_cols; ++c) {
+      const bool keep = c * a.unit < hi && (c + 1) * a.unit > a.sinks;
+      if (!keep) row[c] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  return true;
+}
+
+bool ComposeLists(const ComposeListsArgs& a) {
+  if (ValidateComposeListsArgs(a) != nullptr) return false;
+  for (int32_t b = 0; b < a.batch_size; ++b) {
+    const int64_t len = std::max(a.seq_lens[b], 0);
+    const int64_t hi = len - a.window;  // the expansion stays in [sinks, hi)
+    for (int32_t l = 0; l < a.num_lists; ++l) {
+      const int64_t list = static_cast<int64_t>(b) * a.num_lists + l;
+      int32_t* out = a.positions + list * a.max_list_len;
+      int32_t n = 0;
+      for (int64_t p = 0; p < std::min<int64_t>(a.sinks, len); ++p) out[n++] = static_cast<int32_t>(p);
+      for (int64_t p = std::max<int64_t>(a.sinks, hi); p < len; ++p) out[n++] = static_cast<int32_t>(p);
+      if (a.selected != nullptr) {
+        const int32_t* sel = a.selected + list * a.num_selected;
+        for (int32_t i = 0; i < a.num_selected; ++i) {
+          if (sel[i] < 0) continue;
+          const int64_t e = sel[i];
+          for (int64_t p = std::max<int64_t>(e * a.unit, a.sinks); p < std::min((e + 1) * a.unit, hi); ++p) {
+            out[n++] = static_cast<int32_t>(p);
+          }
+        }
+      }
+      a.list_lens[list] = n;
     }
   }
   return true;

@@ -39,6 +39,29 @@ bool LokiScore(const LokiScoreArgs& args);
 // Quest page upper bounds and optional top-k pages.
 bool QuestScore(const QuestScoreArgs& args);
 
+// Decode-step bookkeeping (kernel_args.h has the contracts). Same names as
+// the launchers in gpu/kernels/step_kernels.h; host pointers; the outputs are
+// written exactly as the kernels write them (ProjectRows accumulates in
+// float64 and rounds once, where the kernel accumulates in f32).
+
+// seq_lens[b] += num_tokens, optionally pages[b] = ceil(seq_lens[b] / page_size).
+bool AdvanceSeqLens(const AdvanceSeqLensArgs& args);
+
+// Copies the new K/V rows into the paged cache (args.kv.k / v are written).
+bool AppendKv(const AppendKvArgs& args);
+
+// y = x · P[:, :rank] per head, at the rows' (optionally offset) positions.
+bool ProjectRows(const ProjectRowsArgs& args);
+
+// Element-wise key max and min per Quest page of the paged cache.
+bool ComputePageBounds(const PageBoundsArgs& args);
+
+// Sets the scores outside [sinks, seq_len - window) to -inf, in place.
+bool MaskScores(const MaskScoresArgs& args);
+
+// Position lists: sinks, window, then the expanded selection, and their lengths.
+bool ComposeLists(const ComposeListsArgs& args);
+
 // The order used by TopK: true when a ranks before b (a larger, NaN above
 // everything). Used by tests to check unordered GPU selections.
 bool ScoreRanksBefore(float a, float b);
