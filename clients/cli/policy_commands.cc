@@ -17,6 +17,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "clients/cli/output.h"
+#include "clients/cpp/kv_store_client.h"
 #include "clients/cpp/retrieval_client.h"
 #include "common/npy.h"
 #include "common/progress.h"
@@ -165,6 +166,17 @@ absl::StatusOr<v1::ArtifactInfo> Upload(const GlobalOptions& g, const std::strin
                                                    "\", not --model=", model));
   }
   policy.model_id = model;
+  client::ClientOptions options;
+  options.target = g.target;
+  options.bearer_token = g.token;
+  options.deadline_ms = g.deadline_ms;
+  KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(options));
+  KVR_ASSIGN_OR_RETURN(v1::ModelGeometry geometry, kv->GetModel(model));
+  if (geometry.num_layers() != policy.num_layers()) {
+    return absl::InvalidArgumentError(absl::StrCat("the policy has ", policy.num_layers(),
+                                                   " layers but model ", model, " has ",
+                                                   geometry.num_layers()));
+  }
   KVR_ASSIGN_OR_RETURN(auto rc, Client(g));
   return rc->PutArtifact(model, worker::kLayerPolicyArtifactKind, worker::PolicyToJson(policy),
                          description.empty() ? Description(policy) : description);
@@ -310,23 +322,24 @@ int PolicyCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& out
                            worker::PlanHylraPolicy(*profiles, plan_options));
       const std::string policy_json = worker::PolicyToJson(plan.policy);
       if (!out_path.empty()) KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(out_path, policy_json));
-      v1::ArtifactInfo stored;
-      if (upload) {
-        KVR_ASSIGN_OR_RETURN(stored, Upload(g, model, plan.policy, ""));
-      }
       if (g.json) {
         nlohmann::ordered_json report =
             nlohmann::ordered_json::parse(worker::HylraReportJson(*profiles, plan));
-        if (upload) report["uploaded_version"] = stored.version();
+        if (upload) {
+          KVR_ASSIGN_OR_RETURN(v1::ArtifactInfo stored, Upload(g, model, plan.policy, ""));
+          report["uploaded_version"] = stored.version();
+        }
         out << report.dump(2) << "\n";
         return absl::OkStatus();
       }
+      // The report first: a failed upload does not lose the profile.
       out << worker::HylraReportText(*profiles, plan, plan_options);
       if (!out_path.empty()) out << "wrote " << out_path << "\n";
+      if (out_path.empty() && !upload) out << policy_json;
       if (upload) {
+        KVR_ASSIGN_OR_RETURN(v1::ArtifactInfo stored, Upload(g, model, plan.policy, ""));
         out << "stored layer_policy version " << stored.version() << " of " << model << "\n";
       }
-      if (out_path.empty() && !upload) out << policy_json;
       return absl::OkStatus();
     }
 

@@ -132,6 +132,13 @@ TEST_F(PolicyCommandsTest, TidalPutGetLs) {
             0);
   EXPECT_EQ(Run({"policy", "put", other, "--model=m"}), 1);
   EXPECT_THAT(err_.str(), HasSubstr("the policy is for model \"x\", not --model=m"));
+  // A policy of another layer count than the registered model's.
+  const std::string eight = dir_ + "/eight.json";
+  ASSERT_EQ(Run({"policy", "tidal", "--num_layers=8", "--reselect=-1", "--k=8", "-o", eight}), 0);
+  EXPECT_EQ(Run({"policy", "put", eight, "--model=m"}), 1);
+  EXPECT_THAT(err_.str(), HasSubstr("the policy has 8 layers but model m has 4"));
+  EXPECT_EQ(Run({"policy", "put", eight, "--model=unregistered"}), 1);
+  EXPECT_THAT(err_.str(), HasSubstr("NOT_FOUND"));
   EXPECT_EQ(Run({"policy", "put", dir_ + "/missing.json", "--model=m"}), 1);
   EXPECT_THAT(err_.str(), HasSubstr("NOT_FOUND"));
 
