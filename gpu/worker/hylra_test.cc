@@ -16,6 +16,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "common/npy.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
 
@@ -423,6 +424,21 @@ TEST(ProfileTest, RejectsBadCapturesAndOptions) {
   EXPECT_THAT(ProfileCaptures({CaptureSetFromLayers("bad", layers)}, o).status().message(),
               HasSubstr("window"));
   EXPECT_EQ(CaptureSetFromDirectory("/nonexistent").status().code(), absl::StatusCode::kNotFound);
+  // A directory with keys but no queries or values for a layer.
+  const std::string dir = kvrecall::testing::MakeTempDir("hylra-capture");
+  NpyArray k;
+  k.descr = "<f4";
+  k.shape = {1, 64, 8};
+  k.data.assign(static_cast<size_t>(64 * 8 * 4), '\0');
+  KVR_ASSERT_OK(WriteNpy(dir + "/layer04_k.npy", k));
+  KVR_ASSERT_OK_AND_ASSIGN(CaptureSet set, CaptureSetFromDirectory(dir));
+  EXPECT_EQ(set.layers, std::vector<int32_t>{4});
+  o.window = 4;
+  absl::Status missing = ProfileCaptures({set}, o).status();
+  EXPECT_EQ(missing.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing.message(), HasSubstr("layer04_q.npy is missing"));
+  EXPECT_EQ(CaptureSetFromDirectory(kvrecall::testing::MakeTempDir("hylra-empty")).status().code(),
+            absl::StatusCode::kNotFound);
   EXPECT_EQ(ProfileCaptures({}, HylraProfileOptions()).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
