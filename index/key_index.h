@@ -14,6 +14,7 @@
 // faiss_ivf. Formats of Serialize() are documented in docs/formats/.
 
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -81,6 +82,17 @@ struct SearchResult {
   std::vector<int64_t> ids;   // [num_queries, k] positions; -1 pads when fewer than k qualify
   std::vector<float> scores;  // [num_queries, k] exact q·k of ids, descending; -inf pads
   SearchStats stats;
+
+  // num_queries rows of k padding entries (-1 / -inf), for a search to fill.
+  static SearchResult Padded(int64_t num_queries, int32_t k) {
+    SearchResult result;
+    result.num_queries = num_queries;
+    result.k = k;
+    const size_t entries = static_cast<size_t>(num_queries) * static_cast<size_t>(k);
+    result.ids.assign(entries, -1);
+    result.scores.assign(entries, -std::numeric_limits<float>::infinity());
+    return result;
+  }
 };
 
 // Thread-compatible: const methods (Search, Serialize, ...) may run

@@ -90,6 +90,17 @@ bool ExcludeSet::Contains(int64_t pos) const {
   return it != ranges_.end() && it->begin <= pos;
 }
 
+std::vector<PositionRange> ExcludeSet::IncludedRuns() const {
+  std::vector<PositionRange> runs;
+  int64_t pos = 0;
+  for (const PositionRange& r : ranges_) {
+    if (r.begin > pos) runs.push_back({pos, r.begin});
+    pos = r.end;
+  }
+  if (pos < n_) runs.push_back({pos, n_});
+  return runs;
+}
+
 int64_t ExcludeSet::CountExcluded(int64_t begin, int64_t end) const {
   int64_t count = 0;
   auto it = std::upper_bound(ranges_.begin(), ranges_.end(), begin,
@@ -110,6 +121,16 @@ absl::Status ValidateK(int32_t k) {
 int ResolveThreads(int num_threads) {
   if (num_threads > 0) return num_threads;
   return ThreadPool::Default()->num_threads();
+}
+
+void ParallelForChunks(int64_t n, int num_threads,
+                       const std::function<void(int64_t, int64_t)>& fn) {
+  if (num_threads == 1 || n == 1) {
+    fn(0, n);
+    return;
+  }
+  const int threads = ResolveThreads(num_threads);
+  ThreadPool::Default()->ParallelFor(n, std::max<int64_t>(1, n / (4 * threads)), fn, threads);
 }
 
 }  // namespace kvrecall::index

@@ -6,6 +6,7 @@
 // input with the same status.
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -51,6 +52,9 @@ class ExcludeSet {
   int64_t CountExcluded(int64_t begin, int64_t end) const;
   // Clipped to [0, n), sorted, disjoint.
   const std::vector<PositionRange>& ranges() const { return ranges_; }
+  // The complement: the runs of [0, n) outside the ranges, the positions a
+  // search may return. Sorted, disjoint, non-empty.
+  std::vector<PositionRange> IncludedRuns() const;
 
  private:
   std::vector<PositionRange> ranges_;
@@ -66,5 +70,11 @@ absl::Status ValidateK(int32_t k);
 // one thread per hardware thread (the default pool's size), otherwise the
 // number itself. Pass it as ParallelFor's max_parallelism.
 int ResolveThreads(int num_threads);
+
+// Calls fn(begin, end) over [0, n): inline when num_threads is 1 or n is 1,
+// else on the default pool in chunks of several items (about 4 chunks per
+// thread), so that the items of a chunk share its scratch arrays.
+void ParallelForChunks(int64_t n, int num_threads,
+                       const std::function<void(int64_t, int64_t)>& fn);
 
 }  // namespace kvrecall::index

@@ -1,5 +1,8 @@
 #include "index/search_input.h"
 
+#include <utility>
+#include <vector>
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/status_matchers.h"
@@ -8,6 +11,13 @@ namespace kvrecall::index {
 namespace {
 
 using ::kvrecall::testing::StatusIs;
+using Runs = std::vector<std::pair<int64_t, int64_t>>;
+
+Runs IncludedRunsOf(const ExcludeSet& set) {
+  Runs out;
+  for (const PositionRange& r : set.IncludedRuns()) out.emplace_back(r.begin, r.end);
+  return out;
+}
 
 TEST(ExcludeSetTest, ContainsAndCountsClippedRanges) {
   KVR_ASSERT_OK_AND_ASSIGN(ExcludeSet set, ExcludeSet::Create({{0, 4}, {10, 12}, {18, 40}}, 20));
@@ -21,6 +31,16 @@ TEST(ExcludeSetTest, ContainsAndCountsClippedRanges) {
   EXPECT_EQ(set.CountExcluded(2, 11), 2 + 1);
   EXPECT_EQ(set.CountExcluded(4, 10), 0);
   EXPECT_EQ(set.ranges().back().end, 20);
+  EXPECT_EQ(IncludedRunsOf(set), (Runs{{4, 10}, {12, 18}}));
+}
+
+TEST(ExcludeSetTest, IncludedRunsAreTheComplement) {
+  KVR_ASSERT_OK_AND_ASSIGN(ExcludeSet none, ExcludeSet::Create({}, 7));
+  EXPECT_EQ(IncludedRunsOf(none), (Runs{{0, 7}}));
+  KVR_ASSERT_OK_AND_ASSIGN(ExcludeSet inner, ExcludeSet::Create({{2, 3}, {30, 40}}, 7));
+  EXPECT_EQ(IncludedRunsOf(inner), (Runs{{0, 2}, {3, 7}}));
+  KVR_ASSERT_OK_AND_ASSIGN(ExcludeSet all, ExcludeSet::Create({{0, 7}}, 7));
+  EXPECT_EQ(IncludedRunsOf(all), Runs{});
 }
 
 TEST(ExcludeSetTest, RejectsUnsortedOverlappingOrEmptyRanges) {

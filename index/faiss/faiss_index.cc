@@ -266,11 +266,7 @@ absl::StatusOr<SearchResult> FaissIndex::Search(const VectorView& queries, int32
   }
   KVR_ASSIGN_OR_RETURN(ExcludeSet exclude, ExcludeSet::Create(params.exclude, size_));
   const int64_t nq = queries.rows, n = size_;
-  SearchResult result;
-  result.num_queries = nq;
-  result.k = k;
-  result.ids.assign(nq * k, -1);
-  result.scores.assign(nq * k, -std::numeric_limits<float>::infinity());
+  SearchResult result = SearchResult::Padded(nq, k);
   if (nq == 0 || n == 0) return result;
   const std::vector<float> q = VectorsToF32(queries);
   IncludedSelector selector(&exclude);

@@ -94,11 +94,7 @@ absl::StatusOr<SearchResult> FlatIndex::Search(const VectorView& queries, int32_
 
 SearchResult FlatIndex::SearchF32(const float* queries, int64_t num_queries, int32_t k,
                                   const ExcludeSet& exclude, int num_threads) const {
-  SearchResult result;
-  result.num_queries = num_queries;
-  result.k = k;
-  result.ids.assign(num_queries * k, -1);
-  result.scores.assign(num_queries * k, -__builtin_inff());
+  SearchResult result = SearchResult::Padded(num_queries, k);
   if (num_queries == 0) return result;
 
   // Work units: key ranges (tile ranges) x query blocks.

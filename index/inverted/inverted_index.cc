@@ -43,18 +43,6 @@ bool GetVarint(const char** p, const char* end, uint64_t* v) {
   return false;
 }
 
-// The runs of [0, n) outside `exclude`.
-std::vector<PositionRange> IncludedRuns(const ExcludeSet& exclude, int64_t n) {
-  std::vector<PositionRange> runs;
-  int64_t pos = 0;
-  for (const PositionRange& r : exclude.ranges()) {
-    if (r.begin > pos) runs.push_back({pos, r.begin});
-    pos = r.end;
-  }
-  if (pos < n) runs.push_back({pos, n});
-  return runs;
-}
-
 enum class QueryMode { kProject, kEncode };
 
 }  // namespace
@@ -309,17 +297,13 @@ absl::StatusOr<SearchResult> InvertedIndex::Search(const VectorView& queries, in
   KVR_ASSIGN_OR_RETURN(knobs.candidates,
                        params.knobs.GetInt("candidates", 8 * static_cast<int64_t>(k), 1));
   KVR_ASSIGN_OR_RETURN(const ExcludeSet exclude, ExcludeSet::Create(params.exclude, size_));
-  const std::vector<PositionRange> runs = IncludedRuns(exclude, size_);
+  const std::vector<PositionRange> runs = exclude.IncludedRuns();
   const int64_t eligible = exclude.included();
   const int64_t k_prime = std::min(std::max<int64_t>(knobs.candidates, k), eligible);
   const bool all_exact = k_prime >= eligible;
 
   const int64_t m = queries.rows;
-  SearchResult result;
-  result.num_queries = m;
-  result.k = k;
-  result.ids.assign(static_cast<size_t>(m) * k, -1);
-  result.scores.assign(static_cast<size_t>(m) * k, -std::numeric_limits<float>::infinity());
+  SearchResult result = SearchResult::Padded(m, k);
   if (m == 0) return result;
   const std::vector<float> q32 = VectorsToF32(queries);
   std::vector<int64_t> visited(static_cast<size_t>(m), 0);
@@ -369,14 +353,8 @@ absl::StatusOr<SearchResult> InvertedIndex::Search(const VectorView& queries, in
       WriteTopK(exact, ids, k, &order, result.ids.data() + qi * k, result.scores.data() + qi * k);
     }
   };
-  if (params.num_threads == 1 || m == 1) {
-    search_rows(0, m);
-  } else {
-    // Chunks of several queries share their scratch arrays ([size_] each).
-    const int threads = ResolveThreads(params.num_threads);
-    ThreadPool::Default()->ParallelFor(m, std::max<int64_t>(1, m / (4 * threads)), search_rows,
-                                       threads);
-  }
+  // Chunks of several queries share their scratch arrays ([size_] each).
+  ParallelForChunks(m, params.num_threads, search_rows);
   for (int64_t v : visited) result.stats.visited += v;
   result.stats.keys_scanned = m * k_prime;
   result.stats.exact_scores = m * k_prime;

@@ -21,19 +21,6 @@ namespace {
 
 constexpr uint32_t kLokiPayloadVersion = 1;
 
-// The runs of [0, n) outside `exclude`: the positions a search may return.
-std::vector<PositionRange> IncludedRuns(const ExcludeSet& exclude, int64_t n) {
-  std::vector<PositionRange> runs;
-  int64_t pos = 0;
-  for (const PositionRange& r : exclude.ranges()) {
-    if (r.begin > pos) runs.push_back({pos, r.begin});
-    pos = r.end;
-  }
-  if (pos < n) runs.push_back({pos, n});
-  return runs;
-}
-
-
 // Appends to `out` the positions of the `m` best scores among the positions
 // of `runs` (s is indexed by position); all of them when there are no more
 // than m. A threshold estimated from a sample of about 2048 scores (with a
@@ -218,18 +205,14 @@ absl::StatusOr<SearchResult> LokiIndex::Search(const VectorView& queries, int32_
   KVR_ASSIGN_OR_RETURN(const int64_t candidates,
                        params.knobs.GetInt("candidates", 8 * static_cast<int64_t>(k), 1));
   KVR_ASSIGN_OR_RETURN(const ExcludeSet exclude, ExcludeSet::Create(params.exclude, size_));
-  const std::vector<PositionRange> runs = IncludedRuns(exclude, size_);
+  const std::vector<PositionRange> runs = exclude.IncludedRuns();
   int64_t eligible = 0;
   for (const PositionRange& r : runs) eligible += r.end - r.begin;
   const int64_t k_prime = std::min(std::max<int64_t>(candidates, k), eligible);
   const bool all_exact = k_prime >= eligible;
 
   const int64_t m = queries.rows;
-  SearchResult result;
-  result.num_queries = m;
-  result.k = k;
-  result.ids.assign(static_cast<size_t>(m) * k, -1);
-  result.scores.assign(static_cast<size_t>(m) * k, -std::numeric_limits<float>::infinity());
+  SearchResult result = SearchResult::Padded(m, k);
   if (m == 0) return result;
   const std::vector<float> q32 = VectorsToF32(queries);
   const size_t esize = DTypeSize(dtype_);
@@ -316,14 +299,7 @@ absl::StatusOr<SearchResult> LokiIndex::Search(const VectorView& queries, int32_
       }
     }
   };
-  if (params.num_threads == 1 || num_blocks == 1) {
-    search_blocks(0, num_blocks);
-  } else {
-    // Chunks of several blocks share their scratch arrays.
-    const int threads = ResolveThreads(params.num_threads);
-    ThreadPool::Default()->ParallelFor(
-        num_blocks, std::max<int64_t>(1, num_blocks / (4 * threads)), search_blocks, threads);
-  }
+  ParallelForChunks(num_blocks, params.num_threads, search_blocks);
   result.stats.keys_scanned = m * (all_exact ? eligible : tile_keys);
   result.stats.exact_scores = m * k_prime;
   return result;

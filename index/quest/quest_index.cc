@@ -21,20 +21,6 @@ namespace {
 
 constexpr uint32_t kQuestPayloadVersion = 1;
 
-// The runs of [0, n) outside `exclude`: the positions a search may return.
-std::vector<PositionRange> IncludedRuns(const ExcludeSet& exclude, int64_t n) {
-  std::vector<PositionRange> runs;
-  int64_t pos = 0;
-  for (const PositionRange& r : exclude.ranges()) {
-    if (r.begin > pos) runs.push_back({pos, r.begin});
-    pos = r.end;
-  }
-  if (pos < n) runs.push_back({pos, n});
-  return runs;
-}
-
-
-
 // The runs of units of `unit` positions (pages, tiles) that cover `runs`.
 std::vector<PositionRange> CoveringRuns(const std::vector<PositionRange>& runs, int64_t unit) {
   std::vector<PositionRange> out;
@@ -166,7 +152,7 @@ absl::StatusOr<SearchResult> QuestIndex::Search(const VectorView& queries, int32
   const int64_t min_pages = (static_cast<int64_t>(k) + page_size_ - 1) / page_size_;
   KVR_ASSIGN_OR_RETURN(const int64_t pages_knob, params.knobs.GetInt("pages", 8 * min_pages, 1));
   KVR_ASSIGN_OR_RETURN(const ExcludeSet exclude, ExcludeSet::Create(params.exclude, size_));
-  const std::vector<PositionRange> runs = IncludedRuns(exclude, size_);
+  const std::vector<PositionRange> runs = exclude.IncludedRuns();
   // Pages holding at least one eligible position, and the bound tiles that
   // hold those pages.
   const std::vector<PositionRange> page_runs = CoveringRuns(runs, page_size_);
@@ -181,11 +167,7 @@ absl::StatusOr<SearchResult> QuestIndex::Search(const VectorView& queries, int32
   const bool all_pages = selected >= eligible_pages;
 
   const int64_t m = queries.rows;
-  SearchResult result;
-  result.num_queries = m;
-  result.k = k;
-  result.ids.assign(static_cast<size_t>(m) * k, -1);
-  result.scores.assign(static_cast<size_t>(m) * k, -std::numeric_limits<float>::infinity());
+  SearchResult result = SearchResult::Padded(m, k);
   if (m == 0) return result;
   const std::vector<float> q32 = VectorsToF32(queries);
   const size_t tile_bytes = static_cast<size_t>(d) * kTileKeys * DTypeSize(dtype_);
@@ -266,14 +248,7 @@ absl::StatusOr<SearchResult> QuestIndex::Search(const VectorView& queries, int32
       }
     }
   };
-  if (params.num_threads == 1 || num_blocks == 1) {
-    search_blocks(0, num_blocks);
-  } else {
-    // Chunks of several blocks share their scratch arrays.
-    const int threads = ResolveThreads(params.num_threads);
-    ThreadPool::Default()->ParallelFor(
-        num_blocks, std::max<int64_t>(1, num_blocks / (4 * threads)), search_blocks, threads);
-  }
+  ParallelForChunks(num_blocks, params.num_threads, search_blocks);
   int64_t lanes_total = 0;
   for (int64_t e : lanes_per_query) lanes_total += e;
   result.stats.exact_scores = lanes_total;

@@ -480,11 +480,7 @@ absl::StatusOr<SearchResult> RoarIndex::Search(const VectorView& queries, int32_
   KVR_ASSIGN_OR_RETURN(ExcludeSet exclude, ExcludeSet::Create(params.exclude, size()));
   const int32_t ef = std::max<int32_t>(static_cast<int32_t>(ef64), k);
   const int64_t nq = queries.rows, n = size();
-  SearchResult result;
-  result.num_queries = nq;
-  result.k = k;
-  result.ids.assign(nq * k, -1);
-  result.scores.assign(nq * k, -std::numeric_limits<float>::infinity());
+  SearchResult result = SearchResult::Padded(nq, k);
   if (nq == 0 || n == 0) return result;
   const std::vector<float> q = VectorsToF32(queries);
   std::vector<SearchCounters> counters(nq);
