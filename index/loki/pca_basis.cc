@@ -37,6 +37,112 @@ int EffectiveParallelism(int num_threads) {
   return num_threads <= 0 ? 0 : num_threads;  // <= 0: the whole pool + caller
 }
 
+// How FitPcaBasis cuts the keys: chunks of `grain` rows, summed in chunk
+// order so that the result does not depend on the thread count.
+struct FitChunks {
+  explicit FitChunks(int64_t n)
+      : grain(std::max<int64_t>(256, n / 64)), count((n + grain - 1) / grain) {}
+  int64_t grain;
+  int64_t count;
+};
+
+// Pass 1: the mean of the keys in double (zeros unless `center`).
+// INVALID_ARGUMENT when a key holds NaN or Inf.
+absl::StatusOr<std::vector<double>> KeyMean(const VectorView& keys, bool center,
+                                            const FitChunks& chunks, int parallelism) {
+  const int32_t d = keys.dim;
+  const int64_t n = keys.rows;
+  std::atomic<bool> not_finite{false};
+  std::vector<double> chunk_sums(static_cast<size_t>(chunks.count * d), 0.0);
+  ThreadPool::Default()->ParallelFor(
+      n, chunks.grain,
+      [&](int64_t begin, int64_t end) {
+        std::vector<float> tmp;
+        std::vector<double> rows;
+        RowsToDouble(keys, begin, end, &tmp, &rows);
+        double* sum = chunk_sums.data() + (begin / chunks.grain) * d;
+        for (int64_t i = 0; i < end - begin; ++i) {
+          const double* x = rows.data() + i * d;
+          for (int32_t j = 0; j < d; ++j) {
+            if (!std::isfinite(x[j])) not_finite.store(true);
+            sum[j] += x[j];
+          }
+        }
+      },
+      parallelism);
+  if (not_finite.load()) {
+    return absl::InvalidArgumentError("PCA basis: keys contain NaN or Inf");
+  }
+  std::vector<double> mean(static_cast<size_t>(d), 0.0);
+  if (center) {
+    for (int64_t c = 0; c < chunks.count; ++c) {
+      for (int32_t j = 0; j < d; ++j) mean[static_cast<size_t>(j)] += chunk_sums[c * d + j];
+    }
+    for (double& m : mean) m /= static_cast<double>(n);
+  }
+  return mean;
+}
+
+// Pass 2: the covariance (second moment about `mean`), [d, d] symmetric,
+// divided by n - 1 when centred (n otherwise). Reports progress as
+// "covariance" up to 0.9; CANCELLED when the callback says stop.
+absl::StatusOr<std::vector<double>> KeyCovariance(const VectorView& keys,
+                                                  const std::vector<double>& mean,
+                                                  const PcaFitOptions& options,
+                                                  const FitChunks& chunks, int parallelism) {
+  const int32_t d = keys.dim;
+  const int64_t n = keys.rows;
+  std::atomic<bool> cancelled{false};
+  absl::Mutex progress_mu;
+  int64_t rows_done = 0;  // guarded by progress_mu
+  // Upper triangle per chunk.
+  std::vector<double> chunk_cov(static_cast<size_t>(chunks.count) * d * d, 0.0);
+  ThreadPool::Default()->ParallelFor(
+      n, chunks.grain,
+      [&](int64_t begin, int64_t end) {
+        if (cancelled.load(std::memory_order_relaxed)) return;
+        std::vector<float> tmp;
+        std::vector<double> rows;
+        RowsToDouble(keys, begin, end, &tmp, &rows);
+        double* cov = chunk_cov.data() + (begin / chunks.grain) * d * d;
+        for (int64_t i = 0; i < end - begin; ++i) {
+          double* x = rows.data() + i * d;
+          for (int32_t j = 0; j < d; ++j) x[j] -= mean[static_cast<size_t>(j)];
+          for (int32_t p = 0; p < d; ++p) {
+            const double xp = x[p];
+            double* row = cov + static_cast<size_t>(p) * d;
+            for (int32_t q = p; q < d; ++q) row[q] += xp * x[q];
+          }
+        }
+        if (options.progress) {
+          // Serialised so that reports arrive in order of `done`.
+          absl::MutexLock lock(&progress_mu);
+          rows_done += end - begin;
+          if (!options.progress(
+                  Progress{"covariance", rows_done, n, 0.9 * rows_done / static_cast<double>(n)})) {
+            cancelled.store(true);
+          }
+        }
+      },
+      parallelism);
+  if (cancelled.load()) return absl::CancelledError("PCA basis fit cancelled");
+
+  std::vector<double> cov(static_cast<size_t>(d) * d, 0.0);
+  for (int64_t c = 0; c < chunks.count; ++c) {
+    const double* src = chunk_cov.data() + c * d * d;
+    for (size_t i = 0; i < cov.size(); ++i) cov[i] += src[i];
+  }
+  const double denom = (options.center && n > 1) ? static_cast<double>(n - 1) : static_cast<double>(n);
+  for (int32_t p = 0; p < d; ++p) {
+    for (int32_t q = p; q < d; ++q) {
+      const double v = cov[static_cast<size_t>(p) * d + q] / denom;
+      cov[static_cast<size_t>(p) * d + q] = v;
+      cov[static_cast<size_t>(q) * d + p] = v;
+    }
+  }
+  return cov;
+}
+
 }  // namespace
 
 double PcaBasis::ExplainedVarianceRatio(int32_t r) const {
@@ -162,91 +268,12 @@ absl::StatusOr<PcaBasis> FitPcaBasis(const VectorView& keys, const PcaFitOptions
   if (keys.row_stride() < d) {
     return absl::InvalidArgumentError("PCA basis: key stride is smaller than the dimension");
   }
-  ThreadPool* pool = ThreadPool::Default();
   const int parallelism = EffectiveParallelism(options.num_threads);
-  const int64_t grain = std::max<int64_t>(256, n / 64);
-  const int64_t num_chunks = (n + grain - 1) / grain;
-  std::atomic<bool> cancelled{false};
-  std::atomic<bool> not_finite{false};
-  absl::Mutex progress_mu;
-  int64_t rows_done = 0;  // guarded by progress_mu
-
-  // Pass 1: the mean (in double), per chunk then summed in chunk order so the
-  // result does not depend on the thread count.
-  std::vector<double> chunk_sums(static_cast<size_t>(num_chunks * d), 0.0);
-  pool->ParallelFor(
-      n, grain,
-      [&](int64_t begin, int64_t end) {
-        std::vector<float> tmp;
-        std::vector<double> rows;
-        RowsToDouble(keys, begin, end, &tmp, &rows);
-        double* sum = chunk_sums.data() + (begin / grain) * d;
-        for (int64_t i = 0; i < end - begin; ++i) {
-          const double* x = rows.data() + i * d;
-          for (int32_t j = 0; j < d; ++j) {
-            if (!std::isfinite(x[j])) not_finite.store(true);
-            sum[j] += x[j];
-          }
-        }
-      },
-      parallelism);
-  if (not_finite.load()) {
-    return absl::InvalidArgumentError("PCA basis: keys contain NaN or Inf");
-  }
-  std::vector<double> mean(static_cast<size_t>(d), 0.0);
-  if (options.center) {
-    for (int64_t c = 0; c < num_chunks; ++c) {
-      for (int32_t j = 0; j < d; ++j) mean[static_cast<size_t>(j)] += chunk_sums[c * d + j];
-    }
-    for (double& m : mean) m /= static_cast<double>(n);
-  }
-
-  // Pass 2: the (centred) second moment, upper triangle per chunk.
-  std::vector<double> chunk_cov(static_cast<size_t>(num_chunks) * d * d, 0.0);
-  pool->ParallelFor(
-      n, grain,
-      [&](int64_t begin, int64_t end) {
-        if (cancelled.load(std::memory_order_relaxed)) return;
-        std::vector<float> tmp;
-        std::vector<double> rows;
-        RowsToDouble(keys, begin, end, &tmp, &rows);
-        double* cov = chunk_cov.data() + (begin / grain) * d * d;
-        for (int64_t i = 0; i < end - begin; ++i) {
-          double* x = rows.data() + i * d;
-          for (int32_t j = 0; j < d; ++j) x[j] -= mean[static_cast<size_t>(j)];
-          for (int32_t p = 0; p < d; ++p) {
-            const double xp = x[p];
-            double* row = cov + static_cast<size_t>(p) * d;
-            for (int32_t q = p; q < d; ++q) row[q] += xp * x[q];
-          }
-        }
-        if (options.progress) {
-          // Serialised so that reports arrive in order of `done`.
-          absl::MutexLock lock(&progress_mu);
-          rows_done += end - begin;
-          if (!options.progress(
-                  Progress{"covariance", rows_done, n, 0.9 * rows_done / static_cast<double>(n)})) {
-            cancelled.store(true);
-          }
-        }
-      },
-      parallelism);
-  if (cancelled.load()) return absl::CancelledError("PCA basis fit cancelled");
-
-  std::vector<double> cov(static_cast<size_t>(d) * d, 0.0);
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    const double* src = chunk_cov.data() + c * d * d;
-    for (size_t i = 0; i < cov.size(); ++i) cov[i] += src[i];
-  }
-  const double denom = (options.center && n > 1) ? static_cast<double>(n - 1) : static_cast<double>(n);
-  for (int32_t p = 0; p < d; ++p) {
-    for (int32_t q = p; q < d; ++q) {
-      const double v = cov[static_cast<size_t>(p) * d + q] / denom;
-      cov[static_cast<size_t>(p) * d + q] = v;
-      cov[static_cast<size_t>(q) * d + p] = v;
-    }
-  }
-
+  const FitChunks chunks(n);
+  KVR_ASSIGN_OR_RETURN(const std::vector<double> mean,
+                       KeyMean(keys, options.center, chunks, parallelism));
+  KVR_ASSIGN_OR_RETURN(const std::vector<double> cov,
+                       KeyCovariance(keys, mean, options, chunks, parallelism));
   std::vector<double> values, vectors;
   KVR_RETURN_IF_ERROR(SymmetricEigen(cov, d, &values, &vectors));
   if (options.progress && !options.progress(Progress{"eigen", 1, 1, 1.0})) {
