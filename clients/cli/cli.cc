@@ -585,6 +585,119 @@ int CmdBench(const std::string& name, const std::vector<std::string>& args, std:
   return kExitFailed;
 }
 
+
+// The options before the command (--target, --token, ...).
+void AddGlobalOptions(CLI::App* app, Flags& f) {
+  app->require_subcommand(1);
+  app->add_option("--target", f.target, "host:port of kvrecalld (env KVRECALL_TARGET)")
+      ->capture_default_str();
+  app->add_option("--token", f.token,
+                  "bearer token when the daemon has a tenants file (env KVRECALL_TOKEN)");
+  app->add_option("--deadline_ms", f.deadline_ms, "deadline of each call, ms")
+      ->capture_default_str();
+  app->add_flag("--json", f.json, "print machine-readable JSON on stdout");
+  app->add_option("--progress", f.progress,
+                  "progress bar on stderr: auto (when a terminal), always, never")
+      ->check(CLI::IsMember({"auto", "always", "never"}))
+      ->capture_default_str();
+}
+
+// The store commands: register, models, put, get, lookup, rm, pin, unpin,
+// stats, config.
+void AddStoreCommands(CLI::App* app, Flags& f) {
+  auto* reg = app->add_subcommand("register", "register a model's geometry");
+  reg->add_option("--model", f.model, "model id")->required();
+  reg->add_option("--layers", f.layers, "layers")->required();
+  reg->add_option("--q_heads", f.q_heads, "query heads")->required();
+  reg->add_option("--kv_heads", f.kv_heads, "key/value heads")->required();
+  reg->add_option("--head_dim", f.head_dim, "head dimension")->required();
+  reg->add_option("--dtype", f.dtype, "f16, bf16 or f32")->capture_default_str();
+  reg->add_option("--block_tokens", f.block_tokens, "tokens per span")->capture_default_str();
+  reg->add_flag("--keys_pre_rope", f.keys_pre_rope, "keys are stored before RoPE");
+
+  app->add_subcommand("models", "list registered models");
+
+  auto add_tokens = [&](CLI::App* cmd) {
+    cmd->add_option("--tokens", f.tokens, ".npy of token ids (1-D integers)");
+    cmd->add_option("--text", f.text, "file whose bytes are the token ids (byte-level models)");
+    cmd->add_option("--salt", f.salt, "salt of the span-hash chain");
+    cmd->add_flag("--full_spans_only", f.full_spans_only, "ignore a final partial span");
+  };
+  auto add_hashes = [&](CLI::App* cmd) {
+    cmd->add_option("--hashes", f.hashes, "comma-separated span hashes (32 hex digits)");
+    cmd->add_option("--hashes_file", f.hashes_file, "file with one span hash per line");
+  };
+
+  auto* put = app->add_subcommand("put", "store spans from .npy/.safetensors or random data");
+  put->add_option("--model", f.model, "model id")->required();
+  put->add_option("--npy", f.npy, ".npy K/V [layers, 2, kv_heads, tokens, head_dim]");
+  put->add_option("--safetensors", f.safetensors,
+                  ".safetensors with keys/values [layers, kv_heads, tokens, head_dim]");
+  put->add_option("--random", f.random_spans, "store N random full spans (a chain)");
+  put->add_option("--seed", f.seed, "seed of --random")->capture_default_str();
+  put->add_flag("--durable", f.durable, "sync to a persistent tier before the ack");
+  put->add_option("--hashes_out", f.hashes_out, "write the span hashes to this file");
+  add_tokens(put);
+
+  auto* get = app->add_subcommand("get", "fetch spans, optionally into a .npy");
+  get->add_option("--model", f.model, "model id")->required();
+  add_hashes(get);
+  add_tokens(get);
+  get->add_option("--layers", f.layer_range, "layer range BEGIN:END (default all)");
+  get->add_option("-o,--out", f.out_path, "write K/V [layers, 2, kv_heads, tokens, head_dim]");
+  get->add_flag("--float32", f.float32, "write float32 instead of the model's dtype");
+  get->add_flag("--allow_missing", f.allow_missing, "write the found spans even if some miss");
+
+  auto* lookup = app->add_subcommand("lookup", "longest stored prefix, and why the rest misses");
+  lookup->add_option("--model", f.model, "model id")->required();
+  add_hashes(lookup);
+  add_tokens(lookup);
+
+  auto* rm = app->add_subcommand("rm", "delete spans");
+  add_hashes(rm);
+  auto* pin = app->add_subcommand("pin", "pin spans in memory");
+  add_hashes(pin);
+  pin->add_option("--ttl_s", f.ttl_s, "pin lifetime in seconds (0: until unpinned)");
+  auto* unpin = app->add_subcommand("unpin", "release pins");
+  add_hashes(unpin);
+
+  app->add_subcommand("stats", "per-tier, per-RPC and miss-reason counters");
+  app->add_subcommand("config", "the daemon's effective options and versions");
+}
+
+// `bench NAME ARGS...`: runs NAME_bench with the remaining arguments.
+void AddBenchCommand(CLI::App* app, Flags& f) {
+  auto* bench = app->add_subcommand("bench", "run a benchmark binary: store, index, retrieval, gpu");
+  bench->add_option("name", f.bench_name, "which benchmark")
+      ->required()
+      ->check(CLI::IsMember({"store", "index", "retrieval", "gpu"}));
+  bench->allow_extras();
+  bench->prefix_command();
+}
+
+// Runs the parsed store command `name` against a KvStoreClient of `f`.
+int RunStoreCommand(const std::string& name, const Flags& f, std::ostream& out,
+                    std::ostream& err) {
+  client::ClientOptions options;
+  options.target = f.target;
+  options.bearer_token = f.token;
+  options.deadline_ms = f.deadline_ms;
+  absl::StatusOr<std::unique_ptr<client::KvStoreClient>> client =
+      client::KvStoreClient::Create(options);
+  if (!client.ok()) return Fail(err, client.status());
+  client::KvStoreClient& c = **client;
+  if (name == "register") return CmdRegister(f, c, out, err);
+  if (name == "models") return CmdModels(f, c, out, err);
+  if (name == "put") return CmdPut(f, c, out, err);
+  if (name == "get") return CmdGet(f, c, out, err);
+  if (name == "lookup") return CmdLookup(f, c, out, err);
+  if (name == "rm" || name == "pin" || name == "unpin") return CmdItems(f, name, c, out, err);
+  if (name == "stats") return CmdStats(f, c, out, err);
+  if (name == "config") return CmdConfig(f, c, out, err);
+  err << "kvrecall: unknown command " << name << "\n";
+  return kExitUsage;
+}
+
 }  // namespace
 
 int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& err) {
@@ -595,88 +708,11 @@ int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& e
   if (const char* t = std::getenv("KVRECALL_TOKEN"); t != nullptr) f.token = t;
   CLI::App app{"kvrecall: command-line client of kvrecalld (docs/cli.md)", "kvrecall"};
   try {
-    app.require_subcommand(1);
-    app.add_option("--target", f.target, "host:port of kvrecalld (env KVRECALL_TARGET)")
-        ->capture_default_str();
-    app.add_option("--token", f.token, "bearer token when the daemon has a tenants file "
-                                       "(env KVRECALL_TOKEN)");
-    app.add_option("--deadline_ms", f.deadline_ms, "deadline of each call, ms")
-        ->capture_default_str();
-    app.add_flag("--json", f.json, "print machine-readable JSON on stdout");
-    app.add_option("--progress", f.progress, "progress bar on stderr: auto (when a terminal), "
-                                             "always, never")
-        ->check(CLI::IsMember({"auto", "always", "never"}))
-        ->capture_default_str();
-
-    auto* reg = app.add_subcommand("register", "register a model's geometry");
-    reg->add_option("--model", f.model, "model id")->required();
-    reg->add_option("--layers", f.layers, "layers")->required();
-    reg->add_option("--q_heads", f.q_heads, "query heads")->required();
-    reg->add_option("--kv_heads", f.kv_heads, "key/value heads")->required();
-    reg->add_option("--head_dim", f.head_dim, "head dimension")->required();
-    reg->add_option("--dtype", f.dtype, "f16, bf16 or f32")->capture_default_str();
-    reg->add_option("--block_tokens", f.block_tokens, "tokens per span")->capture_default_str();
-    reg->add_flag("--keys_pre_rope", f.keys_pre_rope, "keys are stored before RoPE");
-
-    app.add_subcommand("models", "list registered models");
-
-    auto add_tokens = [&](CLI::App* cmd) {
-      cmd->add_option("--tokens", f.tokens, ".npy of token ids (1-D integers)");
-      cmd->add_option("--text", f.text, "file whose bytes are the token ids (byte-level models)");
-      cmd->add_option("--salt", f.salt, "salt of the span-hash chain");
-      cmd->add_flag("--full_spans_only", f.full_spans_only, "ignore a final partial span");
-    };
-    auto add_hashes = [&](CLI::App* cmd) {
-      cmd->add_option("--hashes", f.hashes, "comma-separated span hashes (32 hex digits)");
-      cmd->add_option("--hashes_file", f.hashes_file, "file with one span hash per line");
-    };
-
-    auto* put = app.add_subcommand("put", "store spans from .npy/.safetensors or random data");
-    put->add_option("--model", f.model, "model id")->required();
-    put->add_option("--npy", f.npy, ".npy K/V [layers, 2, kv_heads, tokens, head_dim]");
-    put->add_option("--safetensors", f.safetensors,
-                    ".safetensors with keys/values [layers, kv_heads, tokens, head_dim]");
-    put->add_option("--random", f.random_spans, "store N random full spans (a chain)");
-    put->add_option("--seed", f.seed, "seed of --random")->capture_default_str();
-    put->add_flag("--durable", f.durable, "sync to a persistent tier before the ack");
-    put->add_option("--hashes_out", f.hashes_out, "write the span hashes to this file");
-    add_tokens(put);
-
-    auto* get = app.add_subcommand("get", "fetch spans, optionally into a .npy");
-    get->add_option("--model", f.model, "model id")->required();
-    add_hashes(get);
-    add_tokens(get);
-    get->add_option("--layers", f.layer_range, "layer range BEGIN:END (default all)");
-    get->add_option("-o,--out", f.out_path, "write K/V [layers, 2, kv_heads, tokens, head_dim]");
-    get->add_flag("--float32", f.float32, "write float32 instead of the model's dtype");
-    get->add_flag("--allow_missing", f.allow_missing, "write the found spans even if some miss");
-
-    auto* lookup = app.add_subcommand("lookup", "longest stored prefix, and why the rest misses");
-    lookup->add_option("--model", f.model, "model id")->required();
-    add_hashes(lookup);
-    add_tokens(lookup);
-
-    auto* rm = app.add_subcommand("rm", "delete spans");
-    add_hashes(rm);
-    auto* pin = app.add_subcommand("pin", "pin spans in memory");
-    add_hashes(pin);
-    pin->add_option("--ttl_s", f.ttl_s, "pin lifetime in seconds (0: until unpinned)");
-    auto* unpin = app.add_subcommand("unpin", "release pins");
-    add_hashes(unpin);
-
-    app.add_subcommand("stats", "per-tier, per-RPC and miss-reason counters");
-    app.add_subcommand("config", "the daemon's effective options and versions");
-
+    AddGlobalOptions(&app, f);
+    AddStoreCommands(&app, f);
     retrieval.Register(&app);
     policy.Register(&app);
-
-    auto* bench = app.add_subcommand("bench", "run a benchmark binary: store, index, retrieval, gpu");
-    bench->add_option("name", f.bench_name, "which benchmark")
-        ->required()
-        ->check(CLI::IsMember({"store", "index", "retrieval", "gpu"}));
-    bench->allow_extras();
-    bench->prefix_command();
-
+    AddBenchCommand(&app, f);
     app.parse(argc, argv);
 
     CLI::App* cmd = app.get_subcommands().front();
@@ -693,25 +729,7 @@ int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& e
       return retrieval.Handles(name) ? retrieval.Run(cmd, g, out, err)
                                      : policy.Run(cmd, g, out, err);
     }
-
-    client::ClientOptions options;
-    options.target = f.target;
-    options.bearer_token = f.token;
-    options.deadline_ms = f.deadline_ms;
-    absl::StatusOr<std::unique_ptr<client::KvStoreClient>> client =
-        client::KvStoreClient::Create(options);
-    if (!client.ok()) return Fail(err, client.status());
-    client::KvStoreClient& c = **client;
-    if (name == "register") return CmdRegister(f, c, out, err);
-    if (name == "models") return CmdModels(f, c, out, err);
-    if (name == "put") return CmdPut(f, c, out, err);
-    if (name == "get") return CmdGet(f, c, out, err);
-    if (name == "lookup") return CmdLookup(f, c, out, err);
-    if (name == "rm" || name == "pin" || name == "unpin") return CmdItems(f, name, c, out, err);
-    if (name == "stats") return CmdStats(f, c, out, err);
-    if (name == "config") return CmdConfig(f, c, out, err);
-    err << "kvrecall: unknown command " << name << "\n";
-    return kExitUsage;
+    return RunStoreCommand(name, f, out, err);
   } catch (const CLI::ParseError& e) {
     const int code = app.exit(e, out, err);
     return code == 0 ? kExitOk : kExitUsage;
