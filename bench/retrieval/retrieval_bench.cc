@@ -255,7 +255,7 @@ absl::Status EnsureIndex(retrieval::RetrievalService* service, const Context& ct
   KVR_ASSIGN_OR_RETURN(std::string op, service->BuildIndex(req));
   const absl::Time start = absl::Now();
   while (true) {
-    KVR_ASSIGN_OR_RETURN(auto info, service->WaitOperation(op, absl::Now() + absl::Seconds(5)));
+    KVR_ASSIGN_OR_RETURN(auto info, service->WaitOperation(req.tenant, op, absl::Now() + absl::Seconds(5)));
     std::fprintf(stderr, "\r  building %s over %lld tokens: %5.1f%% %-40s eta %llds   ",
                  kind.c_str(), static_cast<long long>(ctx.tokens), 100 * info.fraction,
                  info.stage.c_str(),

@@ -99,6 +99,35 @@ ABSL_FLAG(bool, persist_indexes, Defaults().persist_indexes,
           "keep built indexes in the RocksDB catalog, reloaded lazily after a restart");
 ABSL_FLAG(ByteSize, max_artifact_bytes, ByteSize{Defaults().max_artifact_bytes},
           "largest per-model artifact (Loki bases, encoders, policies) accepted");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM server certificate (chain); with --tls_key_file the port serves TLS only");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls_cert_file");
+ABSL_FLAG(std::string, tls_client_ca_file, "",
+          "PEM CA bundle; when set clients must present a certificate it signed (mutual TLS)");
+ABSL_FLAG(bool, insecure, false,
+          "allow listening beyond loopback without TLS and a tenants file (logged loudly)");
+ABSL_FLAG(bool, require_token_ids, Defaults().require_token_ids,
+          "PutSpans headers must carry token ids, checked against the span hash");
+ABSL_FLAG(ByteSize, max_inflight_bytes, ByteSize{Defaults().max_inflight_bytes},
+          "bytes all calls together may buffer while being received");
+ABSL_FLAG(int32_t, max_concurrent_streams, Defaults().max_concurrent_streams,
+          "PutSpans and GetSpans calls served at once");
+ABSL_FLAG(int32_t, max_queued_builds, Defaults().max_queued_builds,
+          "index builds waiting to run, daemon-wide");
+ABSL_FLAG(ByteSize, max_context_query_bytes, ByteSize{Defaults().max_context_query_bytes},
+          "training queries one retrieval context keeps (f32 bytes)");
+ABSL_FLAG(int32_t, tenant_contexts, 0, "open retrieval contexts per tenant; 0: no quota");
+ABSL_FLAG(int32_t, tenant_builds, 0, "index builds queued or running per tenant; 0: no quota");
+ABSL_FLAG(ByteSize, tenant_memory_bytes, ByteSize{0},
+          "span payload one tenant holds in memory (its own spans make room); 0: no quota");
+ABSL_FLAG(ByteSize, tenant_pinned_bytes, ByteSize{0},
+          "span payload one tenant holds pinned; 0: no quota");
+ABSL_FLAG(ByteSize, tenant_disk_bytes, ByteSize{0},
+          "span records one tenant holds in disk segments; 0: no quota");
+ABSL_FLAG(ByteSize, tenant_rocksdb_bytes, ByteSize{0},
+          "compressed span payload one tenant holds in RocksDB; 0: no quota");
+ABSL_FLAG(int64_t, tombstone_max_age_s, 7 * 24 * 3600,
+          "miss tombstones (why a span is gone) older than this are collected");
 ABSL_FLAG(std::string, port_file, Defaults().port_file,
           "when set, the bound gRPC port is written to this file once serving");
 
@@ -131,6 +160,22 @@ absl::StatusOr<rpc::ServerOptions> ServerOptionsFromFlags() {
   o.context_idle_s = absl::GetFlag(FLAGS_context_idle_s);
   o.persist_indexes = absl::GetFlag(FLAGS_persist_indexes);
   o.max_artifact_bytes = absl::GetFlag(FLAGS_max_artifact_bytes).bytes;
+  o.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  o.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  o.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
+  o.insecure = absl::GetFlag(FLAGS_insecure);
+  o.require_token_ids = absl::GetFlag(FLAGS_require_token_ids);
+  o.max_inflight_bytes = absl::GetFlag(FLAGS_max_inflight_bytes).bytes;
+  o.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  o.max_queued_builds = absl::GetFlag(FLAGS_max_queued_builds);
+  o.max_context_query_bytes = absl::GetFlag(FLAGS_max_context_query_bytes).bytes;
+  o.tenant_contexts = absl::GetFlag(FLAGS_tenant_contexts);
+  o.tenant_builds = absl::GetFlag(FLAGS_tenant_builds);
+  o.store.tenant_memory_bytes = absl::GetFlag(FLAGS_tenant_memory_bytes).bytes;
+  o.store.tenant_pinned_bytes = absl::GetFlag(FLAGS_tenant_pinned_bytes).bytes;
+  o.store.tenant_disk_bytes = absl::GetFlag(FLAGS_tenant_disk_bytes).bytes;
+  o.store.tenant_rocksdb_bytes = absl::GetFlag(FLAGS_tenant_rocksdb_bytes).bytes;
+  o.store.tombstone_max_age = absl::Seconds(absl::GetFlag(FLAGS_tombstone_max_age_s));
   KVR_RETURN_IF_ERROR(rpc::ValidateServerOptions(o));
   return o;
 }

@@ -53,13 +53,44 @@ TEST(ServerFlagsTest, FlagsReachTheOptions) {
   absl::SetFlag(&FLAGS_rocksdb_compression, "zstd");
   absl::SetFlag(&FLAGS_metrics_port, 9090);
   absl::SetFlag(&FLAGS_rpc_threads, 16);
+  absl::SetFlag(&FLAGS_insecure, true);
+  absl::SetFlag(&FLAGS_tenant_pinned_bytes, ByteSize{int64_t{1} << 20});
+  absl::SetFlag(&FLAGS_tenant_contexts, 3);
   KVR_ASSERT_OK_AND_ASSIGN(rpc::ServerOptions o, ServerOptionsFromFlags());
+  EXPECT_TRUE(o.insecure);
+  EXPECT_EQ(o.store.tenant_pinned_bytes, int64_t{1} << 20);
+  EXPECT_EQ(o.tenant_contexts, 3);
   EXPECT_EQ(o.listen_address, "0.0.0.0:9000");
   EXPECT_EQ(o.store.data_dir, "/var/lib/kvrecall");
   EXPECT_EQ(o.store.memory_capacity_bytes, int64_t{1} << 30);
   EXPECT_EQ(o.store.rocksdb_compression, "zstd");
   EXPECT_EQ(o.metrics_port, 9090);
   EXPECT_EQ(o.rpc_threads, 16);
+}
+
+TEST(ServerFlagsTest, ListeningBeyondLoopbackNeedsTlsAndTenantsOrInsecure) {
+  absl::FlagSaver saver;
+  for (const char* address : {"0.0.0.0:9000", "[::]:9000", "10.1.2.3:9000", "myhost:9000"}) {
+    absl::SetFlag(&FLAGS_listen, address);
+    EXPECT_THAT(ServerOptionsFromFlags(),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--insecure")))
+        << address;
+  }
+  absl::SetFlag(&FLAGS_tls_cert_file, "/etc/kvrecall/server.pem");
+  absl::SetFlag(&FLAGS_tls_key_file, "/etc/kvrecall/server.key");
+  EXPECT_THAT(ServerOptionsFromFlags(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("--tenants_file")));
+  absl::SetFlag(&FLAGS_tenants_file, "/etc/kvrecall/tenants");
+  KVR_EXPECT_OK(ServerOptionsFromFlags().status());
+  absl::SetFlag(&FLAGS_tls_key_file, "");
+  EXPECT_THAT(ServerOptionsFromFlags(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("go together")));
+  for (const char* address : {"127.0.0.1:0", "127.0.0.9:9000", "[::1]:9000", "localhost:9000"}) {
+    absl::SetFlag(&FLAGS_listen, address);
+    absl::SetFlag(&FLAGS_tls_cert_file, "");
+    absl::SetFlag(&FLAGS_tenants_file, "");
+    KVR_EXPECT_OK(ServerOptionsFromFlags().status()) << address;
+  }
 }
 
 TEST(ServerFlagsTest, BadValuesNameTheFlag) {

@@ -3,15 +3,31 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace kvrecall::retrieval {
 
+namespace {
+
+absl::Status QueryBudget(int64_t kept, int64_t more, int64_t max) {
+  if (max > 0 && kept + more > max) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the context keeps ", kept, " bytes of training queries; ", more,
+        " more would exceed --max_context_query_bytes=", max,
+        " (build the index, or close and reopen the context to start over)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 Context::Context(std::string tenant, store::ModelGeometry model,
-                 std::vector<store::StoredSpanPtr> spans)
+                 std::vector<store::StoredSpanPtr> spans, int64_t max_query_bytes)
     : tenant_(std::move(tenant)),
       model_(std::move(model)),
       spans_(std::move(spans)),
       id_(spans_.empty() ? Hash128{} : spans_.back()->key.hash),
+      max_query_bytes_(max_query_bytes),
       layers_(static_cast<size_t>(model_.num_layers)) {
   for (const auto& s : spans_) prefix_tokens_ += s->meta.num_tokens;
 }
@@ -82,6 +98,8 @@ absl::StatusOr<int64_t> Context::Append(const AppendBatch& batch) {
                                                    ", ", d, "] f32"));
   }
   absl::MutexLock lock(&mu_);
+  const int64_t query_bytes = static_cast<int64_t>(batch.queries.size() * sizeof(float));
+  KVR_RETURN_IF_ERROR(QueryBudget(query_bytes_, query_bytes, max_query_bytes_));
   const int64_t first = layers_[batch.layer_begin].appended;
   for (int32_t l = batch.layer_begin; l < batch.layer_end; ++l) {
     if (layers_[l].appended != first) {
@@ -120,6 +138,7 @@ absl::StatusOr<int64_t> Context::Append(const AppendBatch& batch) {
     }
     st.appended += batch.num_tokens;
   }
+  query_bytes_ += query_bytes;
   return prefix_tokens_ + first;
 }
 
@@ -137,8 +156,11 @@ absl::Status Context::AddQueries(int32_t layer, int64_t first_position, int64_t 
                                                    queries.size()));
   }
   absl::MutexLock lock(&mu_);
+  const int64_t bytes = static_cast<int64_t>(queries.size() * sizeof(float));
+  KVR_RETURN_IF_ERROR(QueryBudget(query_bytes_, bytes, max_query_bytes_));
   layers_[layer].queries.emplace_back(first_position,
                                       std::vector<float>(queries.begin(), queries.end()));
+  query_bytes_ += bytes;
   return absl::OkStatus();
 }
 

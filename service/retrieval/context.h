@@ -44,7 +44,9 @@ class Context {
  public:
   // REQUIRES: spans form the chain (checked by the caller), all but the last
   // holding model.block_tokens tokens.
-  Context(std::string tenant, store::ModelGeometry model, std::vector<store::StoredSpanPtr> spans);
+  // `max_query_bytes` bounds the training queries kept (0: no bound).
+  Context(std::string tenant, store::ModelGeometry model, std::vector<store::StoredSpanPtr> spans,
+          int64_t max_query_bytes = 0);
 
   const std::string& tenant() const { return tenant_; }
   const store::ModelGeometry& model() const { return model_; }
@@ -68,6 +70,8 @@ class Context {
 
   // Stores prefill queries of `layer` for positions [first, first + n):
   // [n, num_q_heads, head_dim] f32. They train query-aware indexes (roar).
+  // RESOURCE_EXHAUSTED when the context would keep more than its
+  // max_query_bytes of queries (--max_context_query_bytes).
   absl::Status AddQueries(int32_t layer, int64_t first_position, int64_t n,
                           absl::Span<const float> queries);
 
@@ -104,7 +108,9 @@ class Context {
   const std::vector<store::StoredSpanPtr> spans_;
   const Hash128 id_;
   int64_t prefix_tokens_ = 0;
+  const int64_t max_query_bytes_;
   mutable absl::Mutex mu_;
+  int64_t query_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // kept training queries, f32 bytes
   std::vector<LayerState> layers_ ABSL_GUARDED_BY(mu_);
 };
 

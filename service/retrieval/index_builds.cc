@@ -7,6 +7,7 @@
 #include <cstring>
 #include <numeric>
 #include <optional>
+#include <random>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -29,6 +30,19 @@ using internal::kIndexLatestSpace;
 using internal::kIndexSpace;
 
 // ---------------------------------------------------------------- index builds
+
+namespace {
+
+// "op-" and 128 random bits from the kernel's generator, in hex: an id no
+// other tenant can guess (the ids of earlier builds tell nothing of the next).
+std::string NewOperationId() {
+  std::random_device rd;
+  std::string out = "op-";
+  for (int i = 0; i < 4; ++i) absl::StrAppend(&out, absl::Hex(rd(), absl::kZeroPad8));
+  return out;
+}
+
+}  // namespace
 
 absl::StatusOr<std::string> RetrievalService::BuildIndex(const BuildIndexRequest& request) {
   KVR_ASSIGN_OR_RETURN(std::shared_ptr<Context> ctx,
@@ -62,9 +76,29 @@ absl::StatusOr<std::string> RetrievalService::BuildIndex(const BuildIndexRequest
     req.kv_heads.resize(m.num_kv_heads);
     std::iota(req.kv_heads.begin(), req.kv_heads.end(), 0);
   }
+  op->tenant = request.tenant;
   absl::MutexLock lock(&mu_);
   if (stopping_) return absl::UnavailableError("the service is shutting down");
-  op->info.id = absl::StrCat("build-", next_operation_++);
+  if (static_cast<int64_t>(queue_.size()) >= options_.max_queued_builds) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        queue_.size(), " index builds are waiting to run (--max_queued_builds=",
+        options_.max_queued_builds, "); retry later"));
+  }
+  if (options_.tenant_builds > 0) {
+    int64_t active = 0;
+    for (const auto& [id, o] : operations_) {
+      active += o->tenant == request.tenant && (o->info.state == OperationState::kPending ||
+                                                o->info.state == OperationState::kRunning);
+    }
+    if (active >= options_.tenant_builds) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the tenant has ", active, " index builds queued or running, its quota "
+          "(--tenant_builds=", options_.tenant_builds, "); wait for one to finish"));
+    }
+  }
+  do {
+    op->info.id = NewOperationId();
+  } while (operations_.contains(op->info.id));
   op->info.description = absl::StrCat("build ", req.kind, "(", req.params, ") for context ",
                                       req.context.ToHex(), ": ", req.layers.size(), " layers x ",
                                       req.kv_heads.size(), " KV heads");
@@ -150,7 +184,11 @@ void RetrievalService::RunOperation(std::shared_ptr<Operation> op, BuildIndexReq
   if (request.kind == "loki") artifact_name = "loki_basis";
   if (request.kind == "inverted") artifact_name = "sparse_encoder";
   if (!artifact_name.empty()) {
-    auto art = GetArtifact(m.model_id, artifact_name, 0);
+    // The tenant's own calibration, else the shared one an admin published.
+    auto art = GetArtifact(request.tenant, /*shared=*/false, m.model_id, artifact_name, 0);
+    if (absl::IsNotFound(art.status())) {
+      art = GetArtifact(request.tenant, /*shared=*/true, m.model_id, artifact_name, 0);
+    }
     if (art.ok()) {
       artifact_bytes = std::move(art->second);
     } else if (!absl::IsNotFound(art.status())) {
@@ -273,10 +311,12 @@ absl::Status RetrievalService::InstallIndex(const BuildIndexRequest& request, co
   return absl::OkStatus();
 }
 
-absl::StatusOr<OperationInfo> RetrievalService::GetOperation(absl::string_view id) const {
+absl::StatusOr<OperationInfo> RetrievalService::GetOperation(absl::string_view tenant,
+                                                             absl::string_view id) const {
   absl::MutexLock lock(&mu_);
   auto it = operations_.find(std::string(id));
-  if (it == operations_.end()) {
+  // Another tenant's operation answers exactly as an unknown id.
+  if (it == operations_.end() || it->second->tenant != tenant) {
     return absl::NotFoundError(absl::StrCat("no operation ", id));
   }
   OperationInfo info = it->second->info;
@@ -286,12 +326,17 @@ absl::StatusOr<OperationInfo> RetrievalService::GetOperation(absl::string_view i
   return info;
 }
 
-absl::StatusOr<OperationInfo> RetrievalService::WaitOperation(absl::string_view id,
+absl::StatusOr<OperationInfo> RetrievalService::WaitOperation(absl::string_view tenant,
+                                                              absl::string_view id,
                                                               absl::Time deadline) const {
   absl::MutexLock lock(&mu_);
   auto it = operations_.find(std::string(id));
-  if (it == operations_.end()) return absl::NotFoundError(absl::StrCat("no operation ", id));
-  const Operation* op = it->second.get();
+  if (it == operations_.end() || it->second->tenant != tenant) {
+    return absl::NotFoundError(absl::StrCat("no operation ", id));
+  }
+  // Keep the operation alive while waiting (retention may drop it from the map).
+  const std::shared_ptr<Operation> held = it->second;
+  const Operation* op = held.get();
   mu_.AwaitWithDeadline(absl::Condition(
                             +[](const Operation* o) {
                               const auto st = o->info.state;
@@ -308,10 +353,12 @@ absl::StatusOr<OperationInfo> RetrievalService::WaitOperation(absl::string_view 
   return info;
 }
 
-absl::Status RetrievalService::CancelOperation(absl::string_view id) {
+absl::Status RetrievalService::CancelOperation(absl::string_view tenant, absl::string_view id) {
   absl::MutexLock lock(&mu_);
   auto it = operations_.find(std::string(id));
-  if (it == operations_.end()) return absl::NotFoundError(absl::StrCat("no operation ", id));
+  if (it == operations_.end() || it->second->tenant != tenant) {
+    return absl::NotFoundError(absl::StrCat("no operation ", id));
+  }
   Operation* op = it->second.get();
   op->cancel.store(true);
   if (op->info.state == OperationState::kPending) {
@@ -327,10 +374,12 @@ absl::Status RetrievalService::CancelOperation(absl::string_view id) {
   return absl::OkStatus();
 }
 
-std::vector<OperationInfo> RetrievalService::ListOperations() const {
+std::vector<OperationInfo> RetrievalService::ListOperations(absl::string_view tenant) const {
   absl::MutexLock lock(&mu_);
   std::vector<OperationInfo> out;
-  for (const auto& [id, op] : operations_) out.push_back(op->info);
+  for (const auto& [id, op] : operations_) {
+    if (op->tenant == tenant) out.push_back(op->info);
+  }
   return out;
 }
 

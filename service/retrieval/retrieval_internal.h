@@ -27,7 +27,10 @@ namespace kvrecall::retrieval::internal {
 inline constexpr absl::string_view kContextSpace = "context";
 inline constexpr absl::string_view kIndexSpace = "index";
 inline constexpr absl::string_view kIndexLatestSpace = "index_latest";
+// The shared namespace of artifacts (keys: model \0 kind \0 version), and
+// the tenants' own (keys: tenant \0 model \0 kind \0 version).
 inline constexpr absl::string_view kArtifactSpace = "artifact";
+inline constexpr absl::string_view kTenantArtifactSpace = "tenant_artifact";
 
 inline int64_t MicrosSince(absl::Time start) {
   return absl::ToInt64Microseconds(absl::Now() - start);
@@ -137,6 +140,7 @@ struct RetrievalService::OpenContextEntry {
 };
 
 struct RetrievalService::Operation {
+  std::string tenant;         // the owner; nobody else sees it
   OperationInfo info;         // guarded by RetrievalService::mu_
   absl::Time started;
   std::atomic<bool> cancel{false};

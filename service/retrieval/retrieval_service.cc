@@ -101,6 +101,16 @@ absl::StatusOr<OpenContextReply> RetrievalService::OpenContext(absl::string_view
       return OpenContextReply{id, ctx->num_tokens(0), static_cast<int32_t>(chain.size()), false};
     }
   }
+  if (options_.tenant_contexts > 0) {
+    absl::MutexLock lock(&mu_);
+    int64_t open = 0;
+    for (const auto& [key, entry] : contexts_) open += key.first == tenant;
+    if (open >= options_.tenant_contexts) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the tenant has ", open, " open contexts, its quota (--tenant_contexts=",
+          options_.tenant_contexts, "); close one (CloseContext) or wait for idle ones to close"));
+    }
+  }
   std::vector<store::StoredSpanPtr> spans;
   std::vector<std::string> missing;
   for (size_t i = 0; i < chain.size(); ++i) {
@@ -140,7 +150,8 @@ absl::StatusOr<OpenContextReply> RetrievalService::OpenContext(absl::string_view
       return pinned;
     }
   }
-  auto ctx = std::make_shared<Context>(std::string(tenant), model, std::move(spans));
+  auto ctx = std::make_shared<Context>(std::string(tenant), model, std::move(spans),
+                                       options_.max_context_query_bytes);
   KVR_RETURN_IF_ERROR(store_->CatalogPut(kContextSpace, ContextRecordKey(tenant, id),
                                          EncodeContextRecord(model_id, chain)));
   bool raced = false;

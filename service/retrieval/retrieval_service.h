@@ -50,6 +50,17 @@ struct RetrievalOptions {
   absl::Duration operation_retention = absl::Hours(1);
   // Persist built indexes in the RocksDB catalog. Default true.
   bool persist_indexes = true;
+  // Builds waiting to run, over all tenants; BuildIndex beyond it is
+  // RESOURCE_EXHAUSTED (--max_queued_builds). Default 64.
+  int32_t max_queued_builds = 64;
+  // Training queries kept per context, bytes of f32; beyond it AddQueries
+  // (and AppendTokens with queries) is RESOURCE_EXHAUSTED
+  // (--max_context_query_bytes). 0: no bound. Default 256 MiB.
+  int64_t max_context_query_bytes = int64_t{256} << 20;
+  // Per-tenant quotas; 0: none. Open contexts (--tenant_contexts) and builds
+  // queued or running (--tenant_builds).
+  int32_t tenant_contexts = 0;
+  int32_t tenant_builds = 0;
   // Where metrics go (may be null). Not owned.
   MetricsRegistry* metrics = nullptr;
 };
@@ -178,6 +189,7 @@ struct ArtifactInfo {
   int64_t bytes = 0;
   std::string description;
   absl::Time created;
+  bool shared = false;  // in the shared namespace (else the tenant's own)
 };
 
 class RetrievalService {
@@ -210,13 +222,19 @@ class RetrievalService {
                           int64_t first_position, int64_t n, absl::Span<const float> queries);
 
   // --- index builds (long-running operations) ---
+  // Operations belong to the tenant that started them; their ids are 128
+  // random bits ("op-<32 hex digits>"), so they cannot be guessed, and any
+  // other tenant asking for one gets the NOT_FOUND of an unknown id.
   absl::StatusOr<std::string> BuildIndex(const BuildIndexRequest& request);
-  absl::StatusOr<OperationInfo> GetOperation(absl::string_view id) const;
+  absl::StatusOr<OperationInfo> GetOperation(absl::string_view tenant,
+                                             absl::string_view id) const;
   // Waits until the operation ends or `deadline` passes (then returns its
   // current state, not an error).
-  absl::StatusOr<OperationInfo> WaitOperation(absl::string_view id, absl::Time deadline) const;
-  absl::Status CancelOperation(absl::string_view id);
-  std::vector<OperationInfo> ListOperations() const;
+  absl::StatusOr<OperationInfo> WaitOperation(absl::string_view tenant, absl::string_view id,
+                                              absl::Time deadline) const;
+  absl::Status CancelOperation(absl::string_view tenant, absl::string_view id);
+  // The operations of `tenant`.
+  std::vector<OperationInfo> ListOperations(absl::string_view tenant) const;
   // Indexes of a context (or of every context of the tenant when context is zero).
   absl::StatusOr<std::vector<IndexInfo>> ListIndexes(absl::string_view tenant,
                                                      const Hash128& context);
@@ -236,14 +254,25 @@ class RetrievalService {
                                          absl::Time deadline);
 
   // --- per-model artifacts (Loki bases, sparse encoders, head roles, layer policies) ---
-  // Stores a new version (1, 2, ...) of (model, kind). NOT_FOUND for an unknown model.
-  absl::StatusOr<int64_t> PutArtifact(absl::string_view model_id, absl::string_view kind,
+  // Artifacts live in a namespace: the tenant's own (shared = false), or the
+  // shared namespace (shared = true) that every tenant reads and only admins
+  // write (the caller checks the role). A build uses the tenant's latest
+  // version of the kind it needs, else the shared one.
+  //
+  // Stores a new version (1, 2, ...) of (model, kind) in the namespace.
+  // NOT_FOUND for an unknown model.
+  absl::StatusOr<int64_t> PutArtifact(absl::string_view tenant, bool shared,
+                                      absl::string_view model_id, absl::string_view kind,
                                       absl::string_view bytes, absl::string_view description);
-  // version 0 = the latest. NOT_FOUND when absent.
-  absl::StatusOr<std::pair<ArtifactInfo, std::string>> GetArtifact(absl::string_view model_id,
+  // version 0 = the latest. NOT_FOUND when absent from the namespace.
+  absl::StatusOr<std::pair<ArtifactInfo, std::string>> GetArtifact(absl::string_view tenant,
+                                                                    bool shared,
+                                                                    absl::string_view model_id,
                                                                     absl::string_view kind,
                                                                     int64_t version) const;
-  absl::StatusOr<std::vector<ArtifactInfo>> ListArtifacts(absl::string_view model_id) const;
+  // The tenant's artifacts of the model, then the shared ones.
+  absl::StatusOr<std::vector<ArtifactInfo>> ListArtifacts(absl::string_view tenant,
+                                                          absl::string_view model_id) const;
 
  private:
   struct LoadedIndex;
@@ -312,7 +341,6 @@ class RetrievalService {
   std::map<std::string, std::shared_ptr<LoadedIndex>> indexes_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::shared_ptr<Operation>> operations_ ABSL_GUARDED_BY(mu_);
   std::deque<std::pair<std::shared_ptr<Operation>, BuildIndexRequest>> queue_ ABSL_GUARDED_BY(mu_);
-  int64_t next_operation_ ABSL_GUARDED_BY(mu_) = 1;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> builders_;
 };

@@ -146,7 +146,7 @@ class RetrievalServiceTest : public ::testing::Test {
     req.params = params;
     auto id = service_->BuildIndex(req);
     EXPECT_TRUE(id.ok()) << id.status();
-    auto info = service_->WaitOperation(*id, absl::InfiniteFuture());
+    auto info = service_->WaitOperation("", *id, absl::InfiniteFuture());
     EXPECT_TRUE(info.ok()) << info.status();
     return *info;
   }
@@ -399,20 +399,20 @@ TEST_F(RetrievalServiceTest, LokiBuildsUseTheModelsBasisArtifact) {
     b.kv_head = h;
     bases.push_back(std::move(b));
   }
-  KVR_ASSERT_OK(service_->PutArtifact("tiny", "loki_basis", index::loki::SerializePcaBases(bases),
-                                      "layer 0 only")
+  KVR_ASSERT_OK(service_->PutArtifact("", /*shared=*/true, "tiny", "loki_basis",
+                                      index::loki::SerializePcaBases(bases), "layer 0 only")
                     .status());
   BuildIndexRequest req;
   req.context = chain.back();
   req.kind = "loki";
   req.layers = {0};
   KVR_ASSERT_OK_AND_ASSIGN(std::string op, service_->BuildIndex(req));
-  KVR_ASSERT_OK_AND_ASSIGN(OperationInfo done, service_->WaitOperation(op, absl::InfiniteFuture()));
+  KVR_ASSERT_OK_AND_ASSIGN(OperationInfo done, service_->WaitOperation("", op, absl::InfiniteFuture()));
   EXPECT_EQ(done.state, OperationState::kDone) << done.error;
   // Layer 1 has no basis in the artifact: the build fails and says which entry is missing.
   req.layers = {1};
   KVR_ASSERT_OK_AND_ASSIGN(op, service_->BuildIndex(req));
-  KVR_ASSERT_OK_AND_ASSIGN(OperationInfo failed, service_->WaitOperation(op, absl::InfiniteFuture()));
+  KVR_ASSERT_OK_AND_ASSIGN(OperationInfo failed, service_->WaitOperation("", op, absl::InfiniteFuture()));
   EXPECT_EQ(failed.state, OperationState::kFailed);
   EXPECT_THAT(std::string(failed.error.message()), HasSubstr("layer 1"));
 }
@@ -528,23 +528,70 @@ TEST_F(RetrievalServiceTest, AppendedTokensAreSearchable) {
               StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
-TEST_F(RetrievalServiceTest, ArtifactsAreVersioned) {
-  EXPECT_THAT(service_->PutArtifact("nope", "loki_basis", "x", ""),
+TEST_F(RetrievalServiceTest, ArtifactsAreVersionedPerNamespace) {
+  EXPECT_THAT(service_->PutArtifact("a", false, "nope", "loki_basis", "x", ""),
               StatusIs(absl::StatusCode::kNotFound));
-  KVR_ASSERT_OK_AND_ASSIGN(int64_t v1, service_->PutArtifact("tiny", "loki_basis", "one", "first"));
-  KVR_ASSERT_OK_AND_ASSIGN(int64_t v2, service_->PutArtifact("tiny", "loki_basis", "two", "second"));
-  KVR_ASSERT_OK_AND_ASSIGN(int64_t p1, service_->PutArtifact("tiny", "policy", "p", ""));
+  KVR_ASSERT_OK_AND_ASSIGN(int64_t v1,
+                           service_->PutArtifact("a", false, "tiny", "loki_basis", "one", "first"));
+  KVR_ASSERT_OK_AND_ASSIGN(int64_t v2,
+                           service_->PutArtifact("a", false, "tiny", "loki_basis", "two", "second"));
+  KVR_ASSERT_OK_AND_ASSIGN(int64_t p1, service_->PutArtifact("a", false, "tiny", "policy", "p", ""));
   EXPECT_EQ(v1, 1);
   EXPECT_EQ(v2, 2);
   EXPECT_EQ(p1, 1);
-  KVR_ASSERT_OK_AND_ASSIGN(auto latest, service_->GetArtifact("tiny", "loki_basis", 0));
+  KVR_ASSERT_OK_AND_ASSIGN(auto latest, service_->GetArtifact("a", false, "tiny", "loki_basis", 0));
   EXPECT_EQ(latest.second, "two");
   EXPECT_EQ(latest.first.description, "second");
-  KVR_ASSERT_OK_AND_ASSIGN(auto first, service_->GetArtifact("tiny", "loki_basis", 1));
+  KVR_ASSERT_OK_AND_ASSIGN(auto first, service_->GetArtifact("a", false, "tiny", "loki_basis", 1));
   EXPECT_EQ(first.second, "one");
-  EXPECT_THAT(service_->GetArtifact("tiny", "loki_basis", 3), StatusIs(absl::StatusCode::kNotFound));
-  KVR_ASSERT_OK_AND_ASSIGN(auto all, service_->ListArtifacts("tiny"));
+  EXPECT_THAT(service_->GetArtifact("a", false, "tiny", "loki_basis", 3),
+              StatusIs(absl::StatusCode::kNotFound));
+  KVR_ASSERT_OK_AND_ASSIGN(auto all, service_->ListArtifacts("a", "tiny"));
   EXPECT_EQ(all.size(), 3u);
+
+  // Tenant b sees none of a's, and its own versions start at 1.
+  EXPECT_THAT(service_->GetArtifact("b", false, "tiny", "loki_basis", 0),
+              StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(service_->GetArtifact("b", false, "tiny", "loki_basis", 1),
+              StatusIs(absl::StatusCode::kNotFound));
+  KVR_ASSERT_OK_AND_ASSIGN(auto none, service_->ListArtifacts("b", "tiny"));
+  EXPECT_TRUE(none.empty());
+  KVR_ASSERT_OK_AND_ASSIGN(int64_t b1,
+                           service_->PutArtifact("b", false, "tiny", "loki_basis", "bee", ""));
+  EXPECT_EQ(b1, 1);
+  KVR_ASSERT_OK_AND_ASSIGN(latest, service_->GetArtifact("a", false, "tiny", "loki_basis", 0));
+  EXPECT_EQ(latest.second, "two");  // b cannot replace what a's builds load
+
+  // The shared namespace is read by everyone, listed as shared.
+  KVR_ASSERT_OK(service_->PutArtifact("admin", true, "tiny", "loki_basis", "shared", "").status());
+  KVR_ASSERT_OK_AND_ASSIGN(auto shared, service_->GetArtifact("b", true, "tiny", "loki_basis", 0));
+  EXPECT_EQ(shared.second, "shared");
+  EXPECT_TRUE(shared.first.shared);
+  KVR_ASSERT_OK_AND_ASSIGN(auto listed, service_->ListArtifacts("b", "tiny"));
+  ASSERT_EQ(listed.size(), 2u);
+  EXPECT_FALSE(listed[0].shared);
+  EXPECT_TRUE(listed[1].shared);
+}
+
+TEST_F(RetrievalServiceTest, OperationsBelongToTheirTenantAndHaveUnguessableIds) {
+  const std::vector<Hash128> chain = StoreContext(2 * kBlock, 91);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  BuildIndexRequest req;
+  req.context = chain.back();
+  req.kind = "flat";
+  KVR_ASSERT_OK_AND_ASSIGN(std::string op1, service_->BuildIndex(req));
+  KVR_ASSERT_OK_AND_ASSIGN(std::string op2, service_->BuildIndex(req));
+  EXPECT_THAT(op1, ::testing::MatchesRegex("op-[0-9a-f]{32}"));
+  EXPECT_NE(op1, op2);
+  EXPECT_THAT(service_->GetOperation("other", op1), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(service_->WaitOperation("other", op1, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(service_->CancelOperation("other", op1), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_TRUE(service_->ListOperations("other").empty());
+  KVR_ASSERT_OK_AND_ASSIGN(OperationInfo done,
+                           service_->WaitOperation("", op1, absl::InfiniteFuture()));
+  EXPECT_EQ(done.state, OperationState::kDone) << done.error;
+  EXPECT_EQ(service_->ListOperations("").size(), 2u);
 }
 
 }  // namespace

@@ -22,8 +22,13 @@ grpc::Status AdminServiceImpl::Stats(grpc::ServerContext* context,
                                      v1::StatsResponse* response) {
   RpcScope scope(stats_metrics_);
   if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
-  absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
-  if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
+  absl::StatusOr<Principal> caller = auth_->AuthenticatePrincipal(*context);
+  if (!caller.ok()) return scope.Finish(ToGrpcStatus(caller.status()));
+  // The counters are of every tenant's traffic: for admins only.
+  if (!caller->admin) {
+    return scope.Finish(ToGrpcStatus(absl::PermissionDeniedError(
+        "Admin.Stats needs the admin role (the 'admin' option of the tenants file)")));
+  }
 
   const store::StoreStats stats = store_->Stats();
   for (const store::TierStats& t : stats.tiers) {
@@ -78,12 +83,16 @@ grpc::Status AdminServiceImpl::GetConfig(grpc::ServerContext* context,
                                          v1::GetConfigResponse* response) {
   RpcScope scope(get_config_metrics_);
   if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());
-  absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);
-  if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()));
-  for (const auto& [name, value] : ServerOptionsToFlags(*options_)) {
-    v1::ConfigEntry* entry = response->add_options();
-    entry->set_name(name);
-    entry->set_value(value);
+  absl::StatusOr<Principal> caller = auth_->AuthenticatePrincipal(*context);
+  if (!caller.ok()) return scope.Finish(ToGrpcStatus(caller.status()));
+  // Every tenant may check versions and limits; the effective options (paths,
+  // capacities, quotas) are for admins.
+  if (caller->admin) {
+    for (const auto& [name, value] : ServerOptionsToFlags(*options_)) {
+      v1::ConfigEntry* entry = response->add_options();
+      entry->set_name(name);
+      entry->set_value(value);
+    }
   }
   response->set_version(kKvrecallVersion);
   response->set_api_version("kvrecall.v1");

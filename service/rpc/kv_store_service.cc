@@ -124,7 +124,17 @@ class PutSpansReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
       Finish(scope_.Finish(ToGrpcStatus(tenant.status())));
       return;
     }
-    stream_.emplace(service->store_, *std::move(tenant), service->options_.max_span_bytes);
+    InflightLimiter* limiter = service->options_.limiter;
+    if (limiter != nullptr) {
+      const absl::Status admitted = limiter->EnterStream();
+      if (!admitted.ok()) {
+        Finish(scope_.Finish(ToGrpcStatus(admitted)));
+        return;
+      }
+      entered_ = true;
+    }
+    stream_.emplace(service->store_, *std::move(tenant), service->options_.max_span_bytes,
+                    service->options_.require_token_ids, limiter);
     StartRead(&message_);
   }
 
@@ -156,7 +166,11 @@ class PutSpansReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   }
 
   void OnCancel() override { cancelled_.store(true, std::memory_order_relaxed); }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    stream_.reset();  // releases the buffered payload's in-flight bytes
+    if (entered_) service_->options_.limiter->ExitStream();
+    delete this;
+  }
 
  private:
   void FinishWith(const absl::Status& status) {
@@ -175,6 +189,7 @@ class PutSpansReactor final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
   std::optional<PutStream> stream_;
   grpc::ByteBuffer message_;
   std::atomic<bool> cancelled_{false};
+  bool entered_ = false;  // holds a place in the limiter's streams
 };
 
 grpc::ServerReadReactor<grpc::ByteBuffer>* KvStoreServiceImpl::PutSpans(
@@ -226,6 +241,14 @@ class GetSpansReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
       Finish(scope_.Finish(ToGrpcStatus(status)));
       return;
     }
+    if (InflightLimiter* limiter = service_->options_.limiter; limiter != nullptr) {
+      const absl::Status admitted = limiter->EnterStream();
+      if (!admitted.ok()) {
+        Finish(scope_.Finish(ToGrpcStatus(admitted)));
+        return;
+      }
+      entered_ = true;
+    }
     service_->store_workers_->Schedule([this] { LoadNext(); });
   }
 
@@ -247,7 +270,10 @@ class GetSpansReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
   }
 
   void OnCancel() override { cancelled_.store(true, std::memory_order_relaxed); }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    if (entered_) service_->options_.limiter->ExitStream();
+    delete this;
+  }
 
  private:
   absl::Status Prepare(const grpc::ByteBuffer* raw_request) {
@@ -397,6 +423,7 @@ class GetSpansReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
   std::deque<int64_t> pending_payload_;   // payload bytes in each of them
   int64_t sent_bytes_ = 0;
   std::atomic<bool> cancelled_{false};
+  bool entered_ = false;  // holds a place in the limiter's streams
 };
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* KvStoreServiceImpl::GetSpans(

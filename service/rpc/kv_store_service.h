@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "common/thread_pool.h"
 #include "kvrecall/v1/kv_store.grpc.pb.h"
+#include "service/rpc/inflight_limiter.h"
 #include "service/rpc/rpc_metrics.h"
 #include "service/rpc/tenant_auth.h"
 #include "service/store/tiered_store.h"
@@ -37,6 +38,11 @@ struct KvStoreServiceOptions {
   // Threads making the store calls of PutSpans and GetSpans
   // (ServerOptions::store_threads).
   int32_t store_threads = 16;
+  // PutSpans headers must carry token ids (ServerOptions::require_token_ids).
+  bool require_token_ids = true;
+  // Bounds buffered span payloads and concurrent PutSpans/GetSpans calls;
+  // may be null (no bound). Not owned.
+  InflightLimiter* limiter = nullptr;
 };
 
 class GetSpansReactor;

@@ -648,8 +648,9 @@ TEST_F(KvStoreServiceTest, AdminStatsCountsRpcsAndGetConfigShowsTheOptions) {
 }
 
 constexpr char kTenants[] =
-    "alpha token-alpha-0123456789\n"
-    "beta  token-beta-01234567890\n";
+    "alpha token-alpha-0123456789 group=team\n"
+    "beta  token-beta-01234567890 group=team\n"
+    "gamma token-gamma-0123456789\n";
 
 TEST_F(KvStoreServiceTest, TokensSelectTenantsAndMissingTokensAreUnauthenticated) {
   StartServer(kTenants);
@@ -676,6 +677,12 @@ TEST_F(KvStoreServiceTest, TokensSelectTenantsAndMissingTokensAreUnauthenticated
   KVR_ASSERT_OK(Get({spans[0].hash}, &got));
   EXPECT_FALSE(got[0].header.found());
   EXPECT_EQ(got[0].header.miss_reason(), v1::MISS_REASON_OTHER_NAMESPACE);
+
+  // gamma shares no group with alpha: its miss reveals nothing.
+  token_ = "token-gamma-0123456789";
+  KVR_ASSERT_OK(Get({spans[0].hash}, &got));
+  EXPECT_FALSE(got[0].header.found());
+  EXPECT_EQ(got[0].header.miss_reason(), v1::MISS_REASON_NEVER_STORED);
 
   token_ = "token-alpha-0123456789";
   KVR_ASSERT_OK(Get({spans[0].hash}, &got));

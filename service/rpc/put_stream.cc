@@ -78,8 +78,13 @@ absl::Status Malformed() { return absl::InvalidArgumentError("malformed PutSpans
 
 }  // namespace
 
-PutStream::PutStream(store::TieredStore* store, std::string tenant, int64_t max_span_bytes)
-    : store_(store), tenant_(std::move(tenant)), max_span_bytes_(max_span_bytes) {}
+PutStream::PutStream(store::TieredStore* store, std::string tenant, int64_t max_span_bytes,
+                     bool require_token_ids, InflightLimiter* limiter)
+    : store_(store),
+      tenant_(std::move(tenant)),
+      max_span_bytes_(max_span_bytes),
+      require_token_ids_(require_token_ids),
+      limiter_(limiter) {}
 
 absl::Status PutStream::Fail(int index, const absl::Status& status) const {
   const int stored = response_.results_size();
@@ -231,6 +236,18 @@ absl::Status PutStream::StartSpan(const v1::PutSpanHeader& h) {
                            "span payload of ", h.payload_bytes(), " bytes exceeds --max_span_bytes=",
                            max_span_bytes_)));
   }
+  if (h.token_ids_size() == 0 && require_token_ids_) {
+    return Fail(index, absl::InvalidArgumentError(
+                           "header.token_ids: required (the daemon checks that they hash to "
+                           "header.hash; it runs with --require_token_ids)"));
+  }
+  // The payload buffer is reserved in full below (one copy per chunk, no
+  // regrowth): hold its bytes against the daemon's in-flight budget first.
+  if (limiter_ != nullptr) {
+    absl::StatusOr<InflightBytes> held = limiter_->AcquireBytes(h.payload_bytes());
+    if (!held.ok()) return Fail(index, held.status());
+    held_ = *std::move(held);
+  }
   span.meta.payload_bytes = h.payload_bytes();
   span.meta.payload_checksum = h.payload_checksum();
   span.meta.durable = h.durable();
@@ -270,6 +287,7 @@ absl::Status PutStream::StoreComplete() {
   options.salt = salt_;
   absl::StatusOr<store::PutOutcome> outcome = store_->Put(std::move(span_), options);
   span_ = store::StoredSpan();
+  held_.Release();  // the store owns (or dropped) the payload now
   if (!outcome.ok()) return Fail(index_, outcome.status());
   v1::PutSpanResult* result = response_.add_results();
   result->set_index(index_);

@@ -13,6 +13,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "kvrecall/v1/kv_store.pb.h"
+#include "service/rpc/inflight_limiter.h"
 #include "service/store/tiered_store.h"
 #include <grpcpp/support/byte_buffer.h>
 
@@ -21,8 +22,14 @@ namespace kvrecall::rpc {
 // Not thread-safe (one per stream; the reactor hands it between threads).
 class PutStream {
  public:
-  // `store` is not owned and must outlive the stream.
-  PutStream(store::TieredStore* store, std::string tenant, int64_t max_span_bytes);
+  // `store` (and `limiter`, when given) are not owned and must outlive the
+  // stream. With `require_token_ids`, a span header without token ids is
+  // INVALID_ARGUMENT: the server can then check every span hash against its
+  // tokens, so no client can store K/V under the hash of tokens it did not
+  // send (--require_token_ids). A span's payload buffer is held against
+  // `limiter` from its header until it is stored.
+  PutStream(store::TieredStore* store, std::string tenant, int64_t max_span_bytes,
+            bool require_token_ids = true, InflightLimiter* limiter = nullptr);
 
   // Consumes one serialized PutSpansRequest. Sets *complete when it finished
   // a span: StoreComplete() must then be called before the next message.
@@ -58,6 +65,9 @@ class PutStream {
   store::TieredStore* const store_;
   const std::string tenant_;
   const int64_t max_span_bytes_;
+  const bool require_token_ids_;
+  InflightLimiter* const limiter_;
+  InflightBytes held_;         // the current span's payload buffer
   absl::flat_hash_map<std::string, store::ModelGeometry> models_;  // cache for this stream
 
   int num_headers_ = 0;

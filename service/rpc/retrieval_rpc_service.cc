@@ -91,6 +91,7 @@ void ArtifactInfoToProto(const retrieval::ArtifactInfo& info, v1::ArtifactInfo* 
   out->set_bytes(info.bytes);
   out->set_description(info.description);
   out->set_created_unix_us(absl::ToUnixMicros(info.created));
+  out->set_shared(info.shared);
 }
 
 // Fills the shared fields of Search and Attend requests.
@@ -145,8 +146,10 @@ RetrievalRpcService::RetrievalRpcService(std::unique_ptr<retrieval::RetrievalSer
 // Times the call under its method name and authenticates the caller's tenant.
 #define KVR_RPC_PROLOGUE(method)                                                         \
   RpcScope scope(method_metrics_[method]);                                               \
-  absl::StatusOr<std::string> tenant = auth_->Authenticate(*context);                    \
-  if (!tenant.ok()) return scope.Finish(ToGrpcStatus(tenant.status()))
+  if (!scope.admitted()) return scope.Finish(RpcScope::Rejected());                      \
+  absl::StatusOr<Principal> principal = auth_->AuthenticatePrincipal(*context);          \
+  if (!principal.ok()) return scope.Finish(ToGrpcStatus(principal.status()));            \
+  const std::string* const tenant = &principal->tenant
 
 grpc::Status RetrievalRpcService::OpenContext(grpc::ServerContext* context,
                                               const v1::OpenContextRequest* request,
@@ -275,7 +278,7 @@ grpc::Status RetrievalRpcService::BuildIndex(grpc::ServerContext* context,
     req.kind = request->kind();
     req.params = request->params();
     KVR_ASSIGN_OR_RETURN(std::string op, retrieval_->BuildIndex(req));
-    KVR_ASSIGN_OR_RETURN(retrieval::OperationInfo info, retrieval_->GetOperation(op));
+    KVR_ASSIGN_OR_RETURN(retrieval::OperationInfo info, retrieval_->GetOperation(*tenant, op));
     OperationToProto(info, response);
     return absl::OkStatus();
   };
@@ -286,7 +289,7 @@ grpc::Status RetrievalRpcService::GetOperation(grpc::ServerContext* context,
                                                const v1::GetOperationRequest* request,
                                                v1::Operation* response) {
   KVR_RPC_PROLOGUE(kGetOperation);
-  auto info = retrieval_->GetOperation(request->id());
+  auto info = retrieval_->GetOperation(*tenant, request->id());
   if (info.ok()) OperationToProto(*info, response);
   return scope.Finish(ToGrpcStatus(info.status()));
 }
@@ -301,7 +304,7 @@ grpc::Status RetrievalRpcService::WaitOperation(grpc::ServerContext* context,
   }
   // Leave a little of the call's deadline to send the answer.
   if (deadline != absl::InfiniteFuture()) deadline -= absl::Milliseconds(20);
-  auto info = retrieval_->WaitOperation(request->id(), deadline);
+  auto info = retrieval_->WaitOperation(*tenant, request->id(), deadline);
   if (info.ok()) OperationToProto(*info, response);
   return scope.Finish(ToGrpcStatus(info.status()));
 }
@@ -310,9 +313,9 @@ grpc::Status RetrievalRpcService::CancelOperation(grpc::ServerContext* context,
                                                   const v1::CancelOperationRequest* request,
                                                   v1::Operation* response) {
   KVR_RPC_PROLOGUE(kCancelOperation);
-  absl::Status s = retrieval_->CancelOperation(request->id());
+  absl::Status s = retrieval_->CancelOperation(*tenant, request->id());
   if (s.ok()) {
-    auto info = retrieval_->GetOperation(request->id());
+    auto info = retrieval_->GetOperation(*tenant, request->id());
     if (info.ok()) OperationToProto(*info, response);
     s = info.status();
   }
@@ -512,14 +515,22 @@ grpc::Status RetrievalRpcService::PutArtifact(grpc::ServerContext* context,
   auto run = [&]() -> absl::Status {
     v1::PutArtifactRequest msg;
     std::string model, kind, description, bytes;
+    InflightBytes held;
     bool first = true;
+    bool shared = false;
     while (reader->Read(&msg)) {
       if (first) {
         model = msg.model_id();
         kind = msg.kind();
         description = msg.description();
+        shared = msg.shared();
         if (model.empty() || kind.empty()) {
           return absl::InvalidArgumentError("the first message must set model_id and kind");
+        }
+        if (shared && !principal->admin) {
+          return absl::PermissionDeniedError(
+              "only admins write artifacts to the shared namespace (the 'admin' option of the "
+              "tenants file); leave shared unset to store it in your own");
         }
         first = false;
       }
@@ -527,12 +538,17 @@ grpc::Status RetrievalRpcService::PutArtifact(grpc::ServerContext* context,
         return absl::ResourceExhaustedError(absl::StrCat(
             "artifact larger than max_artifact_bytes = ", options_.max_artifact_bytes));
       }
+      // The buffered artifact counts against the daemon's in-flight bytes.
+      if (options_.limiter != nullptr) {
+        KVR_RETURN_IF_ERROR(options_.limiter->Grow(&held, static_cast<int64_t>(msg.chunk().size())));
+      }
       bytes += msg.chunk();
     }
     if (first) return absl::InvalidArgumentError("empty stream: no artifact");
-    KVR_ASSIGN_OR_RETURN(int64_t version,
-                         retrieval_->PutArtifact(model, kind, bytes, description));
-    KVR_ASSIGN_OR_RETURN(auto stored, retrieval_->GetArtifact(model, kind, version));
+    KVR_ASSIGN_OR_RETURN(int64_t version, retrieval_->PutArtifact(*tenant, shared, model, kind,
+                                                                  bytes, description));
+    KVR_ASSIGN_OR_RETURN(auto stored,
+                         retrieval_->GetArtifact(*tenant, shared, model, kind, version));
     ArtifactInfoToProto(stored.first, response);
     return absl::OkStatus();
   };
@@ -544,8 +560,9 @@ grpc::Status RetrievalRpcService::GetArtifact(grpc::ServerContext* context,
                                               grpc::ServerWriter<v1::GetArtifactResponse>* writer) {
   KVR_RPC_PROLOGUE(kGetArtifact);
   auto run = [&]() -> absl::Status {
-    KVR_ASSIGN_OR_RETURN(auto got, retrieval_->GetArtifact(request->model_id(), request->kind(),
-                                                           request->version()));
+    KVR_ASSIGN_OR_RETURN(auto got,
+                         retrieval_->GetArtifact(*tenant, request->shared(), request->model_id(),
+                                                 request->kind(), request->version()));
     v1::GetArtifactResponse msg;
     ArtifactInfoToProto(got.first, msg.mutable_info());
     const std::string& bytes = got.second;
@@ -566,7 +583,7 @@ grpc::Status RetrievalRpcService::ListArtifacts(grpc::ServerContext* context,
                                                 const v1::ListArtifactsRequest* request,
                                                 v1::ListArtifactsResponse* response) {
   KVR_RPC_PROLOGUE(kListArtifacts);
-  auto list = retrieval_->ListArtifacts(request->model_id());
+  auto list = retrieval_->ListArtifacts(*tenant, request->model_id());
   if (list.ok()) {
     for (const auto& info : *list) ArtifactInfoToProto(info, response->add_artifacts());
   }
@@ -585,9 +602,14 @@ ServiceFactory RetrievalServiceFactory(const retrieval::RetrievalOptions& retrie
       options.concurrent_builds = ctx.options->index_build_threads;
       options.context_idle_ttl = absl::Seconds(ctx.options->context_idle_s);
       options.persist_indexes = ctx.options->persist_indexes;
+      options.max_queued_builds = ctx.options->max_queued_builds;
+      options.max_context_query_bytes = ctx.options->max_context_query_bytes;
+      options.tenant_contexts = ctx.options->tenant_contexts;
+      options.tenant_builds = ctx.options->tenant_builds;
       rpc.max_artifact_bytes = ctx.options->max_artifact_bytes;
     }
     options.metrics = ctx.metrics;
+    if (rpc.limiter == nullptr) rpc.limiter = ctx.limiter;
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<retrieval::RetrievalService> service,
                          retrieval::RetrievalService::Create(ctx.store, options));
     return std::unique_ptr<grpc::Service>(std::make_unique<RetrievalRpcService>(

@@ -24,6 +24,8 @@ struct RetrievalRpcOptions {
   int64_t max_artifact_bytes = int64_t{1} << 30;
   // Chunk size of GetArtifact, bytes. Default 1 MiB.
   int64_t artifact_chunk_bytes = int64_t{1} << 20;
+  // Where PutArtifact's buffered bytes are counted; may be null. Not owned.
+  InflightLimiter* limiter = nullptr;
 };
 
 // Thread-safe.

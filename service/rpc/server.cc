@@ -26,6 +26,57 @@ namespace {
 // before the remaining connections are closed.
 constexpr absl::Duration kStatusFlushTime = absl::Milliseconds(250);
 
+// TLS (with client certificates when a client CA is given) or, without a
+// certificate, plaintext; logs which, and loudly when plaintext or
+// unauthenticated access reaches beyond loopback (--insecure).
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentialsFor(
+    const ServerOptions& options) {
+  std::string host;
+  int port = 0;
+  KVR_RETURN_IF_ERROR(ParseListenAddress(options.listen_address, &host, &port));
+  const bool loopback = IsLoopbackHost(host);
+  if (options.tls_cert_file.empty()) {
+    if (!loopback) {
+      KVR_LOG(WARNING) << "--insecure: serving " << options.listen_address
+                       << " WITHOUT TLS: bearer tokens and KV caches cross the network in "
+                          "cleartext";
+    }
+    if (!loopback && options.tenants_file.empty()) {
+      KVR_LOG(WARNING) << "--insecure: serving " << options.listen_address
+                       << " WITHOUT a tenants file: anyone reaching the port reads and writes "
+                          "every span";
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  grpc::SslServerCredentialsOptions ssl;
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  absl::StatusOr<std::string> cert = ReadFileToString(options.tls_cert_file);
+  if (!cert.ok()) return absl::InvalidArgumentError(absl::StrCat("--tls_cert_file: ", cert.status().message()));
+  absl::StatusOr<std::string> key = ReadFileToString(options.tls_key_file);
+  if (!key.ok()) return absl::InvalidArgumentError(absl::StrCat("--tls_key_file: ", key.status().message()));
+  pair.cert_chain = *std::move(cert);
+  pair.private_key = *std::move(key);
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!options.tls_client_ca_file.empty()) {
+    absl::StatusOr<std::string> ca = ReadFileToString(options.tls_client_ca_file);
+    if (!ca.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--tls_client_ca_file: ", ca.status().message()));
+    }
+    ssl.pem_root_certs = *std::move(ca);
+    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  if (!loopback && options.tenants_file.empty()) {
+    KVR_LOG(WARNING) << "--insecure: serving " << options.listen_address
+                     << " over TLS but WITHOUT a tenants file: every client is the default "
+                        "tenant";
+  }
+  KVR_LOG(INFO) << "serving TLS" << (options.tls_client_ca_file.empty() ? "" : " with client "
+                                                                              "certificates")
+                << " on " << options.listen_address;
+  return grpc::SslServerCredentials(ssl);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Create(
@@ -46,11 +97,21 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   server->rpc_metrics_ = std::make_unique<RpcMetrics>(server->metrics_.get());
   store::TieredStoreOptions store_options = options.store;
   store_options.metrics = server->metrics_.get();
+  // Only tenants of one trust group learn of each other's spans (miss reason
+  // other_namespace); the authenticator outlives the store.
+  const TenantAuthenticator* auth = server->auth_.get();
+  store_options.shares_namespace = [auth](absl::string_view a, absl::string_view b) {
+    return auth->ShareNamespace(a, b);
+  };
   server->options_.store.metrics = server->metrics_.get();
   KVR_ASSIGN_OR_RETURN(server->store_, open_store(store_options));
   if (server->store_ == nullptr) return absl::InternalError("the store opener returned null");
 
+  server->limiter_ = std::make_unique<InflightLimiter>(options.max_inflight_bytes,
+                                                       options.max_concurrent_streams);
   KvStoreServiceOptions kv_options;
+  kv_options.require_token_ids = options.require_token_ids;
+  kv_options.limiter = server->limiter_.get();
   kv_options.max_span_bytes = options.max_span_bytes;
   kv_options.get_chunk_bytes = options.get_chunk_bytes;
   kv_options.max_message_bytes = options.max_message_bytes;
@@ -66,6 +127,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   context.rpc_metrics = server->rpc_metrics_.get();
   context.auth = server->auth_.get();
   context.options = &server->options_;
+  context.limiter = server->limiter_.get();
   for (const ServiceFactory& factory : additional_services) {
     KVR_ASSIGN_OR_RETURN(std::unique_ptr<grpc::Service> service, factory(context));
     if (service == nullptr) return absl::InternalError("a service factory returned null");
@@ -76,8 +138,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int selected_port = 0;
-  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(),
-                           &selected_port);
+  KVR_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                       ServerCredentialsFor(options));
+  builder.AddListeningPort(options.listen_address, credentials, &selected_port);
   // A second daemon on the same port (and data directory) must fail, not share it.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));

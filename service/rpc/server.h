@@ -23,6 +23,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/metrics.h"
+#include "service/rpc/inflight_limiter.h"
 #include "service/rpc/rpc_metrics.h"
 #include "service/rpc/server_options.h"
 #include "service/rpc/tenant_auth.h"
@@ -43,6 +44,7 @@ struct ServiceContext {
   RpcMetrics* rpc_metrics = nullptr;  // register methods here for Admin.Stats
   const TenantAuthenticator* auth = nullptr;
   const ServerOptions* options = nullptr;
+  InflightLimiter* limiter = nullptr;  // the daemon-wide bound on buffered request bytes
 };
 
 // Builds one additional gRPC service (e.g. kvrecall.v1.Retrieval).
@@ -57,7 +59,8 @@ using StoreOpener = std::function<absl::StatusOr<std::unique_ptr<store::TieredSt
 // services, metrics). Thread-safe.
 class Server {
  public:
-  // Validates `options`, reads the tenants file, opens the store through
+  // Validates `options` (refusing to listen beyond loopback without TLS and
+  // a tenants file unless options.insecure), reads the tenants file, opens the store through
   // `open_store` (with this server's metrics registry), builds the services
   // and starts listening on options.listen_address (port 0 picks a free
   // port). Writes options.port_file when set. INVALID_ARGUMENT for bad
@@ -102,6 +105,7 @@ class Server {
   std::unique_ptr<MetricsRegistry> metrics_;
   std::unique_ptr<RpcMetrics> rpc_metrics_;
   std::unique_ptr<TenantAuthenticator> auth_;
+  std::unique_ptr<InflightLimiter> limiter_;
   std::unique_ptr<store::TieredStore> store_;
   std::vector<std::unique_ptr<grpc::Service>> services_;
   std::unique_ptr<grpc::Server> grpc_server_;

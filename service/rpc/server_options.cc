@@ -42,10 +42,44 @@ absl::Status ParseListenAddress(const std::string& address, std::string* host, i
   return absl::OkStatus();
 }
 
+bool IsLoopbackHost(const std::string& host) {
+  return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
+}
+
 absl::Status ValidateServerOptions(const ServerOptions& o) {
   std::string host;
   int port = 0;
   KVR_RETURN_IF_ERROR(ParseListenAddress(o.listen_address, &host, &port));
+  if (o.tls_cert_file.empty() != o.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("--tls_cert_file and --tls_key_file go together");
+  }
+  if (!o.tls_client_ca_file.empty() && o.tls_cert_file.empty()) {
+    return absl::InvalidArgumentError(
+        "--tls_client_ca_file (mutual TLS) needs --tls_cert_file and --tls_key_file");
+  }
+  if (!IsLoopbackHost(host) && !o.insecure &&
+      (o.tls_cert_file.empty() || o.tenants_file.empty())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--listen=", o.listen_address, " reaches beyond this machine: it needs TLS "
+        "(--tls_cert_file, --tls_key_file) and tenants (--tenants_file), or --insecure to accept "
+        "cleartext and unauthenticated access (docs/security.md)"));
+  }
+  constexpr int64_t kTiB0 = int64_t{1} << 40;
+  KVR_RETURN_IF_ERROR(
+      Range("max_inflight_bytes", o.max_inflight_bytes, int64_t{1} << 20, 64 * kTiB0));
+  KVR_RETURN_IF_ERROR(Range("max_concurrent_streams", o.max_concurrent_streams, 1, 65536));
+  KVR_RETURN_IF_ERROR(Range("max_queued_builds", o.max_queued_builds, 1, 100000));
+  KVR_RETURN_IF_ERROR(Range("max_context_query_bytes", o.max_context_query_bytes, 0, kTiB0));
+  KVR_RETURN_IF_ERROR(Range("tenant_contexts", o.tenant_contexts, 0, 1 << 30));
+  KVR_RETURN_IF_ERROR(Range("tenant_builds", o.tenant_builds, 0, 1 << 30));
+  for (const auto& [flag, v] : {std::pair{"tenant_memory_bytes", o.store.tenant_memory_bytes},
+                                std::pair{"tenant_pinned_bytes", o.store.tenant_pinned_bytes},
+                                std::pair{"tenant_disk_bytes", o.store.tenant_disk_bytes},
+                                std::pair{"tenant_rocksdb_bytes", o.store.tenant_rocksdb_bytes}}) {
+    KVR_RETURN_IF_ERROR(Range(flag, v, 0, 1024 * kTiB0));
+  }
+  KVR_RETURN_IF_ERROR(Range("tombstone_max_age_s",
+                            absl::ToInt64Seconds(o.store.tombstone_max_age), 1, 10 * 365 * 86400));
   if (o.store.data_dir.empty()) return absl::InvalidArgumentError("--data_dir must not be empty");
   constexpr int64_t kTiB = int64_t{1} << 40;
   KVR_RETURN_IF_ERROR(Range("memory_capacity_bytes", o.store.memory_capacity_bytes, 0, 64 * kTiB));
@@ -115,6 +149,22 @@ std::vector<std::pair<std::string, std::string>> ServerOptionsToFlags(const Serv
       {"context_idle_s", absl::StrCat(o.context_idle_s)},
       {"persist_indexes", o.persist_indexes ? "true" : "false"},
       {"max_artifact_bytes", absl::StrCat(o.max_artifact_bytes)},
+      {"tls_cert_file", o.tls_cert_file},
+      {"tls_key_file", o.tls_key_file},
+      {"tls_client_ca_file", o.tls_client_ca_file},
+      {"insecure", o.insecure ? "true" : "false"},
+      {"require_token_ids", o.require_token_ids ? "true" : "false"},
+      {"max_inflight_bytes", absl::StrCat(o.max_inflight_bytes)},
+      {"max_concurrent_streams", absl::StrCat(o.max_concurrent_streams)},
+      {"max_queued_builds", absl::StrCat(o.max_queued_builds)},
+      {"max_context_query_bytes", absl::StrCat(o.max_context_query_bytes)},
+      {"tenant_contexts", absl::StrCat(o.tenant_contexts)},
+      {"tenant_builds", absl::StrCat(o.tenant_builds)},
+      {"tenant_memory_bytes", absl::StrCat(o.store.tenant_memory_bytes)},
+      {"tenant_pinned_bytes", absl::StrCat(o.store.tenant_pinned_bytes)},
+      {"tenant_disk_bytes", absl::StrCat(o.store.tenant_disk_bytes)},
+      {"tenant_rocksdb_bytes", absl::StrCat(o.store.tenant_rocksdb_bytes)},
+      {"tombstone_max_age_s", absl::StrCat(absl::ToInt64Seconds(o.store.tombstone_max_age))},
   };
   std::sort(flags.begin(), flags.end());
   return flags;

@@ -85,6 +85,50 @@ struct ServerOptions {
   // range 1 KiB..16 GiB.
   int64_t max_artifact_bytes = int64_t{1} << 30;
 
+  // --- security (docs/security.md) ---
+  // --tls_cert_file / --tls_key_file: PEM server certificate (chain) and
+  // private key. Both or neither; when set the gRPC port serves TLS only.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // --tls_client_ca_file: PEM CA bundle; when set every client must present a
+  // certificate it signed (mutual TLS). Needs the server certificate.
+  std::string tls_client_ca_file;
+  // --insecure: allow listening beyond loopback without TLS and a tenants
+  // file (tokens and prompts would cross the network in cleartext, or
+  // anyone reaching the port could read every span). Default false: the
+  // daemon refuses to start that way.
+  bool insecure = false;
+  // --require_token_ids: every PutSpans header must carry its token ids,
+  // which the daemon hashes and compares with the span hash, so that no
+  // client can store K/V under the hash of a prompt it did not send (prefix
+  // poisoning). Default true.
+  bool require_token_ids = true;
+
+  // --- bounds on what requests hold (docs/config.md) ---
+  // --max_inflight_bytes: bytes all calls together may buffer while they are
+  // received (span payloads being assembled, artifacts, query batches).
+  // Default 1 GiB; range 1 MiB..64 TiB.
+  int64_t max_inflight_bytes = int64_t{1} << 30;
+  // --max_concurrent_streams: PutSpans and GetSpans calls served at once (they
+  // run on reactors, outside --rpc_threads). Default 256; range 1..65536.
+  int32_t max_concurrent_streams = 256;
+  // --max_queued_builds: index builds waiting to run, daemon-wide. Default
+  // 64; range 1..100000.
+  int32_t max_queued_builds = 64;
+  // --max_context_query_bytes: training queries one context keeps (AddQueries
+  // and the queries of AppendTokens), bytes of f32. Default 256 MiB; range
+  // 0..1 TiB.
+  int64_t max_context_query_bytes = int64_t{256} << 20;
+
+  // --- per-tenant quotas (0: none). RESOURCE_EXHAUSTED names the quota. ---
+  // --tenant_contexts: open retrieval contexts per tenant.
+  int32_t tenant_contexts = 0;
+  // --tenant_builds: index builds queued or running per tenant.
+  int32_t tenant_builds = 0;
+  // The store's: --tenant_memory_bytes, --tenant_pinned_bytes,
+  // --tenant_disk_bytes, --tenant_rocksdb_bytes and
+  // --tombstone_max_age_s are in `store` (TieredStoreOptions).
+
   // --port_file: when set, the bound gRPC port is written there (atomically)
   // once the server accepts calls. Default empty.
   std::string port_file;
@@ -102,6 +146,10 @@ absl::Status ValidateServerOptions(const ServerOptions& options);
 // The effective options as (flag name, value) pairs, in flag name order:
 // what the daemon logs at startup and Admin.GetConfig returns.
 std::vector<std::pair<std::string, std::string>> ServerOptionsToFlags(const ServerOptions& options);
+
+// Whether `host` (from ParseListenAddress) names only this machine:
+// 127.0.0.0/8, ::1 or localhost.
+bool IsLoopbackHost(const std::string& host);
 
 // host and port of a "host:port" or "[v6]:port" address. INVALID_ARGUMENT
 // when malformed or the port is not 0..65535.

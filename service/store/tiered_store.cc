@@ -360,8 +360,9 @@ bool TieredStoreImpl::DirOtherTenant(const SpanKey& key) const {
   absl::MutexLock lock(&shard.mu);
   auto it = shard.map.find(key.hash);
   if (it == shard.map.end()) return false;
+  if (!options_.shares_namespace) return false;
   for (const auto& [tenant, entry] : it->second) {
-    if (tenant != key.tenant) return true;
+    if (tenant != key.tenant && options_.shares_namespace(key.tenant, tenant)) return true;
   }
   return false;
 }

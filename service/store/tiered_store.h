@@ -68,6 +68,29 @@ struct TieredStoreOptions {
   // Time source for pin TTLs and span creation times. Empty (default): absl::Now.
   // Tests inject a clock they control instead of sleeping.
   std::function<absl::Time()> clock;
+  // Per-tenant quotas, bytes; 0 (default): none. A put past a quota is
+  // RESOURCE_EXHAUSTED naming it (docs/errors.md):
+  //   tenant_memory_bytes   payload a tenant holds in memory; over it, the
+  //                         tenant's own least recently used spans make room
+  //                         (demoted), never another tenant's
+  //   tenant_pinned_bytes   payload a tenant holds pinned
+  //   tenant_disk_bytes     records a tenant holds in disk segments
+  //   tenant_rocksdb_bytes  compressed payload a tenant holds in RocksDB
+  // A demotion past the lower tier's quota drops the span (evicted).
+  int64_t tenant_memory_bytes = 0;
+  int64_t tenant_pinned_bytes = 0;
+  int64_t tenant_disk_bytes = 0;
+  int64_t tenant_rocksdb_bytes = 0;
+  // Miss tombstones (why a span is gone) older than this are collected, by a
+  // background pass every tombstone_collect_interval. Default 7 days.
+  absl::Duration tombstone_max_age = absl::Hours(24 * 7);
+  absl::Duration tombstone_collect_interval = absl::Minutes(10);
+
+  // Whether tenant `a` may learn that tenant `b` holds a span (a miss of `a`
+  // then says kOtherNamespace instead of kNeverStored). Empty (default): no
+  // tenant learns anything of another (the prompt-cache side channel is
+  // closed); the daemon passes the trust groups of its tenants file.
+  std::function<bool(absl::string_view a, absl::string_view b)> shares_namespace;
   // Compact disk segments on a background thread (default true). When false,
   // the space of dead records is never reclaimed (for tests and tools).
   bool disk_background_compaction = true;

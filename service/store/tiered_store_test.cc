@@ -388,9 +388,18 @@ TEST_F(TieredStoreTest, DeleteRemovesFromEveryTierAndStaysDeleted) {
   ExpectHit(store.get(), chain[0]);
 }
 
+// Tenants a and b share a trust group: a miss of one on the other's span says
+// so. Tenant c shares with nobody.
+bool SharesWithAB(absl::string_view x, absl::string_view y) {
+  auto ab = [](absl::string_view t) { return t == "tenant-a" || t == "tenant-b"; };
+  return x == y || (ab(x) && ab(y));
+}
+
 TEST_F(TieredStoreTest, EveryMissReason) {
   SCOPED_TRACE(absl::StrCat("seed=", seed_));
-  auto store = Open();
+  TieredStoreOptions o = Options();
+  o.shares_namespace = SharesWithAB;
+  auto store = Open(o);
   std::vector<StoredSpan> a = Chain(6, "tenant-a");
   PutAll(store.get(), a);  // a[0], a[1] are on disk only
   EXPECT_EQ(Miss(store.get(), Chain(1, "tenant-a")[0].key), MissReason::kNeverStored);
@@ -461,7 +470,9 @@ TEST_F(TieredStoreTest, LookupFindsTheLongestStoredPrefix) {
 
 TEST_F(TieredStoreTest, TenantsAreIsolated) {
   SCOPED_TRACE(absl::StrCat("seed=", seed_));
-  auto store = Open();
+  TieredStoreOptions o = Options();
+  o.shares_namespace = SharesWithAB;
+  auto store = Open(o);
   // The same prefix under two tenants: same hash, different bytes.
   StoredSpan a = Chain(1, "tenant-a")[0];
   StoredSpan b = a;
@@ -474,12 +485,30 @@ TEST_F(TieredStoreTest, TenantsAreIsolated) {
   KVR_ASSERT_OK(store->Delete(a.key));
   EXPECT_EQ(Miss(store.get(), a.key), MissReason::kDeleted);
   ExpectHit(store.get(), b);
-  EXPECT_EQ(Miss(store.get(), SpanKey{"tenant-c", a.key.hash}), MissReason::kOtherNamespace);
+  // b's span exists: a (same group) may learn it, c (no group) may not.
+  EXPECT_EQ(Miss(store.get(), SpanKey{"tenant-a", a.key.hash}), MissReason::kDeleted);
+  EXPECT_EQ(Miss(store.get(), SpanKey{"tenant-c", a.key.hash}), MissReason::kNeverStored);
+  StoredSpan only_b = Chain(1, "tenant-b")[0];
+  PutAll(store.get(), {only_b});
+  EXPECT_EQ(Miss(store.get(), SpanKey{"tenant-a", only_b.key.hash}), MissReason::kOtherNamespace);
+  EXPECT_EQ(Miss(store.get(), SpanKey{"tenant-c", only_b.key.hash}), MissReason::kNeverStored);
   // A tenant cannot chain onto another tenant's span.
   StoredSpan child = testing::MakeSpan(model_, b.key.hash, rng_, "tenant-c");
   EXPECT_THAT(store->Put(child, PutOptions{}), StatusIs(absl::StatusCode::kFailedPrecondition));
   LookupResult lookup = store->Lookup("tenant-c", "tiny", {b.key.hash});
-  EXPECT_THAT(lookup.missing, ElementsAre(MissReason::kOtherNamespace));
+  EXPECT_THAT(lookup.missing, ElementsAre(MissReason::kNeverStored));
+  EXPECT_THAT(store->Lookup("tenant-a", "tiny", {only_b.key.hash}).missing,
+              ElementsAre(MissReason::kOtherNamespace));
+}
+
+TEST_F(TieredStoreTest, WithoutATrustPredicateNoMissRevealsAnotherTenant) {
+  SCOPED_TRACE(absl::StrCat("seed=", seed_));
+  auto store = Open();
+  StoredSpan a = Chain(1, "tenant-a")[0];
+  PutAll(store.get(), {a});
+  EXPECT_EQ(Miss(store.get(), SpanKey{"tenant-b", a.key.hash}), MissReason::kNeverStored);
+  EXPECT_THAT(store->Lookup("tenant-b", "tiny", {a.key.hash}).missing,
+              ElementsAre(MissReason::kNeverStored));
 }
 
 TEST_F(TieredStoreTest, PinsKeepSpansInMemoryUntilUnpinnedOrExpired) {

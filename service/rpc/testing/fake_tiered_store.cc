@@ -11,7 +11,9 @@ namespace kvrecall::rpc::testing {
 absl::StatusOr<std::unique_ptr<store::TieredStore>> FakeTieredStore::Open(
     const store::TieredStoreOptions& options) {
   if (options.data_dir.empty()) return absl::InvalidArgumentError("data_dir: required");
-  return std::unique_ptr<store::TieredStore>(new FakeTieredStore());
+  auto fake = std::make_unique<FakeTieredStore>();
+  fake->shares_namespace_ = options.shares_namespace;
+  return std::unique_ptr<store::TieredStore>(std::move(fake));
 }
 
 absl::Status FakeTieredStore::RegisterModel(const store::ModelGeometry& g) {
@@ -102,7 +104,8 @@ store::MissReason FakeTieredStore::MissReasonLocked(const store::SpanKey& key,
   auto tomb = tombstones_.find(key);
   if (tomb != tombstones_.end()) return tomb->second;
   for (const auto& [other, entry] : spans_) {
-    if (other.hash == key.hash && other.tenant != key.tenant) {
+    if (other.hash == key.hash && other.tenant != key.tenant && shares_namespace_ &&
+        shares_namespace_(key.tenant, other.tenant)) {
       return store::MissReason::kOtherNamespace;
     }
   }

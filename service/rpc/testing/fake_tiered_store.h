@@ -72,6 +72,7 @@ class FakeTieredStore final : public store::TieredStore {
   int64_t hits_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t checksum_failures_ ABSL_GUARDED_BY(mu_) = 0;
   int sync_calls_ ABSL_GUARDED_BY(mu_) = 0;
+  std::function<bool(absl::string_view, absl::string_view)> shares_namespace_;  // set once
 };
 
 }  // namespace kvrecall::rpc::testing
