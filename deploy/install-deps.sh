@@ -13,6 +13,8 @@ PACKAGES=(
   librocksdb-dev libfaiss-dev libopenblas-dev libopenblas0-pthread libomp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libxxhash-dev libcpp-httplib-dev libcli11-dev nlohmann-json3-dev
+  # TLS test certificates (tests/integration/security_test.cc)
+  openssl
   libzstd-dev liblz4-dev libsnappy-dev zlib1g-dev libbz2-dev
   # Python client, tests and plots (all for /usr/bin/python3)
   python3 python3-numpy python3-grpcio python3-protobuf python3-pytest

@@ -49,6 +49,7 @@ struct Flags {
   // global
   std::string target = "127.0.0.1:7878";
   std::string token;
+  GlobalOptions global;  // its TLS fields
   int64_t deadline_ms = 120000;
   bool json = false;
   std::string progress = "auto";
@@ -593,6 +594,14 @@ void AddGlobalOptions(CLI::App* app, Flags& f) {
       ->capture_default_str();
   app->add_option("--token", f.token,
                   "bearer token when the daemon has a tenants file (env KVRECALL_TOKEN)");
+  app->add_flag("--tls", f.global.tls, "dial over TLS (implied by --tls_ca/--tls_cert)");
+  app->add_option("--tls_ca", f.global.tls_ca,
+                  "PEM CA bundle that signed the daemon's certificate (env KVRECALL_TLS_CA)");
+  app->add_option("--tls_cert", f.global.tls_cert,
+                  "PEM client certificate, for daemons requiring one (env KVRECALL_TLS_CERT)");
+  app->add_option("--tls_key", f.global.tls_key, "PEM key of --tls_cert (env KVRECALL_TLS_KEY)");
+  app->add_option("--tls_server_name", f.global.tls_server_name,
+                  "name the daemon's certificate carries, when not the target's host");
   app->add_option("--deadline_ms", f.deadline_ms, "deadline of each call, ms")
       ->capture_default_str();
   app->add_flag("--json", f.json, "print machine-readable JSON on stdout");
@@ -681,6 +690,11 @@ int RunStoreCommand(const std::string& name, const Flags& f, std::ostream& out,
   client::ClientOptions options;
   options.target = f.target;
   options.bearer_token = f.token;
+  options.tls = f.global.tls;
+  options.tls_root_ca_file = f.global.tls_ca;
+  options.tls_client_cert_file = f.global.tls_cert;
+  options.tls_client_key_file = f.global.tls_key;
+  options.tls_server_name = f.global.tls_server_name;
   options.deadline_ms = f.deadline_ms;
   absl::StatusOr<std::unique_ptr<client::KvStoreClient>> client =
       client::KvStoreClient::Create(options);
@@ -706,6 +720,9 @@ int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& e
   PolicyCommands policy;
   if (const char* t = std::getenv("KVRECALL_TARGET"); t != nullptr && *t != '\0') f.target = t;
   if (const char* t = std::getenv("KVRECALL_TOKEN"); t != nullptr) f.token = t;
+  if (const char* t = std::getenv("KVRECALL_TLS_CA"); t != nullptr) f.global.tls_ca = t;
+  if (const char* t = std::getenv("KVRECALL_TLS_CERT"); t != nullptr) f.global.tls_cert = t;
+  if (const char* t = std::getenv("KVRECALL_TLS_KEY"); t != nullptr) f.global.tls_key = t;
   CLI::App app{"kvrecall: command-line client of kvrecalld (docs/cli.md)", "kvrecall"};
   try {
     AddGlobalOptions(&app, f);
@@ -719,7 +736,7 @@ int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& e
     const std::string name = cmd->get_name();
     if (name == "bench") return CmdBench(f.bench_name, cmd->remaining(), err);
     if (retrieval.Handles(name) || policy.Handles(name)) {
-      GlobalOptions g;
+      GlobalOptions g = f.global;
       g.target = f.target;
       g.token = f.token;
       g.deadline_ms = f.deadline_ms;

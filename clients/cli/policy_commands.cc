@@ -136,6 +136,11 @@ absl::StatusOr<std::unique_ptr<client::RetrievalClient>> Client(const GlobalOpti
   client::ClientOptions options;
   options.target = g.target;
   options.bearer_token = g.token;
+  options.tls = g.tls;
+  options.tls_root_ca_file = g.tls_ca;
+  options.tls_client_cert_file = g.tls_cert;
+  options.tls_client_key_file = g.tls_key;
+  options.tls_server_name = g.tls_server_name;
   options.deadline_ms = g.deadline_ms;
   return client::RetrievalClient::Create(options);
 }
@@ -169,6 +174,11 @@ absl::StatusOr<v1::ArtifactInfo> Upload(const GlobalOptions& g, const std::strin
   client::ClientOptions options;
   options.target = g.target;
   options.bearer_token = g.token;
+  options.tls = g.tls;
+  options.tls_root_ca_file = g.tls_ca;
+  options.tls_client_cert_file = g.tls_cert;
+  options.tls_client_key_file = g.tls_key;
+  options.tls_server_name = g.tls_server_name;
   options.deadline_ms = g.deadline_ms;
   KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(options));
   KVR_ASSIGN_OR_RETURN(v1::ModelGeometry geometry, kv->GetModel(model));

@@ -353,6 +353,11 @@ int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& 
   client::ClientOptions options;
   options.target = g.target;
   options.bearer_token = g.token;
+  options.tls = g.tls;
+  options.tls_root_ca_file = g.tls_ca;
+  options.tls_client_cert_file = g.tls_cert;
+  options.tls_client_key_file = g.tls_key;
+  options.tls_server_name = g.tls_server_name;
   options.deadline_ms = g.deadline_ms;
   auto rc_or = client::RetrievalClient::Create(options);
   if (!rc_or.ok()) return Fail(err, rc_or.status());

@@ -19,6 +19,9 @@ namespace kvrecall::cli {
 struct GlobalOptions {
   std::string target;
   std::string token;
+  // TLS (docs/security.md): --tls, --tls_ca, --tls_cert, --tls_key, --tls_server_name.
+  bool tls = false;
+  std::string tls_ca, tls_cert, tls_key, tls_server_name;
   int64_t deadline_ms = 0;
   bool json = false;
   bool progress = false;  // draw progress bars on stderr

@@ -19,6 +19,19 @@ struct ClientOptions {
   // tenants file). Default empty.
   std::string bearer_token;
 
+  // TLS (docs/security.md). Dial `target` over TLS when `tls` is true or any
+  // file below is set. tls_root_ca_file: PEM CA bundle that signed the
+  // daemon's certificate (empty: the system's roots). tls_client_cert_file /
+  // tls_client_key_file: this client's PEM certificate and key, for daemons
+  // that require client certificates (--tls_client_ca_file); both or neither.
+  bool tls = false;
+  std::string tls_root_ca_file;
+  std::string tls_client_cert_file;
+  std::string tls_client_key_file;
+  // The name the daemon's certificate must carry, when it differs from
+  // target's host (e.g. dialing an IP address). Default empty.
+  std::string tls_server_name;
+
   // Deadline of every call, in milliseconds, covering its retries (for a
   // stream: the whole stream). Default 30000; must be > 0.
   int64_t deadline_ms = 30000;

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <chrono>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/npy.h"
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 
@@ -41,12 +43,42 @@ absl::Status RpcPolicy::Validate(const ClientOptions& options) {
       options.max_message_bytes > (int64_t{1} << 30)) {
     return absl::InvalidArgumentError("ClientOptions.max_message_bytes must be in 1 MiB..1 GiB");
   }
+  if (options.tls_client_cert_file.empty() != options.tls_client_key_file.empty()) {
+    return absl::InvalidArgumentError(
+        "ClientOptions.tls_client_cert_file and tls_client_key_file go together");
+  }
+  for (const std::string* file :
+       {&options.tls_root_ca_file, &options.tls_client_cert_file, &options.tls_client_key_file}) {
+    if (file->empty()) continue;
+    absl::StatusOr<std::string> pem = ReadFileToString(*file);
+    if (!pem.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ClientOptions TLS file ", *file, ": ", pem.status().message()));
+    }
+  }
   if (options.chunk_bytes < 4096 ||
       options.chunk_bytes > options.max_message_bytes - (int64_t{64} << 10)) {
     return absl::InvalidArgumentError(
         "ClientOptions.chunk_bytes must be in 4 KiB..max_message_bytes - 64 KiB");
   }
   return absl::OkStatus();
+}
+
+std::shared_ptr<grpc::ChannelCredentials> ChannelCredentialsFor(const ClientOptions& options) {
+  const bool tls = options.tls || !options.tls_root_ca_file.empty() ||
+                   !options.tls_client_cert_file.empty();
+  if (!tls) return grpc::InsecureChannelCredentials();
+  grpc::SslCredentialsOptions ssl;
+  // Validate() checked that the files are readable.
+  auto read = [](const std::string& path) {
+    if (path.empty()) return std::string();
+    absl::StatusOr<std::string> pem = ReadFileToString(path);
+    return pem.ok() ? *std::move(pem) : std::string();
+  };
+  ssl.pem_root_certs = read(options.tls_root_ca_file);
+  ssl.pem_cert_chain = read(options.tls_client_cert_file);
+  ssl.pem_private_key = read(options.tls_client_key_file);
+  return grpc::SslCredentials(ssl);
 }
 
 RpcPolicy::RpcPolicy(const ClientOptions& options)
@@ -68,7 +100,10 @@ RpcPolicy::RpcPolicy(const ClientOptions& options)
       args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES,
                   static_cast<int>(options.http2_window_bytes));
     }
-    channel_ = grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args);
+    if (!options.tls_server_name.empty()) {
+      args.SetSslTargetNameOverride(options.tls_server_name);
+    }
+    channel_ = grpc::CreateCustomChannel(options.target, ChannelCredentialsFor(options), args);
   }
 }
 

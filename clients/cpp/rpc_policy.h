@@ -18,14 +18,19 @@
 #include "clients/cpp/client_options.h"
 #include <grpcpp/channel.h>
 #include <grpcpp/client_context.h>
+#include <grpcpp/security/credentials.h>
 #include <grpcpp/support/status.h>
 
 namespace kvrecall::client {
 
+// The channel credentials of `options`: TLS (root CA, client certificate)
+// when asked for, else plaintext.
+std::shared_ptr<grpc::ChannelCredentials> ChannelCredentialsFor(const ClientOptions& options);
+
 class RpcPolicy {
  public:
   // INVALID_ARGUMENT for bad options (target, deadline, attempts, backoff,
-  // message and chunk sizes).
+  // message and chunk sizes, unreadable or unpaired TLS files).
   static absl::Status Validate(const ClientOptions& options);
 
   // REQUIRES: Validate(options).ok().

@@ -133,16 +133,38 @@ class Client(RetrievalMixin):
                  deadline_s: float = 30.0, max_attempts: int = 4,
                  initial_backoff_s: float = 0.05, max_backoff_s: float = 2.0,
                  backoff_multiplier: float = 2.0, jitter: float = 0.2,
-                 chunk_bytes: int = 1 << 20, max_message_bytes: int = 16 << 20):
+                 chunk_bytes: int = 1 << 20, max_message_bytes: int = 16 << 20,
+                 tls: bool = False, tls_ca: Optional[str] = None,
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                 tls_server_name: Optional[str] = None):
         if deadline_s <= 0 or max_attempts < 1 or not 0 <= jitter < 1:
             raise ValueError("need deadline_s > 0, max_attempts >= 1, 0 <= jitter < 1")
         if not 4096 <= chunk_bytes <= max_message_bytes - (64 << 10):
             raise ValueError("chunk_bytes must be in 4 KiB..max_message_bytes - 64 KiB")
-        self._channel = grpc.insecure_channel(target, options=[
+        channel_options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.enable_retries", 0),
-        ])
+        ]
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if tls or tls_ca or tls_cert:
+            # TLS (docs/security.md): tls_ca is the PEM file of the CA that
+            # signed the daemon's certificate (None: the system's roots);
+            # tls_cert/tls_key are this client's, for daemons that require one.
+            def read(path):
+                if path is None:
+                    return None
+                with open(path, "rb") as f:
+                    return f.read()
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read(tls_ca), private_key=read(tls_key),
+                certificate_chain=read(tls_cert))
+            if tls_server_name:
+                channel_options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
         self._kv = kv_store_pb2_grpc.KvStoreStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._retrieval = retrieval_pb2_grpc.RetrievalStub(self._channel)
