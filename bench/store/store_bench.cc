@@ -441,6 +441,8 @@ int Main() {
   if (kvrecalld.empty()) kvrecalld = SelfDir() + "/kvrecalld";
   std::vector<std::string> kv_argv = {
       kvrecalld, "--listen=127.0.0.1:0", "--port_file=" + dir + "/kvrecalld.port",
+      // Spans here carry no token ids (random keys, as Redis gets).
+      "--require_token_ids=false",
       "--data_dir=" + dir + "/data",
       absl::StrCat("--memory_capacity_bytes=", largest_cell + (int64_t{256} << 20))};
   for (const auto& f : absl::GetFlag(FLAGS_kvrecalld_flags)) kv_argv.push_back(f);

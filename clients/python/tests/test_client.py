@@ -126,7 +126,8 @@ def test_duplicate_put_is_idempotent(client):
     ids, kv = sequence(rng, 32)
     client.put_sequence(MODEL, ids, kv)
     spans = [kvrecall.Span(hash=hashing.chain_span_hashes(MODEL, "", ids, 32)[0],
-                           parent=hashing.span_root_hash(MODEL), num_tokens=32, payload=kv)]
+                           parent=hashing.span_root_hash(MODEL), num_tokens=32, payload=kv,
+                           token_ids=list(ids))]
     assert client.put_spans(MODEL, spans)[0]["already_present"] is True
 
 
