@@ -23,6 +23,7 @@ using kernels::DecodeSplit;
 // Workspace layout shared by WorkspaceBytes and the launchers.
 struct DecodeWorkspace {
   DecodeSplit split;
+  bool cluster_merge = false;  // the chunks merge in their cluster: no partial states
   size_t o_bytes = 0;       // partial o: [rows, num_chunks, head_dim] f32
   size_t lse_bytes = 0;     // partial lse: [rows, num_chunks] f32
   size_t scores_bytes = 0;  // dense logits kept in the workspace
@@ -31,8 +32,19 @@ struct DecodeWorkspace {
 };
 
 DecodeWorkspace PlanWorkspace(int64_t rows, int64_t lists, int32_t tokens, int32_t num_splits, int32_t head_dim,
-                              int64_t wave_blocks) {
+                              int64_t wave_blocks, DecodeMerge merge) {
   DecodeWorkspace w;
+  if (merge != DecodeMerge::kKernel) {
+    const bool auto_choice = merge == DecodeMerge::kAuto;
+    if (!auto_choice || num_splits <= kernels::kMaxClusterChunks) {
+      const DecodeSplit c = kernels::PlanClusterSplit(lists, tokens, num_splits, wave_blocks, auto_choice);
+      if (c.num_chunks > 0) {
+        w.split = c;
+        w.cluster_merge = true;
+        return w;
+      }
+    }
+  }
   w.split = kernels::PlanDecodeSplit(lists, tokens, num_splits, wave_blocks);
   if (w.split.num_chunks > 1) {
     w.o_bytes = AlignUp256(static_cast<size_t>(rows) * w.split.num_chunks * head_dim * sizeof(float));
@@ -45,13 +57,13 @@ DecodeWorkspace PlanSparse(const SparseDecodeArgs& a, int64_t wave_blocks) {
   const int32_t num_lists = a.lists_per_kv_head ? a.kv.num_kv_heads : a.num_q_heads;
   return PlanWorkspace(static_cast<int64_t>(a.batch_size) * a.num_q_heads,
                        static_cast<int64_t>(a.batch_size) * num_lists, a.max_list_len, a.num_splits, a.kv.head_dim,
-                       wave_blocks);
+                       wave_blocks, a.merge);
 }
 
 DecodeWorkspace PlanDense(const DenseDecodeArgs& a, int64_t wave_blocks) {
   const int64_t rows = static_cast<int64_t>(a.batch_size) * a.num_q_heads;
   DecodeWorkspace w = PlanWorkspace(rows, static_cast<int64_t>(a.batch_size) * a.kv.num_kv_heads, a.max_seq_len,
-                                    a.num_splits, a.kv.head_dim, wave_blocks);
+                                    a.num_splits, a.kv.head_dim, wave_blocks, a.merge);
   if (a.top_k > 0) {
     if (a.scores == nullptr) w.scores_bytes = AlignUp256(static_cast<size_t>(rows) * a.max_seq_len * sizeof(float));
     w.topk_bytes = AlignUp256(kernels::TopKRowWorkspaceBytes(rows));
@@ -83,11 +95,11 @@ DecodeParams BaseParams(const PagedKvCache& kv, int32_t batch_size, int32_t num_
 
 // Resident blocks of the decode kernel for these sizes on the current device
 // (blocks per SM x SMs): one wave.
-cudaError_t WaveBlocks(DType dtype, int32_t head_dim, int32_t heads_per_list, bool dense, int32_t num_sms,
-                       int64_t* wave_blocks) {
+cudaError_t WaveBlocks(DType dtype, int32_t head_dim, int32_t heads_per_list, bool dense, DecodeMath math,
+                       int32_t num_sms, int64_t* wave_blocks) {
   int32_t per_sm = 0;
   KVR_DISPATCH_KV_DTYPE(dtype, T, {
-    KVR_CUDA_RETURN_IF_ERROR(kernels::DecodeBlocksPerSm<T>(head_dim, heads_per_list, dense, &per_sm));
+    KVR_CUDA_RETURN_IF_ERROR(kernels::DecodeBlocksPerSm<T>(head_dim, heads_per_list, dense, math, &per_sm));
   });
   *wave_blocks = static_cast<int64_t>(per_sm) * num_sms;
   return cudaSuccess;
@@ -99,26 +111,28 @@ int32_t SparseHeadsPerList(const SparseDecodeArgs& a) {
 
 int32_t DenseHeadsPerList(const DenseDecodeArgs& a) { return a.num_q_heads / a.kv.num_kv_heads; }
 
-cudaError_t LaunchTyped(DType dtype, const DecodeParams& p, int32_t head_dim, bool dense, cudaStream_t stream) {
-  KVR_DISPATCH_KV_DTYPE(dtype, T, { return kernels::LaunchDecodeAttention<T>(p, head_dim, dense, stream); });
+cudaError_t LaunchTyped(DType dtype, const DecodeParams& p, int32_t head_dim, bool dense, DecodeMath math,
+                        cudaStream_t stream) {
+  KVR_DISPATCH_KV_DTYPE(dtype, T, { return kernels::LaunchDecodeAttention<T>(p, head_dim, dense, math, stream); });
   return cudaErrorInvalidValue;
 }
 
 // Runs the kernel into the partial states of `w` (or straight into o/lse
-// with one chunk) and merges them.
-cudaError_t RunDecode(DecodeParams p, DType dtype, int32_t head_dim, bool dense, const DecodeWorkspace& w,
-                      unsigned char* ws, float* o, float* lse, cudaStream_t stream) {
+// with one chunk or a cluster merge) and merges them.
+cudaError_t RunDecode(DecodeParams p, DType dtype, int32_t head_dim, bool dense, DecodeMath math,
+                      const DecodeWorkspace& w, unsigned char* ws, float* o, float* lse, cudaStream_t stream) {
   p.num_chunks = w.split.num_chunks;
   p.chunk_tokens = w.split.chunk_tokens;
+  p.cluster_merge = w.cluster_merge;
   const int64_t rows = static_cast<int64_t>(p.batch_size) * p.num_q_heads;
-  if (p.num_chunks == 1) {
+  if (p.num_chunks == 1 || p.cluster_merge) {
     p.o = o;
     p.lse = lse;
-    return LaunchTyped(dtype, p, head_dim, dense, stream);
+    return LaunchTyped(dtype, p, head_dim, dense, math, stream);
   }
   p.o = reinterpret_cast<float*>(ws);
   p.lse = reinterpret_cast<float*>(ws + w.o_bytes);
-  KVR_CUDA_RETURN_IF_ERROR(LaunchTyped(dtype, p, head_dim, dense, stream));
+  KVR_CUDA_RETURN_IF_ERROR(LaunchTyped(dtype, p, head_dim, dense, math, stream));
   MergeStatesArgs m;
   m.o_states = p.o;
   m.lse_states = p.lse;
@@ -145,8 +159,10 @@ size_t SparseDecodeAttentionWorkspaceBytes(const SparseDecodeArgs& args) {
   if (ValidateSparseDecodeArgs(args) != nullptr) return 0;
   int32_t num_sms = 0;
   int64_t wave = 0;
+  const DecodeMath math = kernels::ResolveDecodeMath(args.math, SparseHeadsPerList(args));
   if (kernels::CurrentDeviceSmCount(&num_sms) != cudaSuccess ||
-      WaveBlocks(args.kv.dtype, args.kv.head_dim, SparseHeadsPerList(args), false, num_sms, &wave) != cudaSuccess) {
+      WaveBlocks(args.kv.dtype, args.kv.head_dim, SparseHeadsPerList(args), false, math, num_sms, &wave) !=
+          cudaSuccess) {
     return 0;
   }
   return PlanSparse(args, wave).Total();
@@ -157,7 +173,9 @@ cudaError_t SparseDecodeAttention(const SparseDecodeArgs& args, void* workspace,
   int32_t num_sms = 0;
   KVR_CUDA_RETURN_IF_ERROR(kernels::CurrentDeviceSmCount(&num_sms));
   int64_t wave = 0;
-  KVR_CUDA_RETURN_IF_ERROR(WaveBlocks(args.kv.dtype, args.kv.head_dim, SparseHeadsPerList(args), false, num_sms, &wave));
+  const DecodeMath math = kernels::ResolveDecodeMath(args.math, SparseHeadsPerList(args));
+  KVR_CUDA_RETURN_IF_ERROR(
+      WaveBlocks(args.kv.dtype, args.kv.head_dim, SparseHeadsPerList(args), false, math, num_sms, &wave));
   const DecodeWorkspace w = PlanSparse(args, wave);
   if (!WorkspaceOk(workspace, w.Total())) return cudaErrorInvalidValue;
   DecodeParams p = BaseParams(args.kv, args.batch_size, args.num_q_heads, args.q, args.sm_scale);
@@ -167,16 +185,18 @@ cudaError_t SparseDecodeAttention(const SparseDecodeArgs& args, void* workspace,
   p.list_lens = args.list_lens;
   p.max_list_len = args.max_list_len;
   p.num_invalid = args.num_invalid;
-  return RunDecode(p, args.kv.dtype, args.kv.head_dim, /*dense=*/false, w, static_cast<unsigned char*>(workspace),
-                   args.o, args.lse, stream);
+  return RunDecode(p, args.kv.dtype, args.kv.head_dim, /*dense=*/false, math, w,
+                   static_cast<unsigned char*>(workspace), args.o, args.lse, stream);
 }
 
 size_t DenseDecodeAttentionWorkspaceBytes(const DenseDecodeArgs& args) {
   if (ValidateDenseDecodeArgs(args) != nullptr) return 0;
   int32_t num_sms = 0;
   int64_t wave = 0;
+  const DecodeMath math = kernels::ResolveDecodeMath(args.math, DenseHeadsPerList(args));
   if (kernels::CurrentDeviceSmCount(&num_sms) != cudaSuccess ||
-      WaveBlocks(args.kv.dtype, args.kv.head_dim, DenseHeadsPerList(args), true, num_sms, &wave) != cudaSuccess) {
+      WaveBlocks(args.kv.dtype, args.kv.head_dim, DenseHeadsPerList(args), true, math, num_sms, &wave) !=
+          cudaSuccess) {
     return 0;
   }
   return PlanDense(args, wave).Total();
@@ -187,7 +207,9 @@ cudaError_t DenseDecodeAttention(const DenseDecodeArgs& args, void* workspace, c
   int32_t num_sms = 0;
   KVR_CUDA_RETURN_IF_ERROR(kernels::CurrentDeviceSmCount(&num_sms));
   int64_t wave = 0;
-  KVR_CUDA_RETURN_IF_ERROR(WaveBlocks(args.kv.dtype, args.kv.head_dim, DenseHeadsPerList(args), true, num_sms, &wave));
+  const DecodeMath math = kernels::ResolveDecodeMath(args.math, DenseHeadsPerList(args));
+  KVR_CUDA_RETURN_IF_ERROR(
+      WaveBlocks(args.kv.dtype, args.kv.head_dim, DenseHeadsPerList(args), true, math, num_sms, &wave));
   const DecodeWorkspace w = PlanDense(args, wave);
   if (!WorkspaceOk(workspace, w.Total())) return cudaErrorInvalidValue;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
@@ -202,7 +224,8 @@ cudaError_t DenseDecodeAttention(const DenseDecodeArgs& args, void* workspace, c
     p.scores_stride = args.max_seq_len;
   }
   p.num_invalid = args.num_invalid;
-  KVR_CUDA_RETURN_IF_ERROR(RunDecode(p, args.kv.dtype, args.kv.head_dim, /*dense=*/true, w, ws, args.o, args.lse, stream));
+  KVR_CUDA_RETURN_IF_ERROR(
+      RunDecode(p, args.kv.dtype, args.kv.head_dim, /*dense=*/true, math, w, ws, args.o, args.lse, stream));
   if (args.top_k == 0) return cudaSuccess;
   TopKArgs t;
   t.scores = p.scores;

@@ -7,7 +7,9 @@
 //   - DenseDecodeAttention: attention over all positions that also writes the
 //     logits and optionally the top-k positions (TidalDecode's selection layer).
 // Long lists are split across thread blocks (flash-decoding) and the partial
-// states merged exactly. Host-safe header.
+// states merged exactly, by MergeStates or inside a thread-block cluster
+// (DecodeMerge); q·k and p·v run on CUDA cores or tensor cores (DecodeMath).
+// Host-safe header.
 
 #include <cuda_runtime.h>
 
@@ -23,7 +25,8 @@ namespace kvrecall::gpu {
 // CUDA stream capture; later calls, and the launches themselves, capture.
 
 // Device workspace bytes SparseDecodeAttention needs for `args` on the
-// current device (0 when every list fits one block). 0 for invalid args.
+// current device (0 when every list fits one block or its chunks merge in a
+// thread-block cluster, see DecodeMerge). 0 for invalid args.
 size_t SparseDecodeAttentionWorkspaceBytes(const SparseDecodeArgs& args);
 
 // cudaErrorInvalidValue (nothing launched) when ValidateSparseDecodeArgs

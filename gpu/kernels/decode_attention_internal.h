@@ -41,7 +41,11 @@ struct DecodeParams {
   float scale_log2;        // sm_scale * log2(e)
   int32_t chunk_tokens;    // multiple of 32, <= kMaxChunkTokens
   int32_t num_chunks;
-  // num_chunks == 1: o [batch * num_q_heads, head_dim], lse [batch * num_q_heads] (may be null);
+  // true: the num_chunks (<= kMaxClusterChunks) blocks of a list form one
+  // thread-block cluster and merge their states through distributed shared
+  // memory, writing o and lse directly.
+  bool cluster_merge;
+  // num_chunks == 1 or cluster_merge: o [batch * num_q_heads, head_dim], lse [batch * num_q_heads] (may be null);
   // else partial states o [batch * num_q_heads, num_chunks, head_dim], lse [batch * num_q_heads, num_chunks].
   float* o;
   float* lse;
@@ -50,17 +54,26 @@ struct DecodeParams {
   int32_t* num_invalid;
 };
 
-// Launches DecodeAttentionKernel<T, head_dim, group rounded up, dense> on
-// grid (num_chunks, batch * num_lists). Defined per T in
-// decode_attention_{bf16,f16}.cu. cudaErrorInvalidValue for an unsupported
-// head_dim or group.
+// Launches DecodeAttentionKernel<T, head_dim, group rounded up, dense>
+// (math kFma) or DecodeAttentionMmaKernel<T, head_dim, dense> (kMma) on grid
+// (num_chunks, batch * num_lists), as clusters of (num_chunks, 1, 1) blocks
+// when p.cluster_merge. `math` is kFma or kMma (resolved by the caller).
+// Defined per T in decode_attention_{bf16,f16}.cu. cudaErrorInvalidValue for
+// an unsupported head_dim or group.
 template <typename T>
-cudaError_t LaunchDecodeAttention(const DecodeParams& p, int32_t head_dim, bool dense, cudaStream_t stream);
+cudaError_t LaunchDecodeAttention(const DecodeParams& p, int32_t head_dim, bool dense, DecodeMath math,
+                                  cudaStream_t stream);
 
 // Resident blocks per SM of the kernel that LaunchDecodeAttention<T> runs
 // for these sizes (occupancy API, cached per device).
 template <typename T>
-cudaError_t DecodeBlocksPerSm(int32_t head_dim, int32_t heads_per_list, bool dense, int32_t* blocks);
+cudaError_t DecodeBlocksPerSm(int32_t head_dim, int32_t heads_per_list, bool dense, DecodeMath math, int32_t* blocks);
+
+// kAuto resolved: tensor cores when 5..8 query heads share a list.
+inline DecodeMath ResolveDecodeMath(DecodeMath math, int32_t heads_per_list) {
+  if (math != DecodeMath::kAuto) return math;
+  return heads_per_list >= 5 ? DecodeMath::kMma : DecodeMath::kFma;
+}
 
 // The split of each list into chunks.
 struct DecodeSplit {
@@ -108,6 +121,38 @@ inline DecodeSplit PlanDecodeSplit(int64_t num_lists_total, int32_t tokens, int3
   int64_t chunk_tokens = (t + chunks - 1) / chunks;
   chunk_tokens = (chunk_tokens + 31) / 32 * 32;
   chunks = (t + chunk_tokens - 1) / chunk_tokens;
+  return DecodeSplit{static_cast<int32_t>(chunks), static_cast<int32_t>(chunk_tokens)};
+}
+
+constexpr int32_t kMaxClusterChunks = 8;           // portable thread-block cluster size
+constexpr int32_t kClusterAutoMaxChunkTokens = 256;  // kAuto: longer chunks keep the wave planner
+
+// The split for DecodeMerge::kCluster, or num_chunks = 0 when the merge stays
+// a MergeStates kernel: the list needs more than kMaxClusterChunks chunks,
+// the plan has a single chunk (nothing to merge), or, with auto = true, the
+// grid would exceed one wave (`wave_blocks`) or the chunks exceed
+// kClusterAutoMaxChunkTokens. Chunks: num_splits when > 0 (clamped to
+// [ceil(tokens / kMaxChunkTokens), kMaxClusterChunks]), else up to
+// kMaxClusterChunks chunks of at least 128 tokens. Small grids are latency
+// bound: the second kernel's launch and its reads cost more than the
+// longer per-warp streams of fewer, longer chunks.
+inline DecodeSplit PlanClusterSplit(int64_t num_lists_total, int32_t tokens, int32_t num_splits, int64_t wave_blocks,
+                                    bool auto_choice) {
+  const int64_t t = tokens > 0 ? tokens : 1;
+  const int64_t lists = num_lists_total > 0 ? num_lists_total : 1;
+  const int64_t min_chunks = (t + kMaxChunkTokens - 1) / kMaxChunkTokens;
+  if (min_chunks > kMaxClusterChunks) return DecodeSplit{0, 0};
+  int64_t chunks = num_splits > 0 ? num_splits : (t + 127) / 128;
+  if (chunks > kMaxClusterChunks) chunks = kMaxClusterChunks;
+  if (chunks < min_chunks) chunks = min_chunks;
+  if (chunks > (t + 31) / 32) chunks = (t + 31) / 32;
+  int64_t chunk_tokens = (t + chunks - 1) / chunks;
+  chunk_tokens = (chunk_tokens + 31) / 32 * 32;
+  chunks = (t + chunk_tokens - 1) / chunk_tokens;
+  if (chunks < 2) return DecodeSplit{0, 0};
+  if (auto_choice && (lists * chunks > wave_blocks || chunk_tokens > kClusterAutoMaxChunkTokens)) {
+    return DecodeSplit{0, 0};
+  }
   return DecodeSplit{static_cast<int32_t>(chunks), static_cast<int32_t>(chunk_tokens)};
 }
 

@@ -21,8 +21,11 @@
 //      acc in log2 units), merged across the warp by shuffles and across the
 //      warps in shared memory;
 //   4. the block writes o and lse (natural log) directly when the list has
-//      one chunk, else a partial state that MergeStates combines.
+//      one chunk, else a partial state that MergeStates combines, or (cluster
+//      merge) the chunks of a list, one thread-block cluster, merge their
+//      states through distributed shared memory and write o and lse.
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -58,10 +61,161 @@ struct DecodeShape {
   static constexpr int kStages = 3;
   // Per warp: kStages x kSteps x {K, V} x 32 lanes x 16 bytes.
   static constexpr int kRingBytesPerWarp = kStages * kSteps * 2 * 32 * 16;
-  static constexpr int kMergeBytes = kDecodeWarps * kGroup * (kHeadDim + 2) * 4;
+  // Per-warp states, then the block's state for a cluster merge (WriteMergedStates).
+  static constexpr int kMergeBytes = (kDecodeWarps + 1) * kGroup * (kHeadDim + 2) * 4;
   static constexpr int kDynamicSmemBytes =
       kDecodeWarps * kRingBytesPerWarp > kMergeBytes ? kDecodeWarps * kRingBytesPerWarp : kMergeBytes;
 };
+
+// The tokens of block (chunk, list): [chunk_begin, chunk_begin + n_tok) of
+// the list (sparse) or of the positions (dense).
+struct ChunkRange {
+  int chunk_begin;
+  int n_tok;
+};
+
+// Resolves the chunk's positions through the page table into element
+// offsets of (position, kv_head) in s_off[0, chunk_tokens) (-1: skipped or
+// past the chunk) and counts skipped entries. Called by every thread of the
+// block; the caller synchronizes before reading s_off.
+template <bool kDense>
+__device__ __forceinline__ ChunkRange ResolveChunk(const DecodeParams& p, int list, int chunk, int b, int kv_head,
+                                                   int64_t* s_off) {
+  const int seq_len = p.seq_lens[b];
+  int len;        // sparse: list entries; dense: attended positions [0, len)
+  int range_end;  // columns this list covers
+  if constexpr (kDense) {
+    len = min(max(seq_len, 0), p.max_seq_len);
+    range_end = p.max_seq_len;
+    if (chunk == 0 && threadIdx.x == 0 && (seq_len < 0 || seq_len > p.max_seq_len) && p.num_invalid != nullptr) {
+      atomicAdd(p.num_invalid, 1);
+    }
+  } else {
+    int n = p.list_lens != nullptr ? p.list_lens[list] : p.max_list_len;
+    if (n < 0 || n > p.max_list_len) {
+      if (chunk == 0 && threadIdx.x == 0 && p.num_invalid != nullptr) atomicAdd(p.num_invalid, 1);
+      n = min(max(n, 0), p.max_list_len);
+    }
+    len = n;
+    range_end = n;
+  }
+  const int chunk_begin = chunk * p.chunk_tokens;
+  const int chunk_end = min(chunk_begin + p.chunk_tokens, range_end);
+  const int n_tok = max(chunk_end - chunk_begin, 0);
+
+  const int32_t* page_row = p.page_table + static_cast<int64_t>(b) * p.max_pages_per_seq;
+  const int32_t* pos_row = kDense ? nullptr : p.positions + static_cast<int64_t>(list) * p.max_list_len;
+  for (int i = threadIdx.x; i < p.chunk_tokens; i += blockDim.x) {
+    int64_t off = -1;
+    if (i < n_tok) {
+      const int idx = chunk_begin + i;
+      const int pos = kDense ? idx : __ldg(pos_row + idx);
+      const bool counted = kDense ? idx < len : true;
+      if (counted && pos >= 0 && pos < seq_len) {
+        const int page_index = pos / p.page_size;
+        if (page_index < p.max_pages_per_seq) {
+          const int page = __ldg(page_row + page_index);
+          if (page >= 0 && page < p.num_pages) {
+            off = page * p.page_stride + static_cast<int64_t>(pos - page_index * p.page_size) * p.token_stride +
+                  kv_head * p.head_stride;
+          }
+        }
+      }
+      if (off < 0 && counted && p.num_invalid != nullptr) atomicAdd(p.num_invalid, 1);
+    }
+    s_off[i] = off;
+  }
+  return ChunkRange{chunk_begin, n_tok};
+}
+
+// The block's last step: merges the per-warp states (s_m, s_l [kDecodeWarps][kGroup],
+// s_acc [kDecodeWarps][kGroup][kHeadDim], log2 units, in s_dyn) of the
+// list's heads and writes o and lse (one chunk), a partial state (chunks
+// merged by MergeStates), or, with p.cluster_merge, merges the chunks'
+// states across the cluster through distributed shared memory and writes o
+// and lse. Called by every thread of the block after the states are written
+// and the block synchronized.
+template <int kHeadDim, int kGroup>
+__device__ __forceinline__ void WriteMergedStates(const DecodeParams& p, unsigned char* s_dyn, int b, int q_head0,
+                                                  int chunk) {
+  const float* s_m = reinterpret_cast<const float*>(s_dyn);  // [kDecodeWarps][kGroup]
+  const float* s_l = s_m + kDecodeWarps * kGroup;            // [kDecodeWarps][kGroup]
+  const float* s_acc = s_l + kDecodeWarps * kGroup;          // [kDecodeWarps][kGroup][kHeadDim]
+  // The block's merged state for the cluster: m, l [kGroup], o [kGroup][kHeadDim] (unnormalized).
+  float* c_m = const_cast<float*>(s_acc) + kDecodeWarps * kGroup * kHeadDim;
+  float* c_l = c_m + kGroup;
+  float* c_o = c_l + kGroup;
+  for (int e = threadIdx.x; e < kGroup * kHeadDim; e += blockDim.x) {
+    const int g = e / kHeadDim;
+    const int dd = e - g * kHeadDim;
+    if (g >= p.heads_per_list) continue;
+    float mm = NegInf();
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) mm = fmaxf(mm, s_m[w * kGroup + g]);
+    float ll = 0.0f;
+    float oo = 0.0f;
+    if (mm != NegInf()) {
+#pragma unroll
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        const float mw = s_m[w * kGroup + g];
+        if (mw != NegInf()) {
+          const float c = exp2f(mw - mm);
+          ll += s_l[w * kGroup + g] * c;
+          oo += s_acc[(w * kGroup + g) * kHeadDim + dd] * c;
+        }
+      }
+    }
+    if (p.cluster_merge) {
+      c_o[e] = oo;
+      if (dd == 0) {
+        c_m[g] = mm;
+        c_l[g] = ll;
+      }
+      continue;
+    }
+    const float o_val = ll > 0.0f ? oo / ll : 0.0f;
+    const float lse_val = ll > 0.0f ? (mm + log2f(ll)) * kLn2 : NegInf();
+    const int64_t row = static_cast<int64_t>(b) * p.num_q_heads + q_head0 + g;
+    if (p.num_chunks == 1) {
+      p.o[row * kHeadDim + dd] = o_val;
+      if (dd == 0 && p.lse != nullptr) p.lse[row] = lse_val;
+    } else {
+      p.o[(row * p.num_chunks + chunk) * kHeadDim + dd] = o_val;
+      if (dd == 0) p.lse[row * p.num_chunks + chunk] = lse_val;
+    }
+  }
+  if (!p.cluster_merge) return;  // uniform over the grid
+
+  // Cluster merge: block `chunk` (its rank) writes every num_chunks-th
+  // element of the list's heads from the chunks' states.
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every block's c_* written
+  const int chunks = p.num_chunks;
+  for (int e = chunk * blockDim.x + threadIdx.x; e < kGroup * kHeadDim; e += chunks * blockDim.x) {
+    const int g = e / kHeadDim;
+    const int dd = e - g * kHeadDim;
+    if (g >= p.heads_per_list) continue;
+    float mm = NegInf();
+    for (int r = 0; r < chunks; ++r) mm = fmaxf(mm, *cluster.map_shared_rank(c_m + g, r));
+    float ll = 0.0f;
+    float oo = 0.0f;
+    if (mm != NegInf()) {
+      for (int r = 0; r < chunks; ++r) {
+        const float mr = *cluster.map_shared_rank(c_m + g, r);
+        if (mr != NegInf()) {
+          const float c = exp2f(mr - mm);
+          ll += *cluster.map_shared_rank(c_l + g, r) * c;
+          oo += *cluster.map_shared_rank(c_o + e, r) * c;
+        }
+      }
+    }
+    const int64_t row = static_cast<int64_t>(b) * p.num_q_heads + q_head0 + g;
+    p.o[row * kHeadDim + dd] = ll > 0.0f ? oo / ll : 0.0f;
+    if (dd == 0 && p.lse != nullptr) p.lse[row] = ll > 0.0f ? (mm + log2f(ll)) * kLn2 : NegInf();
+  }
+  cluster.sync();  // no block leaves while another still reads its shared memory
+}
 
 template <typename T, int kHeadDim, int kGroup, bool kDense>
 __global__ void __launch_bounds__(kDecodeThreads) DecodeAttentionKernel(const DecodeParams p) {
@@ -87,53 +241,9 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeAttentionKernel(const De
   const int sub = lane % kLanesPerToken;
   const int slot = lane / kLanesPerToken;
 
-  const int seq_len = p.seq_lens[b];
-  int len;        // sparse: list entries; dense: attended positions [0, len)
-  int range_end;  // columns this list covers
-  if constexpr (kDense) {
-    len = min(max(seq_len, 0), p.max_seq_len);
-    range_end = p.max_seq_len;
-    if (chunk == 0 && threadIdx.x == 0 && (seq_len < 0 || seq_len > p.max_seq_len) && p.num_invalid != nullptr) {
-      atomicAdd(p.num_invalid, 1);
-    }
-  } else {
-    int n = p.list_lens != nullptr ? p.list_lens[list] : p.max_list_len;
-    if (n < 0 || n > p.max_list_len) {
-      if (chunk == 0 && threadIdx.x == 0 && p.num_invalid != nullptr) atomicAdd(p.num_invalid, 1);
-      n = min(max(n, 0), p.max_list_len);
-    }
-    len = n;
-    range_end = n;
-  }
-  const int chunk_begin = chunk * p.chunk_tokens;
-  const int chunk_end = min(chunk_begin + p.chunk_tokens, range_end);
-  const int n_tok = max(chunk_end - chunk_begin, 0);
-
-  // 1. Positions -> element offsets.
-  {
-    const int32_t* page_row = p.page_table + static_cast<int64_t>(b) * p.max_pages_per_seq;
-    const int32_t* pos_row = kDense ? nullptr : p.positions + static_cast<int64_t>(list) * p.max_list_len;
-    for (int i = threadIdx.x; i < p.chunk_tokens; i += kDecodeThreads) {
-      int64_t off = -1;
-      if (i < n_tok) {
-        const int idx = chunk_begin + i;
-        const int pos = kDense ? idx : __ldg(pos_row + idx);
-        const bool counted = kDense ? idx < len : true;
-        if (counted && pos >= 0 && pos < seq_len) {
-          const int page_index = pos / p.page_size;
-          if (page_index < p.max_pages_per_seq) {
-            const int page = __ldg(page_row + page_index);
-            if (page >= 0 && page < p.num_pages) {
-              off = page * p.page_stride + static_cast<int64_t>(pos - page_index * p.page_size) * p.token_stride +
-                    kv_head * p.head_stride;
-            }
-          }
-        }
-        if (off < 0 && counted && p.num_invalid != nullptr) atomicAdd(p.num_invalid, 1);
-      }
-      s_off[i] = off;
-    }
-  }
+  const ChunkRange range = ResolveChunk<kDense>(p, list, chunk, b, kv_head, s_off);
+  const int n_tok = range.n_tok;
+  const int chunk_begin = range.chunk_begin;
 
   // Queries of the group, pre-scaled so that logits are in log2 units.
   float qr[kGroup][8];
@@ -291,48 +401,40 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeAttentionKernel(const De
     }
   }
   __syncthreads();
-
-  for (int e = threadIdx.x; e < kGroup * kHeadDim; e += kDecodeThreads) {
-    const int g = e / kHeadDim;
-    const int dd = e - g * kHeadDim;
-    if (g >= p.heads_per_list) continue;
-    float mm = NegInf();
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) mm = fmaxf(mm, s_m[w * kGroup + g]);
-    float ll = 0.0f;
-    float oo = 0.0f;
-    if (mm != NegInf()) {
-#pragma unroll
-      for (int w = 0; w < kDecodeWarps; ++w) {
-        const float mw = s_m[w * kGroup + g];
-        if (mw != NegInf()) {
-          const float c = exp2f(mw - mm);
-          ll += s_l[w * kGroup + g] * c;
-          oo += s_acc[(w * kGroup + g) * kHeadDim + dd] * c;
-        }
-      }
-    }
-    const float o_val = ll > 0.0f ? oo / ll : 0.0f;
-    const float lse_val = ll > 0.0f ? (mm + log2f(ll)) * kLn2 : NegInf();
-    const int64_t row = static_cast<int64_t>(b) * p.num_q_heads + q_head0 + g;
-    if (p.num_chunks == 1) {
-      p.o[row * kHeadDim + dd] = o_val;
-      if (dd == 0 && p.lse != nullptr) p.lse[row] = lse_val;
-    } else {
-      p.o[(row * p.num_chunks + chunk) * kHeadDim + dd] = o_val;
-      if (dd == 0) p.lse[row * p.num_chunks + chunk] = lse_val;
-    }
-  }
+  WriteMergedStates<kHeadDim, kGroup>(p, s_dyn, b, q_head0, chunk);
 }
 
-// Host side of one instantiation: the shared-memory attribute (set once per
-// device) and the resident blocks per SM (queried once per device).
-template <typename T, int kHeadDim, int kGroup, bool kDense>
-struct DecodeKernelHost {
-  static constexpr int kSmem = DecodeShape<kHeadDim, kGroup>::kDynamicSmemBytes;
+// Launches a decode kernel on `grid`, as clusters of (grid.x, 1, 1) blocks
+// (the chunks of one list) when p.cluster_merge.
+template <typename Kernel>
+cudaError_t LaunchDecodeGrid(Kernel* kernel, const DecodeParams& p, dim3 grid, int smem_bytes, cudaStream_t stream) {
+  if (!p.cluster_merge) {
+    kernel<<<grid, kDecodeThreads, smem_bytes, stream>>>(p);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kDecodeThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = grid.x;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+
+// Host side of one kernel instantiation: the shared-memory attribute (set
+// once per device), the resident blocks per SM (queried once per device) and
+// the launch.
+template <auto kKernel, int kSmem>
+struct DecodeLaunchHost {
   static cudaError_t Prepare() {
     static std::atomic<uint64_t> smem_done{0};
-    return EnsureDynamicSmem(&DecodeAttentionKernel<T, kHeadDim, kGroup, kDense>, kSmem, &smem_done);
+    return EnsureDynamicSmem(kKernel, kSmem, &smem_done);
   }
   static cudaError_t BlocksPerSm(int32_t* blocks) {
     static std::atomic<int32_t> cached[64] = {};
@@ -343,8 +445,7 @@ struct DecodeKernelHost {
     err = Prepare();
     if (err != cudaSuccess) return err;
     int n = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, &DecodeAttentionKernel<T, kHeadDim, kGroup, kDense>,
-                                                        kDecodeThreads, kSmem);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kDecodeThreads, kSmem);
     if (err != cudaSuccess) return err;
     *blocks = n > 0 ? n : 1;
     if (device < 64) cached[device].store(*blocks, std::memory_order_relaxed);
@@ -353,9 +454,12 @@ struct DecodeKernelHost {
   static cudaError_t Launch(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
     const cudaError_t err = Prepare();
     if (err != cudaSuccess) return err;
-    DecodeAttentionKernel<T, kHeadDim, kGroup, kDense><<<grid, kDecodeThreads, kSmem, stream>>>(p);
-    return cudaGetLastError();
+    return LaunchDecodeGrid(kKernel, p, grid, kSmem, stream);
   }
 };
+
+template <typename T, int kHeadDim, int kGroup, bool kDense>
+using DecodeKernelHost = DecodeLaunchHost<&DecodeAttentionKernel<T, kHeadDim, kGroup, kDense>,
+                                          DecodeShape<kHeadDim, kGroup>::kDynamicSmemBytes>;
 
 }  // namespace kvrecall::gpu::kernels

@@ -70,6 +70,36 @@ inline void SetHndStrides(PagedKvCache* kv) {
   kv->page_stride = kv->head_stride * kv->num_kv_heads;
 }
 
+// How the decode-attention kernels compute q·k and p·v. Every choice gives
+// the same result to f32 rounding; they differ in speed.
+enum class DecodeMath : int32_t {
+  kAuto = 0,  // kMma when 5..8 query heads share a list (GQA groups 5-8), else kFma
+  // CUDA cores: each K/V row is read by head_dim / 8 lanes, partial dots
+  // reduced by warp shuffles, one online softmax per row-lane group.
+  kFma = 1,
+  // Tensor cores (mma.sync m16n8k16): the list's query heads are the M rows
+  // of a 16-token tile; queries and probabilities are split into 16-bit high
+  // and low parts (rows 0-7 and 8-15 of the tile), so logits and outputs keep
+  // f32 accuracy; one softmax per head and token instead of per lane.
+  kMma = 2,
+};
+
+// How the partial states of a list split over several thread blocks are
+// merged. Every choice gives the same result to f32 rounding.
+enum class DecodeMerge : int32_t {
+  // kCluster when the whole grid fits one wave of resident blocks and each
+  // list needs at most 8 chunks of at most 256 tokens (small batches), else kKernel.
+  kAuto = 0,
+  // Chunks sized to whole waves (PlanDecodeSplit), partial states in the
+  // workspace, then MergeStates (a second kernel).
+  kKernel = 1,
+  // At most 8 chunks per list, launched as one thread-block cluster per list;
+  // the blocks merge through distributed shared memory in the same kernel (no
+  // partial states in the workspace, no second kernel). Lists that need more
+  // than 8 chunks (more than 8192 positions) fall back to kKernel.
+  kCluster = 2,
+};
+
 // Sparse decode attention: for each (sequence, query head), attention of its
 // one query over a list of positions of its KV head, returning o and lse.
 // Entries whose position is outside [0, seq_lens[b]) or whose page id is
@@ -93,11 +123,14 @@ struct SparseDecodeArgs {
   int32_t max_list_len = 0;            // >= 0
   float sm_scale = 0.0f;               // logit scale; 0 means 1/sqrt(head_dim)
   // Chunks each list is split into (flash-decoding); 0: chosen from the
-  // shape and the device's SM count. At least ceil(max_list_len / 1024) are used.
+  // shape and the device's SM count. At least ceil(max_list_len / 1024) are
+  // used (and at most 8 with DecodeMerge::kCluster).
   int32_t num_splits = 0;
   float* o = nullptr;             // [batch_size, num_q_heads, head_dim], f32 output
   float* lse = nullptr;           // [batch_size, num_q_heads], f32 output, natural log; may be nullptr
   int32_t* num_invalid = nullptr;  // device counter, may be nullptr; incremented per skipped entry (caller zeroes it)
+  DecodeMath math = DecodeMath::kAuto;     // inner loop (speed only)
+  DecodeMerge merge = DecodeMerge::kAuto;  // merge of split lists (speed only)
 };
 
 // Dense decode attention with scores (TidalDecode's selection layer): full
@@ -127,6 +160,8 @@ struct DenseDecodeArgs {
   // >= seq_len (logit -inf) appear only when seq_len < top_k.
   int32_t* top_k_positions = nullptr;
   int32_t* num_invalid = nullptr;  // as in SparseDecodeArgs
+  DecodeMath math = DecodeMath::kAuto;     // as in SparseDecodeArgs
+  DecodeMerge merge = DecodeMerge::kAuto;  // as in SparseDecodeArgs
 };
 
 // Merge of J partial attention states per head into one (methods.md §0.2):
@@ -404,6 +439,16 @@ inline const char* ValidateKv(const PagedKvCache& kv, int32_t batch_size, int32_
   return nullptr;
 }
 
+inline const char* ValidateDecodeChoices(DecodeMath math, DecodeMerge merge) {
+  if (math != DecodeMath::kAuto && math != DecodeMath::kFma && math != DecodeMath::kMma) {
+    return "math must be kAuto, kFma or kMma";
+  }
+  if (merge != DecodeMerge::kAuto && merge != DecodeMerge::kKernel && merge != DecodeMerge::kCluster) {
+    return "merge must be kAuto, kKernel or kCluster";
+  }
+  return nullptr;
+}
+
 inline const char* ValidateTopKShape(int32_t num_rows, int32_t num_cols, int32_t k) {
   if (num_rows < 1 || num_rows > 65535) return "top-k rows must be in [1, 65535]";
   if (num_cols < 1) return "top-k columns must be >= 1";
@@ -420,7 +465,7 @@ inline const char* ValidateSparseDecodeArgs(const SparseDecodeArgs& a) {
   if (a.max_list_len > 0 && a.positions == nullptr) return "positions must not be null";
   if (a.num_splits < 0) return "num_splits must be >= 0";
   if (!(a.sm_scale >= 0.0f)) return "sm_scale must be >= 0 (0: 1/sqrt(head_dim))";
-  return nullptr;
+  return internal::ValidateDecodeChoices(a.math, a.merge);
 }
 
 inline const char* ValidateDenseDecodeArgs(const DenseDecodeArgs& a) {
@@ -435,7 +480,7 @@ inline const char* ValidateDenseDecodeArgs(const DenseDecodeArgs& a) {
     if (a.top_k > a.max_seq_len) return "top_k must be <= max_seq_len";
     if (a.top_k_positions == nullptr) return "top_k_positions must not be null when top_k > 0";
   }
-  return nullptr;
+  return internal::ValidateDecodeChoices(a.math, a.merge);
 }
 
 inline const char* ValidateMergeStatesArgs(const MergeStatesArgs& a) {

@@ -175,6 +175,20 @@ void ExpectTopKRows(const std::vector<float>& ref_scores, int64_t rows, int32_t 
 
 std::string DTypeName(DType d) { return d == DType::kBf16 ? "bf16" : (d == DType::kF16 ? "f16" : "f32"); }
 
+// The decode-attention inner loops and merges, each run against the same reference.
+struct DecodeVariant {
+  DecodeMath math;
+  DecodeMerge merge;
+  const char* name;
+};
+constexpr DecodeVariant kDecodeVariants[] = {
+    {DecodeMath::kAuto, DecodeMerge::kAuto, "auto"},
+    {DecodeMath::kFma, DecodeMerge::kKernel, "fma+merge kernel"},
+    {DecodeMath::kMma, DecodeMerge::kKernel, "mma+merge kernel"},
+    {DecodeMath::kFma, DecodeMerge::kCluster, "fma+cluster merge"},
+    {DecodeMath::kMma, DecodeMerge::kCluster, "mma+cluster merge"},
+};
+
 std::vector<float> RandomNormal(std::mt19937_64& rng, size_t n, float stddev) {
   std::normal_distribution<float> normal(0.0f, stddev);
   std::vector<float> x(n);
@@ -377,25 +391,30 @@ TEST(SparseDecodeAttentionTest, MatchesReferenceOverShapeGrid) {
     ref.lse = ref_lse.data();
     ASSERT_TRUE(reference::SparseDecodeAttention(ref));
 
-    DeviceArray<float> dq(q), d_o(q.size()), d_lse(ref_lse.size());
-    DeviceArray<int32_t> dpos(positions), dlens(list_lens), dinvalid(1);
-    d_o.Poison();
-    d_lse.Poison();
-    dinvalid.Poison(0);
-    SparseDecodeArgs a = ref;
-    a.kv = kv.dev;
-    a.q = dq.get();
-    a.positions = dpos.get();
-    a.list_lens = dlens.get();
-    a.o = d_o.get();
-    a.lse = d_lse.get();
-    a.num_invalid = dinvalid.get();
-    Workspace ws(SparseDecodeAttentionWorkspaceBytes(a));
-    KVR_ASSERT_CUDA(SparseDecodeAttention(a, ws.get(), nullptr));
-    KVR_ASSERT_CUDA(cudaDeviceSynchronize());
-    EXPECT_LE(RelErr(d_o.Download(), ref_o), kTol);
-    EXPECT_EQ(LseMismatches(d_lse.Download(), ref_lse), 0);
-    EXPECT_EQ(dinvalid.Download()[0], 0);
+    for (const DecodeVariant& v : kDecodeVariants) {
+      SCOPED_TRACE(v.name);
+      DeviceArray<float> dq(q), d_o(q.size()), d_lse(ref_lse.size());
+      DeviceArray<int32_t> dpos(positions), dlens(list_lens), dinvalid(1);
+      d_o.Poison();
+      d_lse.Poison();
+      dinvalid.Poison(0);
+      SparseDecodeArgs a = ref;
+      a.kv = kv.dev;
+      a.q = dq.get();
+      a.positions = dpos.get();
+      a.list_lens = dlens.get();
+      a.o = d_o.get();
+      a.lse = d_lse.get();
+      a.num_invalid = dinvalid.get();
+      a.math = v.math;
+      a.merge = v.merge;
+      Workspace ws(SparseDecodeAttentionWorkspaceBytes(a));
+      KVR_ASSERT_CUDA(SparseDecodeAttention(a, ws.get(), nullptr));
+      KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+      EXPECT_LE(RelErr(d_o.Download(), ref_o), kTol);
+      EXPECT_EQ(LseMismatches(d_lse.Download(), ref_lse), 0);
+      EXPECT_EQ(dinvalid.Download()[0], 0);
+    }
   }
 }
 
@@ -448,27 +467,32 @@ TEST(SparseDecodeAttentionTest, SkipsAndCountsInvalidPositionsAndPages) {
   ref.num_invalid = &ref_invalid;
   ASSERT_TRUE(reference::SparseDecodeAttention(ref));
   ASSERT_GT(ref_invalid, 10);
-  for (int32_t splits : {1, 4}) {
-    DeviceArray<float> dq(q), d_o(q.size()), d_lse(ref_lse.size());
-    DeviceArray<int32_t> dpos(positions), dlens(list_lens), dinvalid(1);
-    d_o.Poison();
-    d_lse.Poison();
-    dinvalid.Poison(0);
-    SparseDecodeArgs a = ref;
-    a.kv = kv.dev;
-    a.q = dq.get();
-    a.positions = dpos.get();
-    a.list_lens = dlens.get();
-    a.num_splits = splits;
-    a.o = d_o.get();
-    a.lse = d_lse.get();
-    a.num_invalid = dinvalid.get();
-    Workspace ws(SparseDecodeAttentionWorkspaceBytes(a));
-    KVR_ASSERT_CUDA(SparseDecodeAttention(a, ws.get(), nullptr));
-    KVR_ASSERT_CUDA(cudaDeviceSynchronize());
-    EXPECT_LE(RelErr(d_o.Download(), ref_o), kTol) << "splits " << splits;
-    EXPECT_EQ(LseMismatches(d_lse.Download(), ref_lse), 0) << "splits " << splits;
-    EXPECT_EQ(dinvalid.Download()[0], ref_invalid) << "splits " << splits;
+  for (const DecodeVariant& v : kDecodeVariants) {
+    for (int32_t splits : {1, 4}) {
+      SCOPED_TRACE(v.name);
+      DeviceArray<float> dq(q), d_o(q.size()), d_lse(ref_lse.size());
+      DeviceArray<int32_t> dpos(positions), dlens(list_lens), dinvalid(1);
+      d_o.Poison();
+      d_lse.Poison();
+      dinvalid.Poison(0);
+      SparseDecodeArgs a = ref;
+      a.kv = kv.dev;
+      a.q = dq.get();
+      a.positions = dpos.get();
+      a.list_lens = dlens.get();
+      a.num_splits = splits;
+      a.o = d_o.get();
+      a.lse = d_lse.get();
+      a.num_invalid = dinvalid.get();
+      a.math = v.math;
+      a.merge = v.merge;
+      Workspace ws(SparseDecodeAttentionWorkspaceBytes(a));
+      KVR_ASSERT_CUDA(SparseDecodeAttention(a, ws.get(), nullptr));
+      KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+      EXPECT_LE(RelErr(d_o.Download(), ref_o), kTol) << "splits " << splits;
+      EXPECT_EQ(LseMismatches(d_lse.Download(), ref_lse), 0) << "splits " << splits;
+      EXPECT_EQ(dinvalid.Download()[0], ref_invalid) << "splits " << splits;
+    }
   }
 }
 
@@ -526,46 +550,50 @@ TEST(DenseDecodeAttentionTest, MatchesReferenceWithScoresAndTopK) {
     ref.top_k = c.top_k;
     ref.top_k_positions = ref_top.data();
     ASSERT_TRUE(reference::DenseDecodeAttention(ref));
-
-    DeviceArray<float> dq(q), d_o(q.size()), d_lse(rows), d_scores(rows * stride);
-    DeviceArray<int32_t> d_top(ref_top.size()), dinvalid(1);
-    d_o.Poison();
-    d_lse.Poison();
-    d_scores.Poison();
-    d_top.Poison();
-    dinvalid.Poison(0);
-    DenseDecodeArgs a = ref;
-    a.kv = kv.dev;
-    a.q = dq.get();
-    a.o = d_o.get();
-    a.lse = d_lse.get();
-    a.scores = c.scores_in_workspace ? nullptr : d_scores.get();
-    a.top_k_positions = d_top.get();
-    a.num_invalid = dinvalid.get();
-    Workspace ws(DenseDecodeAttentionWorkspaceBytes(a));
-    KVR_ASSERT_CUDA(DenseDecodeAttention(a, ws.get(), nullptr));
-    KVR_ASSERT_CUDA(cudaDeviceSynchronize());
-    EXPECT_LE(RelErr(d_o.Download(), ref_o), kTol);
-    EXPECT_EQ(LseMismatches(d_lse.Download(), ref_lse), 0);
-    EXPECT_EQ(dinvalid.Download()[0], 0);
     // Compact the reference scores to [rows, max_seq_len] for the top-k check.
     std::vector<float> ref_compact(rows * c.max_seq_len);
     for (int64_t r = 0; r < rows; ++r) {
       std::copy(ref_scores.begin() + r * stride, ref_scores.begin() + r * stride + c.max_seq_len,
                 ref_compact.begin() + r * c.max_seq_len);
     }
-    if (!c.scores_in_workspace) {
-      const std::vector<float> got = d_scores.Download();
-      std::vector<float> got_compact(rows * c.max_seq_len);
-      for (int64_t r = 0; r < rows; ++r) {
-        std::copy(got.begin() + r * stride, got.begin() + r * stride + c.max_seq_len,
-                  got_compact.begin() + r * c.max_seq_len);
-        // The padding columns past max_seq_len are not written.
-        for (int64_t j = c.max_seq_len; j < stride; ++j) EXPECT_TRUE(std::isnan(got[r * stride + j]));
+    for (const DecodeVariant& v : kDecodeVariants) {
+      SCOPED_TRACE(v.name);
+      DeviceArray<float> dq(q), d_o(q.size()), d_lse(rows), d_scores(rows * stride);
+      DeviceArray<int32_t> d_top(ref_top.size()), dinvalid(1);
+      d_o.Poison();
+      d_lse.Poison();
+      d_scores.Poison();
+      d_top.Poison();
+      dinvalid.Poison(0);
+      DenseDecodeArgs a = ref;
+      a.kv = kv.dev;
+      a.q = dq.get();
+      a.o = d_o.get();
+      a.lse = d_lse.get();
+      a.scores = c.scores_in_workspace ? nullptr : d_scores.get();
+      a.top_k_positions = d_top.get();
+      a.num_invalid = dinvalid.get();
+      a.math = v.math;
+      a.merge = v.merge;
+      Workspace ws(DenseDecodeAttentionWorkspaceBytes(a));
+      KVR_ASSERT_CUDA(DenseDecodeAttention(a, ws.get(), nullptr));
+      KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+      EXPECT_LE(RelErr(d_o.Download(), ref_o), kTol);
+      EXPECT_EQ(LseMismatches(d_lse.Download(), ref_lse), 0);
+      EXPECT_EQ(dinvalid.Download()[0], 0);
+      if (!c.scores_in_workspace) {
+        const std::vector<float> got = d_scores.Download();
+        std::vector<float> got_compact(rows * c.max_seq_len);
+        for (int64_t r = 0; r < rows; ++r) {
+          std::copy(got.begin() + r * stride, got.begin() + r * stride + c.max_seq_len,
+                    got_compact.begin() + r * c.max_seq_len);
+          // The padding columns past max_seq_len are not written.
+          for (int64_t j = c.max_seq_len; j < stride; ++j) EXPECT_TRUE(std::isnan(got[r * stride + j]));
+        }
+        ExpectScoresNear(got_compact, ref_compact, name);
       }
-      ExpectScoresNear(got_compact, ref_compact, name);
+      if (c.top_k > 0) ExpectTopKRows(ref_compact, rows, c.max_seq_len, d_top.Download(), c.top_k, name);
     }
-    if (c.top_k > 0) ExpectTopKRows(ref_compact, rows, c.max_seq_len, d_top.Download(), c.top_k, name);
   }
 }
 
@@ -944,6 +972,8 @@ TEST(ValidationTest, LaunchersRejectBadArgumentsWithoutLaunching) {
       {"negative list length", [](SparseDecodeArgs* a) { a->max_list_len = -1; }},
       {"zero batch", [](SparseDecodeArgs* a) { a->batch_size = 0; }},
       {"negative scale", [](SparseDecodeArgs* a) { a->sm_scale = -1.0f; }},
+      {"bad math", [](SparseDecodeArgs* a) { a->math = static_cast<DecodeMath>(3); }},
+      {"bad merge", [](SparseDecodeArgs* a) { a->merge = static_cast<DecodeMerge>(-1); }},
   };
   for (const SparseMutation& m : sparse_bad) {
     SparseDecodeArgs a = s;
@@ -986,6 +1016,9 @@ TEST(ValidationTest, LaunchersRejectBadArgumentsWithoutLaunching) {
     EXPECT_EQ(DenseDecodeAttention(a, ws.get(), nullptr), cudaErrorInvalidValue);
     a = dn;
     a.kv.num_kv_heads = 0;
+    EXPECT_EQ(DenseDecodeAttention(a, ws.get(), nullptr), cudaErrorInvalidValue);
+    a = dn;
+    a.math = static_cast<DecodeMath>(9);
     EXPECT_EQ(DenseDecodeAttention(a, ws.get(), nullptr), cudaErrorInvalidValue);
     a = dn;
     EXPECT_EQ(DenseDecodeAttention(a, nullptr, nullptr), cudaErrorInvalidValue);  // top-k needs a workspace
@@ -1107,9 +1140,10 @@ TEST(ValidationTest, LaunchersRejectBadArgumentsWithoutLaunching) {
 // selection with top-k, Loki scoring with fused top-k) is captured into a
 // CUDA graph in global capture mode, which fails if any launcher allocates
 // or synchronizes; the replay must give the same results as direct launches.
+// Once per decode variant (the cluster launches must capture too).
 
-TEST(GraphCaptureTest, DecodeStepCapturesAndReplaysIdentically) {
-  SKIP_WITHOUT_DEVICE();
+void CheckDecodeStepCapture(const DecodeVariant& v) {
+  SCOPED_TRACE(v.name);
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
@@ -1135,6 +1169,8 @@ TEST(GraphCaptureTest, DecodeStepCapturesAndReplaysIdentically) {
   s.positions = dpos.get();
   s.max_list_len = budget;
   s.num_splits = 3;
+  s.math = v.math;
+  s.merge = v.merge;
   DenseDecodeArgs dn;
   dn.kv = kv.dev;
   dn.batch_size = batch;
@@ -1143,6 +1179,8 @@ TEST(GraphCaptureTest, DecodeStepCapturesAndReplaysIdentically) {
   dn.max_seq_len = n;
   dn.scores = scores.get();
   dn.top_k = 64;
+  dn.math = v.math;
+  dn.merge = v.merge;
   LokiScoreArgs l;
   l.q = dq.get();  // [batch, hq, 32]: the first rows * 32 floats of q serve as q'
   l.keys = dkeys.get();
@@ -1215,6 +1253,10 @@ TEST(GraphCaptureTest, DecodeStepCapturesAndReplaysIdentically) {
   KVR_ASSERT_CUDA(cudaStreamDestroy(stream));
 }
 
+TEST(GraphCaptureTest, DecodeStepCapturesAndReplaysIdentically) {
+  SKIP_WITHOUT_DEVICE();
+  for (const DecodeVariant& v : kDecodeVariants) CheckDecodeStepCapture(v);
+}
 
 // ---------------------------------------------------------------------------
 // Decode-step bookkeeping kernels: each launcher against its reference on

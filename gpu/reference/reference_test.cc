@@ -750,6 +750,16 @@ TEST(ValidationTest, BadArgumentsAreRejectedAndNothingIsWritten) {
   a = good;
   a.max_list_len = -1;
   expect_rejected(a, "negative list length");
+  a = good;
+  a.math = static_cast<DecodeMath>(5);
+  expect_rejected(a, "unknown math");
+  a = good;
+  a.merge = static_cast<DecodeMerge>(5);
+  expect_rejected(a, "unknown merge");
+  a = good;
+  a.math = DecodeMath::kMma;
+  a.merge = DecodeMerge::kCluster;
+  EXPECT_EQ(ValidateSparseDecodeArgs(a), nullptr);  // speed choices: the reference accepts and ignores them
 
   std::vector<float> scores(10, 1.0f);
   std::vector<int32_t> idx(11, -5);
