@@ -5,6 +5,13 @@
 //
 //   gpu_bench --out DIR [--quick] [--filter SUBSTRING] [--sweep]
 //
+// Every launcher row runs the launcher's default choices (path "auto"). The
+// shapes where a kernel was behind its peer (docs/gpu.md: dense attention
+// with GQA group 8, LokiScore without top-k at 128K, sparse attention at
+// batch 1 with >= 1K positions, sparse attention with GQA group 8) are also
+// run on the previous path in the same run: "fma, merge kernel" (DecodeMath::kFma,
+// DecodeMerge::kKernel) or "f32 scores". --quick runs only those shapes.
+//
 // --sweep only times the decode launchers at several num_splits
 // (DIR/sweep.csv), the data behind PlanDecodeSplit.
 // --filter runs only the configurations whose description ("sparse_attention
@@ -225,8 +232,18 @@ std::string CpuModel() {
   return "unknown";
 }
 
+// The launcher choices a row runs with.
+struct Path {
+  const char* name;
+  DecodeMath math = DecodeMath::kAuto;
+  DecodeMerge merge = DecodeMerge::kAuto;
+  DType scores_dtype = DType::kF32;  // LokiScore
+};
+constexpr Path kAutoPath{"auto"};
+constexpr Path kOldDecodePath{"fma, merge kernel", DecodeMath::kFma, DecodeMerge::kKernel};
+
 struct Row {
-  std::string kernel, variant;
+  std::string kernel, variant, path = "auto";
   int64_t batch = 0, ctx = 0, tokens = 0, rows = 0, n = 0, k = 0, states = 0, page_size = 0, hq = kHq;
   double ours_us = 0, bytes = 0, flops = 0;
 };
@@ -244,10 +261,12 @@ class Bench {
     }
     RunSparse();
     RunDense();
-    RunMerge();
-    RunTopK();
+    if (!quick_) {
+      RunMerge();
+      RunTopK();
+    }
     RunLoki();
-    RunQuest();
+    if (!quick_) RunQuest();
     WriteRows();
     BENCH_CHECK(cudaDeviceSynchronize());
   }
@@ -348,6 +367,12 @@ class Bench {
     return kv;
   }
 
+  // Sparse rows behind their peer before DecodeMath::kMma / DecodeMerge::kCluster:
+  // batch 1 with >= 1K positions, and GQA group 8.
+  static bool SparseCompared(int64_t batch, int64_t L, int32_t page_size, int32_t hq) {
+    return page_size == 16 && ((batch == 1 && L >= 1024 && hq == kHq) || (batch == 8 && hq == 64));
+  }
+
   void RunSparse() {
     const int64_t max_batch = quick_ ? 8 : 64;
     EnsurePool(max_batch * 131072);
@@ -367,9 +392,13 @@ class Bench {
       }
     }
     for (int32_t ps : {1, 256}) cfgs.push_back({131072, 0.05, 8, ps});
-    for (int64_t batch : {8, 32}) cfgs.push_back({131072, 0.05, batch, 16, 64});  // GQA group 8
+    for (int64_t batch : {8, 32}) {
+      if (batch <= max_batch) cfgs.push_back({131072, 0.05, batch, 16, 64});  // GQA group 8
+    }
     for (const Cfg& c : cfgs) {
       const int64_t L = static_cast<int64_t>(c.ctx * c.budget);
+      const bool compared = SparseCompared(c.batch, L, c.page_size, c.hq);
+      if (quick_ && !compared) continue;
       if (!Want("sparse_attention b=" + std::to_string(c.batch) + " ctx=" + std::to_string(c.ctx) +
                 " L=" + std::to_string(L) + " page=" + std::to_string(c.page_size) + " hq=" + std::to_string(c.hq))) {
         continue;
@@ -402,21 +431,29 @@ class Bench {
       a.max_list_len = static_cast<int32_t>(L);
       a.o = d_o;
       a.lse = d_lse;
-      void* ws = DeviceAlloc<unsigned char>(SparseDecodeAttentionWorkspaceBytes(a));
-      Row r;
-      r.kernel = "sparse_attention";
-      r.variant = "page" + std::to_string(c.page_size);
-      r.batch = c.batch;
-      r.ctx = c.ctx;
-      r.tokens = L;
-      r.page_size = c.page_size;
-      r.hq = c.hq;
-      r.ours_us = timer_.MedianUs([&] { return SparseDecodeAttention(a, ws, timer_.stream()); });
-      r.bytes = static_cast<double>(c.batch) * kHkv * L * (2.0 * kD * 2 + 4) + c.batch * c.hq * (kD * 8.0 + 4);
-      r.flops = 4.0 * c.batch * c.hq * L * kD;
-      Add(r);
+      std::vector<Path> paths = {kAutoPath};
+      if (compared) paths.push_back(kOldDecodePath);
+      for (const Path& path : paths) {
+        a.math = path.math;
+        a.merge = path.merge;
+        void* ws = DeviceAlloc<unsigned char>(SparseDecodeAttentionWorkspaceBytes(a));
+        Row r;
+        r.kernel = "sparse_attention";
+        r.variant = "page" + std::to_string(c.page_size);
+        r.path = path.name;
+        r.batch = c.batch;
+        r.ctx = c.ctx;
+        r.tokens = L;
+        r.page_size = c.page_size;
+        r.hq = c.hq;
+        r.ours_us = timer_.MedianUs([&] { return SparseDecodeAttention(a, ws, timer_.stream()); });
+        r.bytes = static_cast<double>(c.batch) * kHkv * L * (2.0 * kD * 2 + 4) + c.batch * c.hq * (kD * 8.0 + 4);
+        r.flops = 4.0 * c.batch * c.hq * L * kD;
+        Add(r);
+        BENCH_CHECK(cudaFree(ws));
+      }
       for (void* p : {static_cast<void*>(d_pt), static_cast<void*>(d_lens), static_cast<void*>(d_pos),
-                      static_cast<void*>(d_q), static_cast<void*>(d_o), static_cast<void*>(d_lse), ws}) {
+                      static_cast<void*>(d_q), static_cast<void*>(d_o), static_cast<void*>(d_lse)}) {
         BENCH_CHECK(cudaFree(p));
       }
     }
@@ -523,6 +560,9 @@ class Bench {
     }
     cfgs.push_back({32768, 8, 0, 64});  // GQA group 8
     for (const Cfg& c : cfgs) {
+      // Behind its peer before DecodeMath::kMma: GQA group 8.
+      const bool compared = c.hq == 64;
+      if (quick_ && !compared) continue;
       if (!Want("dense_attention b=" + std::to_string(c.batch) + " ctx=" + std::to_string(c.ctx) +
                 " top=" + std::to_string(c.top_k) + " hq=" + std::to_string(c.hq))) {
         continue;
@@ -551,23 +591,31 @@ class Bench {
       a.scores = d_scores;
       a.top_k = c.top_k;
       a.top_k_positions = d_top;
-      void* ws = DeviceAlloc<unsigned char>(DenseDecodeAttentionWorkspaceBytes(a));
-      Row r;
-      r.kernel = "dense_attention";
-      r.variant = c.top_k > 0 ? "scores+top" + std::to_string(c.top_k) : "scores";
-      r.batch = c.batch;
-      r.ctx = c.ctx;
-      r.tokens = c.ctx;
-      r.k = c.top_k;
-      r.page_size = page_size;
-      r.hq = c.hq;
-      r.ours_us = timer_.MedianUs([&] { return DenseDecodeAttention(a, ws, timer_.stream()); });
-      r.bytes = static_cast<double>(c.batch) * kHkv * c.ctx * 2.0 * kD * 2 + c.batch * c.hq * c.ctx * 4.0;
-      r.flops = 4.0 * c.batch * c.hq * c.ctx * kD;
-      Add(r);
+      std::vector<Path> paths = {kAutoPath};
+      if (compared) paths.push_back(kOldDecodePath);
+      for (const Path& path : paths) {
+        a.math = path.math;
+        a.merge = path.merge;
+        void* ws = DeviceAlloc<unsigned char>(DenseDecodeAttentionWorkspaceBytes(a));
+        Row r;
+        r.kernel = "dense_attention";
+        r.variant = c.top_k > 0 ? "scores+top" + std::to_string(c.top_k) : "scores";
+        r.path = path.name;
+        r.batch = c.batch;
+        r.ctx = c.ctx;
+        r.tokens = c.ctx;
+        r.k = c.top_k;
+        r.page_size = page_size;
+        r.hq = c.hq;
+        r.ours_us = timer_.MedianUs([&] { return DenseDecodeAttention(a, ws, timer_.stream()); });
+        r.bytes = static_cast<double>(c.batch) * kHkv * c.ctx * 2.0 * kD * 2 + c.batch * c.hq * c.ctx * 4.0;
+        r.flops = 4.0 * c.batch * c.hq * c.ctx * kD;
+        Add(r);
+        BENCH_CHECK(cudaFree(ws));
+      }
       for (void* p : {static_cast<void*>(d_pt), static_cast<void*>(d_lens), static_cast<void*>(d_q),
                       static_cast<void*>(d_o), static_cast<void*>(d_lse), static_cast<void*>(d_scores),
-                      static_cast<void*>(d_top), ws}) {
+                      static_cast<void*>(d_top)}) {
         BENCH_CHECK(cudaFree(p));
       }
     }
@@ -656,6 +704,9 @@ class Bench {
     for (int64_t ctx : {32768, 131072}) {
       for (int64_t batch : {1, 16}) {
         for (int32_t k : {0, 2048}) {
+          // Behind its peer (a bf16 matmul) with f32 scores: scores only at 128K.
+          const bool compared = k == 0 && ctx == 131072;
+          if (quick_ && !compared) continue;
           if (!Want("loki_score b=" + std::to_string(batch) + " ctx=" + std::to_string(ctx) + " k=" + std::to_string(k))) {
             continue;
           }
@@ -666,7 +717,7 @@ class Bench {
           FillF32(q, batch * kHq * rank, 9, 1.0f);
           std::vector<int32_t> lens(batch, static_cast<int32_t>(ctx));
           int32_t* d_lens = Upload(lens);
-          float* scores = DeviceAlloc<float>(batch * kHq * ctx);
+          float* scores = DeviceAlloc<float>(batch * kHq * ctx);  // also holds 16-bit scores
           int32_t* top = DeviceAlloc<int32_t>(batch * kHq * std::max(k, 1));
           LokiScoreArgs a;
           a.q = q;
@@ -683,19 +734,27 @@ class Bench {
           a.scores = scores;
           a.k = k;
           a.top_k_positions = top;
-          void* ws = DeviceAlloc<unsigned char>(LokiScoreWorkspaceBytes(a));
-          Row r;
-          r.kernel = "loki_score";
-          r.variant = k > 0 ? "r32+top" + std::to_string(k) : "r32";
-          r.batch = batch;
-          r.ctx = ctx;
-          r.k = k;
-          r.ours_us = timer_.MedianUs([&] { return LokiScore(a, ws, timer_.stream()); });
-          r.bytes = static_cast<double>(key_elems) * 2 + batch * kHq * ctx * 4.0;
-          r.flops = 2.0 * batch * kHq * ctx * rank;
-          Add(r);
+          // Scores only: f32 (the launcher's default) and bf16 (as the peer writes them).
+          std::vector<Path> paths = {Path{"f32 scores"}};
+          if (k == 0) paths.push_back(Path{"bf16 scores", DecodeMath::kAuto, DecodeMerge::kAuto, DType::kBf16});
+          for (const Path& path : paths) {
+            a.scores_dtype = path.scores_dtype;
+            void* ws = DeviceAlloc<unsigned char>(LokiScoreWorkspaceBytes(a));
+            Row r;
+            r.kernel = "loki_score";
+            r.variant = k > 0 ? "r32+top" + std::to_string(k) : "r32";
+            r.path = path.name;
+            r.batch = batch;
+            r.ctx = ctx;
+            r.k = k;
+            r.ours_us = timer_.MedianUs([&] { return LokiScore(a, ws, timer_.stream()); });
+            r.bytes = static_cast<double>(key_elems) * 2 + batch * kHq * ctx * (DTypeBytes(path.scores_dtype) * 1.0);
+            r.flops = 2.0 * batch * kHq * ctx * rank;
+            Add(r);
+            BENCH_CHECK(cudaFree(ws));
+          }
           for (void* p : {static_cast<void*>(keys), static_cast<void*>(q), static_cast<void*>(d_lens),
-                          static_cast<void*>(scores), static_cast<void*>(top), ws}) {
+                          static_cast<void*>(scores), static_cast<void*>(top)}) {
             BENCH_CHECK(cudaFree(p));
           }
         }
@@ -759,8 +818,8 @@ class Bench {
 
   void Add(const Row& r) {
     const double bw_floor = r.bytes / (copy_gbps_ * 1e3);
-    std::fprintf(stderr, "[gpu_bench] %-16s %-14s b=%-3ld ctx=%-7ld L=%-6ld rows=%-4ld n=%-8ld k=%-5ld J=%-4ld: %9.1f us, %6.0f GB/s (%.0f%% of copy)\n",
-                 r.kernel.c_str(), r.variant.c_str(), static_cast<long>(r.batch), static_cast<long>(r.ctx),
+    std::fprintf(stderr, "[gpu_bench] %-16s %-14s %-17s b=%-3ld ctx=%-7ld L=%-6ld rows=%-4ld n=%-8ld k=%-5ld J=%-4ld: %9.1f us, %6.0f GB/s (%.0f%% of copy)\n",
+                 r.kernel.c_str(), r.variant.c_str(), r.path.c_str(), static_cast<long>(r.batch), static_cast<long>(r.ctx),
                  static_cast<long>(r.tokens), static_cast<long>(r.rows), static_cast<long>(r.n),
                  static_cast<long>(r.k), static_cast<long>(r.states), r.ours_us, r.bytes / r.ours_us / 1e3,
                  100.0 * bw_floor / r.ours_us);
@@ -769,9 +828,9 @@ class Bench {
 
   void WriteRows() {
     std::ofstream f(out_dir_ + "/ours.csv");
-    f << "kernel,variant,batch,ctx,tokens,rows,n,k,states,page_size,hq,hkv,d,ours_us,bytes,flops\n";
+    f << "kernel,variant,path,batch,ctx,tokens,rows,n,k,states,page_size,hq,hkv,d,ours_us,bytes,flops\n";
     for (const Row& r : rows_) {
-      f << r.kernel << ',' << r.variant << ',' << r.batch << ',' << r.ctx << ',' << r.tokens << ',' << r.rows << ','
+      f << r.kernel << ',' << r.variant << ",\"" << r.path << "\"," << r.batch << ',' << r.ctx << ',' << r.tokens << ',' << r.rows << ','
         << r.n << ',' << r.k << ',' << r.states << ',' << r.page_size << ',' << r.hq << ',' << kHkv << ',' << kD << ','
         << r.ours_us << ',' << r.bytes << ',' << r.flops << '\n';
     }

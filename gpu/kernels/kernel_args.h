@@ -222,9 +222,12 @@ struct LokiScoreArgs {
   const int32_t* seq_lens = nullptr;  // [batch_size] tokens per sequence, <= max_seq_len
   int32_t max_seq_len = 0;     // >= 1; score columns
   float sm_scale = 0.0f;       // 0 means 1/sqrt(head_dim)
-  // [batch_size, num_q_heads, max_seq_len] f32 output or nullptr (only when
-  // k > 0: then the scores live in the workspace); -inf past seq_len.
-  float* scores = nullptr;
+  // [batch_size, num_q_heads, max_seq_len] output of scores_dtype, or nullptr
+  // (only when k > 0: then the scores live in the workspace); -inf past seq_len.
+  void* scores = nullptr;
+  // kF32, or kBf16 / kF16 (each score rounded once; half the bytes written,
+  // as a bf16 matmul writes them) when k == 0.
+  DType scores_dtype = DType::kF32;
   int32_t k = 0;                   // 0: scores only; else 1..max_seq_len
   int32_t* top_k_positions = nullptr;  // [batch_size, num_q_heads, k] output when k > 0, unordered
 };
@@ -523,6 +526,10 @@ inline const char* ValidateLokiScoreArgs(const LokiScoreArgs& a) {
   if (!(a.sm_scale >= 0.0f)) return "sm_scale must be >= 0 (0: 1/sqrt(head_dim))";
   if (a.k < 0) return "k must be >= 0";
   if (a.k == 0 && a.scores == nullptr) return "scores must not be null when k == 0";
+  if (a.scores_dtype != DType::kF32 && a.scores_dtype != DType::kBf16 && a.scores_dtype != DType::kF16) {
+    return "scores_dtype must be kF32, kBf16 or kF16";
+  }
+  if (a.scores_dtype != DType::kF32 && a.k != 0) return "16-bit scores_dtype needs k == 0 (top-k reads f32 scores)";
   if (a.k > 0) {
     if (a.k > a.max_seq_len) return "k must be <= max_seq_len";
     if (a.top_k_positions == nullptr) return "top_k_positions must not be null when k > 0";

@@ -839,6 +839,31 @@ TEST(LokiScoreTest, MatchesReferenceScoresAndTopK) {
         KVR_ASSERT_CUDA(cudaDeviceSynchronize());
         if (!scores_in_ws) ExpectScoresNear(d_scores.Download(), ref_scores, name);
         if (k > 0) ExpectTopKRows(ref_scores, rows, max_seq, d_top.Download(), k, name);
+        if (k > 0) continue;
+        // 16-bit scores (scores only): the reference's rounding of the same logits.
+        for (DType out : {DType::kBf16, DType::kF16}) {
+          SCOPED_TRACE("scores " + DTypeName(out));
+          std::vector<uint16_t> ref16(ref_scores.size());
+          LokiScoreArgs r16 = ref;
+          r16.scores = ref16.data();
+          r16.scores_dtype = out;
+          ASSERT_TRUE(reference::LokiScore(r16));
+          DeviceArray<uint16_t> d16(ref16.size());
+          d16.Poison();
+          LokiScoreArgs a16 = a;
+          a16.scores = d16.get();
+          a16.scores_dtype = out;
+          Workspace ws16(LokiScoreWorkspaceBytes(a16));
+          KVR_ASSERT_CUDA(LokiScore(a16, ws16.get(), nullptr));
+          KVR_ASSERT_CUDA(cudaDeviceSynchronize());
+          const std::vector<uint16_t> got16 = d16.Download();
+          std::vector<float> got(got16.size()), want(ref16.size());
+          for (size_t e = 0; e < got16.size(); ++e) {
+            got[e] = HalfBitsToFloat(got16[e], out);
+            want[e] = HalfBitsToFloat(ref16[e], out);
+          }
+          ExpectScoresNear(got, want, name);
+        }
       }
     }
   }
@@ -1110,6 +1135,9 @@ TEST(ValidationTest, LaunchersRejectBadArgumentsWithoutLaunching) {
     EXPECT_EQ(LokiScore(a, ws.get(), nullptr), cudaErrorInvalidValue);
     a = l;
     EXPECT_EQ(LokiScore(a, nullptr, nullptr), cudaErrorInvalidValue);
+    a = l;
+    a.scores_dtype = DType::kBf16;  // 16-bit scores need k == 0
+    EXPECT_EQ(LokiScore(a, ws.get(), nullptr), cudaErrorInvalidValue);
     expect_untouched("loki");
   }
 

@@ -11,6 +11,9 @@
 namespace kvrecall::gpu {
 namespace {
 
+// 16-byte key loads in flight per lane for 16-bit scores (f32 scores keep kScoreSteps).
+constexpr int kLokiWideSteps = 8;
+
 struct LokiWorkspace {
   size_t scores_bytes = 0;
   size_t topk_bytes = 0;
@@ -58,22 +61,37 @@ cudaError_t LokiScore(const LokiScoreArgs& args, void* workspace, cudaStream_t s
   p.scale = args.sm_scale > 0.0f ? args.sm_scale : 1.0f / std::sqrt(static_cast<float>(args.head_dim));
   p.chunk_cols =
       kernels::PlanScoreChunk(static_cast<int64_t>(args.batch_size) * args.num_kv_heads, args.max_seq_len, num_sms);
-  p.scores = args.scores != nullptr ? args.scores : reinterpret_cast<float*>(ws);
+  p.scores = args.scores != nullptr ? args.scores : static_cast<void*>(ws);
   p.topk_ws = args.k > 0 ? reinterpret_cast<uint32_t*>(ws + w.scores_bytes) : nullptr;
   if (p.topk_ws != nullptr) {
     KVR_CUDA_RETURN_IF_ERROR(
         cudaMemsetAsync(p.topk_ws, 0, kernels::TopKRowWorkspaceBytes(static_cast<int64_t>(args.batch_size) * args.num_q_heads), stream));
   }
-  KVR_DISPATCH_KV_DTYPE(args.dtype, T, {
-    KVR_DISPATCH_RANK(args.rank, kRank, {
-      KVR_DISPATCH_GROUP(p.group_size, kGroup, {
-        KVR_CUDA_RETURN_IF_ERROR((kernels::LaunchScoreKernel<T, kRank, kGroup, false>(p, args.batch_size, stream)));
+  if (args.scores_dtype == DType::kF32) {
+    KVR_DISPATCH_KV_DTYPE(args.dtype, T, {
+      KVR_DISPATCH_RANK(args.rank, kRank, {
+        KVR_DISPATCH_GROUP(p.group_size, kGroup, {
+          KVR_CUDA_RETURN_IF_ERROR((kernels::LaunchScoreKernel<T, kRank, kGroup, false>(p, args.batch_size, stream)));
+        });
       });
     });
-  });
+  } else {
+    // 16-bit scores (k == 0): half the bytes written, and twice the key
+    // loads in flight per lane (kLokiWideSteps).
+    KVR_DISPATCH_KV_DTYPE(args.dtype, T, {
+      KVR_DISPATCH_KV_DTYPE(args.scores_dtype, OutT, {
+        KVR_DISPATCH_RANK(args.rank, kRank, {
+          KVR_DISPATCH_GROUP(p.group_size, kGroup, {
+            KVR_CUDA_RETURN_IF_ERROR((kernels::LaunchScoreKernel<T, kRank, kGroup, false, OutT, kLokiWideSteps>(
+                p, args.batch_size, stream)));
+          });
+        });
+      });
+    });
+  }
   if (args.k == 0) return cudaSuccess;
   TopKArgs t;
-  t.scores = p.scores;
+  t.scores = static_cast<const float*>(p.scores);
   t.num_rows = args.batch_size * args.num_q_heads;
   t.num_cols = args.max_seq_len;
   t.row_stride = args.max_seq_len;

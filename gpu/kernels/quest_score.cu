@@ -58,7 +58,7 @@ cudaError_t QuestScore(const QuestScoreArgs& args, void* workspace, cudaStream_t
   p.scale = args.sm_scale > 0.0f ? args.sm_scale : 1.0f / std::sqrt(static_cast<float>(args.head_dim));
   p.chunk_cols =
       kernels::PlanScoreChunk(static_cast<int64_t>(args.batch_size) * args.num_kv_heads, args.max_pages, num_sms);
-  p.scores = args.scores != nullptr ? args.scores : reinterpret_cast<float*>(ws);
+  p.scores = args.scores != nullptr ? static_cast<void*>(args.scores) : static_cast<void*>(ws);
   p.topk_ws = args.k > 0 ? reinterpret_cast<uint32_t*>(ws + w.scores_bytes) : nullptr;
   if (p.topk_ws != nullptr) {
     KVR_CUDA_RETURN_IF_ERROR(
@@ -73,7 +73,7 @@ cudaError_t QuestScore(const QuestScoreArgs& args, void* workspace, cudaStream_t
   });
   if (args.k == 0) return cudaSuccess;
   TopKArgs t;
-  t.scores = p.scores;
+  t.scores = static_cast<const float*>(p.scores);
   t.num_rows = args.batch_size * args.num_q_heads;
   t.num_cols = args.max_pages;
   t.row_stride = args.max_pages;

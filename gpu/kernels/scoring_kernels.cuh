@@ -34,17 +34,19 @@ struct ScoreParams {
   int32_t num_cols;     // columns per row of scores
   float scale;
   int32_t chunk_cols;   // columns per block
-  float* scores;        // [batch * num_q_heads, num_cols]
+  void* scores;         // [batch * num_q_heads, num_cols] of the kernel's OutT
   uint32_t* topk_ws;    // Loki only: accumulate pass-0 histograms when not null
 };
 
 // kRowElems: 16-bit elements per row (Loki rank or Quest head_dim).
 // kQuest: score = Σ max(q*a, q*b) instead of Σ q*a.
-template <typename T, int kRowElems, int kGroup, bool kQuest>
+// OutT: score type written (float; bf16 / half for Loki without top-k).
+// kSteps: 16-byte loads in flight per lane (rows per lane per iteration).
+template <typename T, int kRowElems, int kGroup, bool kQuest, typename OutT = float, int kSteps = kScoreSteps>
 __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(const ScoreParams p) {
   constexpr int kLanesPerRow = kRowElems / 8;
   constexpr int kRowsPerStep = 32 / kLanesPerRow;
-  constexpr int kRowsPerWarpIter = kRowsPerStep * kScoreSteps;
+  constexpr int kRowsPerWarpIter = kRowsPerStep * kSteps;
   extern __shared__ uint32_t s_hist[];  // [kGroup][kRadixBins] when topk_ws is set
 
   const int bh = blockIdx.y;
@@ -81,10 +83,10 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(const ScoreParams p
   const int col_end = min(col_begin + p.chunk_cols, p.num_cols);
 
   for (int c0 = col_begin + warp * kRowsPerWarpIter; c0 < col_end; c0 += kScoreWarps * kRowsPerWarpIter) {
-    uint4 xa[kScoreSteps];
-    uint4 xb[kScoreSteps];
+    uint4 xa[kSteps];
+    uint4 xb[kSteps];
 #pragma unroll
-    for (int s = 0; s < kScoreSteps; ++s) {
+    for (int s = 0; s < kSteps; ++s) {
       const int c = c0 + s * kRowsPerStep + slot;
       const bool valid = c < len && c < col_end;
       const int64_t off = static_cast<int64_t>(c) * kRowElems + sub * 8;
@@ -92,7 +94,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(const ScoreParams p
       if constexpr (kQuest) xb[s] = valid ? Load16(rb + off) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int s = 0; s < kScoreSteps; ++s) {
+    for (int s = 0; s < kSteps; ++s) {
       const int c = c0 + s * kRowsPerStep + slot;
       float fa[8];
       ToFloat8<T>(xa[s], fa);
@@ -112,7 +114,8 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(const ScoreParams p
         d = GroupSum<kLanesPerRow>(d);
         if (c < col_end && g < heads && sub == g % kLanesPerRow) {
           const float score = c < len ? d : NegInf();
-          p.scores[(static_cast<int64_t>(b) * p.num_q_heads + q_head0 + g) * p.num_cols + c] = score;
+          static_cast<OutT*>(p.scores)[(static_cast<int64_t>(b) * p.num_q_heads + q_head0 + g) * p.num_cols + c] =
+              FromFloat<OutT>(score);
           if (hist) atomicAdd(&s_hist[g * kRadixBins + (OrderKey(score) >> 21)], 1u);
         }
       }
@@ -143,10 +146,10 @@ inline int32_t PlanScoreChunk(int64_t num_seq_heads, int32_t num_cols, int32_t n
   return static_cast<int32_t>(chunk);
 }
 
-template <typename T, int kRowElems, int kGroup, bool kQuest>
+template <typename T, int kRowElems, int kGroup, bool kQuest, typename OutT = float, int kSteps = kScoreSteps>
 cudaError_t LaunchScoreKernel(const ScoreParams& p, int32_t batch_size, cudaStream_t stream) {
   const int smem = p.topk_ws != nullptr ? kGroup * kRadixBins * static_cast<int>(sizeof(uint32_t)) : 0;
-  auto* kernel = &ScoreKernel<T, kRowElems, kGroup, kQuest>;
+  auto* kernel = &ScoreKernel<T, kRowElems, kGroup, kQuest, OutT, kSteps>;
   static std::atomic<uint64_t> smem_done{0};
   const cudaError_t err = EnsureDynamicSmem(kernel, smem, &smem_done);
   if (err != cudaSuccess) return err;

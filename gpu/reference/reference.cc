@@ -255,7 +255,7 @@ bool LokiScore(const LokiScoreArgs& a) {
   const double scale = Scale(a.sm_scale, a.head_dim);
   const int64_t n = a.max_seq_len;
   std::vector<float> own_scores;
-  float* scores = a.scores;
+  float* scores = a.scores_dtype == DType::kF32 ? static_cast<float*>(a.scores) : nullptr;
   if (scores == nullptr) {
     own_scores.resize(static_cast<size_t>(a.batch_size) * a.num_q_heads * n);
     scores = own_scores.data();
@@ -279,6 +279,12 @@ bool LokiScore(const LokiScoreArgs& a) {
         srow[t] = static_cast<float>(scale * dot);
       }
       if (a.k > 0) TopKRow(srow, a.max_seq_len, a.k, a.top_k_positions + row * a.k, nullptr);
+    }
+  }
+  if (a.scores_dtype != DType::kF32) {  // 16-bit scores: each f32 score rounded once
+    const int64_t count = static_cast<int64_t>(a.batch_size) * a.num_q_heads * n;
+    for (int64_t i = 0; i < count; ++i) {
+      static_cast<uint16_t*>(a.scores)[i] = FloatToHalfBits(scores[i], a.scores_dtype);
     }
   }
   return true;

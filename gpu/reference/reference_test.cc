@@ -609,6 +609,16 @@ TEST(LokiScoreReferenceTest, FullRankRotatedScoresEqualExactLogits) {
       EXPECT_EQ(CheckTopKSelection(srow, max_seq, top.data() + (static_cast<size_t>(b) * hq + h) * 20, 20, 0.0), "");
     }
   }
+  // 16-bit scores (no top-k) are the f32 scores rounded once, -inf included.
+  for (DType out : {DType::kBf16, DType::kF16}) {
+    std::vector<uint16_t> s16(scores.size(), 0x1234);
+    LokiScoreArgs a16 = a;
+    a16.scores = s16.data();
+    a16.scores_dtype = out;
+    a16.k = 0;
+    ASSERT_TRUE(LokiScore(a16));
+    for (size_t i = 0; i < scores.size(); ++i) ASSERT_EQ(s16[i], FloatToHalfBits(scores[i], out)) << i;
+  }
 }
 
 TEST(QuestScoreReferenceTest, PageBoundIsAnUpperBoundAndTightForOneTokenPages) {
@@ -805,8 +815,16 @@ TEST(ValidationTest, BadArgumentsAreRejectedAndNothingIsWritten) {
   EXPECT_NE(ValidateLokiScoreArgs(l), nullptr);
   l.rank = 32;
   EXPECT_EQ(ValidateLokiScoreArgs(l), nullptr);
-  l.k = 33;
+  l.scores_dtype = DType::kBf16;
+  EXPECT_EQ(ValidateLokiScoreArgs(l), nullptr);
+  l.scores_dtype = static_cast<DType>(4);
+  EXPECT_NE(ValidateLokiScoreArgs(l), nullptr);
+  l.scores_dtype = DType::kF16;
+  l.k = 3;
   l.top_k_positions = idx.data();
+  EXPECT_NE(ValidateLokiScoreArgs(l), nullptr);  // 16-bit scores with a top-k
+  l.scores_dtype = DType::kF32;
+  l.k = 33;
   EXPECT_NE(ValidateLokiScoreArgs(l), nullptr);
 
   QuestScoreArgs qs;
