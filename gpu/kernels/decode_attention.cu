@@ -31,13 +31,21 @@ struct DecodeWorkspace {
   size_t Total() const { return o_bytes + lse_bytes + scores_bytes + topk_bytes; }
 };
 
+// The planner's view of the kernel on this device.
+struct KernelFit {
+  int64_t wave_blocks = 0;   // resident blocks x SMs: one wave
+  int32_t max_cluster = 1;   // largest launchable cluster
+};
+
 DecodeWorkspace PlanWorkspace(int64_t rows, int64_t lists, int32_t tokens, int32_t num_splits, int32_t head_dim,
-                              int64_t wave_blocks, DecodeMerge merge) {
+                              const KernelFit& fit, DecodeMerge merge) {
+  const int64_t wave_blocks = fit.wave_blocks;
   DecodeWorkspace w;
   if (merge != DecodeMerge::kKernel) {
     const bool auto_choice = merge == DecodeMerge::kAuto;
-    if (!auto_choice || num_splits <= kernels::kMaxClusterChunks) {
-      const DecodeSplit c = kernels::PlanClusterSplit(lists, tokens, num_splits, wave_blocks, auto_choice);
+    if (!auto_choice || num_splits <= fit.max_cluster) {
+      const DecodeSplit c =
+          kernels::PlanClusterSplit(lists, tokens, num_splits, wave_blocks, auto_choice, fit.max_cluster);
       if (c.num_chunks > 0) {
         w.split = c;
         w.cluster_merge = true;
@@ -53,17 +61,17 @@ DecodeWorkspace PlanWorkspace(int64_t rows, int64_t lists, int32_t tokens, int32
   return w;
 }
 
-DecodeWorkspace PlanSparse(const SparseDecodeArgs& a, int64_t wave_blocks) {
+DecodeWorkspace PlanSparse(const SparseDecodeArgs& a, const KernelFit& fit) {
   const int32_t num_lists = a.lists_per_kv_head ? a.kv.num_kv_heads : a.num_q_heads;
   return PlanWorkspace(static_cast<int64_t>(a.batch_size) * a.num_q_heads,
                        static_cast<int64_t>(a.batch_size) * num_lists, a.max_list_len, a.num_splits, a.kv.head_dim,
-                       wave_blocks, a.merge);
+                       fit, a.merge);
 }
 
-DecodeWorkspace PlanDense(const DenseDecodeArgs& a, int64_t wave_blocks) {
+DecodeWorkspace PlanDense(const DenseDecodeArgs& a, const KernelFit& fit) {
   const int64_t rows = static_cast<int64_t>(a.batch_size) * a.num_q_heads;
   DecodeWorkspace w = PlanWorkspace(rows, static_cast<int64_t>(a.batch_size) * a.kv.num_kv_heads, a.max_seq_len,
-                                    a.num_splits, a.kv.head_dim, wave_blocks, a.merge);
+                                    a.num_splits, a.kv.head_dim, fit, a.merge);
   if (a.top_k > 0) {
     if (a.scores == nullptr) w.scores_bytes = AlignUp256(static_cast<size_t>(rows) * a.max_seq_len * sizeof(float));
     w.topk_bytes = AlignUp256(kernels::TopKRowWorkspaceBytes(rows));
@@ -93,15 +101,16 @@ DecodeParams BaseParams(const PagedKvCache& kv, int32_t batch_size, int32_t num_
   return p;
 }
 
-// Resident blocks of the decode kernel for these sizes on the current device
-// (blocks per SM x SMs): one wave.
-cudaError_t WaveBlocks(DType dtype, int32_t head_dim, int32_t heads_per_list, bool dense, DecodeMath math,
-                       int32_t num_sms, int64_t* wave_blocks) {
-  int32_t per_sm = 0;
+// One wave of the decode kernel for these sizes on the current device
+// (resident blocks per SM x SMs) and its largest cluster.
+cudaError_t FitKernel(DType dtype, int32_t head_dim, int32_t heads_per_list, bool dense, DecodeMath math,
+                      int32_t num_sms, KernelFit* fit) {
+  kernels::DecodeKernelInfo info;
   KVR_DISPATCH_KV_DTYPE(dtype, T, {
-    KVR_CUDA_RETURN_IF_ERROR(kernels::DecodeBlocksPerSm<T>(head_dim, heads_per_list, dense, math, &per_sm));
+    KVR_CUDA_RETURN_IF_ERROR(kernels::GetDecodeKernelInfo<T>(head_dim, heads_per_list, dense, math, &info));
   });
-  *wave_blocks = static_cast<int64_t>(per_sm) * num_sms;
+  fit->wave_blocks = static_cast<int64_t>(info.blocks_per_sm) * num_sms;
+  fit->max_cluster = info.max_cluster;
   return cudaSuccess;
 }
 
@@ -158,25 +167,25 @@ bool WorkspaceOk(const void* workspace, size_t needed) {
 size_t SparseDecodeAttentionWorkspaceBytes(const SparseDecodeArgs& args) {
   if (ValidateSparseDecodeArgs(args) != nullptr) return 0;
   int32_t num_sms = 0;
-  int64_t wave = 0;
+  KernelFit fit;
   const DecodeMath math = kernels::ResolveDecodeMath(args.math, SparseHeadsPerList(args));
   if (kernels::CurrentDeviceSmCount(&num_sms) != cudaSuccess ||
-      WaveBlocks(args.kv.dtype, args.kv.head_dim, SparseHeadsPerList(args), false, math, num_sms, &wave) !=
+      FitKernel(args.kv.dtype, args.kv.head_dim, SparseHeadsPerList(args), false, math, num_sms, &fit) !=
           cudaSuccess) {
     return 0;
   }
-  return PlanSparse(args, wave).Total();
+  return PlanSparse(args, fit).Total();
 }
 
 cudaError_t SparseDecodeAttention(const SparseDecodeArgs& args, void* workspace, cudaStream_t stream) {
   if (ValidateSparseDecodeArgs(args) != nullptr) return cudaErrorInvalidValue;
   int32_t num_sms = 0;
   KVR_CUDA_RETURN_IF_ERROR(kernels::CurrentDeviceSmCount(&num_sms));
-  int64_t wave = 0;
+  KernelFit fit;
   const DecodeMath math = kernels::ResolveDecodeMath(args.math, SparseHeadsPerList(args));
   KVR_CUDA_RETURN_IF_ERROR(
-      WaveBlocks(args.kv.dtype, args.kv.head_dim, SparseHeadsPerList(args), false, math, num_sms, &wave));
-  const DecodeWorkspace w = PlanSparse(args, wave);
+      FitKernel(args.kv.dtype, args.kv.head_dim, SparseHeadsPerList(args), false, math, num_sms, &fit));
+  const DecodeWorkspace w = PlanSparse(args, fit);
   if (!WorkspaceOk(workspace, w.Total())) return cudaErrorInvalidValue;
   DecodeParams p = BaseParams(args.kv, args.batch_size, args.num_q_heads, args.q, args.sm_scale);
   p.heads_per_list = SparseHeadsPerList(args);
@@ -192,25 +201,25 @@ cudaError_t SparseDecodeAttention(const SparseDecodeArgs& args, void* workspace,
 size_t DenseDecodeAttentionWorkspaceBytes(const DenseDecodeArgs& args) {
   if (ValidateDenseDecodeArgs(args) != nullptr) return 0;
   int32_t num_sms = 0;
-  int64_t wave = 0;
+  KernelFit fit;
   const DecodeMath math = kernels::ResolveDecodeMath(args.math, DenseHeadsPerList(args));
   if (kernels::CurrentDeviceSmCount(&num_sms) != cudaSuccess ||
-      WaveBlocks(args.kv.dtype, args.kv.head_dim, DenseHeadsPerList(args), true, math, num_sms, &wave) !=
+      FitKernel(args.kv.dtype, args.kv.head_dim, DenseHeadsPerList(args), true, math, num_sms, &fit) !=
           cudaSuccess) {
     return 0;
   }
-  return PlanDense(args, wave).Total();
+  return PlanDense(args, fit).Total();
 }
 
 cudaError_t DenseDecodeAttention(const DenseDecodeArgs& args, void* workspace, cudaStream_t stream) {
   if (ValidateDenseDecodeArgs(args) != nullptr) return cudaErrorInvalidValue;
   int32_t num_sms = 0;
   KVR_CUDA_RETURN_IF_ERROR(kernels::CurrentDeviceSmCount(&num_sms));
-  int64_t wave = 0;
+  KernelFit fit;
   const DecodeMath math = kernels::ResolveDecodeMath(args.math, DenseHeadsPerList(args));
   KVR_CUDA_RETURN_IF_ERROR(
-      WaveBlocks(args.kv.dtype, args.kv.head_dim, DenseHeadsPerList(args), true, math, num_sms, &wave));
-  const DecodeWorkspace w = PlanDense(args, wave);
+      FitKernel(args.kv.dtype, args.kv.head_dim, DenseHeadsPerList(args), true, math, num_sms, &fit));
+  const DecodeWorkspace w = PlanDense(args, fit);
   if (!WorkspaceOk(workspace, w.Total())) return cudaErrorInvalidValue;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   DecodeParams p = BaseParams(args.kv, args.batch_size, args.num_q_heads, args.q, args.sm_scale);

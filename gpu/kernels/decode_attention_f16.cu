@@ -6,5 +6,5 @@
 
 namespace kvrecall::gpu::kernels {
 template cudaError_t LaunchDecodeAttention<__half>(const DecodeParams&, int32_t, bool, DecodeMath, cudaStream_t);
-template cudaError_t DecodeBlocksPerSm<__half>(int32_t, int32_t, bool, DecodeMath, int32_t*);
+template cudaError_t GetDecodeKernelInfo<__half>(int32_t, int32_t, bool, DecodeMath, DecodeKernelInfo*);
 }  // namespace kvrecall::gpu::kernels

@@ -33,19 +33,20 @@ cudaError_t LaunchDecodeAttention(const DecodeParams& p, int32_t head_dim, bool 
 }
 
 template <typename T>
-cudaError_t DecodeBlocksPerSm(int32_t head_dim, int32_t heads_per_list, bool dense, DecodeMath math, int32_t* blocks) {
+cudaError_t GetDecodeKernelInfo(int32_t head_dim, int32_t heads_per_list, bool dense, DecodeMath math,
+                                DecodeKernelInfo* info) {
   KVR_DISPATCH_HEAD_DIM(head_dim, kHeadDim, {
     if (math == DecodeMath::kMma) {
       if (dense) {
-        return DecodeMmaKernelHost<T, kHeadDim, true>::BlocksPerSm(blocks);
+        return DecodeMmaKernelHost<T, kHeadDim, true>::GetInfo(info);
       }
-      return DecodeMmaKernelHost<T, kHeadDim, false>::BlocksPerSm(blocks);
+      return DecodeMmaKernelHost<T, kHeadDim, false>::GetInfo(info);
     }
     KVR_DISPATCH_GROUP(heads_per_list, kGroup, {
       if (dense) {
-        return DecodeKernelHost<T, kHeadDim, kGroup, true>::BlocksPerSm(blocks);
+        return DecodeKernelHost<T, kHeadDim, kGroup, true>::GetInfo(info);
       }
-      return DecodeKernelHost<T, kHeadDim, kGroup, false>::BlocksPerSm(blocks);
+      return DecodeKernelHost<T, kHeadDim, kGroup, false>::GetInfo(info);
     });
   });
   return cudaErrorInvalidValue;

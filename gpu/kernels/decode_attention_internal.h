@@ -41,9 +41,10 @@ struct DecodeParams {
   float scale_log2;        // sm_scale * log2(e)
   int32_t chunk_tokens;    // multiple of 32, <= kMaxChunkTokens
   int32_t num_chunks;
-  // true: the num_chunks (<= kMaxClusterChunks) blocks of a list form one
-  // thread-block cluster and merge their states through distributed shared
-  // memory, writing o and lse directly.
+  // true: the num_chunks (a power of two <= kMaxClusterChunks) blocks of a
+  // list form one thread-block cluster and merge their states through
+  // distributed shared memory, writing o and lse directly. Trailing blocks
+  // past the list's tokens hold empty states.
   bool cluster_merge;
   // num_chunks == 1 or cluster_merge: o [batch * num_q_heads, head_dim], lse [batch * num_q_heads] (may be null);
   // else partial states o [batch * num_q_heads, num_chunks, head_dim], lse [batch * num_q_heads, num_chunks].
@@ -64,10 +65,15 @@ template <typename T>
 cudaError_t LaunchDecodeAttention(const DecodeParams& p, int32_t head_dim, bool dense, DecodeMath math,
                                   cudaStream_t stream);
 
-// Resident blocks per SM of the kernel that LaunchDecodeAttention<T> runs
-// for these sizes (occupancy API, cached per device).
+// What the planner needs to know of the kernel LaunchDecodeAttention<T>
+// runs for these sizes on the current device (cached per device).
+struct DecodeKernelInfo {
+  int32_t blocks_per_sm = 1;  // resident blocks per SM (occupancy API)
+  int32_t max_cluster = 1;    // largest cluster it can launch (cudaOccupancyMaxPotentialClusterSize), <= 16
+};
 template <typename T>
-cudaError_t DecodeBlocksPerSm(int32_t head_dim, int32_t heads_per_list, bool dense, DecodeMath math, int32_t* blocks);
+cudaError_t GetDecodeKernelInfo(int32_t head_dim, int32_t heads_per_list, bool dense, DecodeMath math,
+                                DecodeKernelInfo* info);
 
 // kAuto resolved: tensor cores when 5..8 query heads share a list.
 inline DecodeMath ResolveDecodeMath(DecodeMath math, int32_t heads_per_list) {
@@ -124,36 +130,44 @@ inline DecodeSplit PlanDecodeSplit(int64_t num_lists_total, int32_t tokens, int3
   return DecodeSplit{static_cast<int32_t>(chunks), static_cast<int32_t>(chunk_tokens)};
 }
 
-constexpr int32_t kMaxClusterChunks = 8;           // portable thread-block cluster size
+// Cluster sizes used: powers of two up to 16 (8 is the portable size; 16 on
+// devices that launch it, e.g. H100 and H200).
+constexpr int32_t kMaxClusterChunks = 16;
 constexpr int32_t kClusterAutoMaxChunkTokens = 256;  // kAuto: longer chunks keep the wave planner
 
 // The split for DecodeMerge::kCluster, or num_chunks = 0 when the merge stays
-// a MergeStates kernel: the list needs more than kMaxClusterChunks chunks,
-// the plan has a single chunk (nothing to merge), or, with auto = true, the
-// grid would exceed one wave (`wave_blocks`) or the chunks exceed
-// kClusterAutoMaxChunkTokens. Chunks: num_splits when > 0 (clamped to
-// [ceil(tokens / kMaxChunkTokens), kMaxClusterChunks]), else up to
-// kMaxClusterChunks chunks of at least 128 tokens. Small grids are latency
-// bound: the second kernel's launch and its reads cost more than the
-// longer per-warp streams of fewer, longer chunks.
+// a MergeStates kernel: the list needs more chunks than the largest power of
+// two <= max_cluster, the plan has a single chunk (nothing to merge), or,
+// with auto_choice, the grid would exceed one wave (`wave_blocks`) or the
+// chunks exceed kClusterAutoMaxChunkTokens. Chunks of chunk_tokens: as many
+// as num_splits when > 0 (clamped to [ceil(tokens / kMaxChunkTokens),
+// cluster size]), else chunks of about 128 tokens, as the wave planner makes
+// them for small grids. num_chunks (the cluster size) is that count rounded
+// up to a power of two; the trailing blocks hold empty states. Small grids
+// are latency bound: the second kernel's launch and its reads cost more than
+// the few idle blocks.
 inline DecodeSplit PlanClusterSplit(int64_t num_lists_total, int32_t tokens, int32_t num_splits, int64_t wave_blocks,
-                                    bool auto_choice) {
+                                    bool auto_choice, int32_t max_cluster) {
+  int64_t cluster_cap = 1;
+  while (cluster_cap * 2 <= max_cluster && cluster_cap * 2 <= kMaxClusterChunks) cluster_cap *= 2;
   const int64_t t = tokens > 0 ? tokens : 1;
   const int64_t lists = num_lists_total > 0 ? num_lists_total : 1;
   const int64_t min_chunks = (t + kMaxChunkTokens - 1) / kMaxChunkTokens;
-  if (min_chunks > kMaxClusterChunks) return DecodeSplit{0, 0};
+  if (cluster_cap < 2 || min_chunks > cluster_cap) return DecodeSplit{0, 0};
   int64_t chunks = num_splits > 0 ? num_splits : (t + 127) / 128;
-  if (chunks > kMaxClusterChunks) chunks = kMaxClusterChunks;
+  if (chunks > cluster_cap) chunks = cluster_cap;
   if (chunks < min_chunks) chunks = min_chunks;
   if (chunks > (t + 31) / 32) chunks = (t + 31) / 32;
   int64_t chunk_tokens = (t + chunks - 1) / chunks;
   chunk_tokens = (chunk_tokens + 31) / 32 * 32;
   chunks = (t + chunk_tokens - 1) / chunk_tokens;
   if (chunks < 2) return DecodeSplit{0, 0};
-  if (auto_choice && (lists * chunks > wave_blocks || chunk_tokens > kClusterAutoMaxChunkTokens)) {
+  int64_t cluster = 2;
+  while (cluster < chunks) cluster *= 2;
+  if (auto_choice && (lists * cluster > wave_blocks || chunk_tokens > kClusterAutoMaxChunkTokens)) {
     return DecodeSplit{0, 0};
   }
-  return DecodeSplit{static_cast<int32_t>(chunks), static_cast<int32_t>(chunk_tokens)};
+  return DecodeSplit{static_cast<int32_t>(cluster), static_cast<int32_t>(chunk_tokens)};
 }
 
 }  // namespace kvrecall::gpu::kernels

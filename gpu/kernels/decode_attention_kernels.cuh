@@ -432,23 +432,55 @@ cudaError_t LaunchDecodeGrid(Kernel* kernel, const DecodeParams& p, dim3 grid, i
 // the launch.
 template <auto kKernel, int kSmem>
 struct DecodeLaunchHost {
+  // Per device, once: the dynamic shared-memory limit and permission for
+  // clusters above the portable 8 blocks.
   static cudaError_t Prepare() {
     static std::atomic<uint64_t> smem_done{0};
-    return EnsureDynamicSmem(kKernel, kSmem, &smem_done);
+    static std::atomic<uint64_t> cluster_done{0};
+    const cudaError_t err = EnsureDynamicSmem(kKernel, kSmem, &smem_done);
+    if (err != cudaSuccess) return err;
+    int device = 0;
+    if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+    const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+    if (bit != 0 && (cluster_done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+    if (cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+      cudaGetLastError();  // not supported: clusters stay <= 8 (GetInfo measures what launches)
+    }
+    cluster_done.fetch_or(bit, std::memory_order_acq_rel);
+    return cudaSuccess;
   }
-  static cudaError_t BlocksPerSm(int32_t* blocks) {
-    static std::atomic<int32_t> cached[64] = {};
+  static cudaError_t GetInfo(DecodeKernelInfo* info) {
+    static std::atomic<int32_t> cached_blocks[64] = {};
+    static std::atomic<int32_t> cached_cluster[64] = {};
     int device = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
-    if (device < 64 && (*blocks = cached[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+    if (device < 64 && cached_blocks[device].load(std::memory_order_relaxed) > 0) {
+      info->blocks_per_sm = cached_blocks[device].load(std::memory_order_relaxed);
+      info->max_cluster = cached_cluster[device].load(std::memory_order_relaxed);
+      return cudaSuccess;
+    }
     err = Prepare();
     if (err != cudaSuccess) return err;
     int n = 0;
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kDecodeThreads, kSmem);
     if (err != cudaSuccess) return err;
-    *blocks = n > 0 ? n : 1;
-    if (device < 64) cached[device].store(*blocks, std::memory_order_relaxed);
+    info->blocks_per_sm = n > 0 ? n : 1;
+    // Largest cluster of this kernel the device can schedule (>= 8 on sm_90).
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(kMaxClusterChunks, 1, 1);
+    config.blockDim = dim3(kDecodeThreads);
+    config.dynamicSmemBytes = static_cast<size_t>(kSmem);
+    int cluster = 0;
+    if (cudaOccupancyMaxPotentialClusterSize(&cluster, kKernel, &config) != cudaSuccess) {
+      cudaGetLastError();
+      cluster = 1;  // no clusters: DecodeMerge::kCluster falls back to kKernel
+    }
+    info->max_cluster = cluster < 1 ? 1 : (cluster > kMaxClusterChunks ? kMaxClusterChunks : cluster);
+    if (device < 64) {
+      cached_cluster[device].store(info->max_cluster, std::memory_order_relaxed);
+      cached_blocks[device].store(info->blocks_per_sm, std::memory_order_relaxed);
+    }
     return cudaSuccess;
   }
   static cudaError_t Launch(const DecodeParams& p, dim3 grid, cudaStream_t stream) {

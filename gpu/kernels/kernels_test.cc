@@ -22,6 +22,7 @@
 
 #include "gtest/gtest.h"
 #include "gpu/kernels/decode_attention.h"
+#include "gpu/kernels/decode_attention_internal.h"
 #include "gpu/kernels/kernel_args.h"
 #include "gpu/kernels/loki_score.h"
 #include "gpu/kernels/merge_states.h"
@@ -173,6 +174,18 @@ void ExpectTopKRows(const std::vector<float>& ref_scores, int64_t rows, int32_t 
   }
 }
 
+// "k1v1 k2v2 ...": a trace label built by appending (GCC 12 warns falsely
+// on chains of std::string operator+ here).
+std::string Label(std::initializer_list<std::pair<const char*, int64_t>> parts) {
+  std::string s;
+  for (const auto& [key, value] : parts) {
+    s += key;
+    s += std::to_string(value);
+    s += ' ';
+  }
+  return s;
+}
+
 std::string DTypeName(DType d) { return d == DType::kBf16 ? "bf16" : (d == DType::kF16 ? "f16" : "f32"); }
 
 // The decode-attention inner loops and merges, each run against the same reference.
@@ -282,6 +295,61 @@ struct PagedKv {
     dev.seq_lens = dseq_lens.get();
   }
 };
+
+// ---------------------------------------------------------------------------
+// Split planning (host code: runs without a device).
+
+TEST(DecodePlanTest, ClusterSplitCoversTheListWithAPowerOfTwoBlocks) {
+  using kernels::PlanClusterSplit;
+  // Batch 1, 8 lists, one wave of 528 blocks, clusters of 16: the chunks of
+  // the wave planner (128 tokens), 16 blocks of which the last 5 are empty.
+  kernels::DecodeSplit s = PlanClusterSplit(8, 1310, 0, 528, true, 16);
+  EXPECT_EQ(s.num_chunks, 16);
+  EXPECT_EQ(s.chunk_tokens, 128);
+  // Portable clusters only (8): longer chunks.
+  s = PlanClusterSplit(8, 1310, 0, 528, true, 8);
+  EXPECT_EQ(s.num_chunks, 8);
+  EXPECT_EQ(s.chunk_tokens, 192);
+  // kAuto declines chunks over 256 tokens, grids over one wave, lists over 16 * 1024 tokens;
+  // kCluster takes the first two.
+  EXPECT_EQ(PlanClusterSplit(8, 6553, 0, 528, true, 16).num_chunks, 0);
+  s = PlanClusterSplit(8, 6553, 0, 528, false, 16);
+  EXPECT_EQ(s.num_chunks, 16);
+  EXPECT_EQ(s.chunk_tokens, 416);
+  EXPECT_EQ(PlanClusterSplit(256, 327, 0, 528, true, 16).num_chunks, 0);
+  EXPECT_EQ(PlanClusterSplit(256, 327, 0, 528, false, 16).num_chunks, 4);
+  EXPECT_EQ(PlanClusterSplit(8, 20000, 0, 528, false, 16).num_chunks, 0);
+  // Nothing to merge, or no clusters on the device.
+  EXPECT_EQ(PlanClusterSplit(8, 100, 0, 528, false, 16).num_chunks, 0);
+  EXPECT_EQ(PlanClusterSplit(8, 3000, 0, 528, false, 1).num_chunks, 0);
+  // Requested splits are kept, within [ceil(tokens / 1024), cluster cap].
+  s = PlanClusterSplit(2, 5000, 3, 528, false, 16);
+  EXPECT_EQ(s.num_chunks, 8);  // 5 chunks of 1024 (at least ceil(5000 / 1024)), in a cluster of 8
+  EXPECT_EQ(s.chunk_tokens, 1024);
+  // Invariants over a sweep.
+  for (int32_t max_cluster : {2, 8, 12, 16}) {
+    for (int32_t tokens = 1; tokens <= 17000; tokens += 97) {
+      for (int32_t splits : {0, 1, 3, 9, 40}) {
+        for (bool auto_choice : {false, true}) {
+          s = PlanClusterSplit(16, tokens, splits, 528, auto_choice, max_cluster);
+          if (s.num_chunks == 0) continue;
+          SCOPED_TRACE(Label({{"max", max_cluster}, {"tokens", tokens}, {"splits", splits}, {"auto", auto_choice}}));
+          ASSERT_GE(s.num_chunks, 2);
+          ASSERT_EQ(s.num_chunks & (s.num_chunks - 1), 0);  // power of two
+          ASSERT_LE(s.num_chunks, max_cluster);
+          ASSERT_EQ(s.chunk_tokens % 32, 0);
+          ASSERT_LE(s.chunk_tokens, kernels::kMaxChunkTokens);
+          ASSERT_GE(static_cast<int64_t>(s.num_chunks) * s.chunk_tokens, tokens);
+          ASSERT_LT(static_cast<int64_t>(s.num_chunks / 2) * s.chunk_tokens, tokens);  // at most half the blocks idle
+          if (auto_choice) {
+            ASSERT_LE(s.chunk_tokens, kernels::kClusterAutoMaxChunkTokens);
+            ASSERT_LE(16 * s.num_chunks, 528);
+          }
+        }
+      }
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------
 // Sparse decode attention.
@@ -1291,18 +1359,6 @@ TEST(GraphCaptureTest, DecodeStepCapturesAndReplaysIdentically) {
 // fresh random data over a small shape grid. Outputs the kernels must not
 // touch (pool slots of skipped rows, positions past a list's length, score
 // padding) are poisoned identically on both sides and compared bit for bit.
-
-// "k1v1 k2v2 ...": a trace label built by appending (GCC 12 warns falsely
-// on chains of std::string operator+ here).
-std::string Label(std::initializer_list<std::pair<const char*, int64_t>> parts) {
-  std::string s;
-  for (const auto& [key, value] : parts) {
-    s += key;
-    s += std::to_string(value);
-    s += ' ';
-  }
-  return s;
-}
 
 bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
