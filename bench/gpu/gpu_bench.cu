@@ -10,7 +10,8 @@
 // with GQA group 8, LokiScore without top-k at 128K, sparse attention at
 // batch 1 with >= 1K positions, sparse attention with GQA group 8) are also
 // run on the previous path in the same run: "fma, merge kernel" (DecodeMath::kFma,
-// DecodeMerge::kKernel) or "f32 scores". --quick runs only those shapes.
+// DecodeMerge::kKernel) or "f32 scores"; batch-1 rows also on "fma, cluster
+// merge". --quick runs only those shapes.
 //
 // --sweep only times the decode launchers at several num_splits
 // (DIR/sweep.csv), the data behind PlanDecodeSplit.
@@ -241,6 +242,8 @@ struct Path {
 };
 constexpr Path kAutoPath{"auto"};
 constexpr Path kOldDecodePath{"fma, merge kernel", DecodeMath::kFma, DecodeMerge::kKernel};
+// Batch-1 rows also run this, to separate the cluster merge from the tensor-core loop.
+constexpr Path kFmaClusterPath{"fma, cluster merge", DecodeMath::kFma, DecodeMerge::kCluster};
 
 struct Row {
   std::string kernel, variant, path = "auto";
@@ -432,6 +435,7 @@ class Bench {
       a.o = d_o;
       a.lse = d_lse;
       std::vector<Path> paths = {kAutoPath};
+      if (compared && c.batch == 1) paths.push_back(kFmaClusterPath);
       if (compared) paths.push_back(kOldDecodePath);
       for (const Path& path : paths) {
         a.math = path.math;

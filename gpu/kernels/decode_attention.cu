@@ -158,6 +158,39 @@ cudaError_t RunDecode(DecodeParams p, DType dtype, int32_t head_dim, bool dense,
   return MergeStates(m, nullptr, stream);
 }
 
+// The kernel and split of one call.
+struct DecodePlan {
+  DecodeMath math = DecodeMath::kFma;
+  DecodeWorkspace w;
+};
+
+// Resolves DecodeMath::kAuto and plans the split: tensor cores for 5..8 heads
+// per list; for fewer heads, tensor cores only when the split merges in a
+// cluster with them too (small grids, where each warp's 16-token tiles are
+// all in flight at once, against 2 of the 4 batches of 8 tokens of the FMA
+// kernel), else CUDA cores. `plan` is PlanSparse or PlanDense.
+template <typename Args, typename PlanFn>
+cudaError_t PlanDecode(const Args& a, int32_t heads_per_list, bool dense, PlanFn plan, DecodePlan* out) {
+  int32_t num_sms = 0;
+  KVR_CUDA_RETURN_IF_ERROR(kernels::CurrentDeviceSmCount(&num_sms));
+  const DecodeMath first = kernels::ResolveDecodeMath(a.math, heads_per_list);
+  KernelFit fit;
+  KVR_CUDA_RETURN_IF_ERROR(FitKernel(a.kv.dtype, a.kv.head_dim, heads_per_list, dense, first, num_sms, &fit));
+  out->math = first;
+  out->w = plan(a, fit);
+  if (a.math == DecodeMath::kAuto && first == DecodeMath::kFma && out->w.cluster_merge) {
+    KernelFit mma_fit;
+    KVR_CUDA_RETURN_IF_ERROR(
+        FitKernel(a.kv.dtype, a.kv.head_dim, heads_per_list, dense, DecodeMath::kMma, num_sms, &mma_fit));
+    const DecodeWorkspace w = plan(a, mma_fit);
+    if (w.cluster_merge) {
+      out->math = DecodeMath::kMma;
+      out->w = w;
+    }
+  }
+  return cudaSuccess;
+}
+
 bool WorkspaceOk(const void* workspace, size_t needed) {
   return needed == 0 || (workspace != nullptr && (reinterpret_cast<uintptr_t>(workspace) & 15u) == 0);
 }
@@ -166,26 +199,17 @@ bool WorkspaceOk(const void* workspace, size_t needed) {
 
 size_t SparseDecodeAttentionWorkspaceBytes(const SparseDecodeArgs& args) {
   if (ValidateSparseDecodeArgs(args) != nullptr) return 0;
-  int32_t num_sms = 0;
-  KernelFit fit;
-  const DecodeMath math = kernels::ResolveDecodeMath(args.math, SparseHeadsPerList(args));
-  if (kernels::CurrentDeviceSmCount(&num_sms) != cudaSuccess ||
-      FitKernel(args.kv.dtype, args.kv.head_dim, SparseHeadsPerList(args), false, math, num_sms, &fit) !=
-          cudaSuccess) {
-    return 0;
-  }
-  return PlanSparse(args, fit).Total();
+  DecodePlan plan;
+  if (PlanDecode(args, SparseHeadsPerList(args), /*dense=*/false, PlanSparse, &plan) != cudaSuccess) return 0;
+  return plan.w.Total();
 }
 
 cudaError_t SparseDecodeAttention(const SparseDecodeArgs& args, void* workspace, cudaStream_t stream) {
   if (ValidateSparseDecodeArgs(args) != nullptr) return cudaErrorInvalidValue;
-  int32_t num_sms = 0;
-  KVR_CUDA_RETURN_IF_ERROR(kernels::CurrentDeviceSmCount(&num_sms));
-  KernelFit fit;
-  const DecodeMath math = kernels::ResolveDecodeMath(args.math, SparseHeadsPerList(args));
-  KVR_CUDA_RETURN_IF_ERROR(
-      FitKernel(args.kv.dtype, args.kv.head_dim, SparseHeadsPerList(args), false, math, num_sms, &fit));
-  const DecodeWorkspace w = PlanSparse(args, fit);
+  DecodePlan plan;
+  KVR_CUDA_RETURN_IF_ERROR(PlanDecode(args, SparseHeadsPerList(args), /*dense=*/false, PlanSparse, &plan));
+  const DecodeMath math = plan.math;
+  const DecodeWorkspace& w = plan.w;
   if (!WorkspaceOk(workspace, w.Total())) return cudaErrorInvalidValue;
   DecodeParams p = BaseParams(args.kv, args.batch_size, args.num_q_heads, args.q, args.sm_scale);
   p.heads_per_list = SparseHeadsPerList(args);
@@ -200,27 +224,20 @@ cudaError_t SparseDecodeAttention(const SparseDecodeArgs& args, void* workspace,
 
 size_t DenseDecodeAttentionWorkspaceBytes(const DenseDecodeArgs& args) {
   if (ValidateDenseDecodeArgs(args) != nullptr) return 0;
-  int32_t num_sms = 0;
-  KernelFit fit;
-  const DecodeMath math = kernels::ResolveDecodeMath(args.math, DenseHeadsPerList(args));
-  if (kernels::CurrentDeviceSmCount(&num_sms) != cudaSuccess ||
-      FitKernel(args.kv.dtype, args.kv.head_dim, DenseHeadsPerList(args), true, math, num_sms, &fit) !=
-          cudaSuccess) {
-    return 0;
-  }
-  return PlanDense(args, fit).Total();
+  DecodePlan plan;
+  if (PlanDecode(args, DenseHeadsPerList(args), /*dense=*/true, PlanDense, &plan) != cudaSuccess) return 0;
+  return plan.w.Total();
 }
 
 cudaError_t DenseDecodeAttention(const DenseDecodeArgs& args, void* workspace, cudaStream_t stream) {
   if (ValidateDenseDecodeArgs(args) != nullptr) return cudaErrorInvalidValue;
+  DecodePlan plan;
+  KVR_CUDA_RETURN_IF_ERROR(PlanDecode(args, DenseHeadsPerList(args), /*dense=*/true, PlanDense, &plan));
+  const DecodeMath math = plan.math;
+  const DecodeWorkspace& w = plan.w;
+  if (!WorkspaceOk(workspace, w.Total())) return cudaErrorInvalidValue;
   int32_t num_sms = 0;
   KVR_CUDA_RETURN_IF_ERROR(kernels::CurrentDeviceSmCount(&num_sms));
-  KernelFit fit;
-  const DecodeMath math = kernels::ResolveDecodeMath(args.math, DenseHeadsPerList(args));
-  KVR_CUDA_RETURN_IF_ERROR(
-      FitKernel(args.kv.dtype, args.kv.head_dim, DenseHeadsPerList(args), true, math, num_sms, &fit));
-  const DecodeWorkspace w = PlanDense(args, fit);
-  if (!WorkspaceOk(workspace, w.Total())) return cudaErrorInvalidValue;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   DecodeParams p = BaseParams(args.kv, args.batch_size, args.num_q_heads, args.q, args.sm_scale);
   p.heads_per_list = p.group_size;

@@ -75,7 +75,9 @@ template <typename T>
 cudaError_t GetDecodeKernelInfo(int32_t head_dim, int32_t heads_per_list, bool dense, DecodeMath math,
                                 DecodeKernelInfo* info);
 
-// kAuto resolved: tensor cores when 5..8 query heads share a list.
+// kAuto resolved by the head count alone: tensor cores when 5..8 query heads
+// share a list (the launchers also pick them for small grids whose split
+// merges in a cluster, decode_attention.cu PlanDecode).
 inline DecodeMath ResolveDecodeMath(DecodeMath math, int32_t heads_per_list) {
   if (math != DecodeMath::kAuto) return math;
   return heads_per_list >= 5 ? DecodeMath::kMma : DecodeMath::kFma;

@@ -73,7 +73,9 @@ inline void SetHndStrides(PagedKvCache* kv) {
 // How the decode-attention kernels compute q·k and p·v. Every choice gives
 // the same result to f32 rounding; they differ in speed.
 enum class DecodeMath : int32_t {
-  kAuto = 0,  // kMma when 5..8 query heads share a list (GQA groups 5-8), else kFma
+  // kMma when 5..8 query heads share a list (GQA groups 5-8), or when a
+  // split list merges in a cluster with it (small grids); else kFma.
+  kAuto = 0,
   // CUDA cores: each K/V row is read by head_dim / 8 lanes, partial dots
   // reduced by warp shuffles, one online softmax per row-lane group.
   kFma = 1,
