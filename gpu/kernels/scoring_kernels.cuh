@@ -159,4 +159,60 @@ cudaError_t LaunchScoreKernel(const ScoreParams& p, int32_t batch_size, cudaStre
   return cudaGetLastError();
 }
 
+// Host side shared by LokiScore and QuestScore.
+
+// Workspace of a scoring launcher: the f32 scores when the caller passes no
+// output (only with a top-k), then the top-k histograms (with a top-k).
+struct ScoreWorkspace {
+  size_t scores_bytes = 0;
+  size_t topk_bytes = 0;
+  size_t Total() const { return scores_bytes + topk_bytes; }
+};
+
+inline ScoreWorkspace PlanScoreWorkspace(int64_t rows, int32_t num_cols, bool has_scores, int32_t k) {
+  ScoreWorkspace w;
+  if (k > 0) {
+    if (!has_scores) w.scores_bytes = AlignUp256(static_cast<size_t>(rows) * num_cols * sizeof(float));
+    w.topk_bytes = AlignUp256(TopKRowWorkspaceBytes(rows));
+  }
+  return w;
+}
+
+// Runs a scoring launcher after its validation: checks the workspace, points
+// p.scores (the caller's `scores` or the workspace) and p.topk_ws into it,
+// zeroes the histograms, sizes the column chunks, calls `launch(p)` (the
+// dtype dispatch and the ScoreKernel launch), then the remaining top-k passes
+// into `top_k` when k > 0. p holds the rest of the kernel parameters.
+template <typename LaunchFn>
+cudaError_t RunScoring(ScoreParams p, int32_t batch_size, void* scores, int32_t k, int32_t* top_k, void* workspace,
+                       LaunchFn launch, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(batch_size) * p.num_q_heads;
+  const ScoreWorkspace w = PlanScoreWorkspace(rows, p.num_cols, scores != nullptr, k);
+  if (w.Total() > 0 && (workspace == nullptr || (reinterpret_cast<uintptr_t>(workspace) & 15u) != 0)) {
+    return cudaErrorInvalidValue;
+  }
+  int32_t num_sms = 0;
+  cudaError_t err = CurrentDeviceSmCount(&num_sms);
+  if (err != cudaSuccess) return err;
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  p.chunk_cols = PlanScoreChunk(static_cast<int64_t>(batch_size) * p.num_kv_heads, p.num_cols, num_sms);
+  p.scores = scores != nullptr ? scores : static_cast<void*>(ws);
+  p.topk_ws = k > 0 ? reinterpret_cast<uint32_t*>(ws + w.scores_bytes) : nullptr;
+  if (p.topk_ws != nullptr) {
+    err = cudaMemsetAsync(p.topk_ws, 0, TopKRowWorkspaceBytes(rows), stream);
+    if (err != cudaSuccess) return err;
+  }
+  err = launch(p);
+  if (err != cudaSuccess || k == 0) return err;
+  TopKArgs t;
+  t.scores = static_cast<const float*>(p.scores);
+  t.num_rows = static_cast<int32_t>(rows);
+  t.num_cols = p.num_cols;
+  t.row_stride = p.num_cols;
+  t.k = k;
+  t.indices = top_k;
+  t.values = nullptr;
+  return LaunchTopKPasses(t, p.topk_ws, /*zero_workspace=*/false, /*hist0_done=*/true, num_sms, stream);
+}
+
 }  // namespace kvrecall::gpu::kernels
