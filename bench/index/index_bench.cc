@@ -15,6 +15,7 @@
 // queries). Oracle rows: the exact top 2% of keys, and sinks + window of the
 // same budget. Writes a table to stdout, a CSV (--csv) and the recall vs
 // %-scanned plot (--plot, via bench/index/plot_index.py and /usr/bin/python3).
+// Progress goes to stderr: a bar when it is a terminal, else a line per stage.
 
 #include <algorithm>
 #include <chrono>
@@ -22,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <memory>
 #include <string>
@@ -38,6 +40,7 @@
 #include "absl/synchronization/mutex.h"
 #include "bench/index/attention_eval.h"
 #include "bench/index/machine_info.h"
+#include "common/progress.h"
 #include "common/status_macros.h"
 #include "index/index_factory.h"
 
@@ -224,6 +227,8 @@ int Main() {
       ParsePerKind(absl::GetFlag(FLAGS_synthetic_build_params));
   const std::map<std::string, std::string> efforts = ParsePerKind(absl::GetFlag(FLAGS_efforts));
   const int all_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  // Progress on stderr: a bar on a terminal, a line per stage otherwise.
+  const ProgressMode progress_mode = StderrProgressMode();
 
   std::printf("index_bench: %s\nmachine: %s\n", quick ? "quick" : "full sweep",
               MachineDescription().c_str());
@@ -352,25 +357,13 @@ int Main() {
         return 2;
       }
       options.params = *parsed;
-      std::string last_stage;
-      int last_percent = -1;
-      options.progress = [&](const Progress& pr) {
-        // Called from build threads; print each stage and whole percent once.
-        static absl::Mutex mu(absl::kConstInit);
-        absl::MutexLock lock(&mu);
-        const int percent = static_cast<int>(100 * pr.fraction);
-        if (pr.stage != last_stage || percent != last_percent) {
-          std::fprintf(stderr, "\r  build %s: %-12s %3d%%", kind.c_str(), pr.stage.c_str(),
-                       percent);
-          last_stage = pr.stage;
-          last_percent = percent;
-        }
-        return true;
-      };
+      StageProgress build_progress(&std::cerr, absl::StrCat("  build ", kind), progress_mode);
+      options.progress = [&](const Progress& pr) { return build_progress.Update(pr); };
       const auto t0 = std::chrono::steady_clock::now();
       auto built = index::BuildIndex(kind, keys, training, options);
       const double build_s = Seconds(t0);
-      std::fprintf(stderr, "\r  build %s: %.2f s%30s\n", kind.c_str(), build_s, "");
+      build_progress.Clear();
+      std::fprintf(stderr, "  build %s: %.2f s\n", kind.c_str(), build_s);
       if (!built.ok()) {
         std::fprintf(stderr, "index_bench: build %s: %s\n", kind.c_str(),
                      built.status().ToString().c_str());
@@ -388,10 +381,15 @@ int Main() {
       }
       Row previous;
       bool have_previous = false;
+      StageProgress search_progress(&std::cerr, absl::StrCat("  search ", kind), progress_mode);
       for (size_t vi = 0; vi < values.size(); ++vi) {
         const int64_t effort = values[vi];
-        std::fprintf(stderr, "\r  search %s %s=%lld (%zu/%zu)   ", kind.c_str(), knob.c_str(),
-                     static_cast<long long>(effort), vi + 1, values.size());
+        Progress point;
+        point.stage = knob.empty() ? "exact" : absl::StrCat("sweep of ", knob);
+        point.done = static_cast<int64_t>(vi);
+        point.total = static_cast<int64_t>(values.size());
+        point.fraction = static_cast<double>(vi) / static_cast<double>(values.size());
+        search_progress.Update(point);
         SearchParams params;
         if (!knob.empty()) params.knobs.SetInt(knob, effort);
         auto run = [&](int32_t k, int threads) {
@@ -419,7 +417,8 @@ int Main() {
         auto r1 = run(truth.k1pct, 0);
         if (!r100.ok() || !r32.ok() || !r1.ok()) {
           const absl::Status s = !r100.ok() ? r100.status() : !r32.ok() ? r32.status() : r1.status();
-          std::fprintf(stderr, "\nindex_bench: search %s: %s\n", kind.c_str(), s.ToString().c_str());
+          search_progress.Clear();
+          std::fprintf(stderr, "index_bench: search %s: %s\n", kind.c_str(), s.ToString().c_str());
           return 1;
         }
         Row row;
@@ -452,12 +451,13 @@ int Main() {
         }
         row.us_1t = best1 * 1e6 / static_cast<double>(nq);
         row.us_all = best_all * 1e6 / static_cast<double>(nq);
-        std::fprintf(stderr, "\r%60s\r", "");
+        search_progress.Clear();
         PrintRow(row);
         rows.push_back(row);
         previous = row;
         have_previous = true;
       }
+      search_progress.Clear();
     }
 
     // Summary for this set: the cheapest point of each kind reaching

@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <iostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -39,6 +40,7 @@
 #include "common/checksum.h"
 #include "common/half.h"
 #include "common/logging.h"
+#include "common/progress.h"
 #include "common/span_hash.h"
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
@@ -173,8 +175,14 @@ absl::StatusOr<Context> PrepareContext(store::TieredStore* store,
   std::vector<uint16_t> keys, values;   // [h, t, d] in the model dtype
   std::vector<float> train;             // [t, Hq, d]
   ctx.steps.assign(steps, std::vector<float>(kQHeads * kDim));
+  StageProgress progress(&std::cerr, "  generating", StderrProgressMode());
   for (int32_t g = 0; g < kKvHeads; ++g) {
-    std::fprintf(stderr, "\r  KV head %d of %d   ", g + 1, kKvHeads);
+    Progress head;
+    head.stage = "KV heads";
+    head.done = g;
+    head.total = kKvHeads;
+    head.fraction = static_cast<double>(g) / kKvHeads;
+    progress.Update(head);
     KVR_ASSIGN_OR_RETURN(HeadData hd, MakeHeadData(g, tokens, steps));
     if (g == 0) {
       tokens = hd.n;
@@ -197,7 +205,7 @@ absl::StatusOr<Context> PrepareContext(store::TieredStore* store,
       }
     }
   }
-  std::fprintf(stderr, "\n");
+  progress.Finish();
   ctx.tokens = tokens;
   // Spans: token ids are a deterministic function of the position, so the
   // chain (and the context id) is the same in every run.
@@ -254,23 +262,27 @@ absl::Status EnsureIndex(retrieval::RetrievalService* service, const Context& ct
   req.params = params;
   KVR_ASSIGN_OR_RETURN(std::string op, service->BuildIndex(req));
   const absl::Time start = absl::Now();
+  StageProgress progress(&std::cerr,
+                         absl::StrFormat("  building %s over %d tokens", kind, ctx.tokens),
+                         StderrProgressMode());
   while (true) {
-    KVR_ASSIGN_OR_RETURN(auto info, service->WaitOperation(req.tenant, op, absl::Now() + absl::Seconds(5)));
-    std::fprintf(stderr, "\r  building %s over %lld tokens: %5.1f%% %-40s eta %llds   ",
-                 kind.c_str(), static_cast<long long>(ctx.tokens), 100 * info.fraction,
-                 info.stage.c_str(),
-                 static_cast<long long>(info.eta == absl::InfiniteDuration()
-                                            ? -1
-                                            : absl::ToInt64Seconds(info.eta)));
+    KVR_ASSIGN_OR_RETURN(auto info, service->WaitOperation(req.tenant, op,
+                                                         absl::Now() + absl::Seconds(5)));
+    Progress p;
+    p.stage = info.stage;
+    p.done = info.keys_indexed;
+    p.total = info.keys_total;
+    p.fraction = info.fraction;
+    progress.Update(p);
     if (info.state == retrieval::OperationState::kDone) break;
     if (info.state == retrieval::OperationState::kFailed ||
         info.state == retrieval::OperationState::kCancelled) {
-      std::fprintf(stderr, "\n");
+      progress.Clear();
       return info.error;
     }
   }
+  progress.Finish();
   *build_s = absl::ToDoubleSeconds(absl::Now() - start);
-  std::fprintf(stderr, "\n");
   return absl::OkStatus();
 }
 

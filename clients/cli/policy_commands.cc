@@ -32,63 +32,6 @@ using worker::Budget;
 using worker::LayerPolicy;
 using worker::LayerSpec;
 
-// Progress of the stages of a long local computation on stderr: a redrawn
-// bar on a terminal, else one line per stage (or nothing).
-// Thread-safe (the profiler reports from its worker threads).
-class StageProgress {
- public:
-  StageProgress(std::ostream* err, std::string label, bool bar, bool lines)
-      : err_(err), label_(std::move(label)), bar_(bar), lines_(lines) {}
-
-  bool Update(const Progress& p) {
-    absl::MutexLock lock(&mu_);
-    if (lines_ && p.stage != last_stage_) {
-      *err_ << absl::StrFormat("%s: %3d%% %s%s\n", label_, static_cast<int>(100 * p.fraction),
-                               p.stage, p.total > 0 ? absl::StrCat(" (", p.total, " steps)") : "")
-            << std::flush;
-    }
-    last_stage_ = p.stage;
-    if (bar_) {
-      const absl::Time now = absl::Now();
-      if (now - last_draw_ >= absl::Milliseconds(100)) {
-        last_draw_ = now;
-        Draw(p);
-      }
-    }
-    last_ = p;
-    return true;
-  }
-
-  void Finish() {
-    absl::MutexLock lock(&mu_);
-    if (bar_ && last_draw_ != absl::InfinitePast()) {
-      last_.fraction = 1.0;
-      Draw(last_);
-      *err_ << "\n" << std::flush;
-    }
-  }
-
- private:
-  void Draw(const Progress& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    constexpr int kWidth = 24;
-    const int filled = static_cast<int>(std::clamp(p.fraction, 0.0, 1.0) * kWidth);
-    *err_ << absl::StrFormat("\r%s [%s%s] %3d%%  %s", label_, std::string(filled, '#'),
-                             std::string(kWidth - filled, '-'), static_cast<int>(100 * p.fraction),
-                             p.stage)
-          << (p.total > 0 ? absl::StrFormat("  %d/%d steps", p.done, p.total) : "")
-          << "\x1b[K" << std::flush;
-  }
-
-  std::ostream* const err_;
-  const std::string label_;
-  const bool bar_;
-  const bool lines_;
-  absl::Mutex mu_;
-  std::string last_stage_ ABSL_GUARDED_BY(mu_);
-  absl::Time last_draw_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
-  Progress last_ ABSL_GUARDED_BY(mu_);
-};
-
 // "--k N" or "--budget F", exactly one.
 absl::StatusOr<Budget> BudgetFlags(int32_t k, double fraction) {
   if ((k > 0) == (fraction > 0)) {
@@ -303,7 +246,7 @@ int PolicyCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& out
       po.steps = step_selection;
       po.head_merge = head_merge == "mean" ? worker::HeadMerge::kMean : worker::HeadMerge::kMin;
       po.threads = threads;
-      StageProgress progress(&err, "profile-policy", g.progress, g.stage_lines);
+      StageProgress progress(&err, "profile-policy", g.progress_mode());
       po.progress = [&](const Progress& p) { return progress.Update(p); };
       absl::StatusOr<std::vector<worker::HylraProfile>> profiles =
           worker::ProfileCaptures(sets, po);

@@ -127,10 +127,6 @@ absl::StatusOr<std::map<int32_t, std::string>> CaptureFiles(const std::string& d
   return out;
 }
 
-void ProgressLine(bool enabled, std::ostream& err, absl::string_view text) {
-  if (enabled) err << "\r" << text << "\x1b[K" << std::flush;
-}
-
 }  // namespace
 
 void RetrievalCommands::Register(CLI::App* app) {
@@ -247,15 +243,11 @@ namespace {
 absl::Status WaitAndReport(client::RetrievalClient& rc, const v1::Operation& started,
                            double wait_s, const GlobalOptions& g, std::ostream& out,
                            std::ostream& err) {
-  KVR_ASSIGN_OR_RETURN(
-      v1::Operation op,
-      rc.WaitOperation(started.id(), absl::Seconds(wait_s), [&](const Progress& p) {
-        ProgressLine(g.progress, err,
-                     absl::StrFormat("%s %5.1f%% %s  %d/%d keys", started.id(), 100 * p.fraction,
-                                     p.stage, p.done, p.total));
-        return true;
-      }));
-  if (g.progress) err << "\n";
+  StageProgress progress(&err, started.id(), g.progress_mode());
+  absl::StatusOr<v1::Operation> waited = rc.WaitOperation(
+      started.id(), absl::Seconds(wait_s), [&](const Progress& p) { return progress.Update(p); });
+  progress.Finish();
+  KVR_ASSIGN_OR_RETURN(v1::Operation op, std::move(waited));
   if (g.json) {
     out << ToJson(op) << "\n";
   } else {
@@ -321,22 +313,19 @@ absl::Status BuildFromCaptures(const std::string& dir, const std::string& kind,
       }
       index::BuildOptions bo;
       bo.params = param_map;
-      bo.progress = [&, layer, h](const Progress& p) {
-        ProgressLine(g.progress, err,
-                     absl::StrFormat("layer %d head %d: %5.1f%% %s", layer, h, 100 * p.fraction,
-                                     p.stage));
-        return true;
-      };
+      StageProgress progress(&err, absl::StrFormat("build %s layer %d head %d", kind, layer, h),
+                             g.progress_mode());
+      bo.progress = [&](const Progress& p) { return progress.Update(p); };
       const absl::Time start = absl::Now();
-      KVR_ASSIGN_OR_RETURN(
-          auto built,
+      auto built_or =
           index::BuildIndex(kind, index::VectorView::F32(keys.data() + h * t * d, n, d),
-                            index::VectorView::F32(train.data(), g_size * n, d), bo));
+                            index::VectorView::F32(train.data(), g_size * n, d), bo);
+      progress.Finish();
+      KVR_ASSIGN_OR_RETURN(auto built, std::move(built_or));
       const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
       KVR_ASSIGN_OR_RETURN(std::string bytes, built->Serialize());
       const std::string path = absl::StrFormat("%s/L%02d_H%d_%s.kvrindex", out_dir, layer, h, kind);
       KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(path, bytes));
-      if (g.progress) err << "\n";
       out << absl::StrFormat("%s: %d keys, %.1f s, %.1f bytes/key of index (+%.1f of keys)\n",
                              path, n, seconds,
                              static_cast<double>(built->IndexBytes()) / n,
@@ -612,10 +601,15 @@ int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& 
         }
       }
       std::vector<index::loki::PcaBasis> bases;
+      StageProgress progress(&err, "fit-loki", g.progress_mode());
       for (size_t i = 0; i < sets.size(); ++i) {
         auto& [l, h, keys] = sets[i];
-        ProgressLine(g.progress, err,
-                     absl::StrFormat("fit-loki: layer %d head %d (%d of %d)", l, h, i + 1, sets.size()));
+        Progress step;
+        step.stage = absl::StrFormat("layer %d head %d", l, h);
+        step.done = static_cast<int64_t>(i);
+        step.total = static_cast<int64_t>(sets.size());
+        step.fraction = static_cast<double>(i) / static_cast<double>(sets.size());
+        progress.Update(step);
         const int64_t n = static_cast<int64_t>(keys.size()) / d;
         KVR_ASSIGN_OR_RETURN(index::loki::PcaBasis b,
                              index::loki::FitPcaBasis(index::VectorView::F32(keys.data(), n, d),
@@ -623,7 +617,7 @@ int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& 
         b.layer = l;
         b.kv_head = h;
         if (!g.json) {
-          if (g.progress) err << "\n";
+          progress.Clear();
           out << absl::StrFormat("layer %d head %d: %d keys; variance in the first d/8, d/4, d/2 "
                                  "axes: %.3f %.3f %.3f\n",
                                  l, h, n, b.ExplainedVarianceRatio(static_cast<int32_t>(d / 8)),
@@ -632,6 +626,7 @@ int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& 
         }
         bases.push_back(std::move(b));
       }
+      progress.Finish();
       const std::string bytes = index::loki::SerializePcaBases(bases);
       if (!out_path.empty()) KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(out_path, bytes));
       if (upload) {

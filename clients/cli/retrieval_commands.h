@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "common/progress.h"
+
 namespace CLI {
 class App;
 }
@@ -28,6 +30,11 @@ struct GlobalOptions {
   // No bar (auto mode, stderr not a terminal): long local work prints a line
   // per stage on stderr instead.
   bool stage_lines = false;
+
+  // How long work shows its stages on stderr.
+  ProgressMode progress_mode() const {
+    return progress ? ProgressMode::kBar : stage_lines ? ProgressMode::kLines : ProgressMode::kNone;
+  }
 };
 
 // Not thread-safe (one per command line).
