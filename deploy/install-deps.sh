@@ -19,6 +19,8 @@ PACKAGES=(
   # Python client, tests and plots (all for /usr/bin/python3)
   python3 python3-numpy python3-grpcio python3-protobuf python3-pytest
   python3-faiss python3-hnswlib python3-matplotlib python3-xxhash
+  # the model runner (kvrecall.integrations, bench/e2e): Debian's torch 1.13, CPU
+  python3-torch
   # peers for benchmarks
   redis-server redis-tools
   # C client of Redis for bench/store (store_bench)

@@ -356,6 +356,8 @@ def run(args, corpus, length, decode, n_windows, budgets, kinds_filter, target, 
         for name, group, budget, mode, policy in rows:
             t0 = time.time()
             dec = runner.decoder(prompt, policy, mode, decode)
+            setup = time.time() - t0
+            t0 = time.time()
             try:
                 logits = runner.decode_steps(dec, inputs)
                 stats = dec.stats()
@@ -371,16 +373,18 @@ def run(args, corpus, length, decode, n_windows, budgets, kinds_filter, target, 
             agree = (top1 == full_top1).float().numpy() if full_top1 is not None else None
             r = results.setdefault((name, mode), {"name": name, "group": group, "budget": budget,
                                                   "mode": mode, "bits": [], "agree": [],
-                                                  "seconds": 0.0, "steps": 0,
+                                                  "seconds": 0.0, "setup_s": 0.0, "steps": 0,
                                                   "policy": policy.get("name", name),
                                                   "remote_calls": 0})
             r["bits"].append(bits)
             if agree is not None:
                 r["agree"].append(agree)
             r["seconds"] += secs
+            r["setup_s"] += setup
             r["steps"] += decode
             r["remote_calls"] += stats.get("remote_calls", 0)
-            log(f"  {mode:12s} {name:44s} {bits.mean():.4f} bits/byte  {secs:6.1f} s")
+            log(f"  {mode:12s} {name:44s} {bits.mean():.4f} bits/byte  {secs:6.1f} s "
+                f"(+{setup:.1f} s setup)")
 
     # Summary.
     full_bits = np.concatenate(results[("full", "gpu_resident")]["bits"]).mean()
@@ -392,6 +396,7 @@ def run(args, corpus, length, decode, n_windows, budgets, kinds_filter, target, 
                       "policy": r["policy"], "bits_per_byte": float(bits.mean()),
                       "delta": float(bits.mean() - full_bits), "top1_agreement": float(agree),
                       "ms_per_step": 1000 * r["seconds"] / max(1, r["steps"]),
+                      "setup_s": r["setup_s"],
                       "remote_calls": r["remote_calls"]})
     checks = agreement_checks(results, args.tidal_budget, cfg.num_layers)
     meta = {"windows": windows, "window_bytes": length, "decode": decode,

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import grpc
 import numpy as np
-import xxhash
+from kvrecall._xxhash import xxhash
 
 from kvrecall import errors, hashing
 from kvrecall.retrieval import RetrievalMixin

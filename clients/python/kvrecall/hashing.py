@@ -15,7 +15,7 @@ form the CLI and the logs print.
 import struct
 from typing import Iterable, List, Sequence
 
-import xxhash
+from kvrecall._xxhash import xxhash
 
 #: The version of the key contract these functions implement.
 SPAN_HASH_VERSION = "kvrecall.span.v1"

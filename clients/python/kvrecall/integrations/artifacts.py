@@ -17,7 +17,7 @@ import dataclasses
 import struct
 
 import numpy as np
-import xxhash
+from kvrecall._xxhash import xxhash
 
 __all__ = ["PcaBasis", "SparseEncoder", "fit_pca_basis", "fit_loki_bases",
            "serialize_loki_basis", "parse_loki_basis", "train_sparse_encoder",

@@ -268,18 +268,18 @@ class Prompt:
 class LocalDecoder:
     """The runner's own decode: full attention in torch over its K/V cache
     (the reference the worker's full-attention decode is checked against).
-    Not thread-safe."""
+    The cache holds the KV-dtype values as float32. Not thread-safe."""
 
     def __init__(self, model, prompt, capacity_tokens):
         self.model = model
         c = model.config
         b, t = prompt.batch_size, prompt.num_tokens
-        self.k = [torch.zeros(b, capacity_tokens, c.num_kv_heads, c.head_dim, dtype=model.kv_torch,
-                              device=model.device) for _ in range(c.num_layers)]
+        self.k = [torch.zeros(b, capacity_tokens, c.num_kv_heads, c.head_dim, device=model.device)
+                  for _ in range(c.num_layers)]
         self.v = [torch.zeros_like(x) for x in self.k]
         for layer, (k, v) in enumerate(prompt.kv):
-            self.k[layer][:, :t] = k
-            self.v[layer][:, :t] = v
+            self.k[layer][:, :t] = k.float()
+            self.v[layer][:, :t] = v.float()
         self.length = t
 
     @torch.no_grad()
@@ -291,8 +291,8 @@ class LocalDecoder:
         cos, sin = m.rope(torch.full((1, 1), self.length, device=m.device))
         for layer in range(c.num_layers):
             q, k, v = m.qkv(layer, x, cos, sin)
-            self.k[layer][:, self.length] = k[:, 0].to(m.kv_torch)
-            self.v[layer][:, self.length] = v[:, 0].to(m.kv_torch)
+            self.k[layer][:, self.length] = k[:, 0]
+            self.v[layer][:, self.length] = v[:, 0]
             attn = causal_attention(q, self.k[layer][:, :self.length + 1],
                                     self.v[layer][:, :self.length + 1], self.length)
             x = m.finish_layer(layer, x, attn.reshape(b, 1, -1))
@@ -523,9 +523,11 @@ class LlamaRunner:
 
     # --- calibration artifacts ---
 
-    def calibrate(self, tokens, upload=True, sparse_encoder=True, progress=None, epochs=4):
+    def calibrate(self, tokens, upload=True, sparse_encoder=True, progress=None, epochs=2,
+                  sparse_keys=4096):
         """Fits the Loki bases (PCA of each layer's and KV head's post-RoPE
-        keys) and, optionally, the sparse encoders of a calibration text, sets
+        keys) and, optionally, the sparse encoders (trained on at most
+        `sparse_keys` of each head's keys) of a calibration text, sets
         self.loki (the worker's local Loki components) and uploads the
         loki_basis and sparse_encoder artifacts. Returns the artifact
         versions stored ({} without upload)."""
@@ -546,7 +548,12 @@ class LlamaRunner:
         if sparse_encoder:
             encoders = []
             for i, key in enumerate(sorted(keys)):
-                encoders.append(artifacts.train_sparse_encoder(keys[key], *key, epochs=epochs))
+                data = keys[key]
+                if len(data) > sparse_keys:
+                    pick = np.random.default_rng(key[0] * 1000 + key[1]).choice(
+                        len(data), sparse_keys, replace=False)
+                    data = data[np.sort(pick)]
+                encoders.append(artifacts.train_sparse_encoder(data, *key, epochs=epochs))
                 if progress:
                     progress(f"sparse encoder {i + 1}/{len(keys)}: layer {key[0]} head {key[1]} "
                              f"fvu {encoders[-1].fvu:.3f}")
