@@ -89,13 +89,15 @@ def build_rows(num_layers, budgets, sinks, window, prompt_tokens, tidal_budget, 
     rows.append((f"sinks{sinks}+window{window + k2} (same tokens as {tidal_budget:g})",
                  "sinks+window", tidal_budget, "gpu_resident",
                  P.sinks_window(num_layers, sinks, window + k2)))
+    local_rows = []
     for kind in LOCAL_KINDS:
         if kinds_filter and f"local:{kind}" not in kinds_filter:
             continue
         for b in budgets:
             name = "oracle exact" if kind == "exact" else f"local {kind}"
-            rows.append((f"{name} {b:g}", f"local {kind}", b, "gpu_resident",
-                         P.uniform(num_layers, kind, "local", budget=b, sinks=sinks, window=window)))
+            row = (f"{name} {b:g}", f"local {kind}", b, "gpu_resident",
+                   P.uniform(num_layers, kind, "local", budget=b, sinks=sinks, window=window))
+            (rows if kind == "exact" else local_rows).append(row)
     reselects = [None] + list(range(3, num_layers))
     for r in reselects:
         pol = P.tidal(num_layers, select_layer=2, reselect_layer=r, budget=tidal_budget, sinks=sinks,
@@ -120,6 +122,7 @@ def build_rows(num_layers, budgets, sinks, window, prompt_tokens, tidal_budget, 
                 rows.append((f"remote {kind} {b:g}", f"remote {kind}", b, "offloaded",
                              P.uniform(num_layers, kind, "remote", budget=b, sinks=sinks,
                                        window=window)))
+    rows += local_rows
     return rows
 
 
@@ -247,6 +250,8 @@ def main(argv=None):
                     "local:exact,remote:roar (default: all)")
     ap.add_argument("--no_offloaded", action="store_true", help="GPU-resident rows only")
     ap.add_argument("--rows", default="", help="regex: only rows whose name matches")
+    ap.add_argument("--deadline_s", type=float, default=0,
+                    help="skip the rows that would start after this many seconds (0: none)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", required=True)
     ap.add_argument("--machine", default="", help="machine description for the report")
@@ -339,6 +344,7 @@ def run(args, corpus, length, decode, n_windows, budgets, kinds_filter, target, 
 
     results = {}  # (name, mode) -> dict(bits=[...], top1=[...], seconds)
     stats_rows = []
+    skipped = []
     for b0 in range(0, len(windows), args.batch):
         ids = windows[b0:b0 + args.batch]
         w = torch.tensor([list(window_bytes(corpus, i, length)) for i in ids])
@@ -354,6 +360,9 @@ def run(args, corpus, length, decode, n_windows, budgets, kinds_filter, target, 
         prompt.queries = None
         full_top1 = None
         for name, group, budget, mode, policy in rows:
+            if args.deadline_s and time.time() - t_start > args.deadline_s and name != "full":
+                skipped.append(f"{name} ({mode}) windows {ids}")
+                continue
             t0 = time.time()
             dec = runner.decoder(prompt, policy, mode, decode)
             setup = time.time() - t0
@@ -385,8 +394,19 @@ def run(args, corpus, length, decode, n_windows, budgets, kinds_filter, target, 
             r["remote_calls"] += stats.get("remote_calls", 0)
             log(f"  {mode:12s} {name:44s} {bits.mean():.4f} bits/byte  {secs:6.1f} s "
                 f"(+{setup:.1f} s setup)")
+            write_outputs(out_dir, *summarize(results, args, windows, length, decode,
+                                              prompt_tokens, dev, cfg, t_start, screened,
+                                              stats_rows, skipped), plot_it=False)
 
-    # Summary.
+    table, meta = summarize(results, args, windows, length, decode, prompt_tokens, dev, cfg,
+                            t_start, screened, stats_rows, skipped)
+    write_outputs(out_dir, table, meta)
+    print(markdown(table, meta))
+    return 0 if all(c["ok"] for c in meta["checks"]) else 1
+
+
+def summarize(results, args, windows, length, decode, prompt_tokens, dev, cfg, t_start, screened,
+              stats_rows, skipped):
     full_bits = np.concatenate(results[("full", "gpu_resident")]["bits"]).mean()
     table = []
     for (name, mode), r in results.items():
@@ -396,18 +416,16 @@ def run(args, corpus, length, decode, n_windows, budgets, kinds_filter, target, 
                       "policy": r["policy"], "bits_per_byte": float(bits.mean()),
                       "delta": float(bits.mean() - full_bits), "top1_agreement": float(agree),
                       "ms_per_step": 1000 * r["seconds"] / max(1, r["steps"]),
-                      "setup_s": r["setup_s"],
-                      "remote_calls": r["remote_calls"]})
+                      "setup_s": r["setup_s"], "remote_calls": r["remote_calls"],
+                      "windows_done": len(r["bits"])})
     checks = agreement_checks(results, args.tidal_budget, cfg.num_layers)
     meta = {"windows": windows, "window_bytes": length, "decode": decode,
             "prompt_tokens": prompt_tokens, "calibration_window": args.calibration_window,
             "device": str(dev), "machine": args.machine or machine_name(dev),
             "torch": torch.__version__, "seconds": round(time.time() - t_start, 1),
             "screened": screened, "attention_stats": stats_rows, "checks": checks,
-            "sinks": args.sinks, "window": args.window}
-    write_outputs(out_dir, table, meta)
-    print(markdown(table, meta))
-    return 0 if all(c["ok"] for c in checks) else 1
+            "sinks": args.sinks, "window": args.window, "skipped_rows": skipped}
+    return table, meta
 
 
 def agreement_checks(results, budget, num_layers):
@@ -459,6 +477,8 @@ def markdown(table, meta):
     for r in table:
         lines.append(f"| {r['row']} | {r['mode']} | {r['bits_per_byte']:.4f} | "
                      f"{r['delta']:+.4f} | {r['top1_agreement']:.3f} | {r['ms_per_step']:.1f} |")
+    if meta.get("skipped_rows"):
+        lines += ["", "Skipped (time): " + "; ".join(meta["skipped_rows"])]
     if meta["checks"]:
         lines += ["", "| GPU-resident row | offloaded row | resident | offloaded | difference | ≤ 1e-3 |",
                   "|---|---|---|---|---|---|"]
@@ -469,13 +489,15 @@ def markdown(table, meta):
     return "\n".join(lines)
 
 
-def write_outputs(out_dir, table, meta):
+def write_outputs(out_dir, table, meta, plot_it=True):
     with open(out_dir / "fidelity.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(table[0]))
         wr.writeheader()
         wr.writerows(table)
     (out_dir / "fidelity.json").write_text(json.dumps({"rows": table, "meta": meta}, indent=1))
     (out_dir / "fidelity.md").write_text(markdown(table, meta) + "\n")
+    if not plot_it:
+        return
     try:
         plot(out_dir / "fidelity.png", table, meta)
     except ImportError as e:  # no matplotlib (the GPU machine): the CSV has everything
