@@ -29,6 +29,17 @@ PROMPT, STEPS, K = 320, 64, 16
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} is missing")
 
 
+def _has_worker():
+    try:
+        import kvrecall.worker  # noqa: F401  (built with the kvrecall_worker target)
+        return True
+    except ImportError:
+        return False
+
+
+needs_worker = pytest.mark.skipif(not _has_worker(), reason="kvrecall.worker is not built")
+
+
 @pytest.fixture(scope="module")
 def runner(daemon):
     torch.set_num_threads(2)
@@ -67,6 +78,7 @@ def bits(logits, text):
     return bits_per_byte(logits[0], torch.tensor(list(text[PROMPT + 1:PROMPT + STEPS + 1]))).mean()
 
 
+@needs_worker
 @pytest.mark.parametrize("mode", ["gpu_resident", "offloaded"])
 def test_full_attention_through_kvrecall_equals_runner(runner, prompt, text, reference, mode):
     logits, stats = decode(runner, prompt, text, P.full(8), mode)
@@ -82,6 +94,7 @@ def test_full_attention_through_kvrecall_equals_runner(runner, prompt, text, ref
         assert stats["remote_calls"] >= STEPS * 8
 
 
+@needs_worker
 def test_each_policy_kind_decodes_64_tokens(runner, prompt, text, reference):
     calib = DEV.read_bytes()[600000:601024]
     versions = runner.calibrate(list(calib), sparse_encoder=True, epochs=1, sparse_keys=512)
