@@ -1,0 +1,466 @@
+// worker_bench: the attention of a whole decode step through DecodeSession
+// on the GPU, for a Llama-3-8B-like geometry (32 layers, 32 query heads,
+// 8 KV heads, d = 128, bf16, random K/V).
+//
+//   GPU-resident: dense (FULL at every layer: our DenseDecodeAttention) and
+//     TidalDecode (arXiv 2410.05076) at a budget, per batch and context
+//     length; each step captured once in a CUDA graph and replayed (median of
+//     the replays, CUDA events). torch_sdpa_peer.py times PyTorch SDPA on the
+//     same shapes in the same device command; run_device.sh joins the tables.
+//   Offloaded (--offloaded): the prompt (16 GiB at 128K tokens) stored in a
+//     kvrecalld started here, on this machine's CPUs; the GPU holds the sinks
+//     and the window; seconds per token for the attention of all 32 layers,
+//     with where the time went (SessionStats).
+//
+// Layers alias --pools KV pools round-robin (random K/V: the timing of a
+// layer does not depend on which values it reads), which keeps batch 8 at
+// 128K within GPU memory.
+
+#include <cuda_runtime.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "bench/store/child_process.h"
+#include "bench/worker/random_fill.h"
+#include "clients/cpp/kv_store_client.h"
+#include "clients/cpp/retrieval_client.h"
+#include "clients/cpp/span_keys.h"
+#include "common/npy.h"
+#include "common/status_macros.h"
+#include "gpu/worker/decode_session.h"
+#include "gpu/worker/policy.h"
+
+ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"32768", "131072"}),
+          "context lengths (tokens) of the GPU-resident rows");
+ABSL_FLAG(std::vector<std::string>, batches, std::vector<std::string>({"1", "8"}),
+          "batch sizes of the GPU-resident rows");
+ABSL_FLAG(double, budget, 0.02, "TidalDecode token budget, a fraction of the context");
+ABSL_FLAG(int32_t, reselect_layer, 13, "TidalDecode re-selection layer");
+ABSL_FLAG(int32_t, pools, 4, "distinct KV pools the 32 layers alias");
+ABSL_FLAG(int32_t, replays, 30, "timed graph replays per row");
+ABSL_FLAG(bool, resident, true, "run the GPU-resident rows");
+ABSL_FLAG(bool, offloaded, false, "run the offloaded rows (starts a kvrecalld)");
+ABSL_FLAG(int64_t, offloaded_context, 131072, "context length of the offloaded rows");
+ABSL_FLAG(std::vector<std::string>, offloaded_kinds, std::vector<std::string>({"quest"}),
+          "index kinds kvrecalld selects with in the offloaded rows");
+ABSL_FLAG(double, offloaded_budget, 0.01, "token budget of the offloaded selections");
+ABSL_FLAG(int32_t, offloaded_window, 2048, "GPU-resident window of the offloaded rows");
+ABSL_FLAG(int32_t, offloaded_steps, 20, "timed decode steps per offloaded row");
+ABSL_FLAG(std::string, kvrecalld, "", "kvrecalld binary (default: next to this binary)");
+ABSL_FLAG(std::string, out, "", "directory for worker_bench.csv (default: none)");
+
+namespace kvrecall::bench {
+namespace {
+
+constexpr int32_t kLayers = 32, kHq = 32, kHkv = 8, kD = 128;
+
+#define CUDA_OK(expr)                                                                  \
+  do {                                                                                 \
+    const cudaError_t e_ = (expr);                                                     \
+    if (e_ != cudaSuccess) {                                                           \
+      return absl::InternalError(absl::StrCat(#expr, ": ", cudaGetErrorString(e_)));  \
+    }                                                                                  \
+  } while (0)
+
+worker::ModelShape Shape() {
+  worker::ModelShape m;
+  m.num_layers = kLayers;
+  m.num_q_heads = kHq;
+  m.num_kv_heads = kHkv;
+  m.head_dim = kD;
+  m.kv_dtype = gpu::DType::kBf16;
+  return m;
+}
+
+std::string SelfDir() {
+  char buf[4096];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return ".";
+  std::string p(buf, n);
+  return p.substr(0, p.rfind('/'));
+}
+
+std::string CpuName() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      return std::string(absl::StripAsciiWhitespace(line.substr(line.find(':') + 1)));
+    }
+  }
+  return "unknown CPU";
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+// Device buffers freed at scope exit.
+struct DeviceMem {
+  void* p = nullptr;
+  ~DeviceMem() {
+    if (p != nullptr) cudaFree(p);
+  }
+};
+
+struct Row {
+  std::string mode, policy;
+  int64_t context = 0;
+  int32_t batch = 0;
+  double ms_per_step = 0;
+  std::string note;
+};
+
+// --------------------------------------------------------- GPU-resident
+
+absl::StatusOr<double> TimeResident(const worker::LayerPolicy& policy, int64_t context, int32_t batch) {
+  worker::SessionOptions o;
+  o.model = Shape();
+  o.policy = policy;
+  o.batch_size = batch;
+  o.capacity_tokens = context + 256;
+  o.page_size = 16;
+  o.graph_safe = true;
+  o.kv_pool_count = absl::GetFlag(FLAGS_pools);
+  KVR_ASSIGN_OR_RETURN(auto backend, worker::CreateCudaBackend());
+  KVR_ASSIGN_OR_RETURN(auto s, worker::DecodeSession::Create(o, std::move(backend)));
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  KVR_RETURN_IF_ERROR(s->StartPrefix(std::vector<int64_t>(batch, context)));
+  {
+    const int64_t n = static_cast<int64_t>(batch) * kHkv * context * kD;
+    DeviceMem k, v;
+    CUDA_OK(cudaMalloc(&k.p, n * 2));
+    CUDA_OK(cudaMalloc(&v.p, n * 2));
+    for (int32_t l = 0; l < std::min(kLayers, o.kv_pool_count); ++l) {
+      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(k.p), n, 2 * l + 1, 1.0f, stream));
+      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(v.p), n, 2 * l + 2, 1.0f, stream));
+      KVR_RETURN_IF_ERROR(s->LoadPrefixLayer(l, k.p, v.p, context, kHkv * context * kD,
+                                             context * kD, kD, stream));
+    }
+    CUDA_OK(cudaStreamSynchronize(stream));
+  }
+  DeviceMem q, kn, vn, out;
+  const int64_t nq = static_cast<int64_t>(batch) * kHq * kD, nkv = static_cast<int64_t>(batch) * kHkv * kD;
+  CUDA_OK(cudaMalloc(&q.p, nq * 4 * kLayers));
+  CUDA_OK(cudaMalloc(&kn.p, nkv * 2));
+  CUDA_OK(cudaMalloc(&vn.p, nkv * 2));
+  CUDA_OK(cudaMalloc(&out.p, nq * 4));
+  CUDA_OK(FillRandomF32(static_cast<float*>(q.p), nq * kLayers, 77, 3.0f, stream));
+  CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(kn.p), nkv, 78, 1.0f, stream));
+  CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(vn.p), nkv, 79, 1.0f, stream));
+  auto step = [&]() -> absl::Status {
+    for (int32_t l = 0; l < kLayers; ++l) {
+      KVR_RETURN_IF_ERROR(s->AttendLayer(l, static_cast<const float*>(q.p) + l * nq, kn.p, vn.p,
+                                         static_cast<float*>(out.p), stream));
+    }
+    return absl::OkStatus();
+  };
+  KVR_RETURN_IF_ERROR(step());  // first launches set kernel attributes: outside capture
+  CUDA_OK(cudaStreamSynchronize(stream));
+  cudaGraph_t graph;
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  const absl::Status captured = step();
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  KVR_RETURN_IF_ERROR(captured);
+  cudaGraphExec_t exec;
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t a, b;
+  CUDA_OK(cudaEventCreate(&a));
+  CUDA_OK(cudaEventCreate(&b));
+  std::vector<double> ms;
+  const int replays = absl::GetFlag(FLAGS_replays);
+  for (int r = 0; r < replays + 3; ++r) {
+    CUDA_OK(cudaEventRecord(a, stream));
+    CUDA_OK(cudaGraphLaunch(exec, stream));
+    CUDA_OK(cudaEventRecord(b, stream));
+    CUDA_OK(cudaEventSynchronize(b));
+    float t = 0;
+    CUDA_OK(cudaEventElapsedTime(&t, a, b));
+    if (r >= 3) ms.push_back(t);
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaStreamDestroy(stream);
+  return Median(ms);
+}
+
+absl::Status RunResident(std::vector<Row>* rows) {
+  worker::LayerPolicy dense;
+  dense.name = "dense";
+  dense.sinks = 0;
+  dense.window = 1;
+  dense.layers.assign(kLayers, worker::LayerSpec());
+  worker::TidalDecodeOptions t;
+  t.num_layers = kLayers;
+  t.reselect_layer = absl::GetFlag(FLAGS_reselect_layer);
+  t.budget = worker::Budget{0, absl::GetFlag(FLAGS_budget)};
+  KVR_ASSIGN_OR_RETURN(worker::LayerPolicy tidal, worker::TidalDecodePolicy(t));
+  for (const std::string& cs : absl::GetFlag(FLAGS_contexts)) {
+    int64_t context = 0;
+    if (!absl::SimpleAtoi(cs, &context)) return absl::InvalidArgumentError("bad --contexts");
+    for (const std::string& bs : absl::GetFlag(FLAGS_batches)) {
+      int32_t batch = 0;
+      if (!absl::SimpleAtoi(bs, &batch)) return absl::InvalidArgumentError("bad --batches");
+      for (const auto* p : {&dense, &tidal}) {
+        KVR_ASSIGN_OR_RETURN(double ms, TimeResident(*p, context, batch));
+        rows->push_back(Row{"gpu-resident", p == &dense ? "dense (ours)" : "tidaldecode", context,
+                            batch, ms, p == &dense ? "" : PolicySummary(*p)});
+        std::fprintf(stderr, "worker_bench: %s T=%ld B=%d: %.3f ms/step\n", rows->back().policy.c_str(),
+                     static_cast<long>(context), batch, ms);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+// ------------------------------------------------------------- offloaded
+
+absl::StatusOr<int> StartDaemon(ChildProcess* proc, const std::string& dir, int64_t memory_bytes) {
+  std::string bin = absl::GetFlag(FLAGS_kvrecalld);
+  if (bin.empty()) bin = SelfDir() + "/kvrecalld";
+  KVR_RETURN_IF_ERROR(proc->Spawn({bin, "--listen=127.0.0.1:0", "--port_file=" + dir + "/port",
+                                   "--data_dir=" + dir + "/data",
+                                   absl::StrCat("--memory_capacity_bytes=", memory_bytes),
+                                   absl::StrCat("--disk_capacity_bytes=", int64_t{1} << 30),
+                                   absl::StrCat("--index_build_threads=2")},
+                                  dir + "/kvrecalld.log"));
+  for (int i = 0; i < 6000; ++i) {
+    if (!proc->Alive()) break;
+    auto text = ReadFileToString(dir + "/port");
+    int port = 0;
+    if (text.ok() && absl::SimpleAtoi(absl::StripAsciiWhitespace(*text), &port) && port > 0) return port;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return absl::UnavailableError(absl::StrCat("kvrecalld did not start; see ", dir, "/kvrecalld.log"));
+}
+
+// Stores a random prompt of `tokens` tokens (all 32 layers) as spans, the
+// K/V of layer l generated on the GPU from seeds (2l+1, 2l+2) as
+// [Hkv, tokens, d]; returns the chain.
+absl::StatusOr<std::vector<Hash128>> StorePrompt(client::KvStoreClient* kv, const v1::ModelGeometry& model,
+                                                 int64_t tokens, cudaStream_t stream) {
+  const int64_t block = model.block_tokens();
+  const int64_t layer_elems = static_cast<int64_t>(kHkv) * tokens * kD;
+  // Sequence layout [L][K|V][Hkv][T][d], bf16.
+  std::string seq(static_cast<size_t>(kLayers) * 2 * layer_elems * 2, '\0');
+  DeviceMem buf;
+  CUDA_OK(cudaMalloc(&buf.p, layer_elems * 2));
+  for (int32_t l = 0; l < kLayers; ++l) {
+    for (int kv_i = 0; kv_i < 2; ++kv_i) {
+      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(buf.p), layer_elems, 2 * l + 1 + kv_i, 1.0f, stream));
+      CUDA_OK(cudaMemcpyAsync(seq.data() + (static_cast<size_t>(l) * 2 + kv_i) * layer_elems * 2, buf.p,
+                              layer_elems * 2, cudaMemcpyDeviceToHost, stream));
+    }
+  }
+  CUDA_OK(cudaStreamSynchronize(stream));
+  std::vector<uint32_t> ids(tokens);
+  std::mt19937 rng(5);
+  for (auto& t : ids) t = rng() % 256;
+  KVR_ASSIGN_OR_RETURN(std::vector<client::OwnedSpan> spans,
+                       client::SequenceToSpans(model, "", ids, seq, /*include_partial_tail=*/true));
+  seq.clear();
+  seq.shrink_to_fit();
+  std::vector<Hash128> chain;
+  const absl::Time start = absl::Now();
+  for (size_t i = 0; i < spans.size(); i += 16) {
+    std::vector<client::SpanToPut> put;
+    for (size_t j = i; j < std::min(spans.size(), i + 16); ++j) {
+      put.push_back(client::SpanToPut{spans[j].hash, spans[j].parent,
+                                      static_cast<int32_t>(spans[j].token_ids.size()), spans[j].token_ids,
+                                      spans[j].payload, false});
+      chain.push_back(spans[j].hash);
+    }
+    KVR_RETURN_IF_ERROR(kv->PutSpans(model.model_id(), put).status());
+    std::fprintf(stderr, "\rworker_bench: storing the prompt %zu/%zu spans", std::min(spans.size(), i + 16),
+                 spans.size());
+  }
+  std::fprintf(stderr, " (%.1f s, %ld spans of %ld tokens)\n", absl::ToDoubleSeconds(absl::Now() - start),
+               static_cast<long>(spans.size()), static_cast<long>(block));
+  return chain;
+}
+
+absl::Status RunOffloaded(std::vector<Row>* rows) {
+  const int64_t tokens = absl::GetFlag(FLAGS_offloaded_context);
+  char tmpl[] = "/tmp/kvrecall-worker-bench-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  const int64_t prompt_bytes = static_cast<int64_t>(kLayers) * 2 * kHkv * tokens * kD * 2;
+  ChildProcess daemon;
+  KVR_ASSIGN_OR_RETURN(int port, StartDaemon(&daemon, dir, prompt_bytes + (int64_t{8} << 30)));
+  client::ClientOptions co;
+  co.target = absl::StrCat("127.0.0.1:", port);
+  co.deadline_ms = 600000;
+  KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(co));
+  v1::ModelGeometry model;
+  model.set_model_id("llama3-8b-like");
+  model.set_num_layers(kLayers);
+  model.set_num_q_heads(kHq);
+  model.set_num_kv_heads(kHkv);
+  model.set_head_dim(kD);
+  model.set_dtype(v1::DTYPE_BF16);
+  model.set_keys_post_rope(true);
+  model.set_block_tokens(256);
+  KVR_RETURN_IF_ERROR(kv->RegisterModel(model).status());
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  KVR_ASSIGN_OR_RETURN(std::vector<Hash128> chain, StorePrompt(kv.get(), model, tokens, stream));
+
+  const double budget = absl::GetFlag(FLAGS_offloaded_budget);
+  const int32_t window = absl::GetFlag(FLAGS_offloaded_window);
+  struct Variant {
+    std::string name;
+    worker::LayerPolicy policy;
+    worker::ReuseTransfer transfer;
+  };
+  std::vector<Variant> variants;
+  for (const std::string& kind : absl::GetFlag(FLAGS_offloaded_kinds)) {
+    worker::LayerSpec sel;
+    sel.role = worker::LayerRole::kSelect;
+    sel.where = worker::SelectWhere::kRemote;
+    sel.kind = kind;
+    sel.budget.fraction = budget;
+    KVR_ASSIGN_OR_RETURN(worker::LayerPolicy every, worker::UniformSelectPolicy(kLayers, sel, 0, 4, window));
+    variants.push_back({absl::StrCat("every layer selects (", kind, ")"), every,
+                        worker::ReuseTransfer::kAttendByPositions});
+    worker::TidalDecodeOptions t;
+    t.num_layers = kLayers;
+    t.num_full = 0;
+    t.select_layer = 0;
+    t.reselect_layer = absl::GetFlag(FLAGS_reselect_layer);
+    t.budget = worker::Budget{0, budget};
+    t.sinks = 4;
+    t.window = window;
+    t.remote_kind = kind;
+    KVR_ASSIGN_OR_RETURN(worker::LayerPolicy tidal, worker::TidalDecodePolicy(t));
+    variants.push_back({absl::StrCat("tidaldecode, remote selection (", kind, "), reuse by positions"),
+                        tidal, worker::ReuseTransfer::kAttendByPositions});
+    variants.push_back({absl::StrCat("tidaldecode, remote selection (", kind, "), reuse by fetched rows"),
+                        tidal, worker::ReuseTransfer::kFetchRows});
+  }
+
+  const int64_t layer_elems = static_cast<int64_t>(kHkv) * tokens * kD;
+  DeviceMem pk, pv;
+  CUDA_OK(cudaMalloc(&pk.p, layer_elems * 2));
+  CUDA_OK(cudaMalloc(&pv.p, layer_elems * 2));
+  for (const Variant& var : variants) {
+    worker::SessionOptions o;
+    o.model = Shape();
+    o.policy = var.policy;
+    o.mode = worker::KvMode::kOffloaded;
+    o.capacity_tokens = tokens + 1024;
+    o.client = co;
+    o.model_id = model.model_id();
+    o.reuse_transfer = var.transfer;
+    KVR_ASSIGN_OR_RETURN(auto backend, worker::CreateCudaBackend());
+    KVR_ASSIGN_OR_RETURN(auto s, worker::DecodeSession::Create(o, std::move(backend)));
+    const absl::Time build_start = absl::Now();
+    KVR_RETURN_IF_ERROR(s->StartPrefix({tokens}, {chain}, [&](const Progress& p) {
+      std::fprintf(stderr, "\rworker_bench: %s %3.0f%%   ", p.stage.c_str(), 100 * p.fraction);
+      return true;
+    }));
+    std::fprintf(stderr, "\nworker_bench: contexts opened and indexes ready in %.1f s\n",
+                 absl::ToDoubleSeconds(absl::Now() - build_start));
+    for (int32_t l = 0; l < kLayers; ++l) {
+      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(pk.p), layer_elems, 2 * l + 1, 1.0f, stream));
+      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(pv.p), layer_elems, 2 * l + 2, 1.0f, stream));
+      KVR_RETURN_IF_ERROR(s->LoadPrefixLayer(l, pk.p, pv.p, tokens, layer_elems, tokens * kD, kD, stream));
+    }
+    DeviceMem q, kn, vn, out;
+    const int64_t nq = static_cast<int64_t>(kHq) * kD, nkv = static_cast<int64_t>(kHkv) * kD;
+    CUDA_OK(cudaMalloc(&q.p, nq * 4 * kLayers));
+    CUDA_OK(cudaMalloc(&kn.p, nkv * 2));
+    CUDA_OK(cudaMalloc(&vn.p, nkv * 2));
+    CUDA_OK(cudaMalloc(&out.p, nq * 4));
+    std::vector<double> step_ms;
+    const int steps = absl::GetFlag(FLAGS_offloaded_steps);
+    for (int st = 0; st < steps + 3; ++st) {
+      if (st == 3) s->ResetStats();
+      CUDA_OK(FillRandomF32(static_cast<float*>(q.p), nq * kLayers, 100 + st, 3.0f, stream));
+      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(kn.p), nkv, 1000 + st, 1.0f, stream));
+      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(vn.p), nkv, 2000 + st, 1.0f, stream));
+      CUDA_OK(cudaStreamSynchronize(stream));
+      const absl::Time t0 = absl::Now();
+      for (int32_t l = 0; l < kLayers; ++l) {
+        KVR_RETURN_IF_ERROR(s->AttendLayer(l, static_cast<const float*>(q.p) + l * nq, kn.p, vn.p,
+                                           static_cast<float*>(out.p), stream));
+      }
+      CUDA_OK(cudaStreamSynchronize(stream));
+      if (st >= 3) step_ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
+    }
+    const worker::SessionStats& ss = s->stats();
+    const double n = std::max<int64_t>(1, ss.steps);
+    const std::string note = absl::StrCat(
+        "per token: ", ss.remote_calls / n, " calls, rpc wait ", ss.rpc_wait_us / n / 1000,
+        " ms (server ", ss.server_us / n / 1000, " ms: search ", ss.server_search_us / n / 1000,
+        ", attention ", ss.server_attend_us / n / 1000, "), queries to host ", ss.query_download_us / n / 1000,
+        " ms, states to GPU ", ss.state_upload_us / n / 1000, " ms, appends ", ss.append_us / n / 1000,
+        " ms, fetch wait ", ss.gather_wait_us / n / 1000, " ms, sent ", ss.bytes_sent / n / 1024,
+        " KiB, received ", ss.bytes_received / n / 1024, " KiB");
+    rows->push_back(Row{"offloaded", var.name, tokens, 1, Median(step_ms), note});
+    std::fprintf(stderr, "worker_bench: %s: %.2f ms/token; %s\n", var.name.c_str(), Median(step_ms),
+                 note.c_str());
+  }
+  cudaStreamDestroy(stream);
+  daemon.Stop();
+  return absl::OkStatus();
+}
+
+int Main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("worker_bench: decode-step attention through the decode worker");
+  absl::ParseCommandLine(argc, argv);
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
+    std::fprintf(stderr, "worker_bench: no CUDA device\n");
+    return 1;
+  }
+  std::printf("# worker_bench on %s (%d SMs, %.0f GiB), host %s, %u hardware threads\n", prop.name,
+              prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, CpuName().c_str(),
+              std::thread::hardware_concurrency());
+  std::vector<Row> rows;
+  absl::Status s;
+  if (absl::GetFlag(FLAGS_resident)) s = RunResident(&rows);
+  if (s.ok() && absl::GetFlag(FLAGS_offloaded)) s = RunOffloaded(&rows);
+  std::printf("mode,policy,context,batch,ms_per_step,note\n");
+  for (const Row& r : rows) {
+    std::printf("%s,%s,%ld,%d,%.4f,\"%s\"\n", r.mode.c_str(), r.policy.c_str(), static_cast<long>(r.context),
+                r.batch, r.ms_per_step, r.note.c_str());
+  }
+  if (!absl::GetFlag(FLAGS_out).empty()) {
+    std::ofstream f(absl::GetFlag(FLAGS_out) + "/worker_bench.csv");
+    f << "mode,policy,context,batch,ms_per_step,note\n";
+    for (const Row& r : rows) {
+      f << r.mode << "," << r.policy << "," << r.context << "," << r.batch << "," << r.ms_per_step << ",\""
+        << r.note << "\"\n";
+    }
+  }
+  if (!s.ok()) {
+    std::fprintf(stderr, "worker_bench: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvrecall::bench
+
+int main(int argc, char** argv) { return kvrecall::bench::Main(argc, argv); }
