@@ -243,7 +243,7 @@ absl::StatusOr<int> StartDaemon(ChildProcess* proc, const std::string& dir, int6
                                    "--data_dir=" + dir + "/data",
                                    absl::StrCat("--memory_capacity_bytes=", memory_bytes),
                                    absl::StrCat("--disk_capacity_bytes=", int64_t{1} << 30),
-                                   absl::StrCat("--index_build_threads=2")},
+                                   "--index_build_threads=2", "--persist_indexes=false"},
                                   dir + "/kvrecalld.log"));
   for (int i = 0; i < 6000; ++i) {
     if (!proc->Alive()) break;

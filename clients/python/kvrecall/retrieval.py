@@ -235,12 +235,22 @@ class RetrievalMixin:
                        budget: float = 0.0, kind: str = "roar", effort: int = 0,
                        knobs: str = "", build_params: str = "",
                        exclude: Iterable[Tuple[int, int]] = (), union: bool = False,
-                       omit_positions: bool = False, request_id: int = 0):
-        """The AttendRequest message of attend() (for attend_stream)."""
+                       omit_positions: bool = False, request_id: int = 0,
+                       positions: Optional[Sequence[Sequence[int]]] = None, select_k: int = 0):
+        """The AttendRequest message of attend() (for attend_stream).
+
+        positions: attend by positions — one list per query head (or per KV
+        head), no index searched. select_k: with kind "all" and k = 0, also
+        return the select_k highest-scoring positions per query head."""
         req = self._retrieve_fields(retrieval_pb2.AttendRequest(), context, layer, queries, k,
                                     budget, kind, effort, knobs, build_params, exclude, union)
         req.omit_positions = omit_positions
         req.request_id = request_id
+        if positions is not None:
+            req.ClearField("index")
+            for p in positions:
+                req.positions.add().positions.extend(int(x) for x in p)
+        req.select_k = select_k
         return req
 
     def attend(self, context: bytes, layer: int, queries: np.ndarray, **options) -> AttendResult:
@@ -262,6 +272,31 @@ class RetrievalMixin:
                 yield _attend_result(resp)
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from None
+
+    def gather_kv(self, context: bytes, kv_head_positions: Sequence[Sequence[int]],
+                  layers: Tuple[int, int] = (0, 0), dtype=np.uint16):
+        """The K/V rows of the given positions (one list per KV head) in layers
+        [begin, end) ((0, 0): every layer). Returns {layer: (keys, values)},
+        each [rows, head_dim] (rows of KV head 0's positions, then head 1's, ...;
+        bf16 and f16 as uint16 bit patterns, f32 as float32)."""
+        req = retrieval_pb2.GatherKvRequest(context=context)
+        req.layers.begin, req.layers.end = layers
+        for p in kv_head_positions:
+            req.kv_heads.add().positions.extend(int(x) for x in p)
+        out = {}
+
+        def fetch(timeout):
+            parts = {}
+            for m in self._retrieval.GatherKv(req, timeout=timeout, metadata=self._metadata):
+                kt = np.float32 if m.keys.dtype == common_pb2.DTYPE_F32 else dtype
+                k = np.frombuffer(m.keys.data, dtype=kt).reshape(tuple(m.keys.shape))
+                v = np.frombuffer(m.values.data, dtype=kt).reshape(tuple(m.values.shape))
+                parts.setdefault(m.layer, []).append((k, v))
+            return parts
+
+        for layer, chunks in self._call(fetch).items():
+            out[layer] = (np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]))
+        return out
 
     # --- artifacts ---
 
