@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -34,6 +35,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
@@ -63,13 +65,19 @@ ABSL_FLAG(std::vector<std::string>, offloaded_kinds, std::vector<std::string>({"
 ABSL_FLAG(double, offloaded_budget, 0.01, "token budget of the offloaded selections");
 ABSL_FLAG(int32_t, offloaded_window, 2048, "GPU-resident window of the offloaded rows");
 ABSL_FLAG(int32_t, offloaded_steps, 20, "timed decode steps per offloaded row");
+ABSL_FLAG(int32_t, layers, 32, "layers of the geometry (32: Llama-3-8B; fewer for small machines)");
+ABSL_FLAG(std::string, backend, "cuda",
+          "cuda, or cpu (offloaded rows only: the GPU's share runs on the CPU references)");
 ABSL_FLAG(std::string, kvrecalld, "", "kvrecalld binary (default: next to this binary)");
 ABSL_FLAG(std::string, out, "", "directory for worker_bench.csv (default: none)");
 
 namespace kvrecall::bench {
 namespace {
 
-constexpr int32_t kLayers = 32, kHq = 32, kHkv = 8, kD = 128;
+constexpr int32_t kHq = 32, kHkv = 8, kD = 128;
+
+// Layers of the geometry (--layers; 32 = Llama-3-8B).
+int32_t kLayers = 32;
 
 #define CUDA_OK(expr)                                                                  \
   do {                                                                                 \
@@ -255,25 +263,86 @@ absl::StatusOr<int> StartDaemon(ChildProcess* proc, const std::string& dir, int6
   return absl::UnavailableError(absl::StrCat("kvrecalld did not start; see ", dir, "/kvrecalld.log"));
 }
 
-// Stores a random prompt of `tokens` tokens (all 32 layers) as spans, the
-// K/V of layer l generated on the GPU from seeds (2l+1, 2l+2) as
-// [Hkv, tokens, d]; returns the chain.
+// Backend memory for the offloaded rows, filled with the same counter-based
+// random values on either backend (the CUDA kernel of random_fill.cu, or its
+// host twin below).
+uint64_t HostMix(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdULL;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ULL;
+  x ^= x >> 33;
+  return x;
+}
+float HostNormalish(uint64_t i, uint64_t seed) {
+  const uint64_t a = HostMix(i * 2 + seed * 0x9e3779b97f4a7c15ULL);
+  const uint64_t b = HostMix(i * 2 + 1 + seed * 0x9e3779b97f4a7c15ULL);
+  const float u = ((a & 0xffff) + ((a >> 16) & 0xffff) + (b & 0xffff) + ((b >> 16) & 0xffff)) / 65536.0f;
+  return (u - 2.0f) * 1.7320508f;
+}
+
+class Mem {
+ public:
+  Mem(worker::Backend* be, size_t bytes) : be_(be), bytes_(bytes) {
+    auto p = be->Allocate(bytes);
+    p_ = p.ok() ? *p : nullptr;
+  }
+  ~Mem() {
+    if (p_ != nullptr) be_->Free(p_);
+  }
+  void* get() const { return p_; }
+  absl::Status FillBf16(uint64_t seed, cudaStream_t stream) {
+    if (p_ == nullptr) return absl::ResourceExhaustedError("allocation failed");
+    const int64_t n = static_cast<int64_t>(bytes_ / 2);
+    if (be_->is_device()) {
+      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(p_), n, seed, 1.0f, stream));
+      return absl::OkStatus();
+    }
+    uint16_t* d = static_cast<uint16_t*>(p_);
+    for (int64_t i = 0; i < n; ++i) {
+      float f = HostNormalish(static_cast<uint64_t>(i), seed);
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      d[i] = static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    }
+    return absl::OkStatus();
+  }
+  absl::Status FillF32(uint64_t seed, float scale, cudaStream_t stream) {
+    if (p_ == nullptr) return absl::ResourceExhaustedError("allocation failed");
+    const int64_t n = static_cast<int64_t>(bytes_ / 4);
+    if (be_->is_device()) {
+      CUDA_OK(FillRandomF32(static_cast<float*>(p_), n, seed, scale, stream));
+      return absl::OkStatus();
+    }
+    float* d = static_cast<float*>(p_);
+    for (int64_t i = 0; i < n; ++i) d[i] = scale * HostNormalish(static_cast<uint64_t>(i), seed);
+    return absl::OkStatus();
+  }
+
+ private:
+  worker::Backend* be_;
+  void* p_ = nullptr;
+  size_t bytes_;
+};
+
+// Stores a random prompt of `tokens` tokens (all layers) as spans, the K/V
+// of layer l being the values of seeds (2l+1, 2l+2) as [Hkv, tokens, d];
+// returns the chain.
 absl::StatusOr<std::vector<Hash128>> StorePrompt(client::KvStoreClient* kv, const v1::ModelGeometry& model,
-                                                 int64_t tokens, cudaStream_t stream) {
+                                                 int64_t tokens, worker::Backend* be, cudaStream_t stream) {
   const int64_t block = model.block_tokens();
   const int64_t layer_elems = static_cast<int64_t>(kHkv) * tokens * kD;
   // Sequence layout [L][K|V][Hkv][T][d], bf16.
   std::string seq(static_cast<size_t>(kLayers) * 2 * layer_elems * 2, '\0');
-  DeviceMem buf;
-  CUDA_OK(cudaMalloc(&buf.p, layer_elems * 2));
+  Mem buf(be, layer_elems * 2);
   for (int32_t l = 0; l < kLayers; ++l) {
     for (int kv_i = 0; kv_i < 2; ++kv_i) {
-      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(buf.p), layer_elems, 2 * l + 1 + kv_i, 1.0f, stream));
-      CUDA_OK(cudaMemcpyAsync(seq.data() + (static_cast<size_t>(l) * 2 + kv_i) * layer_elems * 2, buf.p,
-                              layer_elems * 2, cudaMemcpyDeviceToHost, stream));
+      KVR_RETURN_IF_ERROR(buf.FillBf16(2 * l + 1 + kv_i, stream));
+      KVR_RETURN_IF_ERROR(be->CopyToHost(seq.data() + (static_cast<size_t>(l) * 2 + kv_i) * layer_elems * 2,
+                                         buf.get(), layer_elems * 2, stream));
     }
   }
-  CUDA_OK(cudaStreamSynchronize(stream));
+  KVR_RETURN_IF_ERROR(be->Synchronize(stream));
   std::vector<uint32_t> ids(tokens);
   std::mt19937 rng(5);
   for (auto& t : ids) t = rng() % 256;
@@ -302,11 +371,15 @@ absl::StatusOr<std::vector<Hash128>> StorePrompt(client::KvStoreClient* kv, cons
 
 absl::Status RunOffloaded(std::vector<Row>* rows) {
   const int64_t tokens = absl::GetFlag(FLAGS_offloaded_context);
+  const std::string backend_name = absl::GetFlag(FLAGS_backend);
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::Backend> mem_backend, worker::CreateBackend(backend_name));
+  worker::Backend* be = mem_backend.get();
   char tmpl[] = "/tmp/kvrecall-worker-bench-XXXXXX";
   const std::string dir = mkdtemp(tmpl);
   const int64_t prompt_bytes = static_cast<int64_t>(kLayers) * 2 * kHkv * tokens * kD * 2;
   ChildProcess daemon;
-  KVR_ASSIGN_OR_RETURN(int port, StartDaemon(&daemon, dir, prompt_bytes + (int64_t{8} << 30)));
+  // The memory tier is sharded: room for the prompt with a shard's worth of slack.
+  KVR_ASSIGN_OR_RETURN(int port, StartDaemon(&daemon, dir, prompt_bytes * 3 / 2 + (int64_t{2} << 30)));
   client::ClientOptions co;
   co.target = absl::StrCat("127.0.0.1:", port);
   co.deadline_ms = 600000;
@@ -321,9 +394,9 @@ absl::Status RunOffloaded(std::vector<Row>* rows) {
   model.set_keys_post_rope(true);
   model.set_block_tokens(256);
   KVR_RETURN_IF_ERROR(kv->RegisterModel(model).status());
-  cudaStream_t stream;
-  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  KVR_ASSIGN_OR_RETURN(std::vector<Hash128> chain, StorePrompt(kv.get(), model, tokens, stream));
+  cudaStream_t stream = nullptr;
+  if (be->is_device()) CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  KVR_ASSIGN_OR_RETURN(std::vector<Hash128> chain, StorePrompt(kv.get(), model, tokens, be, stream));
 
   const double budget = absl::GetFlag(FLAGS_offloaded_budget);
   const int32_t window = absl::GetFlag(FLAGS_offloaded_window);
@@ -346,22 +419,20 @@ absl::Status RunOffloaded(std::vector<Row>* rows) {
     t.num_layers = kLayers;
     t.num_full = 0;
     t.select_layer = 0;
-    t.reselect_layer = absl::GetFlag(FLAGS_reselect_layer);
+    t.reselect_layer = std::min(absl::GetFlag(FLAGS_reselect_layer), kLayers - 1);
     t.budget = worker::Budget{0, budget};
     t.sinks = 4;
     t.window = window;
     t.remote_kind = kind;
     KVR_ASSIGN_OR_RETURN(worker::LayerPolicy tidal, worker::TidalDecodePolicy(t));
-    variants.push_back({absl::StrCat("tidaldecode, remote selection (", kind, "), reuse by positions"),
+    variants.push_back({absl::StrCat("tidaldecode with remote selection (", kind, "); reuse by positions"),
                         tidal, worker::ReuseTransfer::kAttendByPositions});
-    variants.push_back({absl::StrCat("tidaldecode, remote selection (", kind, "), reuse by fetched rows"),
+    variants.push_back({absl::StrCat("tidaldecode with remote selection (", kind, "); reuse by fetched rows"),
                         tidal, worker::ReuseTransfer::kFetchRows});
   }
 
   const int64_t layer_elems = static_cast<int64_t>(kHkv) * tokens * kD;
-  DeviceMem pk, pv;
-  CUDA_OK(cudaMalloc(&pk.p, layer_elems * 2));
-  CUDA_OK(cudaMalloc(&pv.p, layer_elems * 2));
+  Mem pk(be, layer_elems * 2), pv(be, layer_elems * 2);
   for (const Variant& var : variants) {
     worker::SessionOptions o;
     o.model = Shape();
@@ -371,7 +442,7 @@ absl::Status RunOffloaded(std::vector<Row>* rows) {
     o.client = co;
     o.model_id = model.model_id();
     o.reuse_transfer = var.transfer;
-    KVR_ASSIGN_OR_RETURN(auto backend, worker::CreateCudaBackend());
+    KVR_ASSIGN_OR_RETURN(auto backend, worker::CreateBackend(backend_name));
     KVR_ASSIGN_OR_RETURN(auto s, worker::DecodeSession::Create(o, std::move(backend)));
     const absl::Time build_start = absl::Now();
     KVR_RETURN_IF_ERROR(s->StartPrefix({tokens}, {chain}, [&](const Progress& p) {
@@ -381,46 +452,43 @@ absl::Status RunOffloaded(std::vector<Row>* rows) {
     std::fprintf(stderr, "\nworker_bench: contexts opened and indexes ready in %.1f s\n",
                  absl::ToDoubleSeconds(absl::Now() - build_start));
     for (int32_t l = 0; l < kLayers; ++l) {
-      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(pk.p), layer_elems, 2 * l + 1, 1.0f, stream));
-      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(pv.p), layer_elems, 2 * l + 2, 1.0f, stream));
-      KVR_RETURN_IF_ERROR(s->LoadPrefixLayer(l, pk.p, pv.p, tokens, layer_elems, tokens * kD, kD, stream));
+      KVR_RETURN_IF_ERROR(pk.FillBf16(2 * l + 1, stream));
+      KVR_RETURN_IF_ERROR(pv.FillBf16(2 * l + 2, stream));
+      KVR_RETURN_IF_ERROR(s->LoadPrefixLayer(l, pk.get(), pv.get(), tokens, layer_elems, tokens * kD, kD, stream));
     }
-    DeviceMem q, kn, vn, out;
     const int64_t nq = static_cast<int64_t>(kHq) * kD, nkv = static_cast<int64_t>(kHkv) * kD;
-    CUDA_OK(cudaMalloc(&q.p, nq * 4 * kLayers));
-    CUDA_OK(cudaMalloc(&kn.p, nkv * 2));
-    CUDA_OK(cudaMalloc(&vn.p, nkv * 2));
-    CUDA_OK(cudaMalloc(&out.p, nq * 4));
+    Mem q(be, nq * 4 * kLayers), kn(be, nkv * 2), vn(be, nkv * 2), out(be, nq * 4);
     std::vector<double> step_ms;
     const int steps = absl::GetFlag(FLAGS_offloaded_steps);
     for (int st = 0; st < steps + 3; ++st) {
       if (st == 3) s->ResetStats();
-      CUDA_OK(FillRandomF32(static_cast<float*>(q.p), nq * kLayers, 100 + st, 3.0f, stream));
-      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(kn.p), nkv, 1000 + st, 1.0f, stream));
-      CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(vn.p), nkv, 2000 + st, 1.0f, stream));
-      CUDA_OK(cudaStreamSynchronize(stream));
+      KVR_RETURN_IF_ERROR(q.FillF32(100 + st, 3.0f, stream));
+      KVR_RETURN_IF_ERROR(kn.FillBf16(1000 + st, stream));
+      KVR_RETURN_IF_ERROR(vn.FillBf16(2000 + st, stream));
+      KVR_RETURN_IF_ERROR(be->Synchronize(stream));
       const absl::Time t0 = absl::Now();
       for (int32_t l = 0; l < kLayers; ++l) {
-        KVR_RETURN_IF_ERROR(s->AttendLayer(l, static_cast<const float*>(q.p) + l * nq, kn.p, vn.p,
-                                           static_cast<float*>(out.p), stream));
+        KVR_RETURN_IF_ERROR(s->AttendLayer(l, static_cast<const float*>(q.get()) + l * nq, kn.get(), vn.get(),
+                                           static_cast<float*>(out.get()), stream));
       }
-      CUDA_OK(cudaStreamSynchronize(stream));
+      KVR_RETURN_IF_ERROR(be->Synchronize(stream));
       if (st >= 3) step_ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
     }
     const worker::SessionStats& ss = s->stats();
     const double n = std::max<int64_t>(1, ss.steps);
-    const std::string note = absl::StrCat(
-        "per token: ", ss.remote_calls / n, " calls, rpc wait ", ss.rpc_wait_us / n / 1000,
-        " ms (server ", ss.server_us / n / 1000, " ms: search ", ss.server_search_us / n / 1000,
-        ", attention ", ss.server_attend_us / n / 1000, "), queries to host ", ss.query_download_us / n / 1000,
-        " ms, states to GPU ", ss.state_upload_us / n / 1000, " ms, appends ", ss.append_us / n / 1000,
-        " ms, fetch wait ", ss.gather_wait_us / n / 1000, " ms, sent ", ss.bytes_sent / n / 1024,
-        " KiB, received ", ss.bytes_received / n / 1024, " KiB");
-    rows->push_back(Row{"offloaded", var.name, tokens, 1, Median(step_ms), note});
+    const std::string note = absl::StrFormat(
+        "per token: %.0f calls; rpc wait %.1f ms (server %.1f ms: search %.1f, attention %.1f); "
+        "queries to host %.2f ms; states to GPU %.2f ms; appends %.2f ms; fetch wait %.1f ms; "
+        "sent %.0f KiB; received %.0f KiB",
+        ss.remote_calls / n, ss.rpc_wait_us / n / 1000, ss.server_us / n / 1000,
+        ss.server_search_us / n / 1000, ss.server_attend_us / n / 1000, ss.query_download_us / n / 1000,
+        ss.state_upload_us / n / 1000, ss.append_us / n / 1000, ss.gather_wait_us / n / 1000,
+        ss.bytes_sent / n / 1024, ss.bytes_received / n / 1024);
+    rows->push_back(Row{absl::StrCat("offloaded (", backend_name, ")"), var.name, tokens, 1, Median(step_ms), note});
     std::fprintf(stderr, "worker_bench: %s: %.2f ms/token; %s\n", var.name.c_str(), Median(step_ms),
                  note.c_str());
   }
-  cudaStreamDestroy(stream);
+  if (stream != nullptr) cudaStreamDestroy(stream);
   daemon.Stop();
   return absl::OkStatus();
 }
@@ -428,17 +496,21 @@ absl::Status RunOffloaded(std::vector<Row>* rows) {
 int Main(int argc, char** argv) {
   absl::SetProgramUsageMessage("worker_bench: decode-step attention through the decode worker");
   absl::ParseCommandLine(argc, argv);
+  kLayers = absl::GetFlag(FLAGS_layers);
+  const bool cpu = absl::GetFlag(FLAGS_backend) == "cpu";
   cudaDeviceProp prop{};
-  if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
-    std::fprintf(stderr, "worker_bench: no CUDA device\n");
+  if (!cpu && cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
+    std::fprintf(stderr, "worker_bench: no CUDA device (--backend=cpu runs the offloaded rows on the CPU)\n");
     return 1;
   }
-  std::printf("# worker_bench on %s (%d SMs, %.0f GiB), host %s, %u hardware threads\n", prop.name,
-              prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, CpuName().c_str(),
-              std::thread::hardware_concurrency());
+  std::printf("# worker_bench on %s, host %s, %u hardware threads, %d layers\n",
+              cpu ? "no GPU (cpu backend)"
+                  : absl::StrFormat("%s (%d SMs, %.0f GiB)", prop.name, prop.multiProcessorCount,
+                                    prop.totalGlobalMem / 1073741824.0).c_str(),
+              CpuName().c_str(), std::thread::hardware_concurrency(), kLayers);
   std::vector<Row> rows;
   absl::Status s;
-  if (absl::GetFlag(FLAGS_resident)) s = RunResident(&rows);
+  if (absl::GetFlag(FLAGS_resident) && !cpu) s = RunResident(&rows);
   if (s.ok() && absl::GetFlag(FLAGS_offloaded)) s = RunOffloaded(&rows);
   std::printf("mode,policy,context,batch,ms_per_step,note\n");
   for (const Row& r : rows) {
