@@ -99,7 +99,7 @@ if [[ -n "$KVRECALLD" ]]; then FLAGS+=(--kvrecalld="$KVRECALLD"); else FLAGS+=(-
 if [[ $QUICK == 1 ]]; then
   FLAGS+=(--quick)
 else
-  FLAGS+=(--select=8 --batch=8 --decode=512 --deadline_s=230)
+  FLAGS+=(--select=4 --batch=4 --decode=512 --deadline_s=230)
 fi
 timeout 290 $PY "$HERE/fidelity.py" "${FLAGS[@]}" "${EXTRA[@]}" > "$OUT/fidelity.txt" 2> "$OUT/fidelity.log"
 rc=$?
