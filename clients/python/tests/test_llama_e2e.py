@@ -174,3 +174,70 @@ def test_capture_reproduces_attn_dev(tmp_path):
     assert np.all(err <= ulp + 1e-4), float((err - ulp).max())
     assert (tmp_path / "window.txt").read_bytes() == (ATTN_DEV / "window.txt").read_bytes()
     assert math.isfinite(float(got.astype(np.float32).sum()))
+
+
+@needs_worker
+def test_transformers_cache_and_attention_match_the_runner(runner, monkeypatch):
+    """KvrecallCache + kvrecall_attention driven the way transformers'
+    LlamaAttention drives them (cache.update, then the registered attention
+    function, per layer; one token per decode step), with transformers'
+    registry and Cache base replaced by stand-ins when transformers is not
+    installed: greedy tokens equal the plain runner's."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+    from abc import ABC
+    if importlib.util.find_spec("transformers") is None:
+        fake = types.ModuleType("transformers")
+        fake.AttentionInterface = type("AttentionInterface", (), {
+            "registry": {}, "register": classmethod(lambda cls, k, f: cls.registry.__setitem__(k, f))})
+        utils = types.ModuleType("transformers.cache_utils")
+
+        class CacheLayerMixin(ABC):
+            def __init__(self):
+                self.keys = self.values = None
+                self.is_initialized = False
+
+        class Cache:
+            def __init__(self, layers=None, layer_class_to_replicate=None):
+                self.layers = layers
+
+        utils.CacheLayerMixin, utils.Cache = CacheLayerMixin, Cache
+        monkeypatch.setitem(sys.modules, "transformers", fake)
+        monkeypatch.setitem(sys.modules, "transformers.cache_utils", utils)
+        monkeypatch.delitem(sys.modules, "kvrecall.integrations.transformers", raising=False)
+    kvt = importlib.import_module("kvrecall.integrations.transformers")
+    kvt.register()
+    m, c = runner.model, runner.config
+    ids = torch.tensor([list(DEV.read_bytes()[1000:1200])])
+
+    def forward(tokens, cache, start):  # LlamaModel + LlamaAttention's calls
+        x = m.embed(tokens)
+        b, t = tokens.shape
+        cos, sin = m.rope(torch.arange(start, start + t)[None])
+        for layer in range(c.num_layers):
+            h = m.rms_norm(x, m.layers[layer]["ln1"])
+            p = m.layers[layer]
+            q = m.apply_rope((h @ p["q"]).view(b, t, c.num_q_heads, c.head_dim), cos, sin)
+            k = m.apply_rope((h @ p["k"]).view(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+            v = (h @ p["v"]).view(b, t, c.num_kv_heads, c.head_dim)
+            k2, v2 = cache.update(k.transpose(1, 2), v.transpose(1, 2), layer, {})
+            out, _ = kvt.kvrecall_attention(types.SimpleNamespace(layer_idx=layer),
+                                            q.transpose(1, 2), k2, v2, None, scaling=c.head_dim ** -0.5)
+            x = m.finish_layer(layer, x, out.reshape(b, t, -1))
+        return m.head(x)[:, -1]
+
+    for policy in ("full", P.tidal(8, select_layer=2, reselect_layer=5, k=K)):
+        want = runner.generate(ids, 16, policy=policy)[0]
+        cache = kvt.KvrecallCache(runner, policy, max_new_tokens=16, prompt_ids=ids)
+        try:
+            nxt = forward(ids, cache, 0).argmax(-1)
+            got = [int(nxt)]
+            for i in range(15):
+                assert cache.get_seq_length() == ids.shape[1] + i
+                nxt = forward(nxt[:, None], cache, ids.shape[1] + i).argmax(-1)
+                got.append(int(nxt))
+        finally:
+            cache.close()
+        assert got == want, policy
