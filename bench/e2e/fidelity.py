@@ -204,11 +204,11 @@ def hylra_policy(args, corpus, length, out_dir, budget, max_compute, n_full):
     subprocess.run(cmd, check=True)
     tmp_text.unlink()
     policy_file = out_dir / f"hylra-c{max_compute}.json"
-    cmd = [args.kvrecall, "profile-policy", f"--captures={cap}", f"--model={args.model_id}",
+    cmd = [args.kvrecall, "--progress=never", "profile-policy", f"--captures={cap}",
+           f"--model={args.model_id}",
            f"--budget={budget}", f"--max_compute={max_compute}", f"--n_full={n_full}",
            "--select=local:exact", f"--sinks={args.sinks}", f"--window={args.window}",
-           "--reuse_full", f"--steps=last:{min(256, args.decode)}", f"-o{policy_file}",
-           "--progress=never"]
+           "--reuse_full", f"--steps=last:{min(256, args.decode)}", f"-o{policy_file}"]
     log("+ " + " ".join(cmd))
     subprocess.run(cmd, check=True, stdout=sys.stderr)
     shutil.rmtree(cap, ignore_errors=True)
