@@ -400,21 +400,26 @@ def run(args, corpus, length, decode, n_windows, budgets, kinds_filter, target, 
 
     table, meta = summarize(results, args, windows, length, decode, prompt_tokens, dev, cfg,
                             t_start, screened, stats_rows, skipped)
-    write_outputs(out_dir, table, meta)
+    write_outputs(out_dir, table, meta, bits_by_row={
+        f"{mode}: {name}": np.concatenate(r["bits"]) for (name, mode), r in results.items()})
     print(markdown(table, meta))
     return 0 if all(c["ok"] for c in meta["checks"]) else 1
 
 
 def summarize(results, args, windows, length, decode, prompt_tokens, dev, cfg, t_start, screened,
               stats_rows, skipped):
-    full_bits = np.concatenate(results[("full", "gpu_resident")]["bits"]).mean()
+    full_all = np.concatenate(results[("full", "gpu_resident")]["bits"])
+    full_bits = full_all.mean()
     table = []
     for (name, mode), r in results.items():
         bits = np.concatenate(r["bits"])
+        paired = (bits - full_all[:len(bits)]).ravel()
         agree = np.concatenate(r["agree"]).mean() if r["agree"] else float("nan")
         table.append({"row": name, "mode": mode, "group": r["group"], "budget": r["budget"],
                       "policy": r["policy"], "bits_per_byte": float(bits.mean()),
-                      "delta": float(bits.mean() - full_bits), "top1_agreement": float(agree),
+                      "delta": float(bits.mean() - full_bits),
+                      "delta_se": float(paired.std(ddof=1) / np.sqrt(paired.size)) if paired.size > 1 else 0.0,
+                      "top1_agreement": float(agree),
                       "ms_per_step": 1000 * r["seconds"] / max(1, r["steps"]),
                       "setup_s": r["setup_s"], "remote_calls": r["remote_calls"],
                       "windows_done": len(r["bits"])})
@@ -472,11 +477,12 @@ def markdown(table, meta):
              f"{meta['window_bytes']} bytes, prompt {meta['prompt_tokens']}, decode "
              f"{meta['decode']} teacher-forced steps; sinks {meta['sinks']}, window "
              f"{meta['window']}; {meta['seconds']:.0f} s in all.", "",
-             "| row | mode | bits/byte | Δ vs full | top-1 agreement | ms/step |",
+             "| row | mode | bits/byte | Δ vs full (± s.e.) | top-1 agreement | ms/step |",
              "|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['row']} | {r['mode']} | {r['bits_per_byte']:.4f} | "
-                     f"{r['delta']:+.4f} | {r['top1_agreement']:.3f} | {r['ms_per_step']:.1f} |")
+                     f"{r['delta']:+.4f} ± {r.get('delta_se', 0):.4f} | "
+                     f"{r['top1_agreement']:.3f} | {r['ms_per_step']:.1f} |")
     if meta.get("skipped_rows"):
         lines += ["", "Skipped (time): " + "; ".join(meta["skipped_rows"])]
     if meta["checks"]:
@@ -489,12 +495,14 @@ def markdown(table, meta):
     return "\n".join(lines)
 
 
-def write_outputs(out_dir, table, meta, plot_it=True):
+def write_outputs(out_dir, table, meta, plot_it=True, bits_by_row=None):
     with open(out_dir / "fidelity.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(table[0]))
         wr.writeheader()
         wr.writerows(table)
     (out_dir / "fidelity.json").write_text(json.dumps({"rows": table, "meta": meta}, indent=1))
+    if bits_by_row:
+        np.savez_compressed(out_dir / "fidelity_bits.npz", **bits_by_row)
     (out_dir / "fidelity.md").write_text(markdown(table, meta) + "\n")
     if not plot_it:
         return
