@@ -123,25 +123,27 @@ class SparseEncoder:
 
 
 def train_sparse_encoder(data, layer=-1, kv_head=-1, num_features=0, k=8, epochs=10,
-                         batch_size=256, learning_rate=1e-3, aux_coefficient=1.0 / 32, seed=1):
+                         batch_size=256, learning_rate=1e-3, aux_coefficient=1.0 / 32, seed=1,
+                         device="cpu"):
     """A top-k sparse autoencoder of data [n, d] (the S^3 encoder; the same
     recipe as the service's TrainSparseEncoder: inputs scaled to unit mean
     per-dimension variance, decoder rows renormalised after every Adam step,
-    an auxiliary loss on features dead for an epoch), trained with torch."""
+    an auxiliary loss on features dead for an epoch), trained with torch on
+    `device` (initialisation and shuffling drawn on the CPU from `seed`)."""
     import torch
-    x = torch.as_tensor(np.asarray(data, dtype=np.float32))
+    x = torch.as_tensor(np.asarray(data, dtype=np.float32)).to(device)
     n, d = x.shape
     f = num_features or 8 * d
     g = torch.Generator().manual_seed(seed)
     scale = float(1.0 / np.sqrt(max(x.var(dim=0).mean().item(), 1e-12)))
     xs = x * scale
     b_dec = xs.mean(dim=0).clone().requires_grad_(True)
-    w_dec = torch.randn(f, d, generator=g)
+    w_dec = torch.randn(f, d, generator=g).to(device)
     w_dec = (w_dec / w_dec.norm(dim=1, keepdim=True)).requires_grad_(True)
     w_enc = w_dec.detach().clone().requires_grad_(True)
-    b_enc = torch.zeros(f, requires_grad=True)
+    b_enc = torch.zeros(f, device=device, requires_grad=True)
     opt = torch.optim.Adam([w_enc, b_enc, w_dec, b_dec], lr=learning_rate, betas=(0.9, 0.999))
-    since_fired = torch.zeros(f)
+    since_fired = torch.zeros(f, device=device)
     aux_k = 2 * k
 
     def encode(batch):
@@ -150,13 +152,13 @@ def train_sparse_encoder(data, layer=-1, kv_head=-1, num_features=0, k=8, epochs
         return pre, vals.clamp(min=0), ids
 
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
+        perm = torch.randperm(n, generator=g).to(device)
         for s in range(0, n, batch_size):
             batch = xs[perm[s:s + batch_size]]
             pre, acts, ids = encode(batch)
-            recon = torch.zeros(batch.shape[0], f).scatter(1, ids, acts) @ w_dec + b_dec
+            recon = torch.zeros(batch.shape[0], f, device=device).scatter(1, ids, acts) @ w_dec + b_dec
             loss = ((recon - batch) ** 2).mean()
-            fired = torch.zeros(f, dtype=torch.bool)
+            fired = torch.zeros(f, dtype=torch.bool, device=device)
             fired[ids[acts > 0]] = True
             since_fired = torch.where(fired, torch.zeros_like(since_fired), since_fired + batch.shape[0])
             dead = since_fired >= n
@@ -164,7 +166,8 @@ def train_sparse_encoder(data, layer=-1, kv_head=-1, num_features=0, k=8, epochs
                 dead_pre = pre.masked_fill(~dead, float("-inf"))
                 kk = min(aux_k, int(dead.sum()))
                 dv, di = dead_pre.topk(kk, dim=1)
-                aux = torch.zeros(batch.shape[0], f).scatter(1, di, dv.clamp(min=0)) @ w_dec
+                aux = torch.zeros(batch.shape[0], f, device=device).scatter(
+                    1, di, dv.clamp(min=0)) @ w_dec
                 residual = (batch - recon).detach()
                 loss = loss + aux_coefficient * ((aux - residual) ** 2).mean()
             opt.zero_grad()
@@ -174,11 +177,12 @@ def train_sparse_encoder(data, layer=-1, kv_head=-1, num_features=0, k=8, epochs
                 w_dec /= w_dec.norm(dim=1, keepdim=True).clamp(min=1e-12)
     with torch.no_grad():
         _, acts, ids = encode(xs)
-        recon = torch.zeros(n, f).scatter(1, ids, acts) @ w_dec + b_dec
+        recon = torch.zeros(n, f, device=device).scatter(1, ids, acts) @ w_dec + b_dec
         fvu = float(((xs - recon) ** 2).sum() / ((xs - xs.mean(0)) ** 2).sum().clamp(min=1e-12))
         w_dec_n = w_dec / w_dec.norm(dim=1, keepdim=True)
-    return SparseEncoder(layer, kv_head, k, scale, w_enc.detach().numpy(), b_enc.detach().numpy(),
-                         w_dec_n.numpy(), b_dec.detach().numpy(), n, fvu)
+    host = lambda t: t.detach().cpu().numpy()  # noqa: E731
+    return SparseEncoder(layer, kv_head, k, scale, host(w_enc), host(b_enc), host(w_dec_n),
+                         host(b_dec), n, fvu)
 
 
 def serialize_sparse_encoders(encoders):

@@ -106,7 +106,8 @@ def bits_per_byte(logits, targets):
     """Per-position bits of the targets: -log2 softmax(logits)[target].
     logits [..., V], targets [...] -> float64 numpy [...]."""
     lp = torch.log_softmax(logits.double(), dim=-1)
-    nll = -lp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    targets = torch.as_tensor(targets).to(lp.device).long()
+    nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return (nll / math.log(2)).cpu().numpy()
 
 
@@ -553,7 +554,8 @@ class LlamaRunner:
                     pick = np.random.default_rng(key[0] * 1000 + key[1]).choice(
                         len(data), sparse_keys, replace=False)
                     data = data[np.sort(pick)]
-                encoders.append(artifacts.train_sparse_encoder(data, *key, epochs=epochs))
+                encoders.append(artifacts.train_sparse_encoder(data, *key, epochs=epochs,
+                                                               device=self.model.device))
                 if progress:
                     progress(f"sparse encoder {i + 1}/{len(keys)}: layer {key[0]} head {key[1]} "
                              f"fvu {encoders[-1].fvu:.3f}")
