@@ -77,16 +77,6 @@ ABSL_FLAG(std::string, csv, "index_bench.csv", "CSV output path (empty: none)");
 ABSL_FLAG(std::string, plot, "", "PNG output path for the recall vs %-scanned curves (empty: none)");
 ABSL_FLAG(bool, quick, false, "smoke test: layer 3 / KV head 0, 32 decode queries, coarse sweep");
 
-// Main()'s own error exit for a StatusOr.
-#define KVR_ASSIGN_OR_RETURN_MAIN(lhs, rexpr)                                        \
-  auto KVR_STATUS_MACROS_CONCAT_(main_or_, __LINE__) = (rexpr);                        \
-  if (!KVR_STATUS_MACROS_CONCAT_(main_or_, __LINE__).ok()) {                           \
-    std::fprintf(stderr, "\nindex_bench: %s\n",                                       \
-                 KVR_STATUS_MACROS_CONCAT_(main_or_, __LINE__).status().ToString().c_str()); \
-    return 1;                                                                        \
-  }                                                                                  \
-  lhs = *KVR_STATUS_MACROS_CONCAT_(main_or_, __LINE__)
-
 namespace kvrecall::bench {
 namespace {
 
@@ -193,345 +183,411 @@ void FillQuality(const EvalSet& set, const FullAttention& full, const Truth& tru
                  (static_cast<double>(nq) * static_cast<double>(set.num_keys));
 }
 
-int Main() {
-  const bool quick = absl::GetFlag(FLAGS_quick);
-  std::string data_dir = absl::GetFlag(FLAGS_data);
-  if (data_dir.empty()) data_dir = SourceDir() + "/../shared/data/attn-dev";
-  std::vector<int64_t> layers = ParseInts(absl::GetFlag(FLAGS_layers));
-  std::vector<int64_t> heads = ParseInts(absl::GetFlag(FLAGS_kv_heads));
-  int64_t decode = absl::GetFlag(FLAGS_decode);
-  std::vector<int64_t> synthetic = ParseInts(absl::GetFlag(FLAGS_synthetic));
-  int64_t synthetic_decode = absl::GetFlag(FLAGS_synthetic_decode);
-  double step = absl::GetFlag(FLAGS_sweep_step);
-  int reps = absl::GetFlag(FLAGS_reps);
-  const int64_t batch = absl::GetFlag(FLAGS_batch);
-  if (quick) {
-    layers = {3};
-    heads = {0};
-    decode = 32;
-    synthetic_decode = 32;
-    step = 4;
-    reps = 1;
-  }
-  if (step <= 1) {
-    std::fprintf(stderr, "--sweep_step must be > 1\n");
-    return 2;
-  }
-  std::vector<std::string> kinds = index::IndexKinds();
-  if (!absl::GetFlag(FLAGS_kinds).empty()) {
-    kinds = absl::StrSplit(absl::GetFlag(FLAGS_kinds), ',', absl::SkipWhitespace());
-  }
-  const std::map<std::string, std::string> build_params =
-      ParsePerKind(absl::GetFlag(FLAGS_build_params));
-  const std::map<std::string, std::string> synthetic_params =
-      ParsePerKind(absl::GetFlag(FLAGS_synthetic_build_params));
-  const std::map<std::string, std::string> efforts = ParsePerKind(absl::GetFlag(FLAGS_efforts));
-  const int all_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+// The run's settings: the flags, with --quick applied.
+struct Config {
+  bool quick = false;
+  std::string data_dir;
+  std::vector<int64_t> layers, heads, synthetic, tiled;
+  int64_t decode = 0, synthetic_decode = 0, batch = 0;
+  double step = 0;
+  int reps = 0;
+  std::vector<std::string> kinds;
+  std::map<std::string, std::string> build_params, synthetic_params, tiled_params, efforts;
+  int all_threads = 1;
   // Progress on stderr: a bar on a terminal, a line per stage otherwise.
-  const ProgressMode progress_mode = StderrProgressMode();
+  ProgressMode progress_mode = ProgressMode::kLines;
+};
 
-  std::printf("index_bench: %s\nmachine: %s\n", quick ? "quick" : "full sweep",
-              MachineDescription().c_str());
-  std::printf("kinds: %s\n", absl::StrJoin(kinds, ", ").c_str());
-  std::printf("attention over the indexed prefix; latency = time of %s / decode queries\n",
-              batch > 0 ? absl::StrCat("calls of ", batch, " queries").c_str()
-                        : "one call with all decode queries");
+// INVALID_ARGUMENT for a bad flag (exit code 2).
+absl::StatusOr<Config> ConfigFromFlags() {
+  Config c;
+  c.quick = absl::GetFlag(FLAGS_quick);
+  c.data_dir = absl::GetFlag(FLAGS_data);
+  if (c.data_dir.empty()) c.data_dir = SourceDir() + "/../shared/data/attn-dev";
+  c.layers = ParseInts(absl::GetFlag(FLAGS_layers));
+  c.heads = ParseInts(absl::GetFlag(FLAGS_kv_heads));
+  c.decode = absl::GetFlag(FLAGS_decode);
+  c.synthetic = ParseInts(absl::GetFlag(FLAGS_synthetic));
+  c.tiled = ParseInts(absl::GetFlag(FLAGS_tiled));
+  c.synthetic_decode = absl::GetFlag(FLAGS_synthetic_decode);
+  c.step = absl::GetFlag(FLAGS_sweep_step);
+  c.reps = absl::GetFlag(FLAGS_reps);
+  c.batch = absl::GetFlag(FLAGS_batch);
+  if (c.quick) {
+    c.layers = {3};
+    c.heads = {0};
+    c.decode = 32;
+    c.synthetic_decode = 32;
+    c.step = 4;
+    c.reps = 1;
+  }
+  if (c.step <= 1) return absl::InvalidArgumentError("--sweep_step must be > 1");
+  c.kinds = index::IndexKinds();
+  if (!absl::GetFlag(FLAGS_kinds).empty()) {
+    c.kinds = absl::StrSplit(absl::GetFlag(FLAGS_kinds), ',', absl::SkipWhitespace());
+  }
+  c.build_params = ParsePerKind(absl::GetFlag(FLAGS_build_params));
+  c.synthetic_params = ParsePerKind(absl::GetFlag(FLAGS_synthetic_build_params));
+  c.tiled_params = ParsePerKind(absl::GetFlag(FLAGS_tiled_build_params));
+  c.efforts = ParsePerKind(absl::GetFlag(FLAGS_efforts));
+  c.all_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  c.progress_mode = StderrProgressMode();
+  if (!absl::GetFlag(FLAGS_plot).empty() && absl::GetFlag(FLAGS_csv).empty()) {
+    return absl::InvalidArgumentError("--plot needs --csv");
+  }
+  return c;
+}
 
-  std::vector<Row> rows;
-  struct Pending {
-    int32_t layer, head;
-    int64_t synthetic_keys;
-    int64_t copies;
+// One evaluation set to run: a capture (layer, head), tiled `copies` times
+// when copies > 0, or a synthetic set of synthetic_keys keys.
+struct PlannedSet {
+  int32_t layer = -1, head = -1;
+  int64_t synthetic_keys = 0;
+  int64_t copies = 0;
+};
+
+std::vector<PlannedSet> PlanSets(const Config& c) {
+  std::vector<PlannedSet> sets;
+  for (int64_t l : c.layers) {
+    for (int64_t h : c.heads) {
+      if (c.tiled.empty()) sets.push_back({static_cast<int32_t>(l), static_cast<int32_t>(h), 0, 0});
+      for (int64_t copies : c.tiled) {
+        sets.push_back({static_cast<int32_t>(l), static_cast<int32_t>(h), 0, copies});
+      }
+    }
+  }
+  for (int64_t n : c.synthetic) sets.push_back({-1, -1, n, 0});
+  return sets;
+}
+
+absl::StatusOr<EvalSet> LoadSet(const Config& c, const PlannedSet& p) {
+  absl::StatusOr<EvalSet> loaded =
+      p.synthetic_keys > 0 ? MakeSynthetic(p.synthetic_keys, c.synthetic_decode, 1)
+      : p.copies > 0       ? MakeTiledCapture(c.data_dir, p.layer, p.head, c.decode, p.copies)
+                           : LoadCapture(c.data_dir, p.layer, p.head, c.decode);
+  if (c.quick && absl::IsNotFound(loaded.status())) {
+    // The smoke test runs without the capture too (a bare checkout).
+    std::printf("capture not found under %s: quick run on a synthetic set\n", c.data_dir.c_str());
+    loaded = MakeSynthetic(4096, c.synthetic_decode, 1);
+  }
+  return loaded;
+}
+
+// What every row of a set is measured against.
+struct SetContext {
+  const EvalSet* set = nullptr;
+  VectorView keys, training, queries;
+  Truth truth;
+  FullAttention full;
+};
+
+Row NewRow(const EvalSet& set) {
+  Row row;
+  row.set = set.name;
+  row.layer = set.layer;
+  row.kv_head = set.kv_head;
+  row.n = set.num_keys;
+  return row;
+}
+
+// The oracle rows: the exact top --window_budget of the keys, and sinks +
+// the most recent keys of the same budget.
+void AddOracleRows(const SetContext& sc, const KeyIndex& flat, std::vector<Row>* rows) {
+  const EvalSet& set = *sc.set;
+  const int64_t n = set.num_keys, nq = set.num_queries;
+  const int64_t budget = std::max<int64_t>(
+      1, std::llround(absl::GetFlag(FLAGS_window_budget) * static_cast<double>(n)));
+  auto top = flat.Search(sc.queries, static_cast<int32_t>(budget), {}).value();
+  const int64_t sinks = std::min(absl::GetFlag(FLAGS_sinks), budget);
+  std::vector<int64_t> window;
+  for (int64_t i = 0; i < sinks; ++i) window.push_back(i);
+  for (int64_t i = n - (budget - sinks); i < n; ++i) window.push_back(i);
+  const Truth& truth = sc.truth;
+  for (int which = 0; which < 2; ++which) {
+    Row row = NewRow(set);
+    row.kind = which == 0 ? "oracle_top" : "sink+window";
+    row.knob = "budget";
+    row.effort = budget;
+    row.timed = false;
+    double r32 = 0, r100 = 0, r1 = 0, mass = 0, err = 0;
+    for (int64_t q = 0; q < nq; ++q) {
+      const int64_t* ids = which == 0 ? top.ids.data() + q * budget : window.data();
+      r32 += RecallAt(ids, budget, truth.top32.ids.data() + q * 32, 32);
+      r100 += RecallAt(ids, budget, truth.top100.ids.data() + q * 100, 100);
+      r1 += RecallAt(ids, budget, truth.top1pct.ids.data() + q * truth.k1pct, truth.k1pct);
+      const SetQuality quality = EvaluateSet(set, sc.full, q, ids, budget);
+      mass += quality.mass;
+      err += quality.out_rel_err;
+    }
+    row.recall32 = r32 / nq;
+    row.recall100 = r100 / nq;
+    row.recall1pct = r1 / nq;
+    row.mass = mass / nq;
+    row.err = err / nq;
+    row.scanned = which == 0 ? 100.0 : 0.0;
+    PrintRow(row);
+    rows->push_back(row);
+  }
+}
+
+// The build params of `kind` for set `p`: --build_params, plus the
+// synthetic or tiled ones.
+absl::StatusOr<ParamMap> BuildParamsFor(const Config& c, const PlannedSet& p,
+                                        const std::string& kind) {
+  std::string text;
+  if (auto it = c.build_params.find(kind); it != c.build_params.end()) text = it->second;
+  const std::map<std::string, std::string>* extra =
+      p.synthetic_keys > 0 ? &c.synthetic_params : p.copies > 0 ? &c.tiled_params : nullptr;
+  if (extra != nullptr) {
+    if (auto it = extra->find(kind); it != extra->end()) {
+      text = text.empty() ? it->second : text + "," + it->second;
+    }
+  }
+  auto parsed = ParamMap::Parse(text);
+  if (!parsed.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(kind, ": ", parsed.status().message()));
+  }
+  return parsed;
+}
+
+// The knob values to sweep for `index`: --efforts, else the default sweep.
+std::vector<int64_t> EffortsFor(const Config& c, const std::string& kind, const KeyIndex& index) {
+  if (index.SearchEffortKnob().empty()) return {0};
+  if (auto it = c.efforts.find(kind); it != c.efforts.end()) return ParseInts(it->second);
+  return Sweep(index.MaxSearchEffort(), c.step);
+}
+
+// Seconds per batch of all decode queries, best of the repetitions, on 1
+// thread and on all threads. `first_s` is the time of the first untimed
+// search on 1 thread (kept when --batch=0).
+absl::Status TimePoint(const Config& c, const SetContext& sc, const KeyIndex& index,
+                       SearchParams params, double first_s, Row* row) {
+  const int64_t nq = sc.set->num_queries;
+  // All decode queries at once (--batch=0) or calls of --batch queries.
+  auto timed = [&](int threads) -> absl::StatusOr<double> {
+    params.num_threads = threads;
+    const int64_t step = c.batch > 0 ? c.batch : nq;
+    const auto t1 = std::chrono::steady_clock::now();
+    for (int64_t b = 0; b < nq; b += step) {
+      VectorView part = sc.queries;
+      part.data = sc.queries.row(b);
+      part.rows = std::min(step, nq - b);
+      KVR_RETURN_IF_ERROR(index.Search(part, 100, params).status());
+    }
+    return Seconds(t1);
   };
-  std::vector<Pending> sets;
-  const std::vector<int64_t> tiled = ParseInts(absl::GetFlag(FLAGS_tiled));
-  for (int64_t l : layers) {
-    for (int64_t h : heads) {
-      if (tiled.empty()) sets.push_back({static_cast<int32_t>(l), static_cast<int32_t>(h), 0, 0});
-      for (int64_t c : tiled) {
-        sets.push_back({static_cast<int32_t>(l), static_cast<int32_t>(h), 0, c});
-      }
+  // A slow point (seconds per batch) is timed once.
+  double best1 = c.batch > 0 ? 1e30 : first_s, best_all = 1e30;
+  const int point_reps = first_s > 1.0 ? 1 : c.reps;
+  for (int rep = 0; rep < point_reps; ++rep) {
+    if (c.batch > 0 || rep > 0) {
+      KVR_ASSIGN_OR_RETURN(double s1, timed(1));
+      best1 = std::min(best1, s1);
     }
+    KVR_ASSIGN_OR_RETURN(double s_all, timed(c.all_threads));
+    best_all = std::min(best_all, s_all);
   }
-  for (int64_t n : synthetic) sets.push_back({-1, -1, n, 0});
-  const std::map<std::string, std::string> tiled_params =
-      ParsePerKind(absl::GetFlag(FLAGS_tiled_build_params));
+  row->us_1t = best1 * 1e6 / static_cast<double>(nq);
+  row->us_all = best_all * 1e6 / static_cast<double>(nq);
+  return absl::OkStatus();
+}
 
-  for (size_t si = 0; si < sets.size(); ++si) {
-    const Pending& p = sets[si];
-    absl::StatusOr<EvalSet> loaded =
-        p.synthetic_keys > 0 ? MakeSynthetic(p.synthetic_keys, synthetic_decode, 1)
-        : p.copies > 0       ? MakeTiledCapture(data_dir, p.layer, p.head, decode, p.copies)
-                             : LoadCapture(data_dir, p.layer, p.head, decode);
-    if (quick && absl::IsNotFound(loaded.status())) {
-      // The smoke test runs without the capture too (a bare CI checkout).
-      std::printf("capture not found under %s: quick run on a synthetic set\n", data_dir.c_str());
-      loaded = MakeSynthetic(4096, synthetic_decode, 1);
-    }
-    if (!loaded.ok()) {
-      std::fprintf(stderr, "index_bench: %s\n", loaded.status().ToString().c_str());
-      return 1;
-    }
-    const EvalSet& set = *loaded;
-    const int64_t n = set.num_keys, nq = set.num_queries;
-    std::fprintf(stderr, "[%zu/%zu] %s: %lld keys, %lld queries, %lld training queries\n", si + 1,
-                 sets.size(), set.name.c_str(), static_cast<long long>(n),
-                 static_cast<long long>(nq), static_cast<long long>(set.num_training));
-    const VectorView keys{set.keys.data(), n, set.dim, DType::kF16, 0};
-    const VectorView training{set.training.data(), set.num_training, set.dim, set.training_dtype,
-                              0};
-    const VectorView queries = VectorView::F32(set.queries.data(), nq, set.dim);
-
-    // Ground truth and full attention.
-    auto flat = index::BuildIndex("flat", keys, training, BuildOptions());
-    if (!flat.ok()) {
-      std::fprintf(stderr, "index_bench: %s\n", flat.status().ToString().c_str());
-      return 1;
-    }
-    Truth truth;
-    truth.k1pct = static_cast<int32_t>(std::max<int64_t>(1, n / 100));
-    truth.top32 = (*flat)->Search(queries, 32, {}).value();
-    truth.top100 = (*flat)->Search(queries, 100, {}).value();
-    truth.top1pct = (*flat)->Search(queries, truth.k1pct, {}).value();
-    const FullAttention full = ComputeFullAttention(set, 0);
-
-    std::printf("\n== %s: %lld keys x %d dims, %lld decode queries, %lld training queries\n",
-                set.name.c_str(), static_cast<long long>(n), set.dim, static_cast<long long>(nq),
-                static_cast<long long>(set.num_training));
-    PrintHeader();
-    // Oracle rows.
-    {
-      const int64_t budget = std::max<int64_t>(
-          1, std::llround(absl::GetFlag(FLAGS_window_budget) * static_cast<double>(n)));
-      auto top = (*flat)->Search(queries, static_cast<int32_t>(budget), {}).value();
-      const int64_t sinks = std::min(absl::GetFlag(FLAGS_sinks), budget);
-      std::vector<int64_t> window;
-      for (int64_t i = 0; i < sinks; ++i) window.push_back(i);
-      for (int64_t i = n - (budget - sinks); i < n; ++i) window.push_back(i);
-      for (int which = 0; which < 2; ++which) {
-        Row row;
-        row.set = set.name;
-        row.layer = set.layer;
-        row.kv_head = set.kv_head;
-        row.n = n;
-        row.kind = which == 0 ? "oracle_top" : "sink+window";
-        row.knob = "budget";
-        row.effort = budget;
-        row.timed = false;
-        double r32 = 0, r100 = 0, r1 = 0, mass = 0, err = 0;
-        for (int64_t q = 0; q < nq; ++q) {
-          const int64_t* ids = which == 0 ? top.ids.data() + q * budget : window.data();
-          r32 += RecallAt(ids, budget, truth.top32.ids.data() + q * 32, 32);
-          r100 += RecallAt(ids, budget, truth.top100.ids.data() + q * 100, 100);
-          r1 += RecallAt(ids, budget, truth.top1pct.ids.data() + q * truth.k1pct, truth.k1pct);
-          const SetQuality quality = EvaluateSet(set, full, q, ids, budget);
-          mass += quality.mass;
-          err += quality.out_rel_err;
-        }
-        row.recall32 = r32 / nq;
-        row.recall100 = r100 / nq;
-        row.recall1pct = r1 / nq;
-        row.mass = mass / nq;
-        row.err = err / nq;
-        row.scanned = which == 0 ? 100.0 : 0.0;
-        PrintRow(row);
-        rows.push_back(row);
-      }
-    }
-
-    for (const std::string& kind : kinds) {
-      BuildOptions options;
-      std::string params_text;
-      if (auto it = build_params.find(kind); it != build_params.end()) params_text = it->second;
-      const std::map<std::string, std::string>* extra =
-          p.synthetic_keys > 0 ? &synthetic_params : p.copies > 0 ? &tiled_params : nullptr;
-      if (extra != nullptr) {
-        if (auto it = extra->find(kind); it != extra->end()) {
-          params_text = params_text.empty() ? it->second : params_text + "," + it->second;
-        }
-      }
-      auto parsed = ParamMap::Parse(params_text);
-      if (!parsed.ok()) {
-        std::fprintf(stderr, "index_bench: %s: %s\n", kind.c_str(),
-                     parsed.status().ToString().c_str());
-        return 2;
-      }
-      options.params = *parsed;
-      StageProgress build_progress(&std::cerr, absl::StrCat("  build ", kind), progress_mode);
-      options.progress = [&](const Progress& pr) { return build_progress.Update(pr); };
-      const auto t0 = std::chrono::steady_clock::now();
-      auto built = index::BuildIndex(kind, keys, training, options);
-      const double build_s = Seconds(t0);
-      build_progress.Clear();
-      std::fprintf(stderr, "  build %s: %.2f s\n", kind.c_str(), build_s);
-      if (!built.ok()) {
-        std::fprintf(stderr, "index_bench: build %s: %s\n", kind.c_str(),
-                     built.status().ToString().c_str());
-        return 1;
-      }
-      const KeyIndex& index = **built;
-      const std::string knob(index.SearchEffortKnob());
-      std::vector<int64_t> values;
-      if (knob.empty()) {
-        values = {0};
-      } else if (auto it = efforts.find(kind); it != efforts.end()) {
-        values = ParseInts(it->second);
-      } else {
-        values = Sweep(index.MaxSearchEffort(), step);
-      }
-      Row previous;
-      bool have_previous = false;
-      StageProgress search_progress(&std::cerr, absl::StrCat("  search ", kind), progress_mode);
-      for (size_t vi = 0; vi < values.size(); ++vi) {
-        const int64_t effort = values[vi];
-        Progress point;
-        point.stage = knob.empty() ? "exact" : absl::StrCat("sweep of ", knob);
-        point.done = static_cast<int64_t>(vi);
-        point.total = static_cast<int64_t>(values.size());
-        point.fraction = static_cast<double>(vi) / static_cast<double>(values.size());
-        search_progress.Update(point);
-        SearchParams params;
-        if (!knob.empty()) params.knobs.SetInt(knob, effort);
-        auto run = [&](int32_t k, int threads) {
-          params.num_threads = threads;
-          return index.Search(queries, k, params);
-        };
-        // The timed query batches: all decode queries at once (--batch=0)
-        // or calls of --batch queries, one after another.
-        auto timed = [&](int threads) -> absl::StatusOr<double> {
-          params.num_threads = threads;
-          const int64_t step = batch > 0 ? batch : nq;
-          const auto t1 = std::chrono::steady_clock::now();
-          for (int64_t b = 0; b < nq; b += step) {
-            VectorView part = queries;
-            part.data = queries.row(b);
-            part.rows = std::min(step, nq - b);
-            KVR_RETURN_IF_ERROR(index.Search(part, 100, params).status());
-          }
-          return Seconds(t1);
-        };
-        const auto t_first = std::chrono::steady_clock::now();
-        auto r100 = run(100, 1);
-        const double first_s = Seconds(t_first);
-        auto r32 = run(32, 0);
-        auto r1 = run(truth.k1pct, 0);
-        if (!r100.ok() || !r32.ok() || !r1.ok()) {
-          const absl::Status s = !r100.ok() ? r100.status() : !r32.ok() ? r32.status() : r1.status();
-          search_progress.Clear();
-          std::fprintf(stderr, "index_bench: search %s: %s\n", kind.c_str(), s.ToString().c_str());
-          return 1;
-        }
-        Row row;
-        row.set = set.name;
-        row.layer = set.layer;
-        row.kv_head = set.kv_head;
-        row.n = n;
-        row.kind = kind;
-        row.knob = knob;
-        row.effort = effort;
-        row.build_s = build_s;
-        row.index_bytes_per_key = static_cast<double>(index.IndexBytes()) / static_cast<double>(n);
-        row.key_bytes_per_key = static_cast<double>(index.KeyBytes()) / static_cast<double>(n);
-        FillQuality(set, full, truth, *r32, *r100, *r1, &row);
-        // The same operating point as the previous value (e.g. ef < k): skip.
-        if (have_previous && row.scanned == previous.scanned &&
-            row.recall100 == previous.recall100) {
-          continue;
-        }
-        // A slow point (seconds per batch) is timed once.
-        double best1 = batch > 0 ? 1e30 : first_s, best_all = 1e30;
-        const int point_reps = first_s > 1.0 ? 1 : reps;
-        for (int rep = 0; rep < point_reps; ++rep) {
-          if (batch > 0 || rep > 0) {
-            KVR_ASSIGN_OR_RETURN_MAIN(double s1, timed(1));
-            best1 = std::min(best1, s1);
-          }
-          KVR_ASSIGN_OR_RETURN_MAIN(double s_all, timed(all_threads));
-          best_all = std::min(best_all, s_all);
-        }
-        row.us_1t = best1 * 1e6 / static_cast<double>(nq);
-        row.us_all = best_all * 1e6 / static_cast<double>(nq);
-        search_progress.Clear();
-        PrintRow(row);
-        rows.push_back(row);
-        previous = row;
-        have_previous = true;
-      }
+// Builds `kind` over the set and sweeps its effort knob: a row per distinct
+// operating point.
+absl::Status RunKind(const Config& c, const PlannedSet& p, const SetContext& sc,
+                     const std::string& kind, std::vector<Row>* rows) {
+  const EvalSet& set = *sc.set;
+  const int64_t n = set.num_keys;
+  BuildOptions options;
+  KVR_ASSIGN_OR_RETURN(options.params, BuildParamsFor(c, p, kind));
+  StageProgress build_progress(&std::cerr, absl::StrCat("  build ", kind), c.progress_mode);
+  options.progress = [&](const Progress& pr) { return build_progress.Update(pr); };
+  const auto t0 = std::chrono::steady_clock::now();
+  auto built = index::BuildIndex(kind, sc.keys, sc.training, options);
+  const double build_s = Seconds(t0);
+  build_progress.Clear();
+  std::fprintf(stderr, "  build %s: %.2f s\n", kind.c_str(), build_s);
+  if (!built.ok()) {
+    return absl::Status(built.status().code(),
+                        absl::StrCat("build ", kind, ": ", built.status().message()));
+  }
+  const KeyIndex& index = **built;
+  const std::string knob(index.SearchEffortKnob());
+  const std::vector<int64_t> values = EffortsFor(c, kind, index);
+  Row previous;
+  bool have_previous = false;
+  StageProgress search_progress(&std::cerr, absl::StrCat("  search ", kind), c.progress_mode);
+  for (size_t vi = 0; vi < values.size(); ++vi) {
+    const int64_t effort = values[vi];
+    Progress point;
+    point.stage = knob.empty() ? "exact" : absl::StrCat("sweep of ", knob);
+    point.done = static_cast<int64_t>(vi);
+    point.total = static_cast<int64_t>(values.size());
+    point.fraction = static_cast<double>(vi) / static_cast<double>(values.size());
+    search_progress.Update(point);
+    SearchParams params;
+    if (!knob.empty()) params.knobs.SetInt(knob, effort);
+    auto run = [&](int32_t k, int threads) {
+      params.num_threads = threads;
+      return index.Search(sc.queries, k, params);
+    };
+    const auto t_first = std::chrono::steady_clock::now();
+    auto r100 = run(100, 1);
+    const double first_s = Seconds(t_first);
+    auto r32 = run(32, 0);
+    auto r1 = run(sc.truth.k1pct, 0);
+    if (!r100.ok() || !r32.ok() || !r1.ok()) {
       search_progress.Clear();
+      const absl::Status s = !r100.ok() ? r100.status() : !r32.ok() ? r32.status() : r1.status();
+      return absl::Status(s.code(), absl::StrCat("search ", kind, ": ", s.message()));
     }
+    Row row = NewRow(set);
+    row.kind = kind;
+    row.knob = knob;
+    row.effort = effort;
+    row.build_s = build_s;
+    row.index_bytes_per_key = static_cast<double>(index.IndexBytes()) / static_cast<double>(n);
+    row.key_bytes_per_key = static_cast<double>(index.KeyBytes()) / static_cast<double>(n);
+    FillQuality(set, sc.full, sc.truth, *r32, *r100, *r1, &row);
+    // The same operating point as the previous value (e.g. ef < k): skip.
+    if (have_previous && row.scanned == previous.scanned &&
+        row.recall100 == previous.recall100) {
+      continue;
+    }
+    params.num_threads = 0;
+    const absl::Status timed = TimePoint(c, sc, index, params, first_s, &row);
+    search_progress.Clear();
+    KVR_RETURN_IF_ERROR(timed);
+    PrintRow(row);
+    rows->push_back(row);
+    previous = row;
+    have_previous = true;
+  }
+  search_progress.Clear();
+  return absl::OkStatus();
+}
 
-    // Summary for this set: the cheapest point of each kind reaching
-    // recall@100 >= 0.95, against flat (latency) and faiss_hnsw (scanned).
-    const Row* flat_row = nullptr;
-    std::map<std::string, const Row*> at95;
-    for (const Row& r : rows) {
-      if (r.set != set.name) continue;
-      if (r.kind == "flat") flat_row = &r;
-      if (r.timed && r.recall100 >= 0.95) {
-        auto it = at95.find(r.kind);
-        if (it == at95.end() || r.scanned < it->second->scanned) at95[r.kind] = &r;
-      }
-    }
-    std::printf("-- %s at recall@100 >= 0.95 (cheapest swept point):\n", set.name.c_str());
-    for (const std::string& kind : kinds) {
-      auto it = at95.find(kind);
-      if (it == at95.end()) {
-        std::printf("   %-11s not reached\n", kind.c_str());
-        continue;
-      }
-      const Row& r = *it->second;
-      std::string vs_hnsw;
-      if (auto h = at95.find("faiss_hnsw"); h != at95.end() && kind != "faiss_hnsw") {
-        vs_hnsw = absl::StrFormat(", %.1fx fewer keys than faiss_hnsw", h->second->scanned / r.scanned);
-      }
-      std::string vs_flat;
-      if (flat_row != nullptr && kind != "flat") {
-        vs_flat = absl::StrFormat(", %.1fx (1 thread) / %.1fx (%d threads) faster than flat",
-                                  flat_row->us_1t / r.us_1t, flat_row->us_all / r.us_all,
-                                  all_threads);
-      }
-      const std::string point =
-          r.knob.empty() ? "exact" : absl::StrCat(r.knob, "=", r.effort);
-      std::printf("   %-11s %s: %.2f%% scanned, %.1f us/query%s%s\n", kind.c_str(),
-                  point.c_str(), r.scanned, r.us_1t, vs_flat.c_str(), vs_hnsw.c_str());
+// For one set: the cheapest point of each kind reaching recall@100 >= 0.95,
+// against flat (latency) and faiss_hnsw (keys scanned).
+void PrintSummary(const Config& c, const std::string& set_name, const std::vector<Row>& rows) {
+  const Row* flat_row = nullptr;
+  std::map<std::string, const Row*> at95;
+  for (const Row& r : rows) {
+    if (r.set != set_name) continue;
+    if (r.kind == "flat") flat_row = &r;
+    if (r.timed && r.recall100 >= 0.95) {
+      auto it = at95.find(r.kind);
+      if (it == at95.end() || r.scanned < it->second->scanned) at95[r.kind] = &r;
     }
   }
+  std::printf("-- %s at recall@100 >= 0.95 (cheapest swept point):\n", set_name.c_str());
+  for (const std::string& kind : c.kinds) {
+    auto it = at95.find(kind);
+    if (it == at95.end()) {
+      std::printf("   %-11s not reached\n", kind.c_str());
+      continue;
+    }
+    const Row& r = *it->second;
+    std::string vs_hnsw;
+    if (auto h = at95.find("faiss_hnsw"); h != at95.end() && kind != "faiss_hnsw") {
+      vs_hnsw = absl::StrFormat(", %.1fx fewer keys than faiss_hnsw", h->second->scanned / r.scanned);
+    }
+    std::string vs_flat;
+    if (flat_row != nullptr && kind != "flat") {
+      vs_flat = absl::StrFormat(", %.1fx (1 thread) / %.1fx (%d threads) faster than flat",
+                                flat_row->us_1t / r.us_1t, flat_row->us_all / r.us_all,
+                                c.all_threads);
+    }
+    const std::string point = r.knob.empty() ? "exact" : absl::StrCat(r.knob, "=", r.effort);
+    std::printf("   %-11s %s: %.2f%% scanned, %.1f us/query%s%s\n", kind.c_str(), point.c_str(),
+                r.scanned, r.us_1t, vs_flat.c_str(), vs_hnsw.c_str());
+  }
+}
 
+// Loads set `p`, computes its ground truth and runs every kind on it.
+absl::Status RunSet(const Config& c, const PlannedSet& p, size_t ordinal, size_t count,
+                    std::vector<Row>* rows) {
+  KVR_ASSIGN_OR_RETURN(const EvalSet set, LoadSet(c, p));
+  const int64_t n = set.num_keys, nq = set.num_queries;
+  std::fprintf(stderr, "[%zu/%zu] %s: %lld keys, %lld queries, %lld training queries\n", ordinal,
+               count, set.name.c_str(), static_cast<long long>(n), static_cast<long long>(nq),
+               static_cast<long long>(set.num_training));
+  SetContext sc;
+  sc.set = &set;
+  sc.keys = VectorView{set.keys.data(), n, set.dim, DType::kF16, 0};
+  sc.training = VectorView{set.training.data(), set.num_training, set.dim, set.training_dtype, 0};
+  sc.queries = VectorView::F32(set.queries.data(), nq, set.dim);
+  // Ground truth and full attention.
+  KVR_ASSIGN_OR_RETURN(auto flat, index::BuildIndex("flat", sc.keys, sc.training, BuildOptions()));
+  sc.truth.k1pct = static_cast<int32_t>(std::max<int64_t>(1, n / 100));
+  KVR_ASSIGN_OR_RETURN(sc.truth.top32, flat->Search(sc.queries, 32, {}));
+  KVR_ASSIGN_OR_RETURN(sc.truth.top100, flat->Search(sc.queries, 100, {}));
+  KVR_ASSIGN_OR_RETURN(sc.truth.top1pct, flat->Search(sc.queries, sc.truth.k1pct, {}));
+  sc.full = ComputeFullAttention(set, 0);
+
+  std::printf("\n== %s: %lld keys x %d dims, %lld decode queries, %lld training queries\n",
+              set.name.c_str(), static_cast<long long>(n), set.dim, static_cast<long long>(nq),
+              static_cast<long long>(set.num_training));
+  PrintHeader();
+  AddOracleRows(sc, *flat, rows);
+  for (const std::string& kind : c.kinds) KVR_RETURN_IF_ERROR(RunKind(c, p, sc, kind, rows));
+  PrintSummary(c, set.name, *rows);
+  return absl::OkStatus();
+}
+
+absl::Status WriteCsv(const std::string& path, const std::vector<Row>& rows, int all_threads) {
+  std::ofstream out(path);
+  out << "set,layer,kv_head,n,kind,knob,effort,recall32,recall100,recall1pct,mass100,"
+         "out_err100,pct_scanned,build_s,index_bytes_per_key,key_bytes_per_key,us_per_query_1t,"
+         "us_per_query_all,threads\n";
+  for (const Row& r : rows) {
+    out << absl::StrFormat("%s,%d,%d,%d,%s,%s,%d,%.4f,%.4f,%.4f,%.4f,%.5f,%.4f,%.3f,%.1f,%.1f,%s,%s,%d\n",
+                           r.set, r.layer, r.kv_head, r.n, r.kind, r.knob, r.effort, r.recall32,
+                           r.recall100, r.recall1pct, r.mass, r.err, r.scanned, r.build_s,
+                           r.index_bytes_per_key, r.key_bytes_per_key,
+                           r.timed ? absl::StrFormat("%.2f", r.us_1t) : "",
+                           r.timed ? absl::StrFormat("%.2f", r.us_all) : "", all_threads);
+  }
+  if (!out.good()) return absl::InternalError(absl::StrCat("cannot write ", path));
+  std::printf("\nwrote %s\n", path.c_str());
+  return absl::OkStatus();
+}
+
+absl::Status Plot(const std::string& csv, const std::string& png) {
+  const std::string cmd = absl::StrCat("/usr/bin/python3 '", SourceDir(),
+                                       "/bench/index/plot_index.py' '", csv, "' '", png, "'");
+  if (std::system(cmd.c_str()) != 0) {
+    return absl::InternalError(absl::StrCat("plotting failed: ", cmd));
+  }
+  std::printf("wrote %s\n", png.c_str());
+  return absl::OkStatus();
+}
+
+absl::Status Run(const Config& c) {
+  std::printf("index_bench: %s\nmachine: %s\n", c.quick ? "quick" : "full sweep",
+              MachineDescription().c_str());
+  std::printf("kinds: %s\n", absl::StrJoin(c.kinds, ", ").c_str());
+  std::printf("attention over the indexed prefix; latency = time of %s / decode queries\n",
+              c.batch > 0 ? absl::StrCat("calls of ", c.batch, " queries").c_str()
+                          : "one call with all decode queries");
+  std::vector<Row> rows;
+  const std::vector<PlannedSet> sets = PlanSets(c);
+  for (size_t si = 0; si < sets.size(); ++si) {
+    KVR_RETURN_IF_ERROR(RunSet(c, sets[si], si + 1, sets.size(), &rows));
+  }
   const std::string csv = absl::GetFlag(FLAGS_csv);
-  if (!csv.empty()) {
-    std::ofstream out(csv);
-    out << "set,layer,kv_head,n,kind,knob,effort,recall32,recall100,recall1pct,mass100,"
-           "out_err100,pct_scanned,build_s,index_bytes_per_key,key_bytes_per_key,us_per_query_1t,"
-           "us_per_query_all,threads\n";
-    for (const Row& r : rows) {
-      out << absl::StrFormat("%s,%d,%d,%d,%s,%s,%d,%.4f,%.4f,%.4f,%.4f,%.5f,%.4f,%.3f,%.1f,%.1f,%s,%s,%d\n",
-                             r.set, r.layer, r.kv_head, r.n, r.kind, r.knob, r.effort, r.recall32,
-                             r.recall100, r.recall1pct, r.mass, r.err, r.scanned, r.build_s,
-                             r.index_bytes_per_key, r.key_bytes_per_key,
-                             r.timed ? absl::StrFormat("%.2f", r.us_1t) : "",
-                             r.timed ? absl::StrFormat("%.2f", r.us_all) : "", all_threads);
-    }
-    if (!out.good()) {
-      std::fprintf(stderr, "index_bench: cannot write %s\n", csv.c_str());
-      return 1;
-    }
-    std::printf("\nwrote %s\n", csv.c_str());
-  }
+  if (!csv.empty()) KVR_RETURN_IF_ERROR(WriteCsv(csv, rows, c.all_threads));
   const std::string plot = absl::GetFlag(FLAGS_plot);
-  if (!plot.empty()) {
-    if (csv.empty()) {
-      std::fprintf(stderr, "index_bench: --plot needs --csv\n");
-      return 2;
-    }
-    const std::string cmd = absl::StrCat("/usr/bin/python3 '", SourceDir(),
-                                         "/bench/index/plot_index.py' '", csv, "' '", plot, "'");
-    if (std::system(cmd.c_str()) != 0) {
-      std::fprintf(stderr, "index_bench: plotting failed: %s\n", cmd.c_str());
-      return 1;
-    }
-    std::printf("wrote %s\n", plot.c_str());
-  }
-  return 0;
+  if (!plot.empty()) KVR_RETURN_IF_ERROR(Plot(csv, plot));
+  return absl::OkStatus();
+}
+
+int Main() {
+  absl::StatusOr<Config> config = ConfigFromFlags();
+  absl::Status status = config.ok() ? Run(*config) : config.status();
+  if (status.ok()) return 0;
+  std::fprintf(stderr, "index_bench: %s\n", status.ToString().c_str());
+  return absl::IsInvalidArgument(status) && !config.ok() ? 2 : 1;
 }
 
 }  // namespace
