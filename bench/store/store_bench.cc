@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -45,6 +46,7 @@
 #include "clients/cpp/span_keys.h"
 #include "common/npy.h"
 #include "common/span_hash.h"
+#include "common/status_macros.h"
 
 ABSL_FLAG(std::vector<std::string>, sizes, std::vector<std::string>({"64KiB", "1MiB", "8MiB"}),
           "span payload sizes (64KiB, 1MiB or 8MiB)");
@@ -397,150 +399,268 @@ std::string SelfDir() {
   return ec ? "." : self.parent_path().string();
 }
 
-int Main() {
-  std::vector<int64_t> sizes;
+// The run's settings from the flags.
+struct BenchConfig {
+  std::vector<int64_t> sizes;  // span bytes
+  std::vector<int> clients;
+  int64_t cell_bytes = 0;      // bytes written per cell and system
+  int batch = 1;               // spans per call
+};
+
+// INVALID_ARGUMENT naming the bad flag (exit code 2).
+absl::StatusOr<BenchConfig> ConfigFromFlags() {
+  BenchConfig cfg;
   for (const auto& s : absl::GetFlag(FLAGS_sizes)) {
     auto b = ParseBytes(s);
-    if (!b.ok()) {
-      std::fprintf(stderr, "store_bench: --sizes: %s\n", std::string(b.status().message()).c_str());
-      return 2;
-    }
-    sizes.push_back(*b);
+    if (!b.ok()) return absl::InvalidArgumentError(absl::StrCat("--sizes: ", b.status().message()));
+    cfg.sizes.push_back(*b);
   }
-  std::vector<int> clients;
   for (const auto& s : absl::GetFlag(FLAGS_clients)) {
     int c = 0;
     if (!absl::SimpleAtoi(s, &c) || c < 1 || c > 256) {
-      std::fprintf(stderr, "store_bench: --clients: '%s' is not in 1..256\n", s.c_str());
-      return 2;
+      return absl::InvalidArgumentError(absl::StrCat("--clients: '", s, "' is not in 1..256"));
     }
-    clients.push_back(c);
+    cfg.clients.push_back(c);
   }
   auto cell_bytes = ParseBytes(absl::GetFlag(FLAGS_bytes_per_cell));
   if (!cell_bytes.ok()) {
-    std::fprintf(stderr, "store_bench: --bytes_per_cell: %s\n",
-                 std::string(cell_bytes.status().message()).c_str());
-    return 2;
+    return absl::InvalidArgumentError(
+        absl::StrCat("--bytes_per_cell: ", cell_bytes.status().message()));
   }
-
-  char tmpl[] = "/tmp/kvrecall-store-bench-XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
-  int64_t largest_cell = 0;
-  for (int64_t size : sizes) {
-    for (int c : clients) {
-      const int64_t b = absl::GetFlag(FLAGS_batch);
-      const int64_t calls = std::max<int64_t>(
-          *cell_bytes / (size * c * b),
-          std::max<int64_t>(1, (absl::GetFlag(FLAGS_min_spans_per_client) + b - 1) / b));
-      largest_cell = std::max(largest_cell, calls * b * c * size);
-    }
+  cfg.cell_bytes = *cell_bytes;
+  cfg.batch = absl::GetFlag(FLAGS_batch);
+  if (cfg.batch < 1 || cfg.batch > 4096) {
+    return absl::InvalidArgumentError("--batch must be in 1..4096");
   }
+  for (int64_t size : cfg.sizes) KVR_RETURN_IF_ERROR(GeometryFor(size).status());
+  return cfg;
+}
 
-  // kvrecalld: memory tier large enough for a cell (spans are deleted after each).
+// Calls per client in the cell of `size` x `clients`, each of cfg.batch spans.
+int64_t CallsPerClient(const BenchConfig& cfg, int64_t size, int clients) {
+  const int64_t min_calls = (absl::GetFlag(FLAGS_min_spans_per_client) + cfg.batch - 1) / cfg.batch;
+  return std::max<int64_t>(cfg.cell_bytes / (size * clients * cfg.batch),
+                           std::max<int64_t>(1, min_calls));
+}
+
+// Starts kvrecalld on a port it picks, data in dir/data, with a memory tier
+// of `memory_bytes`; returns the port.
+absl::StatusOr<int> StartKvrecalld(const std::string& dir, int64_t memory_bytes,
+                                   ChildProcess* proc) {
   std::string kvrecalld = absl::GetFlag(FLAGS_kvrecalld);
   if (kvrecalld.empty()) kvrecalld = SelfDir() + "/kvrecalld";
-  std::vector<std::string> kv_argv = {
+  std::vector<std::string> argv = {
       kvrecalld, "--listen=127.0.0.1:0", "--port_file=" + dir + "/kvrecalld.port",
       // Spans here carry no token ids (random keys, as Redis gets).
       "--require_token_ids=false",
       "--data_dir=" + dir + "/data",
-      absl::StrCat("--memory_capacity_bytes=", largest_cell + (int64_t{256} << 20))};
-  for (const auto& f : absl::GetFlag(FLAGS_kvrecalld_flags)) kv_argv.push_back(f);
-  ChildProcess kv_proc;
-  if (auto s = kv_proc.Spawn(kv_argv, dir + "/kvrecalld.log"); !s.ok()) {
-    std::fprintf(stderr, "store_bench: %s\n", std::string(s.message()).c_str());
-    return 1;
-  }
-  int kv_port = 0;
-  for (int i = 0; i < 6000 && kv_port == 0; ++i) {
-    if (!kv_proc.Alive()) break;
+      absl::StrCat("--memory_capacity_bytes=", memory_bytes)};
+  for (const auto& f : absl::GetFlag(FLAGS_kvrecalld_flags)) argv.push_back(f);
+  KVR_RETURN_IF_ERROR(proc->Spawn(argv, dir + "/kvrecalld.log"));
+  int port = 0;
+  for (int i = 0; i < 6000 && port == 0; ++i) {
+    if (!proc->Alive()) break;
     auto text = ReadFileToString(dir + "/kvrecalld.port");
-    if (text.ok()) (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(*text), &kv_port);
-    if (kv_port == 0) absl::SleepFor(absl::Milliseconds(10));
+    if (text.ok()) (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(*text), &port);
+    if (port == 0) absl::SleepFor(absl::Milliseconds(10));
   }
-  if (kv_port == 0) {
-    std::fprintf(stderr, "store_bench: kvrecalld did not start; see %s/kvrecalld.log\n",
-                 dir.c_str());
-    return 1;
+  if (port == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("kvrecalld did not start; see ", dir, "/kvrecalld.log"));
   }
-  const std::string kv_target = absl::StrCat("127.0.0.1:", kv_port);
+  return port;
+}
 
-  // redis-server: loopback only, no persistence, no memory limit.
-  ChildProcess redis_proc;
-  int redis_port = 0;
-  for (int attempt = 0; attempt < 5 && redis_port == 0; ++attempt) {
+// Starts redis-server on loopback, no persistence, no memory limit; returns
+// its port.
+absl::StatusOr<int> StartRedis(const std::string& dir, ChildProcess* proc) {
+  for (int attempt = 0; attempt < 5; ++attempt) {
     auto port = PickFreeLoopbackPort();
     if (!port.ok()) break;
-    if (!redis_proc.Spawn({absl::GetFlag(FLAGS_redis_server), "--port", absl::StrCat(*port),
-                           "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                           "--protected-mode", "no", "--dir", dir, "--daemonize", "no"},
-                          dir + "/redis.log")
+    if (!proc->Spawn({absl::GetFlag(FLAGS_redis_server), "--port", absl::StrCat(*port), "--bind",
+                      "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                      "--dir", dir, "--daemonize", "no"},
+                     dir + "/redis.log")
              .ok()) {
       break;
     }
     for (int i = 0; i < 500; ++i) {
-      if (!redis_proc.Alive()) break;
-      if (RedisConnection::Command(*port, {"PING"}).ok()) {
-        redis_port = *port;
-        break;
-      }
+      if (!proc->Alive()) break;
+      if (RedisConnection::Command(*port, {"PING"}).ok()) return *port;
       absl::SleepFor(absl::Milliseconds(10));
     }
-    if (redis_port == 0) redis_proc.Stop();
+    proc->Stop();
   }
-  if (redis_port == 0) {
-    std::fprintf(stderr, "store_bench: redis-server (%s) did not start; see %s/redis.log\n",
-                 absl::GetFlag(FLAGS_redis_server).c_str(), dir.c_str());
-    return 1;
-  }
-  const std::string redis_version =
-      RedisConnection::Info(redis_port, "redis_version").value_or("?");
+  return absl::UnavailableError(absl::StrCat("redis-server (", absl::GetFlag(FLAGS_redis_server),
+                                             ") did not start; see ", dir, "/redis.log"));
+}
 
+void PrintPreamble(const BenchConfig& cfg, const std::string& redis_version) {
   std::printf("kvrecall store benchmark: %d span(s) per call over 127.0.0.1 (Redis: a pipeline of "
               "%d SET/GET), each client on its own connection;\nkvrecalld (memory tier, %s "
               "puts) vs redis-server %s (--save \"\" --appendonly no), same run, same "
               "workload.\n",
-              absl::GetFlag(FLAGS_batch), absl::GetFlag(FLAGS_batch),
-              absl::GetFlag(FLAGS_durable) ? "durable" : "non-durable", redis_version.c_str());
+              cfg.batch, cfg.batch, absl::GetFlag(FLAGS_durable) ? "durable" : "non-durable",
+              redis_version.c_str());
   std::printf("machine: %s\n", Machine().c_str());
-  {
-    auto load = ReadProcFile("/proc/loadavg");
-    std::printf("load average at start (other work on the machine): %s",
-                load.ok() ? load->c_str() : "?\n");
-  }
+  auto load = ReadProcFile("/proc/loadavg");
+  std::printf("load average at start (other work on the machine): %s",
+              load.ok() ? load->c_str() : "?\n");
   std::printf("bytes per cell and system: %s written, then read\n\n",
-              SizeName(*cell_bytes).c_str());
+              SizeName(cfg.cell_bytes).c_str());
   std::printf("%-7s %7s %-4s %9s %9s %8s %17s %17s %15s %15s\n", "size", "clients", "op",
               "kvrecall", "redis", "ratio", "kvrecall p50/p99", "redis p50/p99",
               "kvrecall cpu", "redis cpu");
   std::printf("%-7s %7s %-4s %9s %9s %8s %17s %17s %15s %15s\n", "", "", "", "MiB/s", "MiB/s",
               "kv/redis", "ms", "ms", "srv/cli s/GiB", "srv/cli s/GiB");
   std::fflush(stdout);
+}
+
+// The two peers of the run.
+struct Servers {
+  std::string kv_target;
+  pid_t kv_pid = -1;
+  int redis_port = 0;
+  pid_t redis_pid = -1;
+};
+
+// One cell of one system (0: kvrecall, 1: Redis): `clients` connections,
+// a warm-up, then the put phase and the get phase. keys[k]: client k's.
+absl::StatusOr<std::array<PhaseResult, 2>> RunSystem(
+    int system, const Servers& servers, const v1::ModelGeometry& model, int64_t size, int batch,
+    int64_t ops, const std::vector<std::vector<Hash128>>& keys, const std::string& payload) {
+  const int clients = static_cast<int>(keys.size());
+  std::vector<std::unique_ptr<Connection>> conns;
+  for (int k = 0; k < clients; ++k) {
+    if (system == 0) {
+      KVR_ASSIGN_OR_RETURN(auto conn, KvrecallConnection::Create(servers.kv_target, model));
+      conns.push_back(std::move(conn));
+    } else {
+      KVR_ASSIGN_OR_RETURN(auto conn, RedisConnection::Create(servers.redis_port));
+      conns.push_back(std::move(conn));
+    }
+  }
+  // Warm-up: one put and get per connection (connections, allocators).
+  const Hash128 root = SpanRootHash(model.model_id());
+  for (int k = 0; k < clients; ++k) {
+    std::vector<uint32_t> t(model.block_tokens(), static_cast<uint32_t>(k));
+    const Hash128 warm = SpanHash(root, t);
+    if (!conns[k]->Put({warm}, payload).ok() || !conns[k]->Get({warm}, size).ok()) {
+      return absl::InternalError("warm-up failed");
+    }
+  }
+  const pid_t server_pid = system == 0 ? servers.kv_pid : servers.redis_pid;
+  auto slice = [&](int k, int64_t i) {
+    return absl::MakeConstSpan(keys[k]).subspan(static_cast<size_t>(i * batch), batch);
+  };
+  const char* name = system == 0 ? "kvrecall" : "redis";
+  auto put = RunPhase(conns, ops, size * batch, server_pid, [&](Connection& conn, int k, int64_t i) {
+    return conn.Put(slice(k, i), payload);
+  });
+  if (!put.ok()) return absl::Status(put.status().code(), absl::StrCat(name, " failed: ", put.status().message()));
+  auto get = RunPhase(conns, ops, size * batch, server_pid, [&](Connection& conn, int k, int64_t i) {
+    return conn.Get(slice(k, i), size);
+  });
+  if (!get.ok()) return absl::Status(get.status().code(), absl::StrCat(name, " failed: ", get.status().message()));
+  return std::array<PhaseResult, 2>{*put, *get};
+}
+
+// Prints (and writes as JSON lines) the put and get rows of a cell.
+void PrintCell(int64_t size, int clients, int batch,
+               const std::array<PhaseResult, 2> (&results)[2], std::ofstream* json) {
+  for (int op = 0; op < 2; ++op) {
+    const PhaseResult& kv = results[0][op];
+    const PhaseResult& rd = results[1][op];
+    const double gib = static_cast<double>(kv.ops) * size * batch / (1 << 30);
+    std::printf("%-7s %7d %-4s %9.0f %9.0f %8.2f %8.2f/%-8.2f %8.2f/%-8.2f %7.2f/%-7.2f "
+                "%7.2f/%-7.2f\n",
+                SizeName(size).c_str(), clients, op == 0 ? "put" : "get", kv.mib_per_s,
+                rd.mib_per_s, kv.mib_per_s / rd.mib_per_s, kv.p50_ms, kv.p99_ms, rd.p50_ms,
+                rd.p99_ms, kv.server_cpu_s / gib, kv.client_cpu_s / gib, rd.server_cpu_s / gib,
+                rd.client_cpu_s / gib);
+    if (json->is_open()) {
+      *json << absl::StrFormat(
+          "{\"size_bytes\": %d, \"clients\": %d, \"op\": \"%s\", \"ops\": %d, "
+          "\"kvrecall_mib_s\": %.1f, \"redis_mib_s\": %.1f, \"ratio\": %.3f, "
+          "\"kvrecall_p50_ms\": %.3f, \"kvrecall_p99_ms\": %.3f, \"redis_p50_ms\": %.3f, "
+          "\"redis_p99_ms\": %.3f, \"batch\": %d, \"kvrecall_server_cpu_s\": %.3f, "
+          "\"kvrecall_client_cpu_s\": %.3f, \"redis_server_cpu_s\": %.3f, "
+          "\"redis_client_cpu_s\": %.3f}\n",
+          size, clients, op == 0 ? "put" : "get", kv.ops, kv.mib_per_s, rd.mib_per_s,
+          kv.mib_per_s / rd.mib_per_s, kv.p50_ms, kv.p99_ms, rd.p50_ms, rd.p99_ms, batch,
+          kv.server_cpu_s, kv.client_cpu_s, rd.server_cpu_s, rd.client_cpu_s);
+    }
+  }
+  std::fflush(stdout);
+}
+
+// One row pair: spans of `size` from `clients` clients into both systems,
+// then deleted from both.
+absl::Status RunCell(const BenchConfig& cfg, const Servers& servers,
+                     const v1::ModelGeometry& model, int64_t size, int clients,
+                     const std::string& payload, std::mt19937_64* rng, std::ofstream* json) {
+  const int64_t ops = CallsPerClient(cfg, size, clients);
+  // Keys: distinct first spans (parent = the model's root).
+  std::vector<std::vector<Hash128>> keys(clients);
+  const Hash128 root = SpanRootHash(model.model_id());
+  for (int k = 0; k < clients; ++k) {
+    for (int64_t i = 0; i < ops * cfg.batch; ++i) {
+      std::vector<uint32_t> t(model.block_tokens());
+      for (auto& x : t) x = static_cast<uint32_t>((*rng)());
+      keys[k].push_back(SpanHash(root, t));
+    }
+  }
+  std::array<PhaseResult, 2> results[2];  // [system][put, get]
+  for (int system = 0; system < 2; ++system) {
+    KVR_ASSIGN_OR_RETURN(results[system],
+                         RunSystem(system, servers, model, size, cfg.batch, ops, keys, payload));
+  }
+  // Free the cell's data in both systems.
+  client::ClientOptions o;
+  o.target = servers.kv_target;
+  auto admin = client::KvStoreClient::Create(o);
+  if (admin.ok()) {
+    for (int k = 0; k < clients; ++k) (*admin)->DeleteSpans(keys[k]).IgnoreError();  // cleanup only
+  }
+  RedisConnection::Command(servers.redis_port, {"FLUSHALL"}).IgnoreError();  // cleanup only
+  PrintCell(size, clients, cfg.batch, results, json);
+  return absl::OkStatus();
+}
+
+// Starts both servers in a temporary directory and runs every cell.
+absl::Status Run(const BenchConfig& cfg) {
+  char tmpl[] = "/tmp/kvrecall-store-bench-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  int64_t largest_cell = 0;
+  for (int64_t size : cfg.sizes) {
+    for (int c : cfg.clients) {
+      largest_cell = std::max(largest_cell, CallsPerClient(cfg, size, c) * cfg.batch * c * size);
+    }
+  }
+  // kvrecalld: memory tier large enough for a cell (spans are deleted after each).
+  ChildProcess kv_proc, redis_proc;
+  Servers servers;
+  KVR_ASSIGN_OR_RETURN(const int kv_port,
+                       StartKvrecalld(dir, largest_cell + (int64_t{256} << 20), &kv_proc));
+  servers.kv_target = absl::StrCat("127.0.0.1:", kv_port);
+  servers.kv_pid = kv_proc.pid();
+  KVR_ASSIGN_OR_RETURN(servers.redis_port, StartRedis(dir, &redis_proc));
+  servers.redis_pid = redis_proc.pid();
+  PrintPreamble(cfg, RedisConnection::Info(servers.redis_port, "redis_version").value_or("?"));
 
   std::ofstream json;
   if (!absl::GetFlag(FLAGS_json_out).empty()) json.open(absl::GetFlag(FLAGS_json_out));
-
-  const int batch = absl::GetFlag(FLAGS_batch);
-  if (batch < 1 || batch > 4096) {
-    std::fprintf(stderr, "store_bench: --batch must be in 1..4096\n");
-    return 2;
-  }
-  const int cells = static_cast<int>(sizes.size() * clients.size());
+  const int cells = static_cast<int>(cfg.sizes.size() * cfg.clients.size());
   int cell = 0;
   std::mt19937_64 rng(42);
-  for (int64_t size : sizes) {
-    absl::StatusOr<v1::ModelGeometry> model = GeometryFor(size);
-    if (!model.ok()) {
-      std::fprintf(stderr, "store_bench: %s\n", std::string(model.status().message()).c_str());
-      return 2;
-    }
+  for (int64_t size : cfg.sizes) {
+    KVR_ASSIGN_OR_RETURN(const v1::ModelGeometry model, GeometryFor(size));
     {
       client::ClientOptions o;
-      o.target = kv_target;
+      o.target = servers.kv_target;
       auto c = client::KvStoreClient::Create(o);
-      if (!c.ok() || !(*c)->RegisterModel(*model).ok()) {
-        std::fprintf(stderr, "store_bench: cannot register the model with kvrecalld\n");
-        return 1;
+      if (!c.ok() || !(*c)->RegisterModel(model).ok()) {
+        return absl::InternalError("cannot register the model with kvrecalld");
       }
     }
     std::string payload(static_cast<size_t>(size), '\0');
@@ -548,103 +668,14 @@ int Main() {
       const uint64_t v = rng();
       std::memcpy(payload.data() + i, &v, 8);
     }
-    for (int c : clients) {
+    for (int c : cfg.clients) {
       ++cell;
-      // `ops` calls per client, each of `batch` spans.
-      const int64_t min_calls =
-          (absl::GetFlag(FLAGS_min_spans_per_client) + batch - 1) / batch;
-      const int64_t ops = std::max<int64_t>(*cell_bytes / (size * c * batch),
-                                            std::max<int64_t>(1, min_calls));
       std::fprintf(stderr,
                    "[%d/%d] %s x %d clients: %lld put and get calls of %d spans per client and "
                    "system\n",
-                   cell, cells, SizeName(size).c_str(), c, static_cast<long long>(ops), batch);
-      // Keys: distinct first spans (parent = the model's root).
-      std::vector<std::vector<Hash128>> keys(c);
-      const Hash128 root = SpanRootHash(model->model_id());
-      for (int k = 0; k < c; ++k) {
-        for (int64_t i = 0; i < ops * batch; ++i) {
-          std::vector<uint32_t> t(model->block_tokens());
-          for (auto& x : t) x = static_cast<uint32_t>(rng());
-          keys[k].push_back(SpanHash(root, t));
-        }
-      }
-      PhaseResult results[2][2];  // [system][put, get]
-      for (int system = 0; system < 2; ++system) {
-        std::vector<std::unique_ptr<Connection>> conns;
-        for (int k = 0; k < c; ++k) {
-          auto conn = system == 0 ? KvrecallConnection::Create(kv_target, *model)
-                                  : RedisConnection::Create(redis_port);
-          if (!conn.ok()) {
-            std::fprintf(stderr, "store_bench: %s\n", std::string(conn.status().message()).c_str());
-            return 1;
-          }
-          conns.push_back(*std::move(conn));
-        }
-        // Warm-up: one put and get per connection (connections, allocators).
-        for (int k = 0; k < c; ++k) {
-          std::vector<uint32_t> t(model->block_tokens(), static_cast<uint32_t>(k));
-          const Hash128 warm = SpanHash(root, t);
-          if (!conns[k]->Put({warm}, payload).ok() || !conns[k]->Get({warm}, size).ok()) {
-            std::fprintf(stderr, "store_bench: warm-up failed\n");
-            return 1;
-          }
-        }
-        const pid_t server_pid = system == 0 ? kv_proc.pid() : redis_proc.pid();
-        auto slice = [&](int k, int64_t i) {
-          return absl::MakeConstSpan(keys[k]).subspan(static_cast<size_t>(i * batch), batch);
-        };
-        auto put = RunPhase(conns, ops, size * batch, server_pid,
-                            [&](Connection& conn, int k, int64_t i) {
-                              return conn.Put(slice(k, i), payload);
-                            });
-        auto get = put.ok() ? RunPhase(conns, ops, size * batch, server_pid,
-                                       [&](Connection& conn, int k, int64_t i) {
-                                         return conn.Get(slice(k, i), size);
-                                       })
-                            : absl::StatusOr<PhaseResult>(put.status());
-        if (!put.ok() || !get.ok()) {
-          std::fprintf(stderr, "store_bench: %s failed: %s\n", system == 0 ? "kvrecall" : "redis",
-                       std::string((put.ok() ? get.status() : put.status()).message()).c_str());
-          return 1;
-        }
-        results[system][0] = *put;
-        results[system][1] = *get;
-      }
-      // Free the cell's data in both systems.
-      {
-        client::ClientOptions o;
-        o.target = kv_target;
-        auto admin = client::KvStoreClient::Create(o);
-        if (admin.ok()) {
-          for (int k = 0; k < c; ++k) (*admin)->DeleteSpans(keys[k]).IgnoreError();  // cleanup only
-        }
-        RedisConnection::Command(redis_port, {"FLUSHALL"}).IgnoreError();  // cleanup only
-      }
-      for (int op = 0; op < 2; ++op) {
-        const PhaseResult& kv = results[0][op];
-        const PhaseResult& rd = results[1][op];
-        const double gib = static_cast<double>(kv.ops) * size * batch / (1 << 30);
-        std::printf("%-7s %7d %-4s %9.0f %9.0f %8.2f %8.2f/%-8.2f %8.2f/%-8.2f %7.2f/%-7.2f "
-                    "%7.2f/%-7.2f\n",
-                    SizeName(size).c_str(), c, op == 0 ? "put" : "get", kv.mib_per_s,
-                    rd.mib_per_s, kv.mib_per_s / rd.mib_per_s, kv.p50_ms, kv.p99_ms, rd.p50_ms,
-                    rd.p99_ms, kv.server_cpu_s / gib, kv.client_cpu_s / gib, rd.server_cpu_s / gib,
-                    rd.client_cpu_s / gib);
-        if (json.is_open()) {
-          json << absl::StrFormat(
-              "{\"size_bytes\": %d, \"clients\": %d, \"op\": \"%s\", \"ops\": %d, "
-              "\"kvrecall_mib_s\": %.1f, \"redis_mib_s\": %.1f, \"ratio\": %.3f, "
-              "\"kvrecall_p50_ms\": %.3f, \"kvrecall_p99_ms\": %.3f, \"redis_p50_ms\": %.3f, "
-              "\"redis_p99_ms\": %.3f, \"batch\": %d, \"kvrecall_server_cpu_s\": %.3f, "
-              "\"kvrecall_client_cpu_s\": %.3f, \"redis_server_cpu_s\": %.3f, "
-              "\"redis_client_cpu_s\": %.3f}\n",
-              size, c, op == 0 ? "put" : "get", kv.ops, kv.mib_per_s, rd.mib_per_s,
-              kv.mib_per_s / rd.mib_per_s, kv.p50_ms, kv.p99_ms, rd.p50_ms, rd.p99_ms, batch,
-              kv.server_cpu_s, kv.client_cpu_s, rd.server_cpu_s, rd.client_cpu_s);
-        }
-      }
-      std::fflush(stdout);
+                   cell, cells, SizeName(size).c_str(), c,
+                   static_cast<long long>(CallsPerClient(cfg, size, c)), cfg.batch);
+      KVR_RETURN_IF_ERROR(RunCell(cfg, servers, model, size, c, payload, &rng, &json));
     }
   }
   std::printf("\nratio > 1: kvrecall moved more bytes per second than Redis on that row.\n");
@@ -652,7 +683,15 @@ int Main() {
   redis_proc.Stop();
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
-  return 0;
+  return absl::OkStatus();
+}
+
+int Main() {
+  absl::StatusOr<BenchConfig> cfg = ConfigFromFlags();
+  const absl::Status status = cfg.ok() ? Run(*cfg) : cfg.status();
+  if (status.ok()) return 0;
+  std::fprintf(stderr, "store_bench: %s\n", std::string(status.message()).c_str());
+  return cfg.ok() ? 1 : 2;
 }
 
 }  // namespace
