@@ -338,177 +338,226 @@ v1::AttendRequest MakeProto(const Context& ctx, const std::vector<float>& q,
   return r;
 }
 
-absl::Status Run() {
-  std::printf("retrieval_bench on %s\n", bench::MachineDescription().c_str());
+// The store, the retrieval service and (with --grpc) its loopback gRPC
+// server and a stub; the in-process rows call the service directly.
+struct Harness {
+  std::unique_ptr<store::TieredStore> store;
+  MetricsRegistry registry;
+  std::unique_ptr<rpc::RpcMetrics> rpc_metrics;
+  std::unique_ptr<rpc::TenantAuthenticator> auth;
+  std::unique_ptr<rpc::RetrievalRpcService> rpc_service;
+  retrieval::RetrievalService* service = nullptr;  // owned by rpc_service
+  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<v1::Retrieval::Stub> stub;       // null without --grpc
+};
+
+absl::StatusOr<std::unique_ptr<Harness>> StartHarness() {
+  auto h = std::make_unique<Harness>();
   std::string dir = absl::GetFlag(FLAGS_data_dir);
   if (dir.empty()) dir = testing::MakeTempDir("retrieval-bench");
   store::TieredStoreOptions so;
   so.data_dir = dir;
   so.memory_capacity_bytes = int64_t{12} << 30;
   so.disk_capacity_bytes = int64_t{16} << 30;
-  KVR_ASSIGN_OR_RETURN(std::unique_ptr<store::TieredStore> store, store::TieredStore::Open(so));
-  auto registered = store->RegisterModel(Geometry());
+  KVR_ASSIGN_OR_RETURN(h->store, store::TieredStore::Open(so));
+  auto registered = h->store->RegisterModel(Geometry());
   if (!registered.ok() && !absl::IsAlreadyExists(registered)) return registered;
 
-  // The retrieval service, owned by its gRPC front end; the in-process rows
-  // call the same object directly.
-  MetricsRegistry registry;
-  rpc::RpcMetrics rpc_metrics(&registry);
-  auto auth = rpc::TenantAuthenticator::Disabled();
-  KVR_ASSIGN_OR_RETURN(auto service_owned,
-                       retrieval::RetrievalService::Create(store.get(), retrieval::RetrievalOptions()));
-  rpc::RetrievalRpcService rpc_service(std::move(service_owned), auth.get(), &rpc_metrics,
-                                       rpc::RetrievalRpcOptions());
-  retrieval::RetrievalService* service = rpc_service.retrieval();
-  std::unique_ptr<grpc::Server> server;
-  std::unique_ptr<v1::Retrieval::Stub> stub;
-  if (absl::GetFlag(FLAGS_grpc)) {
-    int port = 0;
-    grpc::ServerBuilder builder;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(&rpc_service);
-    builder.SetMaxReceiveMessageSize(64 << 20);
-    builder.SetMaxSendMessageSize(64 << 20);
-    server = builder.BuildAndStart();
-    if (server == nullptr) return absl::UnavailableError("cannot start the gRPC server");
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(64 << 20);
-    stub = v1::Retrieval::NewStub(grpc::CreateCustomChannel(
-        absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials(), args));
-  }
+  h->rpc_metrics = std::make_unique<rpc::RpcMetrics>(&h->registry);
+  h->auth = rpc::TenantAuthenticator::Disabled();
+  KVR_ASSIGN_OR_RETURN(auto service_owned, retrieval::RetrievalService::Create(
+                                               h->store.get(), retrieval::RetrievalOptions()));
+  h->rpc_service = std::make_unique<rpc::RetrievalRpcService>(
+      std::move(service_owned), h->auth.get(), h->rpc_metrics.get(), rpc::RetrievalRpcOptions());
+  h->service = h->rpc_service->retrieval();
+  if (!absl::GetFlag(FLAGS_grpc)) return h;
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(h->rpc_service.get());
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  builder.SetMaxSendMessageSize(64 << 20);
+  h->server = builder.BuildAndStart();
+  if (h->server == nullptr) return absl::UnavailableError("cannot start the gRPC server");
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 << 20);
+  h->stub = v1::Retrieval::NewStub(grpc::CreateCustomChannel(
+      absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials(), args));
+  return h;
+}
 
-  std::vector<int64_t> sizes;
-  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_tokens), ',', absl::SkipEmpty())) {
+// Comma-separated integers >= `min` of flag `name`.
+absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& text, const char* name,
+                                               int64_t min) {
+  std::vector<int64_t> out;
+  for (absl::string_view s : absl::StrSplit(text, ',', absl::SkipEmpty())) {
     int64_t v;
-    if (!absl::SimpleAtoi(s, &v) || v < 1024) return absl::InvalidArgumentError("bad --tokens");
-    sizes.push_back(v);
+    if (!absl::SimpleAtoi(s, &v) || v < min) {
+      return absl::InvalidArgumentError(absl::StrCat("bad --", name));
+    }
+    out.push_back(v);
   }
-  std::vector<int64_t> efforts;
-  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_efforts), ',', absl::SkipEmpty())) {
-    int64_t v;
-    if (!absl::SimpleAtoi(s, &v)) return absl::InvalidArgumentError("bad --efforts");
-    efforts.push_back(v);
+  return out;
+}
+
+// One row's request: kind, k or budget fraction, effort.
+struct AttendConfig {
+  std::string kind, budget;
+  int32_t k;
+  double frac;
+  int64_t effort;
+};
+
+std::vector<AttendConfig> ConfigsFor(int64_t tokens, const std::vector<int64_t>& efforts) {
+  const int32_t k1 = static_cast<int32_t>(std::ceil(0.01 * tokens));
+  std::vector<AttendConfig> configs = {{"all", "all", 0, 0, 0}};
+  for (int64_t ef : efforts) configs.push_back({"roar", "k=100", 100, 0, std::max<int64_t>(ef, 100)});
+  // The 1% budget needs ef >= k: the same multiples of k as the k=100 rows.
+  for (int64_t ef : efforts) {
+    configs.push_back({"roar", "1%", 0, 0.01, std::max<int64_t>(k1, ef * k1 / efforts[0])});
   }
-  const int steps = absl::GetFlag(FLAGS_steps), warmup = absl::GetFlag(FLAGS_warmup);
-  std::vector<Row> rows;
-  for (int64_t tokens : sizes) {
-    std::fprintf(stderr, "context of %lld tokens: generating and storing\n",
-                 static_cast<long long>(tokens));
-    KVR_ASSIGN_OR_RETURN(Context ctx, PrepareContext(store.get(), service, tokens, steps + warmup));
-    tokens = ctx.tokens;  // tiled contexts are whole copies of the capture
-    double build_s = 0;
-    const std::string roar_params = absl::GetFlag(FLAGS_roar_params);
-    KVR_RETURN_IF_ERROR(EnsureIndex(service, ctx, "roar", roar_params, &build_s));
-    if (build_s > 0) {
-      std::printf("roar build over %lld tokens x %d KV heads (%s): %.1f s\n",
-                  static_cast<long long>(tokens), kKvHeads, roar_params.c_str(), build_s);
-    }
+  configs.push_back({"all", "exact k=100", 100, 0, 0});
+  return configs;
+}
 
-    struct Config {
-      std::string kind, budget;
-      int32_t k;
-      double frac;
-      int64_t effort;
-    };
-    const int32_t k1 = static_cast<int32_t>(std::ceil(0.01 * tokens));
-    std::vector<Config> configs = {{"all", "all", 0, 0, 0}};
-    for (int64_t ef : efforts) configs.push_back({"roar", "k=100", 100, 0, std::max<int64_t>(ef, 100)});
-    // The 1% budget needs ef >= k: the same multiples of k as the k=100 rows.
-    for (int64_t ef : efforts) {
-      configs.push_back({"roar", "1%", 0, 0.01, std::max<int64_t>(k1, ef * k1 / efforts[0])});
-    }
-    configs.push_back({"all", "exact k=100", 100, 0, 0});
+// Per step: lse over everything and over the exact top-100 / top-1%, and
+// those exact positions per head.
+struct Oracle {
+  std::vector<std::vector<float>> lse_all, lse_k100, lse_k1;
+  std::vector<std::vector<std::vector<int64_t>>> top100, top1;
+};
 
-    // Oracles per step: lse over everything and over the exact top-k / top-1%.
-    std::vector<std::vector<float>> lse_all(ctx.steps.size()), lse_k100(ctx.steps.size()),
-        lse_k1(ctx.steps.size());
-    std::vector<std::vector<std::vector<int64_t>>> top100(ctx.steps.size()), top1(ctx.steps.size());
-    for (size_t s = 0; s < ctx.steps.size(); ++s) {
-      KVR_ASSIGN_OR_RETURN(auto full, service->Attend(MakeRequest(ctx, ctx.steps[s], "all", 0, 0, 0)));
-      lse_all[s] = full.state.lse;
-      KVR_ASSIGN_OR_RETURN(auto e100, service->Attend(MakeRequest(ctx, ctx.steps[s], "all", 100, 0, 0)));
-      lse_k100[s] = e100.state.lse;
-      top100[s] = e100.ids;
-      KVR_ASSIGN_OR_RETURN(auto e1, service->Attend(MakeRequest(ctx, ctx.steps[s], "all", k1, 0, 0)));
-      lse_k1[s] = e1.state.lse;
-      top1[s] = e1.ids;
-    }
-
-    double full_p50[2] = {0, 0};
-    for (const Config& c : configs) {
-      for (int path = 0; path < (stub ? 2 : 1); ++path) {
-        Row row;
-        row.tokens = tokens;
-        row.kind = c.kind;
-        row.budget = c.budget;
-        row.effort = c.effort;
-        row.path = path == 0 ? "in-process" : "grpc";
-        std::vector<double> lat;
-        double scanned = 0, recall = 0, mass_rel = 0, mass_tot = 0;
-        int measured = 0;
-        for (size_t s = 0; s < ctx.steps.size(); ++s) {
-          std::vector<float> lse;
-          std::vector<std::vector<int64_t>> ids;
-          int64_t keys_scanned = 0;
-          const auto t0 = std::chrono::steady_clock::now();
-          if (path == 0) {
-            KVR_ASSIGN_OR_RETURN(auto r, service->Attend(MakeRequest(ctx, ctx.steps[s], c.kind, c.k,
-                                                                     c.frac, c.effort)));
-            lse = std::move(r.state.lse);
-            ids = std::move(r.ids);
-            keys_scanned = r.stats.keys_scanned;
-          } else {
-            grpc::ClientContext cc;
-            cc.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-            v1::AttendResponse resp;
-            grpc::Status st = stub->Attend(&cc, MakeProto(ctx, ctx.steps[s], c.kind, c.k, c.frac,
-                                                          c.effort),
-                                           &resp);
-            if (!st.ok()) return absl::InternalError(st.error_message());
-            lse.assign(resp.lse_natural().begin(), resp.lse_natural().end());
-            for (const auto& h : resp.heads()) ids.emplace_back(h.positions().begin(), h.positions().end());
-            keys_scanned = resp.stats().keys_scanned();
-          }
-          const double us = std::chrono::duration<double, std::micro>(
-                                std::chrono::steady_clock::now() - t0)
-                                .count();
-          if (static_cast<int>(s) < warmup) continue;
-          lat.push_back(us);
-          ++measured;
-          scanned += static_cast<double>(keys_scanned) / (static_cast<double>(tokens) * kQHeads);
-          if (c.k > 0 || c.frac > 0) {
-            const bool is_k100 = c.k == 100;
-            const auto& truth = is_k100 ? top100[s] : top1[s];
-            const auto& lse_exact = is_k100 ? lse_k100[s] : lse_k1[s];
-            for (int h = 0; h < kQHeads; ++h) {
-              std::vector<int64_t> a = ids[h], b = truth[h];
-              std::sort(a.begin(), a.end());
-              std::sort(b.begin(), b.end());
-              std::vector<int64_t> both;
-              std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(both));
-              recall += static_cast<double>(both.size()) / static_cast<double>(b.size());
-              mass_rel += std::exp(double(lse[h]) - lse_exact[h]);
-              mass_tot += std::exp(double(lse[h]) - lse_all[s][h]);
-            }
-          }
-        }
-        row.p50_us = Percentile(lat, 0.5);
-        row.p99_us = Percentile(lat, 0.99);
-        row.keys_scanned_frac = scanned / measured;
-        if (c.k > 0 || c.frac > 0) {
-          row.recall = recall / (measured * kQHeads);
-          row.mass_vs_exact = mass_rel / (measured * kQHeads);
-          row.mass_total = mass_tot / (measured * kQHeads);
-        }
-        if (c.kind == "all" && c.k == 0) full_p50[path] = row.p50_us;
-        row.speedup = full_p50[path] / row.p50_us;
-        rows.push_back(row);
-      }
-    }
-    KVR_RETURN_IF_ERROR(service->CloseContext("", ctx.id));
+absl::StatusOr<Oracle> ComputeOracle(retrieval::RetrievalService* service, const Context& ctx) {
+  const int32_t k1 = static_cast<int32_t>(std::ceil(0.01 * ctx.tokens));
+  const size_t n = ctx.steps.size();
+  Oracle o;
+  o.lse_all.resize(n);
+  o.lse_k100.resize(n);
+  o.lse_k1.resize(n);
+  o.top100.resize(n);
+  o.top1.resize(n);
+  for (size_t s = 0; s < n; ++s) {
+    KVR_ASSIGN_OR_RETURN(auto full, service->Attend(MakeRequest(ctx, ctx.steps[s], "all", 0, 0, 0)));
+    o.lse_all[s] = full.state.lse;
+    KVR_ASSIGN_OR_RETURN(auto e100, service->Attend(MakeRequest(ctx, ctx.steps[s], "all", 100, 0, 0)));
+    o.lse_k100[s] = e100.state.lse;
+    o.top100[s] = e100.ids;
+    KVR_ASSIGN_OR_RETURN(auto e1, service->Attend(MakeRequest(ctx, ctx.steps[s], "all", k1, 0, 0)));
+    o.lse_k1[s] = e1.state.lse;
+    o.top1[s] = e1.ids;
   }
-  if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  return o;
+}
 
+// One decode step's Attend on a path (0: in-process, 1: gRPC).
+struct StepResult {
+  std::vector<float> lse;
+  std::vector<std::vector<int64_t>> ids;
+  int64_t keys_scanned = 0;
+  double us = 0;
+};
+
+absl::StatusOr<StepResult> AttendStep(const Harness& h, const Context& ctx,
+                                      const std::vector<float>& q, const AttendConfig& c,
+                                      int path) {
+  StepResult r;
+  const auto t0 = std::chrono::steady_clock::now();
+  if (path == 0) {
+    KVR_ASSIGN_OR_RETURN(auto reply,
+                         h.service->Attend(MakeRequest(ctx, q, c.kind, c.k, c.frac, c.effort)));
+    r.lse = std::move(reply.state.lse);
+    r.ids = std::move(reply.ids);
+    r.keys_scanned = reply.stats.keys_scanned;
+  } else {
+    grpc::ClientContext cc;
+    cc.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    v1::AttendResponse resp;
+    grpc::Status st = h.stub->Attend(&cc, MakeProto(ctx, q, c.kind, c.k, c.frac, c.effort), &resp);
+    if (!st.ok()) return absl::InternalError(st.error_message());
+    r.lse.assign(resp.lse_natural().begin(), resp.lse_natural().end());
+    for (const auto& head : resp.heads()) {
+      r.ids.emplace_back(head.positions().begin(), head.positions().end());
+    }
+    r.keys_scanned = resp.stats().keys_scanned();
+  }
+  r.us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
+// Times every step of `ctx` (the first `warmup` untimed) for one config and
+// path, with quality against the oracle. Speedup is filled by the caller.
+absl::StatusOr<Row> MeasureRow(const Harness& h, const Context& ctx, const Oracle& oracle,
+                               const AttendConfig& c, int path, int warmup) {
+  Row row;
+  row.tokens = ctx.tokens;
+  row.kind = c.kind;
+  row.budget = c.budget;
+  row.effort = c.effort;
+  row.path = path == 0 ? "in-process" : "grpc";
+  std::vector<double> lat;
+  double scanned = 0, recall = 0, mass_rel = 0, mass_tot = 0;
+  int measured = 0;
+  for (size_t s = 0; s < ctx.steps.size(); ++s) {
+    KVR_ASSIGN_OR_RETURN(const StepResult r, AttendStep(h, ctx, ctx.steps[s], c, path));
+    if (static_cast<int>(s) < warmup) continue;
+    lat.push_back(r.us);
+    ++measured;
+    scanned += static_cast<double>(r.keys_scanned) / (static_cast<double>(ctx.tokens) * kQHeads);
+    if (c.k == 0 && c.frac == 0) continue;
+    const bool is_k100 = c.k == 100;
+    const auto& truth = is_k100 ? oracle.top100[s] : oracle.top1[s];
+    const auto& lse_exact = is_k100 ? oracle.lse_k100[s] : oracle.lse_k1[s];
+    for (int head = 0; head < kQHeads; ++head) {
+      std::vector<int64_t> a = r.ids[head], b = truth[head];
+      std::sort(a.begin(), a.end());
+      std::sort(b.begin(), b.end());
+      std::vector<int64_t> both;
+      std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(both));
+      recall += static_cast<double>(both.size()) / static_cast<double>(b.size());
+      mass_rel += std::exp(double(r.lse[head]) - lse_exact[head]);
+      mass_tot += std::exp(double(r.lse[head]) - oracle.lse_all[s][head]);
+    }
+  }
+  row.p50_us = Percentile(lat, 0.5);
+  row.p99_us = Percentile(lat, 0.99);
+  row.keys_scanned_frac = scanned / measured;
+  if (c.k > 0 || c.frac > 0) {
+    row.recall = recall / (measured * kQHeads);
+    row.mass_vs_exact = mass_rel / (measured * kQHeads);
+    row.mass_total = mass_tot / (measured * kQHeads);
+  }
+  return row;
+}
+
+// Every row of one context size.
+absl::Status RunContext(const Harness& h, int64_t tokens, const std::vector<int64_t>& efforts,
+                        int steps, int warmup, std::vector<Row>* rows) {
+  std::fprintf(stderr, "context of %lld tokens: generating and storing\n",
+               static_cast<long long>(tokens));
+  KVR_ASSIGN_OR_RETURN(Context ctx, PrepareContext(h.store.get(), h.service, tokens, steps + warmup));
+  tokens = ctx.tokens;  // tiled contexts are whole copies of the capture
+  double build_s = 0;
+  const std::string roar_params = absl::GetFlag(FLAGS_roar_params);
+  KVR_RETURN_IF_ERROR(EnsureIndex(h.service, ctx, "roar", roar_params, &build_s));
+  if (build_s > 0) {
+    std::printf("roar build over %lld tokens x %d KV heads (%s): %.1f s\n",
+                static_cast<long long>(tokens), kKvHeads, roar_params.c_str(), build_s);
+  }
+  KVR_ASSIGN_OR_RETURN(const Oracle oracle, ComputeOracle(h.service, ctx));
+  double full_p50[2] = {0, 0};
+  for (const AttendConfig& c : ConfigsFor(tokens, efforts)) {
+    for (int path = 0; path < (h.stub ? 2 : 1); ++path) {
+      KVR_ASSIGN_OR_RETURN(Row row, MeasureRow(h, ctx, oracle, c, path, warmup));
+      if (c.kind == "all" && c.k == 0) full_p50[path] = row.p50_us;
+      row.speedup = full_p50[path] / row.p50_us;
+      rows->push_back(row);
+    }
+  }
+  return h.service->CloseContext("", ctx.id);
+}
+
+// The table on stdout and, with --csv, the rows as CSV.
+void PrintRows(const std::vector<Row>& rows, int steps) {
   std::printf(
       "\nAttend, one layer: 32 q heads x 8 KV heads x d 128, f16 K/V (%s); %d decode steps per row\n",
       absl::GetFlag(FLAGS_data).c_str(), steps);
@@ -551,6 +600,23 @@ absl::Status Run() {
       "recall = share of the exact top-k per head; mass/ex = retrieved attention mass / mass of "
       "the exact top-k;\nmass = share of all attention mass; grpc_overhead = (grpc p50 - "
       "in-process p50) / grpc p50.\n");
+}
+
+absl::Status Run() {
+  std::printf("retrieval_bench on %s\n", bench::MachineDescription().c_str());
+  KVR_ASSIGN_OR_RETURN(const std::vector<int64_t> sizes,
+                       ParseList(absl::GetFlag(FLAGS_tokens), "tokens", 1024));
+  KVR_ASSIGN_OR_RETURN(const std::vector<int64_t> efforts,
+                       ParseList(absl::GetFlag(FLAGS_efforts), "efforts", 1));
+  if (efforts.empty()) return absl::InvalidArgumentError("bad --efforts");
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<Harness> h, StartHarness());
+  const int steps = absl::GetFlag(FLAGS_steps), warmup = absl::GetFlag(FLAGS_warmup);
+  std::vector<Row> rows;
+  for (int64_t tokens : sizes) {
+    KVR_RETURN_IF_ERROR(RunContext(*h, tokens, efforts, steps, warmup, &rows));
+  }
+  if (h->server) h->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  PrintRows(rows, steps);
   return absl::OkStatus();
 }
 
