@@ -1,5 +1,5 @@
 // index_lrq_eval: quality of the loki, quest and inverted key indexes on the
-// real attention captures of kvr-tiny-llama (../shared/data/attn-dev), with
+// real attention captures of kvr-tiny-llama (--data_dir, attn-dev), with
 // the flat index as the exact peer measured in the same run.
 //
 // Protocol (docs/index_lrq.md): per layer and KV head g, queries = the last
@@ -34,6 +34,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "bench/index/machine_info.h"
 #include "common/half.h"
 #include "common/npy.h"
 #include "common/status_macros.h"
@@ -60,20 +61,6 @@ namespace {
 
 constexpr int kHeadDim = 128;
 constexpr int kPositions = 8192;
-
-std::string Machine() {
-  std::string model = "unknown CPU";
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(cpuinfo, line)) {
-    if (absl::StartsWith(line, "model name")) {
-      model = std::string(absl::StripAsciiWhitespace(line.substr(line.find(':') + 1)));
-      break;
-    }
-  }
-  return absl::StrCat(model, ", ", std::thread::hardware_concurrency(),
-                      " hardware threads, score kernel ", ScoreKernelName());
-}
 
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
@@ -259,193 +246,204 @@ void PrintRows(const std::vector<Row>& rows) {
   }
 }
 
-int Main() {
-  std::string dir = absl::GetFlag(FLAGS_data_dir);
-  if (dir.empty()) {
-    const char* src = std::getenv("KVRECALL_SOURCE_DIR");
-    dir = absl::StrCat(src != nullptr ? src : ".", "/../shared/data/attn-dev");
-  }
-  const std::set<std::string> kinds = absl::StrSplit(absl::GetFlag(FLAGS_kinds), ',');
-  std::vector<int> layers;
-  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_layers), ',')) {
-    layers.push_back(std::stoi(std::string(s)));
-  }
-  std::printf("# index_lrq_eval\nmachine: %s\ndata: %s\n", Machine().c_str(), dir.c_str());
-  std::printf("protocol: queries = last %d positions x 2 query heads per KV head, keys = prefix, "
-              "B = %.1f%% of the prefix, threads = %d\n\n",
-              absl::GetFlag(FLAGS_queries), 100 * absl::GetFlag(FLAGS_budget),
-              absl::GetFlag(FLAGS_threads));
-  std::map<std::pair<std::string, std::string>, std::vector<Row>> by_config;
-  std::vector<std::pair<std::string, std::string>> config_order;
-  std::vector<std::string> encoder_lines;
-  const int total_heads = static_cast<int>(layers.size()) * 2;
-  int done_heads = 0;
-  for (int layer : layers) {
-    for (int g = 0; g < 2; ++g) {
-      const auto head_start = std::chrono::steady_clock::now();
-      std::fprintf(stderr, "[%d/%d] layer %d KV head %d: loading and exact scores\n",
-                   done_heads + 1, total_heads, layer, g);
-      auto loaded = LoadHead(dir, layer, g, absl::GetFlag(FLAGS_queries), absl::GetFlag(FLAGS_budget));
-      if (!loaded.ok()) {
-        std::fprintf(stderr, "cannot load layer %d: %s\n", layer, loaded.status().ToString().c_str());
-        return 1;
-      }
-      const Head& h = *loaded;
-      const int32_t B = h.budget;
-      std::vector<Row> rows;
-      // The exact peer.
-      auto flat = FlatIndex::Build(h.key_view(), FlatOptions{});
-      if (!flat.ok()) return 1;
-      Row flat_row = Evaluate(h, **flat, "flat", "", 0);
-      const double flat_ms = flat_row.ms_per_query;
-      flat_row.vs_flat = 1.0;
-      rows.push_back(flat_row);
-      double oracle = 0;
-      for (double m : h.oracle_mass) oracle += m;
-      oracle /= h.m;
-
-      if (kinds.count("loki")) {
-        std::fprintf(stderr, "  loki\n");
-        auto basis = loki::FitPcaBasis(h.key_view(), {});
-        if (!basis.ok()) return 1;
-        for (int r : {16, 32, 64}) {
-          loki::LokiOptions options;
-          options.rank = r;
-          options.basis = *basis;
-          auto index = loki::LokiIndex::Create(h.key_view(), options);
-          if (!index.ok()) return 1;
-          for (int mult : {1, 2, 4, 8}) {
-            Row row = Evaluate(h, **index, "loki", absl::StrCat("rank=", r, ",candidates=", mult * B),
-                               flat_ms);
-            row.config = absl::StrCat("r=", r, ", k'=", mult, "B");
-            rows.push_back(row);
-          }
-        }
-      }
-      if (kinds.count("quest")) {
-        std::fprintf(stderr, "  quest\n");
-        auto index = quest::QuestIndex::Create(h.key_view(), {});
-        if (!index.ok()) return 1;
-        const int base = (B + 15) / 16;
-        for (int mult : {1, 2, 4, 8, 16}) {
-          Row row = Evaluate(h, **index, "quest", absl::StrCat("pages=", mult * base), flat_ms);
-          row.config = absl::StrCat("pages=", mult * base, " (", mult, "B/16)");
-          rows.push_back(row);
-        }
-      }
-      if (kinds.count("inverted")) {
-        std::fprintf(stderr, "  inverted: training the sparse encoder\n");
-        inverted::InvertedOptions options;
-        options.train.num_features = absl::GetFlag(FLAGS_encoder_features);
-        options.train.k = absl::GetFlag(FLAGS_encoder_k);
-        options.train.epochs = absl::GetFlag(FLAGS_encoder_epochs);
-        options.train.aux_k = absl::GetFlag(FLAGS_encoder_aux_k);
-        const auto train_start = std::chrono::steady_clock::now();
-        auto index = inverted::InvertedIndex::Create(h.key_view(), VectorView::Empty(kHeadDim), options);
-        if (!index.ok()) {
-          std::fprintf(stderr, "%s\n", index.status().ToString().c_str());
-          return 1;
-        }
-        const double train_s = Seconds(train_start);
-        auto train_q = inverted::EvaluateSparseEncoder((*index)->encoder(), h.key_view());
-        auto held_q = inverted::EvaluateSparseEncoder(
-            (*index)->encoder(),
-            VectorView{h.heldout_keys.data(), static_cast<int64_t>(h.heldout_keys.size() / kHeadDim),
-                       kHeadDim, DType::kF16, 0});
-        encoder_lines.push_back(absl::StrFormat(
-            "| %d | %d | keys | %d | %d | %.3f | %.3f | %d | %.2f | %.3f | %.1f | %.2f |", layer, g,
-            (*index)->encoder().num_features(), (*index)->encoder().k(), train_q->fvu, held_q->mse,
-            train_q->dead_features, train_q->mean_active, train_q->max_feature_share, train_s,
-            static_cast<double>((*index)->PostingBytes()) / h.prefix));
-        for (int features : {32, 64, 128}) {
-          for (int mult : {1, 4, 8}) {
-            Row row = Evaluate(
-                h, **index, "inverted",
-                absl::StrCat("query_features=", features, ",candidates=", mult * B), flat_ms);
-            row.config = absl::StrCat("project, #F_q=", features, ", k'=", mult, "B");
-            rows.push_back(row);
-          }
-        }
-        Row idf = Evaluate(h, **index, "inverted",
-                           absl::StrCat("query_features=128,idf=1,candidates=", 8 * B), flat_ms);
-        idf.config = "project+idf, #F_q=128, k'=8B";
-        rows.push_back(idf);
-        // Spans: one call per decode step (the 2 query rows of a position).
-        for (int window : {0, 2, 8}) {
-          SearchParams params;
-          params.knobs.SetInt("window", window);
-          params.knobs.SetInt("query_features", 128);
-          std::vector<std::vector<int64_t>> ids(static_cast<size_t>(h.m));
-          int64_t visited = 0;
-          const int64_t nq = h.m / 2;
-          const auto start = std::chrono::steady_clock::now();
-          for (int64_t t = 0; t < nq; ++t) {
-            std::vector<uint16_t> pair(h.queries.begin() + t * kHeadDim,
-                                       h.queries.begin() + (t + 1) * kHeadDim);
-            pair.insert(pair.end(), h.queries.begin() + (nq + t) * kHeadDim,
-                        h.queries.begin() + (nq + t + 1) * kHeadDim);
-            auto spans = (*index)->SearchSpans(VectorView{pair.data(), 2, kHeadDim, DType::kF16, 0},
-                                              B, params);
-            if (!spans.ok()) return 1;
-            visited += spans->stats.visited;
-            std::vector<int64_t> sel;
-            for (const inverted::Span& s : spans->spans) {
-              for (int64_t p = s.begin; p < s.end; ++p) sel.push_back(p);
-            }
-            ids[static_cast<size_t>(t)] = sel;
-            ids[static_cast<size_t>(nq + t)] = sel;
-          }
-          Row row;
-          row.method = "inverted spans";
-          row.config = absl::StrCat("window=±", window, ", #F_q=128, budget B");
-          Score(h, ids, &row);
-          row.visited = static_cast<double>(visited) / h.m;
-          row.ms_per_query = 1e3 * Seconds(start) / h.m;
-          row.vs_flat = row.ms_per_query / flat_ms;
-          rows.push_back(row);
-        }
-        std::fprintf(stderr, "  inverted: training on keys + prefix queries (encode mode)\n");
-        inverted::InvertedOptions kq = options;
-        kq.train_on_queries = true;
-        auto kq_index = inverted::InvertedIndex::Create(
-            h.key_view(),
-            VectorView{h.prefix_queries.data(), 2 * h.prefix, kHeadDim, DType::kF16, 0}, kq);
-        if (!kq_index.ok()) return 1;
-        auto kq_quality = inverted::EvaluateSparseEncoder((*kq_index)->encoder(), h.key_view());
-        encoder_lines.push_back(absl::StrFormat(
-            "| %d | %d | keys+queries | %d | %d | %.3f | | %d | %.2f | %.3f | | |", layer, g,
-            (*kq_index)->encoder().num_features(), (*kq_index)->encoder().k(), kq_quality->fvu,
-            kq_quality->dead_features, kq_quality->mean_active, kq_quality->max_feature_share));
-        for (const char* mode : {"encode", "project"}) {
-          Row row = Evaluate(h, **kq_index, "inverted",
-                             absl::StrCat("query_mode=", mode, ",query_features=128,candidates=", 8 * B),
-                             flat_ms);
-          row.config = absl::StrCat(mode, " (encoder on keys+queries), k'=8B");
-          rows.push_back(row);
-        }
-      }
-      if (absl::GetFlag(FLAGS_per_head)) {
-        std::printf("## layer %d, KV head %d: prefix %lld keys, %lld query rows, B = %d, exact top-B mass %.3f\n\n",
-                    layer, g, static_cast<long long>(h.prefix), static_cast<long long>(h.m), B, oracle);
-        PrintRows(rows);
-        std::printf("\n");
-        std::fflush(stdout);
-      }
-      for (const Row& r : rows) {
-        const auto key = std::make_pair(r.method, r.config);
-        if (!by_config.count(key)) config_order.push_back(key);
-        by_config[key].push_back(r);
-      }
-      ++done_heads;
-      std::fprintf(stderr, "[%d/%d] layer %d KV head %d done in %.1f s\n", done_heads, total_heads,
-                   layer, g, Seconds(head_start));
+// Loki at ranks 16, 32, 64 with k' = 1, 2, 4, 8 B candidates.
+absl::StatusOr<std::vector<Row>> EvaluateLoki(const Head& h, double flat_ms) {
+  const int32_t B = h.budget;
+  KVR_ASSIGN_OR_RETURN(loki::PcaBasis basis, loki::FitPcaBasis(h.key_view(), {}));
+  std::vector<Row> rows;
+  for (int r : {16, 32, 64}) {
+    loki::LokiOptions options;
+    options.rank = r;
+    options.basis = basis;
+    KVR_ASSIGN_OR_RETURN(auto index, loki::LokiIndex::Create(h.key_view(), options));
+    for (int mult : {1, 2, 4, 8}) {
+      Row row = Evaluate(h, *index, "loki", absl::StrCat("rank=", r, ",candidates=", mult * B),
+                         flat_ms);
+      row.config = absl::StrCat("r=", r, ", k'=", mult, "B");
+      rows.push_back(row);
     }
   }
-  std::printf("## Summary over %d (layer, KV head) pairs: mean (min) of mass / exact top-B\n\n", done_heads);
+  return rows;
+}
+
+// Quest with 1 to 16 times B/16 pages.
+absl::StatusOr<std::vector<Row>> EvaluateQuest(const Head& h, double flat_ms) {
+  KVR_ASSIGN_OR_RETURN(auto index, quest::QuestIndex::Create(h.key_view(), {}));
+  const int base = (h.budget + 15) / 16;
+  std::vector<Row> rows;
+  for (int mult : {1, 2, 4, 8, 16}) {
+    Row row = Evaluate(h, *index, "quest", absl::StrCat("pages=", mult * base), flat_ms);
+    row.config = absl::StrCat("pages=", mult * base, " (", mult, "B/16)");
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+// The inverted index's span retrieval: one call per decode step (the 2
+// query rows of a position), windows of 0, ±2 and ±8 around each hit.
+absl::StatusOr<std::vector<Row>> EvaluateInvertedSpans(const Head& h,
+                                                       const inverted::InvertedIndex& index,
+                                                       double flat_ms) {
+  std::vector<Row> rows;
+  for (int window : {0, 2, 8}) {
+    SearchParams params;
+    params.knobs.SetInt("window", window);
+    params.knobs.SetInt("query_features", 128);
+    std::vector<std::vector<int64_t>> ids(static_cast<size_t>(h.m));
+    int64_t visited = 0;
+    const int64_t nq = h.m / 2;
+    const auto start = std::chrono::steady_clock::now();
+    for (int64_t t = 0; t < nq; ++t) {
+      std::vector<uint16_t> pair(h.queries.begin() + t * kHeadDim,
+                                 h.queries.begin() + (t + 1) * kHeadDim);
+      pair.insert(pair.end(), h.queries.begin() + (nq + t) * kHeadDim,
+                  h.queries.begin() + (nq + t + 1) * kHeadDim);
+      KVR_ASSIGN_OR_RETURN(
+          auto spans,
+          index.SearchSpans(VectorView{pair.data(), 2, kHeadDim, DType::kF16, 0}, h.budget, params));
+      visited += spans.stats.visited;
+      std::vector<int64_t> sel;
+      for (const inverted::Span& s : spans.spans) {
+        for (int64_t p = s.begin; p < s.end; ++p) sel.push_back(p);
+      }
+      ids[static_cast<size_t>(t)] = sel;
+      ids[static_cast<size_t>(nq + t)] = sel;
+    }
+    Row row;
+    row.method = "inverted spans";
+    row.config = absl::StrCat("window=±", window, ", #F_q=128, budget B");
+    Score(h, ids, &row);
+    row.visited = static_cast<double>(visited) / h.m;
+    row.ms_per_query = 1e3 * Seconds(start) / h.m;
+    row.vs_flat = row.ms_per_query / flat_ms;
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+// The inverted index: an encoder trained on the keys (projected queries,
+// with and without idf, and spans), then one trained on keys and prefix
+// queries (queries encoded or projected). Adds a line per encoder to
+// `encoder_lines`.
+absl::StatusOr<std::vector<Row>> EvaluateInverted(const Head& h, double flat_ms,
+                                                  std::vector<std::string>* encoder_lines) {
+  const int32_t B = h.budget;
+  std::fprintf(stderr, "  inverted: training the sparse encoder\n");
+  inverted::InvertedOptions options;
+  options.train.num_features = absl::GetFlag(FLAGS_encoder_features);
+  options.train.k = absl::GetFlag(FLAGS_encoder_k);
+  options.train.epochs = absl::GetFlag(FLAGS_encoder_epochs);
+  options.train.aux_k = absl::GetFlag(FLAGS_encoder_aux_k);
+  const auto train_start = std::chrono::steady_clock::now();
+  KVR_ASSIGN_OR_RETURN(auto index, inverted::InvertedIndex::Create(
+                                       h.key_view(), VectorView::Empty(kHeadDim), options));
+  const double train_s = Seconds(train_start);
+  KVR_ASSIGN_OR_RETURN(auto train_q, inverted::EvaluateSparseEncoder(index->encoder(), h.key_view()));
+  KVR_ASSIGN_OR_RETURN(
+      auto held_q,
+      inverted::EvaluateSparseEncoder(
+          index->encoder(),
+          VectorView{h.heldout_keys.data(), static_cast<int64_t>(h.heldout_keys.size() / kHeadDim),
+                     kHeadDim, DType::kF16, 0}));
+  encoder_lines->push_back(absl::StrFormat(
+      "| %d | %d | keys | %d | %d | %.3f | %.3f | %d | %.2f | %.3f | %.1f | %.2f |", h.layer,
+      h.kv_head, index->encoder().num_features(), index->encoder().k(), train_q.fvu, held_q.mse,
+      train_q.dead_features, train_q.mean_active, train_q.max_feature_share, train_s,
+      static_cast<double>(index->PostingBytes()) / h.prefix));
+  std::vector<Row> rows;
+  for (int features : {32, 64, 128}) {
+    for (int mult : {1, 4, 8}) {
+      Row row = Evaluate(h, *index, "inverted",
+                         absl::StrCat("query_features=", features, ",candidates=", mult * B),
+                         flat_ms);
+      row.config = absl::StrCat("project, #F_q=", features, ", k'=", mult, "B");
+      rows.push_back(row);
+    }
+  }
+  Row idf = Evaluate(h, *index, "inverted",
+                     absl::StrCat("query_features=128,idf=1,candidates=", 8 * B), flat_ms);
+  idf.config = "project+idf, #F_q=128, k'=8B";
+  rows.push_back(idf);
+  KVR_ASSIGN_OR_RETURN(std::vector<Row> spans, EvaluateInvertedSpans(h, *index, flat_ms));
+  rows.insert(rows.end(), spans.begin(), spans.end());
+
+  std::fprintf(stderr, "  inverted: training on keys + prefix queries (encode mode)\n");
+  inverted::InvertedOptions kq = options;
+  kq.train_on_queries = true;
+  KVR_ASSIGN_OR_RETURN(
+      auto kq_index,
+      inverted::InvertedIndex::Create(
+          h.key_view(), VectorView{h.prefix_queries.data(), 2 * h.prefix, kHeadDim, DType::kF16, 0},
+          kq));
+  KVR_ASSIGN_OR_RETURN(auto kq_quality,
+                       inverted::EvaluateSparseEncoder(kq_index->encoder(), h.key_view()));
+  encoder_lines->push_back(absl::StrFormat(
+      "| %d | %d | keys+queries | %d | %d | %.3f | | %d | %.2f | %.3f | | |", h.layer, h.kv_head,
+      kq_index->encoder().num_features(), kq_index->encoder().k(), kq_quality.fvu,
+      kq_quality.dead_features, kq_quality.mean_active, kq_quality.max_feature_share));
+  for (const char* mode : {"encode", "project"}) {
+    Row row = Evaluate(h, *kq_index, "inverted",
+                       absl::StrCat("query_mode=", mode, ",query_features=128,candidates=", 8 * B),
+                       flat_ms);
+    row.config = absl::StrCat(mode, " (encoder on keys+queries), k'=8B");
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+// Every configuration of the kinds in `kinds` on one (layer, KV head),
+// after the flat peer; prints the head's table with --per_head.
+absl::StatusOr<std::vector<Row>> EvaluateHead(const std::string& dir, int layer, int g,
+                                              const std::set<std::string>& kinds,
+                                              std::vector<std::string>* encoder_lines) {
+  KVR_ASSIGN_OR_RETURN(const Head h, LoadHead(dir, layer, g, absl::GetFlag(FLAGS_queries),
+                                              absl::GetFlag(FLAGS_budget)));
+  std::vector<Row> rows;
+  // The exact peer.
+  KVR_ASSIGN_OR_RETURN(auto flat, FlatIndex::Build(h.key_view(), FlatOptions{}));
+  Row flat_row = Evaluate(h, *flat, "flat", "", 0);
+  const double flat_ms = flat_row.ms_per_query;
+  flat_row.vs_flat = 1.0;
+  rows.push_back(flat_row);
+  auto append = [&](absl::StatusOr<std::vector<Row>> more) -> absl::Status {
+    KVR_RETURN_IF_ERROR(more.status());
+    rows.insert(rows.end(), more->begin(), more->end());
+    return absl::OkStatus();
+  };
+  if (kinds.count("loki")) {
+    std::fprintf(stderr, "  loki\n");
+    KVR_RETURN_IF_ERROR(append(EvaluateLoki(h, flat_ms)));
+  }
+  if (kinds.count("quest")) {
+    std::fprintf(stderr, "  quest\n");
+    KVR_RETURN_IF_ERROR(append(EvaluateQuest(h, flat_ms)));
+  }
+  if (kinds.count("inverted")) {
+    KVR_RETURN_IF_ERROR(append(EvaluateInverted(h, flat_ms, encoder_lines)));
+  }
+  if (absl::GetFlag(FLAGS_per_head)) {
+    double oracle = 0;
+    for (double m : h.oracle_mass) oracle += m;
+    oracle /= h.m;
+    std::printf("## layer %d, KV head %d: prefix %lld keys, %lld query rows, B = %d, exact top-B mass %.3f\n\n",
+                layer, g, static_cast<long long>(h.prefix), static_cast<long long>(h.m), h.budget,
+                oracle);
+    PrintRows(rows);
+    std::printf("\n");
+    std::fflush(stdout);
+  }
+  return rows;
+}
+
+// The summary table: per configuration, the mean (and min) over the heads.
+void PrintSummary(const std::vector<std::pair<std::string, std::string>>& config_order,
+                  const std::map<std::pair<std::string, std::string>, std::vector<Row>>& by_config,
+                  int heads) {
+  std::printf("## Summary over %d (layer, KV head) pairs: mean (min) of mass / exact top-B\n\n", heads);
   std::printf("| method | config | mass / exact top-B, mean | min | recall@B | out err | keys scanned | exact scored | visited/q | × flat time |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   for (const auto& key : config_order) {
-    const std::vector<Row>& rs = by_config[key];
+    const std::vector<Row>& rs = by_config.at(key);
     double mass = 0, mn = 1e9, recall = 0, err = 0, scanned = 0, exact = 0, visited = 0, time = 0;
     for (const Row& r : rs) {
       mass += r.mass_ratio;
@@ -462,13 +460,67 @@ int Main() {
                 key.first.c_str(), key.second.c_str(), mass / n, mn, recall / n, err / n,
                 100 * scanned / n, 100 * exact / n, visited / n, time / n);
   }
-  if (!encoder_lines.empty()) {
-    std::printf("\n## Sparse encoders (trained on the prefix; held-out = the keys at the query positions)\n\n");
-    std::printf("FVU = unexplained fraction of the training keys' variance; held-out = the %d keys at the query positions, their squared error relative to the same training variance. build s = training + encoding.\n\n", absl::GetFlag(FLAGS_queries));
-    std::printf("| layer | KV head | trained on | F | κ | FVU train | FVU held-out | dead | mean active | max feature share | build s | posting bytes/key |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-    for (const std::string& line : encoder_lines) std::printf("%s\n", line.c_str());
+}
+
+void PrintEncoders(const std::vector<std::string>& encoder_lines) {
+  if (encoder_lines.empty()) return;
+  std::printf("\n## Sparse encoders (trained on the prefix; held-out = the keys at the query positions)\n\n");
+  std::printf("FVU = unexplained fraction of the training keys' variance; held-out = the %d keys at the query positions, their squared error relative to the same training variance. build s = training + encoding.\n\n", absl::GetFlag(FLAGS_queries));
+  std::printf("| layer | KV head | trained on | F | κ | FVU train | FVU held-out | dead | mean active | max feature share | build s | posting bytes/key |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const std::string& line : encoder_lines) std::printf("%s\n", line.c_str());
+}
+
+int Main() {
+  std::string dir = absl::GetFlag(FLAGS_data_dir);
+  if (dir.empty()) {
+    const char* src = std::getenv("KVRECALL_SOURCE_DIR");
+    dir = absl::StrCat(src != nullptr ? src : ".", "/../shared/data/attn-dev");
   }
+  const std::set<std::string> kinds = absl::StrSplit(absl::GetFlag(FLAGS_kinds), ',');
+  std::vector<int> layers;
+  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_layers), ',')) {
+    int layer = 0;
+    if (!absl::SimpleAtoi(s, &layer)) {
+      std::fprintf(stderr, "index_lrq_eval: --layers: '%s' is not a layer\n", std::string(s).c_str());
+      return 2;
+    }
+    layers.push_back(layer);
+  }
+  std::printf("# index_lrq_eval\nmachine: %s\ndata: %s\n", bench::MachineDescription().c_str(),
+              dir.c_str());
+  std::printf("protocol: queries = last %d positions x 2 query heads per KV head, keys = prefix, "
+              "B = %.1f%% of the prefix, threads = %d\n\n",
+              absl::GetFlag(FLAGS_queries), 100 * absl::GetFlag(FLAGS_budget),
+              absl::GetFlag(FLAGS_threads));
+  std::map<std::pair<std::string, std::string>, std::vector<Row>> by_config;
+  std::vector<std::pair<std::string, std::string>> config_order;
+  std::vector<std::string> encoder_lines;
+  const int total_heads = static_cast<int>(layers.size()) * 2;
+  int done_heads = 0;
+  for (int layer : layers) {
+    for (int g = 0; g < 2; ++g) {
+      const auto head_start = std::chrono::steady_clock::now();
+      std::fprintf(stderr, "[%d/%d] layer %d KV head %d: loading and exact scores\n",
+                   done_heads + 1, total_heads, layer, g);
+      absl::StatusOr<std::vector<Row>> rows = EvaluateHead(dir, layer, g, kinds, &encoder_lines);
+      if (!rows.ok()) {
+        std::fprintf(stderr, "index_lrq_eval: layer %d KV head %d: %s\n", layer, g,
+                     rows.status().ToString().c_str());
+        return 1;
+      }
+      for (const Row& r : *rows) {
+        const auto key = std::make_pair(r.method, r.config);
+        if (!by_config.count(key)) config_order.push_back(key);
+        by_config[key].push_back(r);
+      }
+      ++done_heads;
+      std::fprintf(stderr, "[%d/%d] layer %d KV head %d done in %.1f s\n", done_heads, total_heads,
+                   layer, g, Seconds(head_start));
+    }
+  }
+  PrintSummary(config_order, by_config, done_heads);
+  PrintEncoders(encoder_lines);
   return 0;
 }
 
