@@ -26,6 +26,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iostream>
 #include <memory>
 #include <random>
 #include <string>
@@ -43,6 +44,7 @@
 #include "absl/time/clock.h"
 #include "common/checksum.h"
 #include "common/logging.h"
+#include "common/progress.h"
 #include "common/span_hash.h"
 #include "service/store/disk_tier.h"
 #include "service/store/memory_tier.h"
@@ -119,20 +121,24 @@ std::vector<StoredSpan> MakeSpans(const ModelGeometry& m, int n, uint64_t seed) 
 
 double Seconds(absl::Time start) { return absl::ToDoubleSeconds(absl::Now() - start); }
 
-void Progress(const std::string& what, int done, int total) {
-  if (done % std::max(1, total / 4) == 0 || done == total) {
-    std::fprintf(stderr, "  [%s] %d/%d\n", what.c_str(), done, total);
-  }
-}
-
-// Times put(i) for every span, then get(i) in a shuffled order.
+// Times put(i) for every span, then get(i) in a shuffled order. Progress on
+// stderr: a bar on a terminal, a line per phase otherwise.
 Rate Measure(const std::string& name, int n, int64_t bytes, const std::function<void(int)>& put,
              const std::function<void(int)>& get) {
+  StageProgress progress(&std::cerr, absl::StrCat("  ", name), StderrProgressMode());
+  auto report = [&](const char* phase, int done) {
+    Progress p;
+    p.stage = phase;
+    p.done = done;
+    p.total = n;
+    p.fraction = (std::string(phase) == "put" ? 0.0 : 0.5) + 0.5 * done / n;
+    progress.Update(p);
+  };
   Rate r;
   absl::Time start = absl::Now();
   for (int i = 0; i < n; ++i) {
     put(i);
-    Progress(name + " put", i + 1, n);
+    report("put", i + 1);
   }
   double s = Seconds(start);
   r.put_ops = n / s;
@@ -143,11 +149,12 @@ Rate Measure(const std::string& name, int n, int64_t bytes, const std::function<
   start = absl::Now();
   for (int i = 0; i < n; ++i) {
     get(order[i]);
-    Progress(name + " get", i + 1, n);
+    report("get", i + 1);
   }
   s = Seconds(start);
   r.get_ops = n / s;
   r.get_mbps = static_cast<double>(n) * bytes / s / 1e6;
+  progress.Finish();
   return r;
 }
 
@@ -222,19 +229,127 @@ void PrintRows() {
   std::fflush(stdout);
 }
 
+// The spans of one size, and what every tier's bench needs of them.
+struct SpanSet {
+  ModelGeometry model;
+  int64_t bytes = 0;
+  int n = 0;
+  std::string label;  // "64 KiB", "1 MiB"
+  std::vector<StoredSpan> spans;
+  std::vector<StoredSpanPtr> ptrs;
+  int64_t capacity = 0;  // of every tier: room for all spans twice
+};
+
+// Memory tier vs a copying cache.
+void BenchMemory(const SpanSet& set) {
+  CopyingCache cache;
+  std::string sink;
+  Rate peer = Measure(
+      "copying cache", set.n, set.bytes,
+      [&](int i) { cache.Put(set.spans[i].key.hash, set.spans[i].payload); },
+      [&](int i) { sink = cache.Get(set.spans[i].key.hash); });
+  MemoryTierOptions o;
+  o.capacity_bytes = set.capacity;
+  auto tier = MemoryTier::Create(o).value();
+  std::vector<SpanKey> victims;
+  StoredSpanPtr got;
+  Rate ours = Measure(
+      "memory tier", set.n, set.bytes,
+      [&](int i) { KVR_CHECK(tier->Put(set.ptrs[i], TierPutOptions{}, &victims).ok()); },
+      [&](int i) { got = tier->Get(set.ptrs[i]->key).value(); });
+  Row(set.label, "memory", ours, "copying cache", peer);
+}
+
+// Disk tier vs raw file I/O (`raw`).
+void BenchDisk(const SpanSet& set, const std::string& dir, const Rate& raw) {
+  DiskTierOptions o;
+  o.dir = dir + "/segments-" + std::to_string(set.bytes);
+  o.capacity_bytes = set.capacity;
+  auto tier = DiskTier::Create(o).value();
+  std::vector<SpanKey> victims;
+  Rate ours = Measure(
+      "disk tier", set.n, set.bytes,
+      [&](int i) { KVR_CHECK(tier->Put(set.ptrs[i], TierPutOptions{}, &victims).ok()); },
+      [&](int i) { KVR_CHECK(tier->Get(set.ptrs[i]->key).ok()); });
+  Row(set.label, "disk", ours, "raw pwrite/pread", raw);
+  tier.reset();
+  std::filesystem::remove_all(o.dir);
+}
+
+// RocksDB tier (uncompressed and lz4) vs raw file I/O (`raw`).
+void BenchRocksDb(const SpanSet& set, const std::string& dir, const Rate& raw) {
+  for (const char* compression : {"none", "lz4"}) {
+    RocksDbTierOptions o;
+    o.dir = absl::StrCat(dir, "/rocksdb-", set.bytes, "-", compression);
+    o.capacity_bytes = set.capacity;
+    o.compression = compression;
+    auto tier = RocksDbTier::Create(o).value();
+    std::vector<SpanKey> victims;
+    Rate ours = Measure(
+        absl::StrCat("rocksdb tier ", compression), set.n, set.bytes,
+        [&](int i) { KVR_CHECK(tier->Put(set.ptrs[i], TierPutOptions{}, &victims).ok()); },
+        [&](int i) { KVR_CHECK(tier->Get(set.ptrs[i]->key).ok()); });
+    Row(set.label, absl::StrCat("rocksdb (", compression, ")"), ours, "raw pwrite/pread", raw);
+    tier.reset();
+    std::filesystem::remove_all(o.dir);
+  }
+}
+
+// The whole store: Put (validation, XXH3, directory, memory) and a Get hit,
+// then durable puts (at most 64) against raw pwrite + fdatasync.
+void BenchStore(const SpanSet& set, const std::string& dir, const Rate& raw) {
+  for (bool durable : {false, true}) {
+    TieredStoreOptions o;
+    o.data_dir = absl::StrCat(dir, "/store-", set.bytes, durable ? "-durable" : "");
+    o.memory_capacity_bytes = set.capacity;
+    o.disk_capacity_bytes = set.capacity;
+    o.rocksdb_capacity_bytes = set.capacity;
+    o.rocksdb_compression = "none";
+    auto store = TieredStore::Open(o).value();
+    KVR_CHECK(store->RegisterModel(set.model).ok());
+    // Put moves the span in; give it copies made before the clock starts.
+    const int m = durable ? std::min(set.n, 64) : set.n;
+    std::vector<StoredSpan> copies(set.spans.begin(), set.spans.begin() + m);
+    for (StoredSpan& c : copies) c.meta.durable = durable;
+    const Rate peer =
+        durable ? RawFile(dir + "/raw-sync.bin",
+                          std::vector<StoredSpan>(set.spans.begin(), set.spans.begin() + m), true,
+                          "raw pwrite+fdatasync")
+                : raw;
+    Rate ours = Measure(
+        durable ? "store durable" : "store", m, set.bytes,
+        [&](int i) { KVR_CHECK(store->Put(std::move(copies[i]), PutOptions{}).ok()); },
+        [&](int i) {
+          KVR_CHECK(store->Get(set.spans[i].key, set.model.model_id).span != nullptr);
+        });
+    Row(set.label, durable ? "TieredStore durable put, memory get" : "TieredStore put, memory get",
+        ours, durable ? "raw pwrite+fdatasync / pread" : "raw pwrite/pread", peer);
+    store.reset();
+    std::filesystem::remove_all(o.data_dir);
+  }
+}
+
+// --dir, or a fresh temporary directory.
+std::string ScratchDir() {
+  std::string dir = absl::GetFlag(FLAGS_dir);
+  if (!dir.empty()) return dir;
+  const char* tmp = std::getenv("TMPDIR");
+  std::string templ = std::string(tmp != nullptr ? tmp : "/tmp") + "/store-tier-bench-XXXXXX";
+  KVR_CHECK(::mkdtemp(templ.data()) != nullptr);
+  return templ;
+}
+
 int Run(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  std::string dir = absl::GetFlag(FLAGS_dir);
-  if (dir.empty()) {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string templ = std::string(tmp != nullptr ? tmp : "/tmp") + "/store-tier-bench-XXXXXX";
-    KVR_CHECK(::mkdtemp(templ.data()) != nullptr);
-    dir = templ;
-  }
+  const std::string dir = ScratchDir();
   std::vector<int64_t> sizes;
   for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_sizes), ',')) {
     int64_t v = 0;
-    KVR_CHECK(absl::SimpleAtoi(s, &v)) << "bad --sizes";
+    if (!absl::SimpleAtoi(s, &v) || v < 1) {
+      std::fprintf(stderr, "store_tier_bench: --sizes: '%s' is not a size in bytes\n",
+                   std::string(s).c_str());
+      return 2;
+    }
     sizes.push_back(v);
   }
   const int64_t total = absl::GetFlag(FLAGS_total_mib) << 20;
@@ -250,94 +365,24 @@ int Run(int argc, char** argv) {
   for (int run = 0; run < repeats; ++run) {
     for (int64_t bytes : sizes) {
       std::fprintf(stderr, "run %d of %d\n", run + 1, repeats);
-      const ModelGeometry model = GeometryFor(bytes);
-      const int n = static_cast<int>(std::max<int64_t>(8, total / bytes));
-      const std::string label = bytes >= (1 << 20) ? absl::StrCat(bytes >> 20, " MiB")
-                                                   : absl::StrCat(bytes >> 10, " KiB");
-      std::fprintf(stderr, "%s spans: generating %d\n", label.c_str(), n);
-      std::vector<StoredSpan> spans = MakeSpans(model, n, static_cast<uint64_t>(bytes));
-      std::vector<StoredSpanPtr> ptrs;
-      for (const StoredSpan& s : spans) ptrs.push_back(std::make_shared<const StoredSpan>(s));
-      std::vector<SpanKey> victims;
+      SpanSet set;
+      set.model = GeometryFor(bytes);
+      set.bytes = bytes;
+      set.n = static_cast<int>(std::max<int64_t>(8, total / bytes));
+      set.label = bytes >= (1 << 20) ? absl::StrCat(bytes >> 20, " MiB")
+                                     : absl::StrCat(bytes >> 10, " KiB");
+      set.capacity = 2 * total + (int64_t{64} << 20);
+      std::fprintf(stderr, "%s spans: generating %d\n", set.label.c_str(), set.n);
+      set.spans = MakeSpans(set.model, set.n, static_cast<uint64_t>(bytes));
+      for (const StoredSpan& s : set.spans) set.ptrs.push_back(std::make_shared<const StoredSpan>(s));
 
-      // Memory tier vs a copying cache.
-      {
-        CopyingCache cache;
-        std::string sink;
-        Rate peer = Measure(
-            "copying cache", n, bytes,
-            [&](int i) { cache.Put(spans[i].key.hash, spans[i].payload); },
-            [&](int i) { sink = cache.Get(spans[i].key.hash); });
-        MemoryTierOptions o;
-        o.capacity_bytes = 2 * total + (int64_t{64} << 20);
-        auto tier = MemoryTier::Create(o).value();
-        StoredSpanPtr got;
-        Rate ours = Measure(
-            "memory tier", n, bytes,
-            [&](int i) { KVR_CHECK(tier->Put(ptrs[i], TierPutOptions{}, &victims).ok()); },
-            [&](int i) { got = tier->Get(ptrs[i]->key).value(); });
-        Row(label, "memory", ours, "copying cache", peer);
-      }
-      // Disk tier vs raw file I/O.
-      const Rate raw = RawFile(dir + "/raw.bin", spans, false, "raw file");
-      {
-        DiskTierOptions o;
-        o.dir = dir + "/segments-" + std::to_string(bytes);
-        o.capacity_bytes = 2 * total + (int64_t{64} << 20);
-        auto tier = DiskTier::Create(o).value();
-        Rate ours = Measure(
-            "disk tier", n, bytes,
-            [&](int i) { KVR_CHECK(tier->Put(ptrs[i], TierPutOptions{}, &victims).ok()); },
-            [&](int i) { KVR_CHECK(tier->Get(ptrs[i]->key).ok()); });
-        Row(label, "disk", ours, "raw pwrite/pread", raw);
-        tier.reset();
-        std::filesystem::remove_all(o.dir);
-      }
-      // RocksDB tier vs raw file I/O.
-      for (const char* compression : {"none", "lz4"}) {
-        RocksDbTierOptions o;
-        o.dir = absl::StrCat(dir, "/rocksdb-", bytes, "-", compression);
-        o.capacity_bytes = 2 * total + (int64_t{64} << 20);
-        o.compression = compression;
-        auto tier = RocksDbTier::Create(o).value();
-        Rate ours = Measure(
-            absl::StrCat("rocksdb tier ", compression), n, bytes,
-            [&](int i) { KVR_CHECK(tier->Put(ptrs[i], TierPutOptions{}, &victims).ok()); },
-            [&](int i) { KVR_CHECK(tier->Get(ptrs[i]->key).ok()); });
-        Row(label, absl::StrCat("rocksdb (", compression, ")"), ours, "raw pwrite/pread", raw);
-        tier.reset();
-        std::filesystem::remove_all(o.dir);
-      }
-      // The whole store: Put (validation, XXH3, directory, memory) and a Get hit.
-      for (bool durable : {false, true}) {
-        TieredStoreOptions o;
-        o.data_dir = absl::StrCat(dir, "/store-", bytes, durable ? "-durable" : "");
-        o.memory_capacity_bytes = 2 * total + (int64_t{64} << 20);
-        o.disk_capacity_bytes = 2 * total + (int64_t{64} << 20);
-        o.rocksdb_capacity_bytes = 2 * total + (int64_t{64} << 20);
-        o.rocksdb_compression = "none";
-        auto store = TieredStore::Open(o).value();
-        KVR_CHECK(store->RegisterModel(model).ok());
-        // Put moves the span in; give it copies made before the clock starts.
-        const int m = durable ? std::min(n, 64) : n;
-        std::vector<StoredSpan> copies(spans.begin(), spans.begin() + m);
-        for (StoredSpan& c : copies) c.meta.durable = durable;
-        const Rate peer = durable
-                              ? RawFile(dir + "/raw-sync.bin",
-                                        std::vector<StoredSpan>(spans.begin(), spans.begin() + m),
-                                        true, "raw pwrite+fdatasync")
-                              : raw;
-        Rate ours = Measure(
-            durable ? "store durable" : "store", m, bytes,
-            [&](int i) { KVR_CHECK(store->Put(std::move(copies[i]), PutOptions{}).ok()); },
-            [&](int i) { KVR_CHECK(store->Get(spans[i].key, model.model_id).span != nullptr); });
-        Row(label, durable ? "TieredStore durable put, memory get" : "TieredStore put, memory get",
-            ours, durable ? "raw pwrite+fdatasync / pread" : "raw pwrite/pread", peer);
-        store.reset();
-        std::filesystem::remove_all(o.data_dir);
-      }
+      BenchMemory(set);
+      const Rate raw = RawFile(dir + "/raw.bin", set.spans, false, "raw file");
+      BenchDisk(set, dir, raw);
+      BenchRocksDb(set, dir, raw);
+      BenchStore(set, dir, raw);
     }
-  }  // runs
+  }
   std::printf(
       "| span | tier | put MB/s | get MB/s | put ops/s | get ops/s | peer | "
       "peer put / get MB/s | put ratio | get ratio |\n");
