@@ -1,9 +1,12 @@
 // Tests of the KvStore and Admin services through an in-process channel to a
-// Server over FakeTieredStore.
+// Server over the real TieredStore in a temporary directory.
 
 #include "service/rpc/kv_store_service.h"
 
 #include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -20,7 +23,7 @@
 #include "kvrecall/v1/kv_store.grpc.pb.h"
 #include "service/rpc/grpc_status.h"
 #include "service/rpc/server.h"
-#include "service/rpc/testing/fake_tiered_store.h"
+#include "service/rpc/testing/observed_store.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
 #include <grpcpp/client_context.h>
@@ -31,7 +34,7 @@ namespace {
 using ::kvrecall::testing::IsOk;
 using ::kvrecall::testing::StatusIs;
 using ::testing::HasSubstr;
-using testing::FakeTieredStore;
+using testing::ObservedStore;
 
 constexpr char kModel[] = "tiny";
 constexpr uint32_t kSeed = 20261124;
@@ -96,17 +99,23 @@ class KvStoreServiceTest : public ::testing::Test {
     ServerOptions options;
     options.listen_address = "127.0.0.1:0";
     options.store.data_dir = kvrecall::testing::MakeTempDir("rpc-test");
+    // The real store: memory in one LRU shard (eviction follows the order of
+    // use) over a small disk tier that drops what it evicts (RocksDB holds
+    // the catalog only), so that a test can push chosen spans down the tiers.
+    options.store.memory_capacity_bytes = kMemoryBytes;
+    options.store.memory_shards = 1;
+    options.store.disk_capacity_bytes = kDiskBytes;
+    options.store.rocksdb_capacity_bytes = 0;
+    options.store.disk_background_compaction = false;
+    data_dir_ = options.store.data_dir;
     options.max_span_bytes = 64 << 10;
     if (!tenants_text.empty()) {
       options.tenants_file = options.store.data_dir + "/tenants";
       KVR_ASSERT_OK(WriteStringToFileAtomic(options.tenants_file, tenants_text));
     }
-    fake_ = nullptr;
-    auto opener = [this](const store::TieredStoreOptions& o)
-        -> absl::StatusOr<std::unique_ptr<store::TieredStore>> {
-      auto store = FakeTieredStore::Open(o);
-      if (store.ok()) fake_ = static_cast<FakeTieredStore*>(store->get());
-      return store;
+    store_ = nullptr;
+    auto opener = [this](const store::TieredStoreOptions& o) {
+      return ObservedStore::Open(o, &store_);
     };
     KVR_ASSERT_OK_AND_ASSIGN(server_, Server::Create(options, opener));
     channel_ = server_->InProcessChannel();
@@ -204,10 +213,80 @@ class KvStoreServiceTest : public ::testing::Test {
     return resp;
   }
 
-  int64_t StoredSpans() { return fake_->Stats().tiers[0].spans; }
+  int64_t StoredSpans() { return store_->Stats().tiers[0].spans; }
 
+  static int64_t Evictions(const store::StoreStats& stats, store::TierId tier) {
+    for (const store::TierStats& t : stats.tiers) {
+      if (t.tier == tier) return t.evictions;
+    }
+    return 0;
+  }
+
+  // Pins `keep`, then stores spans of another model until the memory tier
+  // has evicted `memory` more spans and the disk tier `disk` more: the
+  // unpinned spans of the test, older than every filler, go first (memory
+  // demotes to disk, disk drops, in order of use), then unpins `keep`.
+  void PushDown(const std::vector<TestSpan>& keep, int memory, int disk) {
+    for (const TestSpan& s : keep) KVR_ASSERT_OK(store_->Pin({"", s.hash}, absl::InfiniteDuration()));
+    store::ModelGeometry filler;
+    filler.model_id = "filler";
+    filler.num_layers = 2;
+    filler.num_q_heads = 4;
+    filler.num_kv_heads = 2;
+    filler.head_dim = 8;
+    filler.dtype = DType::kF16;
+    filler.block_tokens = 16;
+    KVR_ASSERT_OK(store_->RegisterModel(filler));
+    const store::StoreStats before = store_->Stats();
+    const int64_t memory_goal = Evictions(before, store::TierId::kMemory) + memory;
+    const int64_t disk_goal = Evictions(before, store::TierId::kDisk) + disk;
+    std::mt19937_64 rng(kSeed);
+    for (int i = 0; i < 4 * (kMemoryBytes + kDiskBytes) / kFullSpanBytes; ++i) {
+      const store::StoreStats now = store_->Stats();
+      if (Evictions(now, store::TierId::kMemory) >= memory_goal &&
+          Evictions(now, store::TierId::kDisk) >= disk_goal) {
+        break;
+      }
+      store::StoredSpan span;
+      span.meta.model_id = "filler";
+      span.meta.parent = SpanRootHash("filler");
+      span.meta.num_tokens = 16;
+      for (int t = 0; t < 16; ++t) span.meta.token_ids.push_back(static_cast<uint32_t>(rng() % 32000));
+      span.key.hash = SpanHash(span.meta.parent, span.meta.token_ids);
+      span.payload.resize(kFullSpanBytes);
+      for (char& c : span.payload) c = static_cast<char>(rng());
+      span.meta.payload_bytes = kFullSpanBytes;
+      span.meta.payload_checksum = Checksum64(span.payload);
+      KVR_ASSERT_OK(store_->Put(std::move(span), store::PutOptions()).status());
+    }
+    const store::StoreStats after = store_->Stats();
+    ASSERT_GE(Evictions(after, store::TierId::kMemory), memory_goal);
+    ASSERT_EQ(Evictions(after, store::TierId::kDisk), disk_goal);
+    for (const TestSpan& s : keep) KVR_ASSERT_OK(store_->Unpin({"", s.hash}));
+  }
+
+  // Flips a byte in the payload of `span`'s record in the disk segments.
+  void CorruptOnDisk(const TestSpan& span) {
+    bool corrupted = false;
+    for (const auto& e : std::filesystem::directory_iterator(data_dir_ + "/segments")) {
+      KVR_ASSERT_OK_AND_ASSIGN(std::string data, ReadFileToString(e.path().string()));
+      const size_t at = data.find(span.payload.substr(0, 64));
+      if (at == std::string::npos) continue;
+      std::fstream f(e.path(), std::ios::in | std::ios::out | std::ios::binary);
+      f.seekp(static_cast<std::streamoff>(at + 100));
+      const char flipped = static_cast<char>(data[at + 100] ^ 1);
+      f.write(&flipped, 1);
+      corrupted = true;
+    }
+    ASSERT_TRUE(corrupted) << "the span has no record on disk";
+  }
+
+  static constexpr int64_t kMemoryBytes = 256 << 10;
+  static constexpr int64_t kDiskBytes = 256 << 10;
+
+  std::string data_dir_;
   std::unique_ptr<Server> server_;
-  FakeTieredStore* fake_ = nullptr;
+  ObservedStore* store_ = nullptr;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::KvStore::Stub> kv_;
   std::unique_ptr<v1::Admin::Stub> admin_;
@@ -321,8 +400,11 @@ TEST_F(KvStoreServiceTest, GetReportsEveryMissReasonAndStatsCountsThem) {
     ASSERT_TRUE(kv_->DeleteSpans(&ctx, req, &resp).ok());
     EXPECT_EQ(resp.deleted(), 1);
   }
-  fake_->TEST_Evict(store::SpanKey{"", spans[2].hash});
-  fake_->TEST_Corrupt(store::SpanKey{"", spans[3].hash});
+  // spans[2] and spans[3] go to disk; spans[3]'s record there is damaged;
+  // spans[2] is then dropped from the disk, the last tier.
+  PushDown({spans[0], spans[4]}, /*memory=*/2, /*disk=*/0);
+  CorruptOnDisk(spans[3]);
+  PushDown({spans[0], spans[4]}, /*memory=*/0, /*disk=*/1);
   const Hash128 never = SpanHash(spans[4].hash, {1, 2, 3});
 
   std::vector<Fetched> got;
@@ -361,14 +443,16 @@ TEST_F(KvStoreServiceTest, GetReportsEveryMissReasonAndStatsCountsThem) {
   EXPECT_EQ(by_reason[v1::MISS_REASON_NEVER_STORED], 1);
   EXPECT_EQ(by_reason[v1::MISS_REASON_MODEL_MISMATCH], 1);
   EXPECT_EQ(stats.misses_by_reason_size(), 7);
-  EXPECT_EQ(stats.tiers(0).checksum_failures(), 1);
+  for (const v1::TierStats& tier : stats.tiers()) {
+    EXPECT_EQ(tier.checksum_failures(), tier.tier() == v1::TIER_DISK ? 1 : 0) << tier.tier();
+  }
 }
 
 TEST_F(KvStoreServiceTest, LookupGivesThePrefixAndWhyTheRestIsMissing) {
   Register();
   const auto spans = MakeChain(4, kSeed + 3);
   KVR_ASSERT_OK(Put({spans[0], spans[1], spans[2]}));
-  fake_->TEST_Evict(store::SpanKey{"", spans[1].hash});
+  PushDown({spans[0], spans[2]}, /*memory=*/1, /*disk=*/1);
   const v1::LookupResponse r =
       Lookup({spans[0].hash, spans[1].hash, spans[2].hash, spans[3].hash});
   EXPECT_EQ(r.prefix_spans(), 1);
@@ -576,7 +660,7 @@ TEST_F(KvStoreServiceTest, PinUnpinDeleteReportPerSpanOutcomes) {
     ASSERT_EQ(resp.results_size(), 2);
     EXPECT_EQ(resp.results(0).code(), 0);
     EXPECT_EQ(resp.results(1).code(), static_cast<int>(absl::StatusCode::kNotFound));
-    EXPECT_EQ(fake_->TEST_PinCount(store::SpanKey{"", spans[0].hash}), 1);
+    EXPECT_EQ(store_->Stats().pinned_spans, 1);
   }
   {
     grpc::ClientContext ctx;
@@ -585,8 +669,7 @@ TEST_F(KvStoreServiceTest, PinUnpinDeleteReportPerSpanOutcomes) {
     req.add_hashes("bad");
     v1::PinSpansResponse resp;
     EXPECT_EQ(kv_->PinSpans(&ctx, req, &resp).error_code(), grpc::INVALID_ARGUMENT);
-    EXPECT_EQ(fake_->TEST_PinCount(store::SpanKey{"", spans[0].hash}), 1)
-        << "a rejected request pins nothing";
+    EXPECT_EQ(store_->Stats().pinned_spans, 1) << "a rejected request pins nothing";
     grpc::ClientContext ctx2;
     req.clear_hashes();
     req.add_hashes(spans[0].hash.ToBytes());
@@ -729,8 +812,8 @@ TEST_F(KvStoreServiceTest, ShutdownLetsInFlightCallsFinishAndTurnsNewOnesAway) {
   EXPECT_TRUE(finished.ok()) << finished.error_message();
   shutdown.join();
   KVR_EXPECT_OK(shutdown_status);
-  EXPECT_EQ(fake_->Stats().tiers[0].spans, 1) << "the in-flight span was stored";
-  EXPECT_EQ(fake_->TEST_SyncCalls(), 1);
+  EXPECT_EQ(store_->Stats().tiers[0].spans, 1) << "the in-flight span was stored";
+  EXPECT_EQ(store_->sync_calls(), 1);
 }
 
 }  // namespace

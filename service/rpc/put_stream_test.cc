@@ -11,8 +11,9 @@
 #include "common/span_hash.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "service/rpc/testing/fake_tiered_store.h"
+#include "service/store/tiered_store.h"
 #include "tests/testing/status_matchers.h"
+#include "tests/testing/test_data.h"
 
 namespace kvrecall::rpc {
 namespace {
@@ -24,10 +25,9 @@ class PutStreamTest : public ::testing::Test {
  protected:
   void SetUp() override {
     store::TieredStoreOptions o;
-    o.data_dir = "unused";
-    auto s = testing::FakeTieredStore::Open(o);
-    ASSERT_TRUE(s.ok());
-    store_ = *std::move(s);
+    o.data_dir = kvrecall::testing::MakeTempDir("put-stream-test");
+    o.memory_capacity_bytes = 16 << 20;
+    KVR_ASSERT_OK_AND_ASSIGN(store_, store::TieredStore::Open(o));
     store::ModelGeometry g;
     g.model_id = "m";
     g.num_layers = 1;

@@ -1,15 +1,14 @@
 #pragma once
 
 // The store the client tests run the in-process server on: the real
-// TieredStore when it is built (test_store_real.cc), else the RPC layer's
-// FakeTieredStore (test_store_fake.cc). Chosen at link time.
+// TieredStore in the temporary directory of each test's ServerOptions.
 
 #include "service/rpc/server.h"
+#include "service/store/tiered_store.h"
 
 namespace kvrecall::client::testing {
 
-rpc::StoreOpener TestStoreOpener();
-// "tiered" or "fake".
-const char* TestStoreName();
+inline rpc::StoreOpener TestStoreOpener() { return &store::TieredStore::Open; }
+inline const char* TestStoreName() { return "tiered"; }
 
 }  // namespace kvrecall::client::testing
