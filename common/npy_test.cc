@@ -52,7 +52,7 @@ TEST(NpyTest, RejectsBadFiles) {
 
 TEST(NpyTest, ReadsRealCapture) {
   const std::string path = testing::SharedDir() + "/data/attn-dev/layer03_k.npy";
-  if (!std::ifstream(path).good()) GTEST_SKIP() << "no capture at " << path;
+  if (!std::ifstream(path).good()) KVR_SKIP_WITHOUT_SHARED_DATA("no capture at " << path);
   KVR_ASSERT_OK_AND_ASSIGN(NpyArray k, ReadNpy(path));
   EXPECT_EQ(k.descr, "<f2");
   EXPECT_EQ(k.shape, (std::vector<int64_t>{2, 8192, 128}));

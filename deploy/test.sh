@@ -6,10 +6,25 @@
 #
 #   ./deploy/test.sh            # everything
 #   BUILD_DIR=build-x ./deploy/test.sh
+#
+# Tests on real attention read the shared test data (the attn-dev capture)
+# from $KVRECALL_SHARED_DIR, by default the directory `shared` beside the
+# repository. Here they must find it: KVRECALL_REQUIRE_SHARED_DATA=1 makes a
+# test that cannot find it fail rather than skip. KVRECALL_REQUIRE_SHARED_DATA=0
+# lets them skip (a checkout without the data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
 JOBS=${JOBS:-$(nproc)}
+export KVRECALL_REQUIRE_SHARED_DATA=${KVRECALL_REQUIRE_SHARED_DATA:-1}
+SHARED_DIR=${KVRECALL_SHARED_DIR:-$PWD/../shared}
+if [[ "$KVRECALL_REQUIRE_SHARED_DATA" != 0 && ! -f "$SHARED_DIR/data/attn-dev/layer03_k.npy" ]]; then
+  echo "test.sh: the shared test data is not at $SHARED_DIR (no data/attn-dev/layer03_k.npy);" \
+       "set KVRECALL_SHARED_DIR to its directory, or KVRECALL_REQUIRE_SHARED_DATA=0 to skip" \
+       "the tests that need it" >&2
+  exit 1
+fi
+export KVRECALL_SHARED_DIR=$(cd "$SHARED_DIR" 2>/dev/null && pwd || echo "$SHARED_DIR")
 
 ./deploy/install-deps.sh
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVRECALL_WERROR=ON

@@ -241,7 +241,7 @@ TEST_F(PolicyCommandsTest, ProfilePolicyFromCaptures) {
 
 TEST_F(PolicyCommandsTest, ProfilePolicyOnTheAttnDevCapture) {
   const std::string caps = kvrecall::testing::SharedDir() + "/data/attn-dev";
-  if (!std::filesystem::exists(caps + "/layer01_k.npy")) GTEST_SKIP() << "no capture at " << caps;
+  if (!std::filesystem::exists(caps + "/layer01_k.npy")) KVR_SKIP_WITHOUT_SHARED_DATA("no capture at " << caps);
   ASSERT_EQ(Run({"profile-policy", "--captures=" + caps, "--model=m", "--budget=0.02",
                  "--max_compute=2", "--n_full=1", "--renumber", "--steps=every:1024",
                  "--threads=2"}),

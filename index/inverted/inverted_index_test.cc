@@ -304,7 +304,7 @@ TEST(InvertedIndexTest, MaxEffortEqualsBruteForceOnRealCaptures) {
   const std::string dir = kvrecall::testing::SharedDir() + "/data/attn-dev/";
   auto k = ReadNpy(dir + "layer07_k.npy");
   auto q = ReadNpy(dir + "layer07_q.npy");
-  if (!k.ok() || !q.ok()) GTEST_SKIP() << "attention captures not found under " << dir;
+  if (!k.ok() || !q.ok()) KVR_SKIP_WITHOUT_SHARED_DATA("attention captures not found under " << dir);
   const int64_t n = 1024;
   KeyMatrix keys{std::vector<char>(k->data.data(), k->data.data() + n * 128 * 2), n, 128, DType::kF16};
   KeyMatrix queries{{}, 16, 128, DType::kF16};

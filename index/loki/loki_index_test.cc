@@ -265,7 +265,7 @@ TEST(LokiIndexTest, MaxEffortEqualsBruteForceOnRealCaptures) {
   const std::string dir = kvrecall::testing::SharedDir() + "/data/attn-dev/";
   auto k = ReadNpy(dir + "layer03_k.npy");
   auto q = ReadNpy(dir + "layer03_q.npy");
-  if (!k.ok() || !q.ok()) GTEST_SKIP() << "attention captures not found under " << dir;
+  if (!k.ok() || !q.ok()) KVR_SKIP_WITHOUT_SHARED_DATA("attention captures not found under " << dir);
   ASSERT_EQ(k->descr, "<f2");
   ASSERT_EQ(k->shape, (std::vector<int64_t>{2, 8192, 128}));
   const int64_t n = 2048;

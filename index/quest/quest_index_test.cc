@@ -252,7 +252,7 @@ TEST(QuestIndexTest, MaxEffortEqualsBruteForceOnRealCaptures) {
   const std::string dir = kvrecall::testing::SharedDir() + "/data/attn-dev/";
   auto k = ReadNpy(dir + "layer05_k.npy");
   auto q = ReadNpy(dir + "layer05_q.npy");
-  if (!k.ok() || !q.ok()) GTEST_SKIP() << "attention captures not found under " << dir;
+  if (!k.ok() || !q.ok()) KVR_SKIP_WITHOUT_SHARED_DATA("attention captures not found under " << dir);
   ASSERT_EQ(k->shape, (std::vector<int64_t>{2, 8192, 128}));
   const int64_t n = 2048;
   // KV head 1: keys [1, 0:2048), queries of heads 2 and 3 at 2048..2063.

@@ -251,7 +251,7 @@ TEST(RoarIndexTest, RealCaptureSliceReachesHighRecall) {
   const std::string dir = ::kvrecall::testing::SharedDir() + "/data/attn-dev/";
   auto q = ReadNpy(dir + "layer03_q.npy");
   auto k = ReadNpy(dir + "layer03_k.npy");
-  if (!q.ok() || !k.ok()) GTEST_SKIP() << "attn-dev capture not found under " << dir;
+  if (!q.ok() || !k.ok()) KVR_SKIP_WITHOUT_SHARED_DATA("attn-dev capture not found under " << dir);
   const int64_t n = 2048, t = 8192, d = 128;
   const uint16_t* keys = k->as<uint16_t>();  // head 0, positions 0..n-1
   std::vector<uint16_t> train, decode;

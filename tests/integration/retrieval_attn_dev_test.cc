@@ -168,7 +168,7 @@ class RetrievalAttnDevTest : public ::testing::Test {
 Capture* RetrievalAttnDevTest::capture_ = nullptr;
 
 TEST_F(RetrievalAttnDevTest, AttendMergedWithLocalPartialMatchesFullAttention) {
-  if (capture_ == nullptr) GTEST_SKIP() << "no attn-dev capture under ../shared/data";
+  if (capture_ == nullptr) KVR_SKIP_WITHOUT_SHARED_DATA("no attn-dev capture under " << testing::SharedDir());
   const Capture& c = *capture_;
   testing::DaemonProcess daemon(testing::MakeTempDir("retrieval-attn-dev") + "/data", {});
   KVR_ASSERT_OK(daemon.Start());
