@@ -22,11 +22,11 @@ absl::Status QueryBudget(int64_t kept, int64_t more, int64_t max) {
 }  // namespace
 
 Context::Context(std::string tenant, store::ModelGeometry model,
-                 std::vector<store::StoredSpanPtr> spans, int64_t max_query_bytes)
+                 std::vector<store::StoredSpanPtr> spans, int64_t max_query_bytes, Hash128 id)
     : tenant_(std::move(tenant)),
       model_(std::move(model)),
       spans_(std::move(spans)),
-      id_(spans_.empty() ? Hash128{} : spans_.back()->key.hash),
+      id_(!id.IsZero() ? id : spans_.empty() ? Hash128{} : spans_.back()->key.hash),
       max_query_bytes_(max_query_bytes),
       layers_(static_cast<size_t>(model_.num_layers)) {
   for (const auto& s : spans_) prefix_tokens_ += s->meta.num_tokens;
@@ -71,7 +71,8 @@ LayerKvView Context::KvView(int32_t layer) const {
   return view;
 }
 
-absl::StatusOr<int64_t> Context::Append(const AppendBatch& batch) {
+absl::StatusOr<int64_t> Context::Append(const AppendBatch& batch, AppendOutcome* outcome) {
+  if (outcome != nullptr) *outcome = AppendOutcome::kAppended;
   const int32_t L = model_.num_layers, H = model_.num_kv_heads, d = model_.head_dim;
   if (batch.layer_begin < 0 || batch.layer_end > L || batch.layer_begin >= batch.layer_end) {
     return absl::InvalidArgumentError(absl::StrCat("layer range [", batch.layer_begin, ", ",
@@ -108,6 +109,32 @@ absl::StatusOr<int64_t> Context::Append(const AppendBatch& batch) {
           " appended tokens; append layer ranges in step"));
     }
   }
+  if (batch.expected_position >= 0) {
+    const int64_t next = prefix_tokens_ + first;
+    if (batch.expected_position > next) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "expected_position ", batch.expected_position, " is past the next position ", next,
+          " of layers [", batch.layer_begin, ", ", batch.layer_end,
+          "): tokens before it are missing (were they appended to this context?)"));
+    }
+    if (batch.expected_position < prefix_tokens_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "expected_position ", batch.expected_position, " is inside the stored prefix of ",
+          prefix_tokens_, " tokens; a decode that diverges inside it opens the context of "
+          "its own spans"));
+    }
+    if (batch.expected_position < next) {
+      const int64_t at = batch.expected_position - prefix_tokens_;
+      if (outcome == nullptr) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "position ", batch.expected_position, " is already taken"));
+      }
+      *outcome = at + batch.num_tokens <= first && SameTokensLocked(batch, at)
+                     ? AppendOutcome::kDuplicate
+                     : AppendOutcome::kDiverged;
+      return batch.expected_position;
+    }
+  }
   const int32_t bt = model_.block_tokens;
   for (int32_t li = 0; li < layers; ++li) {
     LayerState& st = layers_[batch.layer_begin + li];
@@ -140,6 +167,62 @@ absl::StatusOr<int64_t> Context::Append(const AppendBatch& batch) {
   }
   query_bytes_ += query_bytes;
   return prefix_tokens_ + first;
+}
+
+bool Context::SameTokensLocked(const AppendBatch& batch, int64_t first) const {
+  const int32_t H = model_.num_kv_heads, bt = model_.block_tokens;
+  const size_t row_bytes = static_cast<size_t>(model_.head_dim) * DTypeSize(model_.dtype);
+  for (int32_t li = 0; li < batch.layer_end - batch.layer_begin; ++li) {
+    const LayerState& st = layers_[batch.layer_begin + li];
+    for (int32_t t = 0; t < batch.num_tokens; ++t) {
+      const int64_t pos = first + t;
+      const AppendedBlock& block = *st.blocks[static_cast<size_t>(pos / bt)];
+      for (int32_t h = 0; h < H; ++h) {
+        const size_t src = ((static_cast<size_t>(li) * H + h) * batch.num_tokens + t) * row_bytes;
+        const size_t dst = (static_cast<size_t>(h) * bt + pos % bt) * row_bytes;
+        if (std::memcmp(block.keys.get() + dst, batch.keys.data() + src, row_bytes) != 0 ||
+            std::memcmp(block.values.get() + dst, batch.values.data() + src, row_bytes) != 0) {
+          return false;
+        }
+      }
+    }
+  }
+  return true;
+}
+
+int64_t Context::num_appended(int32_t layer) const {
+  absl::MutexLock lock(&mu_);
+  return layers_[layer].appended;
+}
+
+std::shared_ptr<Context> Context::Fork(const Hash128& id, int64_t appended) const {
+  auto fork = std::make_shared<Context>(tenant_, model_, spans_, max_query_bytes_, id);
+  const int32_t H = model_.num_kv_heads, bt = model_.block_tokens;
+  const size_t block_bytes =
+      static_cast<size_t>(H) * bt * model_.head_dim * DTypeSize(model_.dtype);
+  absl::MutexLock mine(&mu_);
+  absl::MutexLock theirs(&fork->mu_);
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const LayerState& from = layers_[l];
+    LayerState& to = fork->layers_[l];
+    to.appended = std::min(from.appended, appended);
+    const size_t blocks = static_cast<size_t>((to.appended + bt - 1) / bt);
+    for (size_t b = 0; b < blocks; ++b) {
+      auto block = std::make_unique<AppendedBlock>();
+      block->keys.reset(new char[block_bytes]);
+      block->values.reset(new char[block_bytes]);
+      std::memcpy(block->keys.get(), from.blocks[b]->keys.get(), block_bytes);
+      std::memcpy(block->values.get(), from.blocks[b]->values.get(), block_bytes);
+      to.blocks.push_back(std::move(block));
+    }
+    for (const auto& [first, q] : from.queries) {
+      if (first < prefix_tokens_ + to.appended) {
+        to.queries.emplace_back(first, q);
+        fork->query_bytes_ += static_cast<int64_t>(q.size() * sizeof(float));
+      }
+    }
+  }
+  return fork;
 }
 
 absl::Status Context::AddQueries(int32_t layer, int64_t first_position, int64_t n,

@@ -36,6 +36,16 @@ struct AppendBatch {
   // Optional: [layers, num_tokens, num_q_heads, head_dim] f32 queries of the
   // same tokens, kept as extra training queries for query-aware indexes.
   absl::Span<const float> queries;
+  // Optional (-1: unset): the position the caller expects the first token
+  // to take. Set, the append is checked against it (AppendOutcome).
+  int64_t expected_position = -1;
+};
+
+// What Context::Append did with a batch that named its expected position.
+enum class AppendOutcome : uint8_t {
+  kAppended = 0,   // the tokens were added at the expected position
+  kDuplicate = 1,  // a retry: the same tokens are already there; nothing changed
+  kDiverged = 2,   // other tokens are already there: the caller forks the context
 };
 
 // Thread-safe. Readers take views (KvView) that stay valid while the
@@ -45,8 +55,9 @@ class Context {
   // REQUIRES: spans form the chain (checked by the caller), all but the last
   // holding model.block_tokens tokens.
   // `max_query_bytes` bounds the training queries kept (0: no bound).
+  // `id`: the context id; zero means the hash of the last span.
   Context(std::string tenant, store::ModelGeometry model, std::vector<store::StoredSpanPtr> spans,
-          int64_t max_query_bytes = 0);
+          int64_t max_query_bytes = 0, Hash128 id = Hash128{});
 
   const std::string& tenant() const { return tenant_; }
   const store::ModelGeometry& model() const { return model_; }
@@ -66,7 +77,22 @@ class Context {
   // tensor sizes; FAILED_PRECONDITION when the layers in the range hold
   // different token counts (append layer ranges in step). Returns the
   // first position appended.
-  absl::StatusOr<int64_t> Append(const AppendBatch& batch);
+  //
+  // With batch.expected_position set, *outcome says what happened:
+  // kAppended when it equals the next position; kDuplicate (returning the
+  // expected position, changing nothing) when the same K/V already sit there
+  // (a retried append); kDiverged (changing nothing) when other tokens do.
+  // FAILED_PRECONDITION when it lies past the next position (a gap) or inside
+  // the stored prefix.
+  absl::StatusOr<int64_t> Append(const AppendBatch& batch, AppendOutcome* outcome = nullptr);
+
+  // A new context `id` over the same stored spans holding this context's
+  // first `appended` decode tokens of every layer (and their training
+  // queries): the copy-on-write of a decode that diverges from this one.
+  std::shared_ptr<Context> Fork(const Hash128& id, int64_t appended) const;
+
+  // Decode tokens appended to `layer`.
+  int64_t num_appended(int32_t layer) const;
 
   // Stores prefill queries of `layer` for positions [first, first + n):
   // [n, num_q_heads, head_dim] f32. They train query-aware indexes (roar).
@@ -102,6 +128,11 @@ class Context {
     int64_t appended = 0;
     std::vector<std::pair<int64_t, std::vector<float>>> queries;  // (first position, [n, Hq, d])
   };
+
+  // Whether rows [first, first + n) of each layer of the batch hold exactly
+  // the batch's K and V. REQUIRES: they exist in every layer of the batch.
+  bool SameTokensLocked(const AppendBatch& batch, int64_t first) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string tenant_;
   const store::ModelGeometry model_;

@@ -10,7 +10,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/checksum.h"
 #include "common/logging.h"
+#include "common/span_hash.h"
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
 #include "index/distance.h"
@@ -30,6 +32,11 @@ using internal::kContextSpace;
 using internal::kIndexLatestSpace;
 using internal::kIndexSpace;
 using internal::MicrosSince;
+
+namespace {
+// Idle-closed contexts remembered for their dropped tails (beyond it, some are forgotten).
+constexpr size_t kMaxDroppedTails = 1 << 16;
+}  // namespace
 
 absl::string_view OperationStateName(OperationState state) {
   switch (state) {
@@ -89,6 +96,10 @@ absl::StatusOr<OpenContextReply> RetrievalService::OpenContext(absl::string_view
                                                                absl::Time deadline) {
   CloseIdleContexts();
   if (chain.empty()) return absl::InvalidArgumentError("a context needs at least one span hash");
+  {
+    absl::MutexLock lock(&mu_);  // opened again on purpose: the caller knows its tail is gone
+    dropped_tails_.erase({std::string(tenant), chain.back()});
+  }
   KVR_ASSIGN_OR_RETURN(store::ModelGeometry model, store_->GetModel(model_id));
   const Hash128 id = chain.back();
   {
@@ -201,6 +212,14 @@ void RetrievalService::CloseIdleContexts() {
     for (auto it = contexts_.begin(); it != contexts_.end();) {
       if (now - it->second->last_used > options_.context_idle_ttl &&
           it->second->context.use_count() == 1) {
+        int64_t appended = 0;
+        for (int32_t l = 0; l < it->second->context->model().num_layers; ++l) {
+          appended = std::max(appended, it->second->context->num_appended(l));
+        }
+        if (appended > 0) {
+          if (dropped_tails_.size() >= kMaxDroppedTails) dropped_tails_.erase(dropped_tails_.begin());
+          dropped_tails_[it->first] = {appended, now};
+        }
         const std::string prefix = ContextIndexPrefix(it->first.first, it->first.second);
         for (auto i = indexes_.lower_bound(prefix);
              i != indexes_.end() && absl::StartsWith(i->first, prefix);) {
@@ -227,6 +246,14 @@ absl::StatusOr<std::shared_ptr<Context>> RetrievalService::GetContext(absl::stri
     if (it != contexts_.end()) {
       it->second->last_used = absl::Now();
       return it->second->context;
+    }
+    auto dropped = dropped_tails_.find({std::string(tenant), context});
+    if (dropped != dropped_tails_.end()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "context ", context.ToHex(), " was closed after ",
+          absl::FormatDuration(options_.context_idle_ttl), " idle with ",
+          dropped->second.first, " appended decode tokens, which are not persisted; open it "
+          "again (OpenContext) and append them again"));
     }
   }
   return ReopenContext(tenant, context, deadline);
@@ -280,13 +307,79 @@ absl::StatusOr<store::ModelGeometry> RetrievalService::ContextModel(absl::string
   return ctx->model();
 }
 
+namespace {
+
+// The id of the fork of `context` whose tokens from `position` on are
+// `batch`'s: a span hash over the position and the checksums of the K/V.
+Hash128 ForkId(const Hash128& context, const AppendBatch& batch) {
+  const uint64_t pos = static_cast<uint64_t>(batch.expected_position);
+  const uint64_t k = Checksum64(batch.keys);
+  const uint64_t v = Checksum64(batch.values);
+  const uint32_t words[] = {static_cast<uint32_t>(pos), static_cast<uint32_t>(pos >> 32),
+                            static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32),
+                            static_cast<uint32_t>(v), static_cast<uint32_t>(v >> 32),
+                            static_cast<uint32_t>(batch.layer_begin),
+                            static_cast<uint32_t>(batch.layer_end)};
+  return SpanHash(context, words);
+}
+
+}  // namespace
+
 absl::StatusOr<int64_t> RetrievalService::AppendTokens(absl::string_view tenant,
-                                                       const Hash128& context,
-                                                       const AppendBatch& batch) {
+                                                       const Hash128& requested,
+                                                       const AppendBatch& batch,
+                                                       Hash128* appended_to) {
   KVR_ASSIGN_OR_RETURN(std::shared_ptr<Context> ctx,
-                       GetContext(tenant, context, absl::InfiniteFuture()));
+                       GetContext(tenant, requested, absl::InfiniteFuture()));
   if (!batch.queries.empty()) KVR_RETURN_IF_ERROR(CheckFinite(batch.queries, "query"));
-  KVR_ASSIGN_OR_RETURN(int64_t first, ctx->Append(batch));
+  AppendOutcome outcome = AppendOutcome::kAppended;
+  KVR_ASSIGN_OR_RETURN(int64_t first, ctx->Append(batch, &outcome));
+  if (outcome == AppendOutcome::kDiverged) {
+    // Copy-on-write: this decode continues in its own context.
+    const Hash128 fork_id = ForkId(ctx->id(), batch);
+    std::shared_ptr<Context> fork;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = contexts_.find({std::string(tenant), fork_id});
+      if (it != contexts_.end()) fork = it->second->context;
+    }
+    if (fork == nullptr) {
+      std::shared_ptr<Context> copy =
+          ctx->Fork(fork_id, batch.expected_position - ctx->prefix_tokens());
+      for (size_t i = 0; i < copy->spans().size(); ++i) {
+        const absl::Status pinned = store_->Pin(copy->spans()[i]->key, absl::InfiniteDuration());
+        if (!pinned.ok()) {
+          for (size_t j = 0; j < i; ++j) store_->Unpin(copy->spans()[j]->key).IgnoreError();
+          return pinned;
+        }
+      }
+      bool raced = false;
+      {
+        absl::MutexLock lock(&mu_);
+        auto& slot = contexts_[{std::string(tenant), fork_id}];
+        if (slot != nullptr) {
+          raced = true;
+          fork = slot->context;
+        } else {
+          slot = std::make_shared<OpenContextEntry>();
+          slot->context = copy;
+          slot->last_used = absl::Now();
+          fork = copy;
+        }
+      }
+      if (raced) {
+        for (const auto& sp : copy->spans()) store_->Unpin(sp->key).IgnoreError();  // ours
+      }
+    }
+    KVR_ASSIGN_OR_RETURN(first, fork->Append(batch, &outcome));
+    if (outcome == AppendOutcome::kDiverged) {
+      return absl::AbortedError("the fork of the context changed concurrently; retry");
+    }
+    ctx = fork;
+  }
+  const Hash128 context = ctx->id();
+  if (appended_to != nullptr) *appended_to = context;
+  if (outcome == AppendOutcome::kDuplicate) return first;  // a retry: nothing new to index
   // Add the new keys to every loaded index of those layers.
   std::vector<std::shared_ptr<LoadedIndex>> affected;
   {

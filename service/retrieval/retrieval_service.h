@@ -214,8 +214,24 @@ class RetrievalService {
                                                     const Hash128& context, absl::Time deadline);
   // Appends decode-time tokens and adds them to every loaded index of those
   // layers. Returns the first position appended.
+  //
+  // With batch.expected_position set (docs/retrieval.md, "Appending"): a
+  // retry of an append that took effect returns its position and changes
+  // nothing; an append at a position that holds other tokens (a second
+  // decode diverging from a shared context) goes to a fork of the context,
+  // a new context holding a copy of the appended tokens before that
+  // position, whose id is returned in *appended_to (else the context
+  // itself). The fork's id is derived from the context, the position and
+  // the K/V, so the same divergence always lands in the same fork. A fork
+  // lives in memory only and starts without indexes.
+  //
+  // A context closed for idleness with appended tokens (which are not
+  // persisted) fails every later call with FAILED_PRECONDITION saying so,
+  // until OpenContext opens it again: nothing continues on a silently
+  // shortened context.
   absl::StatusOr<int64_t> AppendTokens(absl::string_view tenant, const Hash128& context,
-                                       const AppendBatch& batch);
+                                       const AppendBatch& batch,
+                                       Hash128* appended_to = nullptr);
   // Stores prefill queries of a layer ([n, num_q_heads, head_dim] f32 for
   // positions [first, first + n)) as training queries of query-aware builds.
   absl::Status AddQueries(absl::string_view tenant, const Hash128& context, int32_t layer,
@@ -340,6 +356,10 @@ class RetrievalService {
   // Loaded indexes by "tenant|context|layer|kv_head|kind|params".
   std::map<std::string, std::shared_ptr<LoadedIndex>> indexes_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::shared_ptr<Operation>> operations_ ABSL_GUARDED_BY(mu_);
+  // Contexts closed for idleness while holding appended tokens: (tenant, id)
+  // -> (tokens lost, when). Calls on them fail until OpenContext.
+  std::map<std::pair<std::string, Hash128>, std::pair<int64_t, absl::Time>> dropped_tails_
+      ABSL_GUARDED_BY(mu_);
   std::deque<std::pair<std::shared_ptr<Operation>, BuildIndexRequest>> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> builders_;

@@ -43,7 +43,7 @@ class RetrievalServiceTest : public ::testing::Test {
     KVR_ASSERT_OK(store_->RegisterModel(Geometry()));
   }
 
-  void OpenAll() {
+  void OpenAll(const RetrievalOptions& options = RetrievalOptions()) {
     store::TieredStoreOptions so;
     so.data_dir = dir_;
     so.memory_capacity_bytes = 64 << 20;
@@ -52,7 +52,7 @@ class RetrievalServiceTest : public ::testing::Test {
     auto st = store::TieredStore::Open(so);
     ASSERT_TRUE(st.ok()) << st.status();
     store_ = std::move(*st);
-    auto rs = RetrievalService::Create(store_.get(), RetrievalOptions());
+    auto rs = RetrievalService::Create(store_.get(), options);
     ASSERT_TRUE(rs.ok()) << rs.status();
     service_ = std::move(*rs);
   }
@@ -526,6 +526,112 @@ TEST_F(RetrievalServiceTest, AppendedTokensAreSearchable) {
   KVR_ASSERT_OK(service_->AppendTokens("", chain.back(), one).status());
   EXPECT_THAT(service_->AppendTokens("", chain.back(), batch),
               StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+// Decode tokens for both layers: every element `value`.
+struct Tokens {
+  std::vector<float> k, v;
+  AppendBatch Batch(int64_t expected) const {
+    AppendBatch b;
+    b.layer_begin = 0;
+    b.layer_end = kLayers;
+    b.num_tokens = static_cast<int32_t>(k.size() / (kLayers * kKvHeads * kDim));
+    b.keys = absl::string_view(reinterpret_cast<const char*>(k.data()), k.size() * 4);
+    b.values = absl::string_view(reinterpret_cast<const char*>(v.data()), v.size() * 4);
+    b.expected_position = expected;
+    return b;
+  }
+};
+Tokens MakeTokens(int n, float value) {
+  Tokens t;
+  t.k.assign(static_cast<size_t>(kLayers) * kKvHeads * n * kDim, value);
+  t.v.assign(t.k.size(), -value);
+  return t;
+}
+
+TEST_F(RetrievalServiceTest, AppendsAtAnExpectedPositionAreIdempotentAndDivergentOnesFork) {
+  auto chain = StoreContext(32, 12);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  const Hash128 ctx = chain.back();
+  auto tokens_of = [&](const Hash128& id) {
+    std::vector<std::vector<int64_t>> lists(kKvHeads, std::vector<int64_t>{0});
+    auto model = service_->ContextModel("", id, absl::InfiniteFuture());
+    EXPECT_TRUE(model.ok()) << model.status();
+    RetrieveRequest req;
+    req.context = id;
+    req.layer = 1;
+    const auto q = RandomQueries(1);
+    req.queries = q;
+    req.index.kind = "all";
+    auto r = service_->Attend(req);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? r->stats.context_tokens : -1;
+  };
+  auto key_at = [&](const Hash128& id, int64_t pos) {
+    auto rows = service_->GatherKv("", id, 0, {{pos}, {pos}}, absl::InfiniteFuture());
+    EXPECT_TRUE(rows.ok()) << rows.status();
+    float x = 0;
+    if (rows.ok()) std::memcpy(&x, rows->keys.data(), 4);
+    return x;
+  };
+  const Tokens a = MakeTokens(2, 1.0f), b = MakeTokens(2, 2.0f), c = MakeTokens(1, 3.0f);
+  Hash128 to;
+  KVR_ASSERT_OK_AND_ASSIGN(int64_t first, service_->AppendTokens("", ctx, a.Batch(32), &to));
+  EXPECT_EQ(first, 32);
+  EXPECT_EQ(to, ctx);
+  // A retry of the same append changes nothing.
+  KVR_ASSERT_OK_AND_ASSIGN(first, service_->AppendTokens("", ctx, a.Batch(32), &to));
+  EXPECT_EQ(first, 32);
+  EXPECT_EQ(to, ctx);
+  EXPECT_EQ(tokens_of(ctx), 34);
+  // The next one goes on; a gap or a position inside the prefix is refused.
+  KVR_ASSERT_OK(service_->AppendTokens("", ctx, c.Batch(34)).status());
+  EXPECT_THAT(service_->AppendTokens("", ctx, c.Batch(40)),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("past the next")));
+  EXPECT_THAT(service_->AppendTokens("", ctx, c.Batch(5)),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("prefix")));
+  // Another decode of the same prefix writes other tokens at 32: it forks.
+  KVR_ASSERT_OK_AND_ASSIGN(first, service_->AppendTokens("", ctx, b.Batch(32), &to));
+  EXPECT_EQ(first, 32);
+  EXPECT_NE(to, ctx);
+  const Hash128 fork = to;
+  EXPECT_EQ(tokens_of(ctx), 35);  // untouched: a's two tokens and c
+  EXPECT_EQ(key_at(ctx, 32), 1.0f);
+  EXPECT_EQ(tokens_of(fork), 34);
+  EXPECT_EQ(key_at(fork, 32), 2.0f);
+  EXPECT_EQ(key_at(fork, 31), key_at(ctx, 31));  // the shared prefix
+  // Its retry lands in the same fork and changes nothing.
+  KVR_ASSERT_OK_AND_ASSIGN(first, service_->AppendTokens("", ctx, b.Batch(32), &to));
+  EXPECT_EQ(to, fork);
+  EXPECT_EQ(tokens_of(fork), 34);
+  // Without an expected position, tokens go at the end (as before).
+  KVR_ASSERT_OK_AND_ASSIGN(first, service_->AppendTokens("", ctx, c.Batch(-1)));
+  EXPECT_EQ(first, 35);
+}
+
+TEST_F(RetrievalServiceTest, AnIdleCloseNeverSilentlyDropsAppendedTokens) {
+  RetrievalOptions options;
+  options.context_idle_ttl = absl::Milliseconds(1);
+  service_.reset();
+  store_.reset();
+  OpenAll(options);
+  auto chain = StoreContext(32, 13);
+  auto other = StoreContext(16, 14);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  KVR_ASSERT_OK(service_->AppendTokens("", chain.back(), MakeTokens(2, 1.0f).Batch(32)).status());
+  absl::SleepFor(absl::Milliseconds(20));  // let the TTL pass (no thread ordering involved)
+  // Opening any context closes idle ones: ours held 2 appended tokens.
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", other, absl::InfiniteFuture()).status());
+  EXPECT_THAT(service_->AppendTokens("", chain.back(), MakeTokens(1, 1.0f).Batch(34)),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("2 appended")));
+  EXPECT_THAT(service_->ContextModel("", chain.back(), absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  // Opened again on purpose, it holds its prefix and takes appends from 32.
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  KVR_ASSERT_OK_AND_ASSIGN(int64_t first,
+                           service_->AppendTokens("", chain.back(),
+                                                  MakeTokens(1, 1.0f).Batch(32)));
+  EXPECT_EQ(first, 32);
 }
 
 TEST_F(RetrievalServiceTest, ArtifactsAreVersionedPerNamespace) {

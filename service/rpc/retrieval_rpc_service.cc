@@ -224,8 +224,17 @@ grpc::Status RetrievalRpcService::AppendTokens(grpc::ServerContext* context,
                                                     m.head_dim}));
       batch.queries = queries;
     }
-    KVR_ASSIGN_OR_RETURN(int64_t first, retrieval_->AppendTokens(*tenant, id, batch));
+    if (request->has_expected_position()) {
+      if (request->expected_position() < 0) {
+        return absl::InvalidArgumentError("expected_position must not be negative");
+      }
+      batch.expected_position = request->expected_position();
+    }
+    Hash128 appended_to = id;
+    KVR_ASSIGN_OR_RETURN(int64_t first,
+                         retrieval_->AppendTokens(*tenant, id, batch, &appended_to));
     response->set_first_position(first);
+    response->set_context(appended_to.ToBytes());
     return absl::OkStatus();
   };
   return scope.Finish(ToGrpcStatus(run()));
