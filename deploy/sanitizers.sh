@@ -48,8 +48,8 @@ for c in cmds:
     # sources declare no guarded state).
     if not rel.startswith(("common/", "service/", "index/", "clients/cpp/", "gpu/worker/")):
         continue
-    if rel.endswith("_test.cc") or "/testing/" in rel:
-        continue
+    if rel.endswith("_test.cc") or "/testing/" in rel or rel.startswith("index/faiss/"):
+        continue  # tests; the FAISS adapter needs OpenMP headers clang-16 lacks here
     args = shlex.split(c["command"])
     keep = [a for a in args[1:] if a.startswith(("-I", "-D", "-std=", "-isystem")) or a == "-pthread"]
     # -isystem takes its path as the next argument
