@@ -61,6 +61,4 @@ ABSL_DECLARE_FLAG(int32_t, tenant_contexts);
 ABSL_DECLARE_FLAG(int32_t, tenant_builds);
 ABSL_DECLARE_FLAG(kvrecall::daemon::ByteSize, tenant_memory_bytes);
 ABSL_DECLARE_FLAG(kvrecall::daemon::ByteSize, tenant_pinned_bytes);
-ABSL_DECLARE_FLAG(kvrecall::daemon::ByteSize, tenant_disk_bytes);
-ABSL_DECLARE_FLAG(kvrecall::daemon::ByteSize, tenant_rocksdb_bytes);
 ABSL_DECLARE_FLAG(int64_t, tombstone_max_age_s);

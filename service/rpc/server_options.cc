@@ -73,9 +73,7 @@ absl::Status ValidateServerOptions(const ServerOptions& o) {
   KVR_RETURN_IF_ERROR(Range("tenant_contexts", o.tenant_contexts, 0, 1 << 30));
   KVR_RETURN_IF_ERROR(Range("tenant_builds", o.tenant_builds, 0, 1 << 30));
   for (const auto& [flag, v] : {std::pair{"tenant_memory_bytes", o.store.tenant_memory_bytes},
-                                std::pair{"tenant_pinned_bytes", o.store.tenant_pinned_bytes},
-                                std::pair{"tenant_disk_bytes", o.store.tenant_disk_bytes},
-                                std::pair{"tenant_rocksdb_bytes", o.store.tenant_rocksdb_bytes}}) {
+                                std::pair{"tenant_pinned_bytes", o.store.tenant_pinned_bytes}}) {
     KVR_RETURN_IF_ERROR(Range(flag, v, 0, 1024 * kTiB0));
   }
   KVR_RETURN_IF_ERROR(Range("tombstone_max_age_s",
@@ -162,8 +160,6 @@ std::vector<std::pair<std::string, std::string>> ServerOptionsToFlags(const Serv
       {"tenant_builds", absl::StrCat(o.tenant_builds)},
       {"tenant_memory_bytes", absl::StrCat(o.store.tenant_memory_bytes)},
       {"tenant_pinned_bytes", absl::StrCat(o.store.tenant_pinned_bytes)},
-      {"tenant_disk_bytes", absl::StrCat(o.store.tenant_disk_bytes)},
-      {"tenant_rocksdb_bytes", absl::StrCat(o.store.tenant_rocksdb_bytes)},
       {"tombstone_max_age_s", absl::StrCat(absl::ToInt64Seconds(o.store.tombstone_max_age))},
   };
   std::sort(flags.begin(), flags.end());

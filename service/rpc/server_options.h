@@ -125,8 +125,7 @@ struct ServerOptions {
   int32_t tenant_contexts = 0;
   // --tenant_builds: index builds queued or running per tenant.
   int32_t tenant_builds = 0;
-  // The store's: --tenant_memory_bytes, --tenant_pinned_bytes,
-  // --tenant_disk_bytes, --tenant_rocksdb_bytes and
+  // The store's: --tenant_memory_bytes, --tenant_pinned_bytes and
   // --tombstone_max_age_s are in `store` (TieredStoreOptions).
 
   // --port_file: when set, the bound gRPC port is written there (atomically)

@@ -35,6 +35,9 @@ struct MemoryTier::Shard {
   int64_t pinned_bytes ABSL_GUARDED_BY(mu) = 0;
   int64_t leaving_bytes ABSL_GUARDED_BY(mu) = 0;
   absl::Time next_pin_expiry ABSL_GUARDED_BY(mu) = absl::InfiniteFuture();
+  // Live (not leaving) bytes per tenant, for the per-tenant quota.
+  absl::flat_hash_map<std::string, int64_t> tenant_live ABSL_GUARDED_BY(mu);
+  PinLedger* ledger = nullptr;  // set once by MemoryTier
 
   std::list<Entry*>* ListOf(Where w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     switch (w) {
@@ -57,7 +60,12 @@ struct MemoryTier::Shard {
     } else {
       ListOf(e->where)->erase(e->pos);
       if (e->where == Where::kProtected) protected_bytes -= e->charge;
-      if (e->where == Where::kPinned) pinned_bytes -= e->charge;
+      if (e->where == Where::kPinned) {
+        pinned_bytes -= e->charge;
+        ledger->Add(e->span->key.tenant, -e->charge);
+      }
+      auto t = tenant_live.find(e->span->key.tenant);
+      if ((t->second -= e->charge) == 0) tenant_live.erase(t);
     }
   }
 
@@ -69,7 +77,11 @@ struct MemoryTier::Shard {
     }
     std::list<Entry*>* list = ListOf(w);
     e->pos = list->insert(list->end(), e);
-    if (w == Where::kPinned) pinned_bytes += e->charge;
+    tenant_live[e->span->key.tenant] += e->charge;
+    if (w == Where::kPinned) {
+      pinned_bytes += e->charge;
+      ledger->Add(e->span->key.tenant, e->charge);
+    }
     if (w == Where::kProtected) {
       protected_bytes += e->charge;
       // Overflowing protected entries fall back to the MRU end of probation.
@@ -107,8 +119,34 @@ MemoryTier::MemoryTier(const MemoryTierOptions& options)
       shard_capacity_((options.capacity_bytes + options.shards - 1) / options.shards),
       protected_capacity_(
           static_cast<int64_t>(static_cast<double>(shard_capacity_) * options.protected_fraction)),
+      tenant_shard_capacity_(options.tenant_capacity_bytes <= 0
+                                 ? 0
+                                 : (options.tenant_capacity_bytes + options.shards - 1) /
+                                       options.shards),
       shards_(new Shard[options.shards]),
-      metrics_(TierId::kMemory, options.capacity_bytes, options.metrics) {}
+      metrics_(TierId::kMemory, options.capacity_bytes, options.metrics) {
+  for (int32_t i = 0; i < options.shards; ++i) shards_[i].ledger = &pins_;
+}
+
+void MemoryTier::PinLedger::Add(const std::string& tenant, int64_t n) {
+  absl::MutexLock lock(&mu);
+  auto it = bytes.find(tenant);
+  if (it == bytes.end()) {
+    bytes.emplace(tenant, n);
+  } else if ((it->second += n) == 0) {
+    bytes.erase(it);
+  }
+}
+
+int64_t MemoryTier::PinLedger::Get(const std::string& tenant) const {
+  absl::MutexLock lock(&mu);
+  auto it = bytes.find(tenant);
+  return it == bytes.end() ? 0 : it->second;
+}
+
+int64_t MemoryTier::TenantPinnedBytes(const std::string& tenant) const {
+  return pins_.Get(tenant);
+}
 
 MemoryTier::~MemoryTier() = default;
 
@@ -173,6 +211,29 @@ absl::Status MemoryTier::Put(StoredSpanPtr span, const TierPutOptions& options,
         "memory shard full: ", shard.pinned_bytes, " of ", shard_capacity_, " bytes pinned, ",
         shard.leaving_bytes, " bytes still being demoted; span needs ", charge));
   }
+  // The tenant's share: past it, the tenant's own spans make room.
+  const std::string& tenant = span->key.tenant;
+  int64_t own_need = 0;
+  if (tenant_shard_capacity_ > 0) {
+    auto t = shard.tenant_live.find(tenant);
+    const int64_t own_live = (t == shard.tenant_live.end() ? 0 : t->second) - existing_live;
+    own_need = own_live + charge - tenant_shard_capacity_;
+    if (own_need > 0) {
+      int64_t own_evictable = 0;
+      for (const std::list<Entry*>* list : {&shard.probation, &shard.protected_list}) {
+        for (const Entry* e : *list) {
+          if (e != existing && e->span->key.tenant == tenant) own_evictable += e->charge;
+        }
+      }
+      if (own_need > own_evictable) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "tenant quota --tenant_memory_bytes=", options_.tenant_capacity_bytes,
+            " (", tenant_shard_capacity_, " bytes per memory shard): the tenant holds ",
+            own_live, " bytes in this shard, ", own_live - own_evictable,
+            " of them pinned or being demoted; the span needs ", charge));
+      }
+    }
+  }
 
   // New spans, promoted ones included, start on probation.
   Where where = Where::kProbation;
@@ -188,6 +249,17 @@ absl::Status MemoryTier::Put(StoredSpanPtr span, const TierPutOptions& options,
   }
   if (!pins.empty()) where = Where::kPinned;
 
+  for (std::list<Entry*>* list : {&shard.probation, &shard.protected_list}) {
+    for (auto it2 = list->begin(); own_need > 0 && it2 != list->end();) {
+      Entry* victim = *it2++;
+      if (victim->span->key.tenant != tenant) continue;
+      shard.Unlink(victim);
+      shard.Link(victim, Where::kLeaving, protected_capacity_);
+      own_need -= victim->charge;
+      need -= victim->charge;
+      victims->push_back(victim->span->key);
+    }
+  }
   while (need > 0) {
     std::list<Entry*>& from = !shard.probation.empty() ? shard.probation : shard.protected_list;
     if (from.empty()) break;  // only when pinned bytes grew; checked above
@@ -296,6 +368,12 @@ absl::Status MemoryTier::Pin(const SpanKey& key, absl::Time deadline) {
   if (it == shard.map.end()) return absl::NotFoundError("not in memory");
   Entry* e = it->second.get();
   if (e->where != Where::kPinned) {
+    if (options_.tenant_pinned_bytes > 0 &&
+        pins_.Get(key.tenant) + e->charge > options_.tenant_pinned_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "tenant quota --tenant_pinned_bytes=", options_.tenant_pinned_bytes, ": the tenant has ",
+          pins_.Get(key.tenant), " bytes pinned; pinning ", e->charge, " more would exceed it"));
+    }
     if (shard.pinned_bytes + e->charge > shard_capacity_) {
       return absl::ResourceExhaustedError(
           absl::StrCat("pinning ", e->charge, " more bytes would exceed the memory shard's ",

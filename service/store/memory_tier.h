@@ -47,6 +47,13 @@ struct MemoryTierOptions {
   int32_t shards = 16;
   // Share of a shard's capacity for the protected SLRU segment. 0..1, default 0.8.
   double protected_fraction = 0.8;
+  // Per-tenant quotas, bytes; 0 (default): none. tenant_capacity_bytes:
+  // payload one tenant holds here, enforced per shard (capacity / shards
+  // each): a tenant at its share makes room by evicting its own least
+  // recently used spans, never another tenant's. tenant_pinned_bytes:
+  // payload one tenant holds pinned (RESOURCE_EXHAUSTED past it).
+  int64_t tenant_capacity_bytes = 0;
+  int64_t tenant_pinned_bytes = 0;
   // Time source for pin deadlines. Empty: absl::Now.
   std::function<absl::Time()> clock;
   // Where kvrecall_store_tier_*{tier="memory"} are registered; may be null.
@@ -87,10 +94,20 @@ class MemoryTier : public Tier {
   int32_t PinCount(const SpanKey& key);
 
   int64_t shard_capacity_bytes() const { return shard_capacity_; }
+  // Payload `tenant` holds pinned now (expired pins may still count until
+  // their shard is next touched).
+  int64_t TenantPinnedBytes(const std::string& tenant) const;
 
  private:
   struct Entry;
   struct Shard;
+  // Pinned bytes per tenant over every shard. Thread-safe.
+  struct PinLedger {
+    mutable absl::Mutex mu;  // taken under a shard lock, never the reverse
+    absl::flat_hash_map<std::string, int64_t> bytes ABSL_GUARDED_BY(mu);
+    void Add(const std::string& tenant, int64_t n) ABSL_LOCKS_EXCLUDED(mu);
+    int64_t Get(const std::string& tenant) const ABSL_LOCKS_EXCLUDED(mu);
+  };
 
   explicit MemoryTier(const MemoryTierOptions& options);
   Shard& ShardFor(const SpanKey& key) const;
@@ -99,6 +116,8 @@ class MemoryTier : public Tier {
   const MemoryTierOptions options_;
   const int64_t shard_capacity_;
   const int64_t protected_capacity_;
+  const int64_t tenant_shard_capacity_;  // 0: no per-tenant quota
+  PinLedger pins_;
   std::unique_ptr<Shard[]> shards_;
   mutable TierMetrics metrics_;
 };

@@ -292,3 +292,83 @@ TEST_F(MemoryTierTest, ConcurrentWritersAndReadersKeepTheAccounting) {
 
 }  // namespace
 }  // namespace kvrecall::store
+
+namespace kvrecall::store {
+namespace {
+
+using ::testing::HasSubstr;
+
+// Tenant quotas: a tenant at its share evicts its own spans, never another
+// tenant's; pins are bounded per tenant.
+TEST(MemoryTierQuotaTest, ATenantAtItsQuotaEvictsOnlyItsOwnSpans) {
+  const ModelGeometry model = testing::TinyModel();
+  std::mt19937_64 rng(testing::TestSeed(29));
+  MemoryTierOptions o;
+  o.capacity_bytes = 16 * kSpanBytes;
+  o.shards = 1;
+  o.tenant_capacity_bytes = 4 * kSpanBytes;
+  o.tenant_pinned_bytes = 2 * kSpanBytes;
+  KVR_ASSERT_OK_AND_ASSIGN(auto tier, MemoryTier::Create(o));
+  std::vector<StoredSpanPtr> b;
+  for (int i = 0; i < 4; ++i) {
+    b.push_back(testing::MakeLooseSpan(model, rng, "b"));
+    std::vector<SpanKey> victims;
+    KVR_ASSERT_OK(tier->Put(b.back(), TierPutOptions{}, &victims));
+    EXPECT_THAT(victims, IsEmpty());
+  }
+  // Tenant a writes 12 spans into a tier with room for 16: past its 4 it
+  // evicts its own, oldest first; b keeps all of its spans.
+  std::vector<StoredSpanPtr> a;
+  for (int i = 0; i < 12; ++i) {
+    a.push_back(testing::MakeLooseSpan(model, rng, "a"));
+    std::vector<SpanKey> victims;
+    KVR_ASSERT_OK(tier->Put(a.back(), TierPutOptions{}, &victims));
+    for (const SpanKey& v : victims) {
+      EXPECT_EQ(v.tenant, "a");
+      EXPECT_TRUE(tier->FinishEviction(v));
+    }
+    if (i >= 4) {
+      ASSERT_EQ(victims.size(), 1u);
+      EXPECT_EQ(victims[0], a[i - 4]->key);
+    }
+  }
+  for (const auto& s : b) EXPECT_TRUE(tier->Contains(s->key));
+  for (int i = 8; i < 12; ++i) EXPECT_TRUE(tier->Contains(a[i]->key));
+
+  // Pins: 2 spans' worth per tenant.
+  KVR_ASSERT_OK(tier->Pin(a[8]->key, absl::InfiniteFuture()));
+  KVR_ASSERT_OK(tier->Pin(a[9]->key, absl::InfiniteFuture()));
+  KVR_ASSERT_OK(tier->Pin(a[9]->key, absl::InfiniteFuture()));  // nested: no new bytes
+  EXPECT_THAT(tier->Pin(a[10]->key, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("--tenant_pinned_bytes")));
+  EXPECT_EQ(tier->TenantPinnedBytes("a"), 2 * kSpanBytes);
+  KVR_ASSERT_OK(tier->Pin(b[0]->key, absl::InfiniteFuture()));  // b has its own allowance
+  // An unpin frees the allowance for another span.
+  KVR_ASSERT_OK(tier->Unpin(a[8]->key));
+  KVR_ASSERT_OK(tier->Pin(a[10]->key, absl::InfiniteFuture()));
+  EXPECT_THAT(tier->Pin(a[11]->key, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kResourceExhausted));
+}
+
+TEST(MemoryTierQuotaTest, APutPastTheQuotaWithOnlyPinnedOwnSpansIsRefused) {
+  const ModelGeometry model = testing::TinyModel();
+  std::mt19937_64 rng(testing::TestSeed(31));
+  MemoryTierOptions o;
+  o.capacity_bytes = 16 * kSpanBytes;
+  o.shards = 1;
+  o.tenant_capacity_bytes = 2 * kSpanBytes;
+  KVR_ASSERT_OK_AND_ASSIGN(auto tier, MemoryTier::Create(o));
+  for (int i = 0; i < 2; ++i) {
+    auto s = testing::MakeLooseSpan(model, rng, "a");
+    std::vector<SpanKey> victims;
+    KVR_ASSERT_OK(tier->Put(s, TierPutOptions{}, &victims));
+    KVR_ASSERT_OK(tier->Pin(s->key, absl::InfiniteFuture()));
+  }
+  std::vector<SpanKey> victims;
+  EXPECT_THAT(tier->Put(testing::MakeLooseSpan(model, rng, "a"), TierPutOptions{}, &victims),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("--tenant_memory_bytes")));
+  KVR_EXPECT_OK(tier->Put(testing::MakeLooseSpan(model, rng, "b"), TierPutOptions{}, &victims));
+}
+
+}  // namespace
+}  // namespace kvrecall::store

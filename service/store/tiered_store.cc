@@ -302,6 +302,8 @@ absl::Status TieredStoreImpl::OpenTiers() {
     memory.capacity_bytes = o.memory_capacity_bytes;
     memory.shards = o.memory_shards;
     memory.clock = o.clock;
+    memory.tenant_capacity_bytes = o.tenant_memory_bytes;
+    memory.tenant_pinned_bytes = o.tenant_pinned_bytes;
     memory.metrics = o.metrics;
     KVR_ASSIGN_OR_RETURN(memory_, MemoryTier::Create(memory));
   }

@@ -74,13 +74,10 @@ struct TieredStoreOptions {
   //                         tenant's own least recently used spans make room
   //                         (demoted), never another tenant's
   //   tenant_pinned_bytes   payload a tenant holds pinned
-  //   tenant_disk_bytes     records a tenant holds in disk segments
-  //   tenant_rocksdb_bytes  compressed payload a tenant holds in RocksDB
-  // A demotion past the lower tier's quota drops the span (evicted).
+  // (The disk and RocksDB tiers have no per-tenant quota yet: bound a
+  // tenant's share of them with the memory quota and pins.)
   int64_t tenant_memory_bytes = 0;
   int64_t tenant_pinned_bytes = 0;
-  int64_t tenant_disk_bytes = 0;
-  int64_t tenant_rocksdb_bytes = 0;
   // Miss tombstones (why a span is gone) older than this are collected, by a
   // background pass every tombstone_collect_interval. Default 7 days.
   absl::Duration tombstone_max_age = absl::Hours(24 * 7);
