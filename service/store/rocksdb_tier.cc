@@ -1,6 +1,8 @@
 #include "service/store/rocksdb_tier.h"
 
 #include <rocksdb/db.h>
+#include <rocksdb/filter_policy.h>
+#include <rocksdb/table.h>
 #include <rocksdb/options.h>
 #include <rocksdb/slice.h>
 #include <rocksdb/write_batch.h>
@@ -52,6 +54,26 @@ bool ParseSpanKeyBytes(absl::string_view in, SpanKey* key) {
 }
 
 std::string TombstoneKey(const SpanKey& key) { return absl::StrCat("T", SpanKeyBytes(key)); }
+
+// The time index of tombstones: 't' | u64 big-endian microseconds | span key
+// bytes -> empty. Collection walks it from the oldest.
+constexpr char kTombstoneIndexMarker[] = "Vtombstone_time_index";
+uint64_t ReadBigEndian64(const char* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v = (v << 8) | static_cast<unsigned char>(p[i]);
+  return v;
+}
+std::string TombstoneTimePrefix(absl::Time when) {
+  std::string out = "t";
+  const uint64_t us = static_cast<uint64_t>(std::max<int64_t>(0, TimeToMicros(when)));
+  for (int i = 7; i >= 0; --i) out.push_back(static_cast<char>((us >> (8 * i)) & 0xff));
+  return out;
+}
+std::string TombstoneTimeKey(absl::Time when, absl::string_view span_key_bytes) {
+  std::string out = TombstoneTimePrefix(when);
+  out.append(span_key_bytes.data(), span_key_bytes.size());
+  return out;
+}
 std::string ModelKey(absl::string_view id) { return absl::StrCat("M", id); }
 std::string GenericKey(absl::string_view space, absl::string_view key) {
   std::string out = absl::StrCat("G", space);
@@ -189,6 +211,11 @@ absl::Status RocksDbTier::Open() {
 
   rocksdb::ColumnFamilyOptions catalog_options;
   catalog_options.compression = rocksdb::kLZ4Compression;
+  // Misses look up tombstones that mostly do not exist: a Bloom filter
+  // answers those without reading blocks.
+  rocksdb::BlockBasedTableOptions catalog_table;
+  catalog_table.filter_policy.reset(rocksdb::NewBloomFilterPolicy(10));
+  catalog_options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(catalog_table));
 
   rocksdb::ColumnFamilyOptions cold_options;
   // Payloads are compressed (and checksummed) by this tier; RocksDB keeps
@@ -235,14 +262,41 @@ absl::Status RocksDbTier::Open() {
     index_[key] = Entry{rec.seq, rec.stored_bytes, std::move(rec.meta), false};
   }
   KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "scanning the span catalog"));
-  for (it->Seek("T"); it->Valid() && it->key().starts_with("T"); it->Next()) {
-    SpanKey key;
-    const rocksdb::Slice k = it->key();
-    if (ParseSpanKeyBytes(absl::string_view(k.data() + 1, k.size() - 1), &key)) {
-      MarkTombstoned(key);
+  // Tombstones are not scanned (start-up time must not grow with them): one
+  // seek tells whether any is stored. When none is, the in-memory filter
+  // covers every tombstone (it marks each one written from now on); else
+  // lookups ask RocksDB (whose catalog has a Bloom filter) until they are
+  // all collected.
+  it->Seek("T");
+  filter_complete_.store(!(it->Valid() && it->key().starts_with("T")));
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "looking for tombstones"));
+  // Stores of earlier versions have tombstones without the time index that
+  // collection walks: index them once.
+  std::string marker;
+  rocksdb::Status ms =
+      db_->Get(rocksdb::ReadOptions(), catalog_cf_, kTombstoneIndexMarker, &marker);
+  if (ms.IsNotFound()) {
+    rocksdb::WriteBatch batch;
+    int64_t indexed = 0;
+    for (it->Seek("T"); it->Valid() && it->key().starts_with("T"); it->Next()) {
+      const rocksdb::Slice k = it->key();
+      const rocksdb::Slice v = it->value();
+      absl::Time when = absl::Now();
+      if (v.size() >= 9) when = MicrosToTime(static_cast<int64_t>(LoadU64(v.data() + 1)));
+      KVR_RETURN_IF_ERROR(FromRocksDbStatus(
+          batch.Put(catalog_cf_, TombstoneTimeKey(when, absl::string_view(k.data() + 1, k.size() - 1)),
+                    rocksdb::Slice()),
+          "indexing tombstones"));
+      ++indexed;
     }
+    KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "indexing tombstones"));
+    KVR_RETURN_IF_ERROR(FromRocksDbStatus(batch.Put(catalog_cf_, kTombstoneIndexMarker, "1"),
+                                          "indexing tombstones"));
+    KVR_RETURN_IF_ERROR(FromRocksDbStatus(db_->Write(Synced(true), &batch), "indexing tombstones"));
+    if (indexed > 0) KVR_LOG(INFO) << options_.dir << ": indexed " << indexed << " tombstones by time";
+  } else {
+    KVR_RETURN_IF_ERROR(FromRocksDbStatus(ms, "reading the tombstone index marker"));
   }
-  KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "scanning the tombstones"));
   if (corrupt_catalog_records_ > 0) {
     KVR_LOG(ERROR) << options_.dir << ": skipped " << corrupt_catalog_records_
                    << " span catalog records that do not decode";
@@ -308,7 +362,7 @@ absl::Status RocksDbTier::Put(StoredSpanPtr span, const TierPutOptions& options,
   rocksdb::WriteBatch batch;
   rocksdb::Status st = batch.Put(catalog_cf_, absl::StrCat("S", key_bytes), EncodeColdRecord(rec));
   if (st.ok()) st = batch.Put(cold_cf_, key_bytes, ToSlice(stored));
-  if (st.ok() && MaybeTombstoned(span->key)) {
+  if (st.ok() && MaybeTombstonedAnyTime(span->key)) {
     st = batch.Delete(catalog_cf_, absl::StrCat("T", key_bytes));
   }
   if (st.ok()) st = db_->Write(Synced(options.sync), &batch);
@@ -484,20 +538,62 @@ absl::StatusOr<std::vector<ModelGeometry>> RocksDbTier::LoadModels() const {
 }
 
 absl::Status RocksDbTier::PutTombstones(const std::vector<SpanKey>& keys, MissReason reason,
-                                        bool sync) {
+                                        bool sync, absl::Time when) {
   if (keys.empty()) return absl::OkStatus();
-  const std::string value = EncodeTombstone(reason, absl::Now());
+  if (when == absl::InfinitePast()) when = absl::Now();
+  const std::string value = EncodeTombstone(reason, when);
   rocksdb::WriteBatch batch;
   for (const SpanKey& key : keys) {
     MarkTombstoned(key);
     rocksdb::Status st = batch.Put(catalog_cf_, TombstoneKey(key), value);
+    if (st.ok()) st = batch.Put(catalog_cf_, TombstoneTimeKey(when, SpanKeyBytes(key)), rocksdb::Slice());
     if (!st.ok()) return FromRocksDbStatus(st, "batching tombstones");
   }
   return FromRocksDbStatus(db_->Write(Synced(sync), &batch), "writing tombstones");
 }
 
+absl::StatusOr<int64_t> RocksDbTier::CollectTombstones(absl::Time cutoff) {
+  const std::string end = TombstoneTimePrefix(cutoff);
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), catalog_cf_));
+  rocksdb::WriteBatch batch;
+  int64_t collected = 0;
+  for (it->Seek("t"); it->Valid() && it->key().starts_with("t") && it->key().compare(end) < 0;
+       it->Next()) {
+    const rocksdb::Slice k = it->key();
+    if (k.size() < 9) {
+      KVR_RETURN_IF_ERROR(FromRocksDbStatus(batch.Delete(catalog_cf_, k), "collecting"));
+      continue;
+    }
+    const absl::Time when = MicrosToTime(static_cast<int64_t>(ReadBigEndian64(k.data() + 1)));
+    const std::string tomb = absl::StrCat("T", absl::string_view(k.data() + 9, k.size() - 9));
+    std::string value;
+    rocksdb::Status st = db_->Get(rocksdb::ReadOptions(), catalog_cf_, tomb, &value);
+    // The tombstone itself goes only when this index entry is its latest
+    // (a newer tombstone of the key has its own, later entry).
+    if (st.ok() && value.size() >= 9 &&
+        MicrosToTime(static_cast<int64_t>(LoadU64(value.data() + 1))) <= when) {
+      KVR_RETURN_IF_ERROR(FromRocksDbStatus(batch.Delete(catalog_cf_, tomb), "collecting"));
+      ++collected;
+    } else if (!st.ok() && !st.IsNotFound()) {
+      return FromRocksDbStatus(st, "collecting tombstones");
+    }
+    KVR_RETURN_IF_ERROR(FromRocksDbStatus(batch.Delete(catalog_cf_, k), "collecting"));
+    if (batch.Count() >= 4096) {
+      KVR_RETURN_IF_ERROR(FromRocksDbStatus(db_->Write(Synced(false), &batch), "collecting"));
+      batch.Clear();
+    }
+  }
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "collecting tombstones"));
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(db_->Write(Synced(false), &batch), "collecting"));
+  return collected;
+}
+
+bool RocksDbTier::MaybeTombstonedAnyTime(const SpanKey& key) const {
+  return !filter_complete_.load() || MaybeTombstoned(key);
+}
+
 MissReason RocksDbTier::GetTombstone(const SpanKey& key) const {
-  if (!MaybeTombstoned(key)) return MissReason::kNone;
+  if (!MaybeTombstonedAnyTime(key)) return MissReason::kNone;
   std::string value;
   rocksdb::Status st = db_->Get(rocksdb::ReadOptions(), catalog_cf_, TombstoneKey(key), &value);
   if (!st.ok() || value.empty()) return MissReason::kNone;
@@ -513,7 +609,14 @@ MissReason RocksDbTier::GetTombstone(const SpanKey& key) const {
 }
 
 absl::Status RocksDbTier::ClearTombstone(const SpanKey& key) {
-  if (!MaybeTombstoned(key)) return absl::OkStatus();
+  if (!MaybeTombstonedAnyTime(key)) return absl::OkStatus();
+  if (!filter_complete_.load()) {
+    // Only tombstones written before this start may be unknown to the
+    // filter: look before writing a delete on every put.
+    std::string value;
+    rocksdb::Status st = db_->Get(rocksdb::ReadOptions(), catalog_cf_, TombstoneKey(key), &value);
+    if (st.IsNotFound()) return absl::OkStatus();
+  }
   return FromRocksDbStatus(db_->Delete(Synced(false), catalog_cf_, TombstoneKey(key)),
                            "clearing a tombstone");
 }

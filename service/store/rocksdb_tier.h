@@ -5,7 +5,7 @@
 //
 //   catalog     models ('M'), span metadata and where each cold payload is
 //               ('S'), miss tombstones ('T': evicted / deleted / checksum
-//               failure), and the generic spaces of the other subsystems
+//               failure; 't': their time index, for collection), and the generic spaces of the other subsystems
 //               ('G': contexts, index manifests, artifacts, policies)
 //   cold_spans  span payloads, compressed by this tier (LZ4 or Zstandard) and
 //               checksummed (XXH3-64 of the stored bytes, then of the payload);
@@ -91,8 +91,14 @@ class RocksDbTier : public Tier {
   absl::StatusOr<std::vector<ModelGeometry>> LoadModels() const;
 
   // --- miss tombstones: why a span that is gone is gone ---
-  // `reason` is kEvicted, kDeleted or kChecksumFailure.
-  absl::Status PutTombstones(const std::vector<SpanKey>& keys, MissReason reason, bool sync);
+  // `reason` is kEvicted, kDeleted or kChecksumFailure; `when` (default:
+  // now) dates them for collection.
+  absl::Status PutTombstones(const std::vector<SpanKey>& keys, MissReason reason, bool sync,
+                             absl::Time when = absl::InfinitePast());
+  // Removes the tombstones written before `cutoff` (their misses then say
+  // never_stored). Walks a time index from the oldest, so the work is
+  // proportional to what is collected. Returns how many went.
+  absl::StatusOr<int64_t> CollectTombstones(absl::Time cutoff);
   // The recorded reason, or kNone when there is no tombstone.
   MissReason GetTombstone(const SpanKey& key) const;
   // Removes the tombstone (not synced): the span is stored again. Costs no
@@ -132,6 +138,8 @@ class RocksDbTier : public Tier {
   // Bloom filter over keys that ever had a tombstone: false means certainly none.
   void MarkTombstoned(const SpanKey& key);
   bool MaybeTombstoned(const SpanKey& key) const;
+  // False means certainly none, counting tombstones stored before this start.
+  bool MaybeTombstonedAnyTime(const SpanKey& key) const;
 
   const RocksDbTierOptions options_;
   const Compression compression_;
@@ -145,6 +153,8 @@ class RocksDbTier : public Tier {
   // 2^23 bits, 3 probes: about 3% false positives at a million tombstones.
   static constexpr int kFilterWords = 1 << 17;
   std::unique_ptr<std::atomic<uint64_t>[]> tomb_filter_;
+  // The filter holds every stored tombstone (none was stored at start-up).
+  std::atomic<bool> filter_complete_{true};
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<SpanKey, Entry> index_ ABSL_GUARDED_BY(mu_);

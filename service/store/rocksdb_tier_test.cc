@@ -242,5 +242,36 @@ TEST_F(RocksDbTierTest, ModelsTombstonesAndCatalogSpacesPersist) {
   EXPECT_EQ(all.size(), 3u);
 }
 
+TEST_F(RocksDbTierTest, TombstonesAreCollectedByAgeAndNotScannedAtStart) {
+  const absl::Time now = absl::Now();
+  std::vector<SpanKey> old_keys, new_keys;
+  for (uint64_t i = 0; i < 500; ++i) old_keys.push_back(SpanKey{"t", Hash128{i, 1}});
+  for (uint64_t i = 0; i < 3; ++i) new_keys.push_back(SpanKey{"t", Hash128{i, 2}});
+  {
+    auto tier = Open(Options());
+    KVR_ASSERT_OK(tier->PutTombstones(old_keys, MissReason::kEvicted, true, now - absl::Hours(48)));
+    KVR_ASSERT_OK(tier->PutTombstones(new_keys, MissReason::kDeleted, true, now));
+    // A key tombstoned long ago and again now keeps its newer tombstone.
+    KVR_ASSERT_OK(tier->PutTombstones({old_keys[0]}, MissReason::kDeleted, true, now));
+  }
+  auto tier = Open(Options());  // no tombstone scan: lookups ask RocksDB
+  EXPECT_EQ(tier->GetTombstone(old_keys[1]), MissReason::kEvicted);
+  EXPECT_EQ(tier->GetTombstone(new_keys[0]), MissReason::kDeleted);
+  KVR_ASSERT_OK_AND_ASSIGN(int64_t nothing, tier->CollectTombstones(now - absl::Hours(72)));
+  EXPECT_EQ(nothing, 0);
+  KVR_ASSERT_OK_AND_ASSIGN(int64_t collected, tier->CollectTombstones(now - absl::Hours(24)));
+  EXPECT_EQ(collected, 499);
+  EXPECT_EQ(tier->GetTombstone(old_keys[1]), MissReason::kNone);
+  EXPECT_EQ(tier->GetTombstone(old_keys[499]), MissReason::kNone);
+  EXPECT_EQ(tier->GetTombstone(old_keys[0]), MissReason::kDeleted);
+  EXPECT_EQ(tier->GetTombstone(new_keys[2]), MissReason::kDeleted);
+  // A second pass finds nothing left to do; a later cutoff takes the rest.
+  KVR_ASSERT_OK_AND_ASSIGN(nothing, tier->CollectTombstones(now - absl::Hours(24)));
+  EXPECT_EQ(nothing, 0);
+  KVR_ASSERT_OK_AND_ASSIGN(collected, tier->CollectTombstones(now + absl::Seconds(1)));
+  EXPECT_EQ(collected, 4);
+  EXPECT_EQ(tier->GetTombstone(new_keys[2]), MissReason::kNone);
+}
+
 }  // namespace
 }  // namespace kvrecall::store

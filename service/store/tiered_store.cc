@@ -11,6 +11,7 @@
 #include <deque>
 #include <filesystem>
 #include <optional>
+#include <thread>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -98,6 +99,8 @@ class TieredStoreImpl final : public TieredStore {
 
   absl::Status Sync() override;
 
+  void StartCollector() { collector_ = std::thread([this] { CollectorLoop(); }); }
+
  private:
   using VictimList = std::pair<TierId, std::vector<SpanKey>>;
 
@@ -148,6 +151,13 @@ class TieredStoreImpl final : public TieredStore {
   // Reads from the tiers below memory (for Pin), promoting.
   absl::StatusOr<StoredSpanPtr> ReadBelowMemory(const SpanKey& key);
   void WriteMemoryOnlyTombstones();
+  // Every tombstone_collect_interval, drops tombstones older than
+  // tombstone_max_age, until the store closes.
+  void CollectorLoop() ABSL_LOCKS_EXCLUDED(collector_mu_);
+
+  absl::Mutex collector_mu_;
+  bool stop_collector_ ABSL_GUARDED_BY(collector_mu_) = false;
+  std::thread collector_;
 
   const TieredStoreOptions options_;
   int lock_fd_ = -1;
@@ -195,6 +205,11 @@ TieredStoreImpl::TieredStoreImpl(const TieredStoreOptions& options)
 }
 
 TieredStoreImpl::~TieredStoreImpl() {
+  {
+    absl::MutexLock lock(&collector_mu_);
+    stop_collector_ = true;
+  }
+  if (collector_.joinable()) collector_.join();
   if (rocksdb_ != nullptr && memory_ != nullptr) WriteMemoryOnlyTombstones();
   memory_.reset();
   disk_.reset();
@@ -979,9 +994,31 @@ absl::Status TieredStoreImpl::Sync() {
 
 }  // namespace
 
+void TieredStoreImpl::CollectorLoop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&collector_mu_);
+      collector_mu_.AwaitWithTimeout(absl::Condition(&stop_collector_),
+                                     options_.tombstone_collect_interval);
+      if (stop_collector_) return;
+    }
+    absl::StatusOr<int64_t> n = rocksdb_->CollectTombstones(absl::Now() - options_.tombstone_max_age);
+    if (!n.ok()) {
+      KVR_LOG(WARNING) << "collecting tombstones: " << n.status();
+    } else if (*n > 0) {
+      KVR_LOG(INFO) << "collected " << *n << " tombstones older than "
+                    << options_.tombstone_max_age;
+    }
+  }
+}
+
 absl::StatusOr<std::unique_ptr<TieredStore>> TieredStore::Open(const TieredStoreOptions& options) {
   auto store = std::make_unique<TieredStoreImpl>(options);
   KVR_RETURN_IF_ERROR(store->Init());
+  if (options.tombstone_max_age > absl::ZeroDuration() &&
+      options.tombstone_collect_interval > absl::ZeroDuration()) {
+    store->StartCollector();
+  }
   return std::unique_ptr<TieredStore>(std::move(store));
 }
 
