@@ -100,6 +100,36 @@ TEST_F(PutStreamTest, AssemblesChunksSplitOverSlicesAndStoresTheSpan) {
   EXPECT_EQ(got.span->payload, payload_);
 }
 
+TEST_F(PutStreamTest, SpanBuffersAreHeldAgainstTheInflightBound) {
+  // Room for one span's payload in flight, not two.
+  InflightLimiter limiter(static_cast<int64_t>(payload_.size()) + 10, 0);
+  PutStream first(store_.get(), "", 1 << 20, true, &limiter);
+  PutStream second(store_.get(), "", 1 << 20, true, &limiter);
+  bool complete = false;
+  KVR_ASSERT_OK(first.ConsumeBytes(HeaderField(Header()) + Chunk(payload_.substr(0, 8)),
+                                   &complete));
+  EXPECT_EQ(limiter.bytes(), static_cast<int64_t>(payload_.size()));
+  EXPECT_THAT(second.ConsumeBytes(HeaderField(Header()), &complete),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("--max_inflight_bytes")));
+  KVR_ASSERT_OK(first.ConsumeBytes(Chunk(payload_.substr(8)), &complete));
+  ASSERT_TRUE(complete);
+  KVR_ASSERT_OK(first.StoreComplete());
+  EXPECT_EQ(limiter.bytes(), 0);  // stored: released
+  KVR_ASSERT_OK(second.ConsumeBytes(HeaderField(Header()), &complete));
+}
+
+TEST_F(PutStreamTest, HeadersWithoutTokenIdsAreRefusedUnlessAllowed) {
+  v1::PutSpanHeader h = Header();
+  h.clear_token_ids();
+  bool complete = false;
+  PutStream strict(store_.get(), "", 1 << 20);
+  EXPECT_THAT(strict.ConsumeBytes(HeaderField(h) + Chunk(payload_), &complete),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("token_ids: required")));
+  PutStream lax(store_.get(), "", 1 << 20, /*require_token_ids=*/false);
+  KVR_ASSERT_OK(lax.ConsumeBytes(HeaderField(h) + Chunk(payload_), &complete));
+  EXPECT_TRUE(complete);
+}
+
 TEST_F(PutStreamTest, TheLastPayloadFieldOfAMessageWins) {
   PutStream stream(store_.get(), "", 1 << 20);
   bool complete = false;
@@ -147,6 +177,36 @@ TEST_F(PutStreamTest, EndAndCancelSayWhatIsStored) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("ended after 10 of 256")));
   EXPECT_THAT(partial.Cancelled(), StatusIs(absl::StatusCode::kCancelled));
   EXPECT_EQ(store_->Stats().tiers[0].spans, 0);
+}
+
+}  // namespace
+}  // namespace kvrecall::rpc
+
+namespace kvrecall::rpc {
+namespace {
+
+TEST(InflightLimiterTest, BytesAndStreamsAreBoundedAndReleased) {
+  InflightLimiter limiter(100, 2);
+  KVR_ASSERT_OK_AND_ASSIGN(InflightBytes a, limiter.AcquireBytes(60));
+  EXPECT_THAT(limiter.AcquireBytes(41).status(),
+              ::kvrecall::testing::StatusIs(absl::StatusCode::kResourceExhausted,
+                                            ::testing::HasSubstr("--max_inflight_bytes")));
+  {
+    KVR_ASSERT_OK_AND_ASSIGN(InflightBytes b, limiter.AcquireBytes(40));
+    EXPECT_EQ(limiter.bytes(), 100);
+  }
+  EXPECT_EQ(limiter.bytes(), 60);
+  KVR_ASSERT_OK(limiter.Grow(&a, 40));
+  EXPECT_EQ(a.bytes(), 100);
+  a.Release();
+  EXPECT_EQ(limiter.bytes(), 0);
+  KVR_ASSERT_OK(limiter.EnterStream());
+  KVR_ASSERT_OK(limiter.EnterStream());
+  EXPECT_THAT(limiter.EnterStream(),
+              ::kvrecall::testing::StatusIs(absl::StatusCode::kResourceExhausted,
+                                            ::testing::HasSubstr("--max_concurrent_streams")));
+  limiter.ExitStream();
+  KVR_ASSERT_OK(limiter.EnterStream());
 }
 
 }  // namespace
