@@ -634,6 +634,46 @@ TEST_F(RetrievalServiceTest, AnIdleCloseNeverSilentlyDropsAppendedTokens) {
   EXPECT_EQ(first, 32);
 }
 
+TEST_F(RetrievalServiceTest, QuotasOfContextsBuildsAndQueriesNameTheirFlag) {
+  RetrievalOptions options;
+  options.tenant_contexts = 1;
+  options.tenant_builds = 1;
+  options.max_context_query_bytes = 2 * kQHeads * kDim * 4;  // two query rows
+  service_.reset();
+  store_.reset();
+  OpenAll(options);
+  auto a = StoreContext(32, 21);
+  auto b = StoreContext(16, 22);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", a, absl::InfiniteFuture()).status());
+  EXPECT_THAT(service_->OpenContext("", "tiny", b, absl::InfiniteFuture()),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("--tenant_contexts")));
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", a, absl::InfiniteFuture()).status());  // same
+  const std::vector<float> q(3 * kQHeads * kDim, 0.5f);
+  EXPECT_THAT(service_->AddQueries("", a.back(), 0, 0, 3, q),
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       HasSubstr("--max_context_query_bytes")));
+  KVR_ASSERT_OK(service_->AddQueries("", a.back(), 0, 0, 2,
+                                     absl::MakeConstSpan(q).subspan(0, 2 * kQHeads * kDim)));
+  EXPECT_THAT(service_->AddQueries("", a.back(), 1, 0, 1,
+                                   absl::MakeConstSpan(q).subspan(0, kQHeads * kDim)),
+              StatusIs(absl::StatusCode::kResourceExhausted));
+  // Builds: one queued or running per tenant.
+  BuildIndexRequest req;
+  req.context = a.back();
+  req.kind = "roar";
+  KVR_ASSERT_OK_AND_ASSIGN(std::string op, service_->BuildIndex(req));
+  auto second = service_->BuildIndex(req);
+  if (!second.ok()) {
+    EXPECT_THAT(second, StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("--tenant_builds")));
+  } else {
+    // The first one already finished: then the quota had room.
+    KVR_ASSERT_OK(service_->WaitOperation("", *second, absl::InfiniteFuture()).status());
+  }
+  KVR_ASSERT_OK(service_->WaitOperation("", op, absl::InfiniteFuture()).status());
+  KVR_ASSERT_OK(service_->CloseContext("", a.back()));
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", b, absl::InfiniteFuture()).status());
+}
+
 TEST_F(RetrievalServiceTest, ArtifactsAreVersionedPerNamespace) {
   EXPECT_THAT(service_->PutArtifact("a", false, "nope", "loki_basis", "x", ""),
               StatusIs(absl::StatusCode::kNotFound));
