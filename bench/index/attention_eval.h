@@ -1,6 +1,6 @@
 #pragma once
 
-// Quality of a retrieved key set for decode queries (methods.md §0.3):
+// Quality of a retrieved key set for decode queries (recall of the exact top-k, attention mass, output error):
 // recall of the exact top-k, attention mass captured and the relative error
 // of the attention output over the set against full attention. Attention is
 // over the indexed keys (the prefix a retrieval index serves), with logits

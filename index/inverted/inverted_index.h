@@ -1,6 +1,6 @@
 #pragma once
 
-// The sparse-feature inverted index of S³-Attention (methods.md §3.2): every
+// The sparse-feature inverted index of S³-Attention (arXiv 2601.17702): every
 // key is encoded by a top-κ sparse encoder (sparse_encoder.h) into at most κ
 // (feature, activation) pairs, and each feature keeps a posting list of the
 // positions where it fired with their activations. A query picks its

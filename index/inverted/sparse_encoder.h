@@ -1,7 +1,7 @@
 #pragma once
 
 // The top-κ sparse encoder of S³-Attention's feature inverted index
-// (methods.md §3.2): a sparse autoencoder with F dictionary features of which
+// (S³-Attention, arXiv 2601.17702): a sparse autoencoder with F dictionary features of which
 // the κ with the largest pre-activation fire for each input,
 //   x_n = s·x                         (s = input_scale, fitted so that the
 //                                      training data has unit variance per dim)

@@ -1,6 +1,6 @@
 #pragma once
 
-// Loki (methods.md §2): keys scored in the first r dimensions of their PCA
+// Loki (Singhania et al., arXiv 2406.02542): keys scored in the first r dimensions of their PCA
 // rotation, then the top k' candidates reranked with exact scores.
 //
 // Storage. The index keeps

@@ -1,6 +1,6 @@
 #pragma once
 
-// PCA bases of keys for Loki (methods.md §2): per (layer, KV head), the
+// PCA bases of keys for Loki (arXiv 2406.02542): per (layer, KV head), the
 // principal axes of the key vectors, fitted offline from calibration keys (or
 // from the keys being indexed) and stored as their own versioned artifact
 // ("loki_basis", docs/formats/loki_basis.md).

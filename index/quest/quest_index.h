@@ -1,6 +1,6 @@
 #pragma once
 
-// Quest (methods.md §6.1): keys grouped in pages of `page_size` consecutive
+// Quest (Tang et al., arXiv 2406.10774): keys grouped in pages of `page_size` consecutive
 // positions; per page the element-wise max M_p and min m_p of its keys. A
 // query ranks pages by the upper bound
 //   U_p = Σ_j max(q_j·M_{p,j}, q_j·m_{p,j}) = q⁺·M_p + q⁻·m_p

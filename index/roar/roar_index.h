@@ -1,7 +1,7 @@
 #pragma once
 
 // RoarIndex: the attention-aware graph of RetrievalAttention / RoarGraph
-// (docs/index.md, methods.md §1.3-1.5). Decode queries are out of
+// (docs/index.md; RoarGraph, arXiv 2408.08933, as in RetrievalAttention, arXiv 2409.10516). Decode queries are out of
 // distribution for the keys, so a graph of key-to-key proximity navigates
 // badly for them; this graph is built from real queries instead:
 //
