@@ -13,7 +13,11 @@ DEST=${DEST:-.carry/worker}
 STAGE=$(mktemp -d)
 mkdir -p "$STAGE/bin" "$STAGE/lib" "$DEST"
 bins=("$BUILD_DIR/gpu/worker/worker_test" "$BUILD_DIR/bin/worker_bench" "$BUILD_DIR/bin/kvrecalld")
-[[ -x "$BUILD_DIR/gpu/gpu_kernels_test" ]] && bins+=("$BUILD_DIR/gpu/gpu_kernels_test")
+# The kernels' tests and benchmark too (bench/gpu/run_device.sh reads them
+# from CARRY=<bundle>/bin).
+for extra in gpu/gpu_kernels_test gpu/gpu_reference_test bin/gpu_bench; do
+  [[ -x "$BUILD_DIR/$extra" ]] && bins+=("$BUILD_DIR/$extra")
+done
 for b in "${bins[@]}"; do strip -o "$STAGE/bin/$(basename "$b")" "$b"; done
 strip -o "$STAGE/lib/libkvrecall_worker.so" "$BUILD_DIR/lib/libkvrecall_worker.so"
 ldd "${bins[@]}" "$BUILD_DIR/lib/libkvrecall_worker.so" | awk '/=>/ {print $3}' | sort -u |

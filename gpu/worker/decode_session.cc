@@ -1254,6 +1254,8 @@ absl::Status DecodeSession::Impl::AttendOffloaded(int32_t layer, const float* q,
         for (int32_t h = 0; h < hq; ++h) {
           if (h < r.heads_size()) {
             sel[h].assign(r.heads(h).positions().begin(), r.heads(h).positions().end());
+            // Increasing order: kvrecalld checks sorted lists without copying them.
+            std::sort(sel[h].begin(), sel[h].end());
           } else {
             sel[h].clear();
           }

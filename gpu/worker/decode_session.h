@@ -164,7 +164,7 @@ class DecodeSession {
   // Positions per sequence now (host view; not advanced by graph replays).
   const std::vector<int64_t>& seq_lens() const { return host_lens_; }
   // The selection layer `layer` made at the last step, per (sequence, query
-  // head), in selection order (sinks and window not included). Copies from
+  // head), in no particular order (sinks and window not included). Copies from
   // backend memory (synchronizes `stream`). FAILED_PRECONDITION when the
   // layer does not select.
   absl::StatusOr<std::vector<std::vector<std::vector<int64_t>>>> Selection(int32_t layer,

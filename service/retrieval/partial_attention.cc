@@ -104,6 +104,15 @@ void Axpy(float w, const float* row, int32_t d, float* out) {
 
 // Attention of `g` query heads (rows of q, already scaled) over one shared
 // id list of KV head `kv_head`. Writes out [g, d] and lse [g].
+// Rows are read in a random order: ask for a whole row (every cache line)
+// kPrefetchRows rows ahead, so that several rows are in flight at once.
+constexpr int64_t kPrefetchRows = 8;
+
+inline void PrefetchRow(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
 void AttendGroup(const LayerKvView& kv, int32_t kv_head, const float* q, int32_t g,
                  absl::Span<const int64_t> ids, float* out, float* lse) {
   const int32_t d = kv.head_dim;
@@ -116,10 +125,12 @@ void AttendGroup(const LayerKvView& kv, int32_t kv_head, const float* q, int32_t
   std::vector<float> scores(static_cast<size_t>(g) * n);  // [g, n]
   std::vector<float> row(d);
   const bool f32 = kv.dtype == DType::kF32;
+  const int64_t row_bytes = static_cast<int64_t>(d) * DTypeSize(kv.dtype);
+  for (int64_t i = 0; i < std::min(n, kPrefetchRows); ++i) PrefetchRow(kv.KeyRow(kv_head, ids[i]), row_bytes);
   // Pass 1: scores. One key row is read once for the whole group.
   for (int64_t i = 0; i < n; ++i) {
     const void* k = kv.KeyRow(kv_head, ids[i]);
-    if (i + 2 < n) __builtin_prefetch(kv.KeyRow(kv_head, ids[i + 2]));
+    if (i + kPrefetchRows < n) PrefetchRow(kv.KeyRow(kv_head, ids[i + kPrefetchRows]), row_bytes);
     if (g == 1) {
       scores[i] = index::DotRow(q, k, kv.dtype, d);
       continue;
@@ -143,9 +154,10 @@ void AttendGroup(const LayerKvView& kv, int32_t kv_head, const float* q, int32_t
     lse[h] = m + static_cast<float>(std::log(l));
   }
   // Pass 2: weighted values. One value row is read once for the whole group.
+  for (int64_t i = 0; i < std::min(n, kPrefetchRows); ++i) PrefetchRow(kv.ValueRow(kv_head, ids[i]), row_bytes);
   for (int64_t i = 0; i < n; ++i) {
     const void* v = kv.ValueRow(kv_head, ids[i]);
-    if (i + 2 < n) __builtin_prefetch(kv.ValueRow(kv_head, ids[i + 2]));
+    if (i + kPrefetchRows < n) PrefetchRow(kv.ValueRow(kv_head, ids[i + kPrefetchRows]), row_bytes);
     const float* vr = static_cast<const float*>(v);
     if (!f32) {
       ConvertToFloat(v, kv.dtype, d, row.data());

@@ -672,10 +672,17 @@ absl::Status ValidatePositionLists(const std::vector<std::vector<int64_t>>& list
         per_kv_head_only ? "" : absl::StrCat(m.num_q_heads, " (one per query head) or "),
         m.num_kv_heads, " (one per KV head)"));
   }
-  std::vector<int64_t> sorted;
+  std::vector<int64_t> copy;
   for (size_t i = 0; i < n; ++i) {
-    sorted = lists[i];
-    std::sort(sorted.begin(), sorted.end());
+    // Lists sent in increasing order (as the decode worker does) are checked
+    // in place; others are sorted in a copy.
+    const std::vector<int64_t>* list = &lists[i];
+    if (!std::is_sorted(list->begin(), list->end())) {
+      copy = *list;
+      std::sort(copy.begin(), copy.end());
+      list = &copy;
+    }
+    const std::vector<int64_t>& sorted = *list;
     if (!sorted.empty() && (sorted.front() < 0 || sorted.back() >= tokens)) {
       const int64_t bad = sorted.front() < 0 ? sorted.front() : sorted.back();
       return absl::InvalidArgumentError(absl::StrCat("position ", bad, " of list ", i,
