@@ -1,5 +1,7 @@
 #include "common/half.h"
 
+#include <cpuid.h>
+
 #include <immintrin.h>
 
 namespace kvrecall {
@@ -28,8 +30,13 @@ __attribute__((target("avx2"))) void Bf16ToFloatAvx2(const uint16_t* src, size_t
 }  // namespace
 
 bool CpuHasAvx2F16c() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+  // F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports
+  // does not know "f16c", GCC's does; CPUID works under both.
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 29)) != 0;
+    return f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return has;
 }
 
