@@ -15,6 +15,8 @@ PACKAGES=(
   libxxhash-dev libcpp-httplib-dev libcli11-dev nlohmann-json3-dev
   # TLS test certificates (tests/integration/security_test.cc)
   openssl
+  # fuzzing and the thread-safety analysis (deploy/fuzz.sh, deploy/sanitizers.sh)
+  clang-16 libfuzzer-16-dev libclang-rt-16-dev libomp-16-dev
   libzstd-dev liblz4-dev libsnappy-dev zlib1g-dev libbz2-dev
   # Python client, tests and plots (all for /usr/bin/python3)
   python3 python3-numpy python3-grpcio python3-protobuf python3-pytest
