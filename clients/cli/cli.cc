@@ -684,20 +684,11 @@ void AddBenchCommand(CLI::App* app, Flags& f) {
   bench->prefix_command();
 }
 
-// Runs the parsed store command `name` against a KvStoreClient of `f`.
-int RunStoreCommand(const std::string& name, const Flags& f, std::ostream& out,
-                    std::ostream& err) {
-  client::ClientOptions options;
-  options.target = f.target;
-  options.bearer_token = f.token;
-  options.tls = f.global.tls;
-  options.tls_root_ca_file = f.global.tls_ca;
-  options.tls_client_cert_file = f.global.tls_cert;
-  options.tls_client_key_file = f.global.tls_key;
-  options.tls_server_name = f.global.tls_server_name;
-  options.deadline_ms = f.deadline_ms;
+// Runs the parsed store command `name` (flags `f`) against a KvStoreClient of `g`.
+int RunStoreCommand(const std::string& name, const Flags& f, const GlobalOptions& g,
+                    std::ostream& out, std::ostream& err) {
   absl::StatusOr<std::unique_ptr<client::KvStoreClient>> client =
-      client::KvStoreClient::Create(options);
+      client::KvStoreClient::Create(g.client_options());
   if (!client.ok()) return Fail(err, client.status());
   client::KvStoreClient& c = **client;
   if (name == "register") return CmdRegister(f, c, out, err);
@@ -735,18 +726,16 @@ int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& e
     CLI::App* cmd = app.get_subcommands().front();
     const std::string name = cmd->get_name();
     if (name == "bench") return CmdBench(f.bench_name, cmd->remaining(), err);
-    if (retrieval.Handles(name) || policy.Handles(name)) {
-      GlobalOptions g = f.global;
-      g.target = f.target;
-      g.token = f.token;
-      g.deadline_ms = f.deadline_ms;
-      g.json = f.json;
-      g.progress = ProgressEnabled(f);
-      g.stage_lines = !g.progress && f.progress == "auto";
-      return retrieval.Handles(name) ? retrieval.Run(cmd, g, out, err)
-                                     : policy.Run(cmd, g, out, err);
-    }
-    return RunStoreCommand(name, f, out, err);
+    GlobalOptions g = f.global;
+    g.target = f.target;
+    g.token = f.token;
+    g.deadline_ms = f.deadline_ms;
+    g.json = f.json;
+    g.progress = ProgressEnabled(f);
+    g.stage_lines = !g.progress && f.progress == "auto";
+    if (retrieval.Handles(name)) return retrieval.Run(cmd, g, out, err);
+    if (policy.Handles(name)) return policy.Run(cmd, g, out, err);
+    return RunStoreCommand(name, f, g, out, err);
   } catch (const CLI::ParseError& e) {
     const int code = app.exit(e, out, err);
     return code == 0 ? kExitOk : kExitUsage;

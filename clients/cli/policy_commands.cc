@@ -76,16 +76,7 @@ absl::StatusOr<LayerSpec> ParseSelect(const std::string& text, const std::string
 }
 
 absl::StatusOr<std::unique_ptr<client::RetrievalClient>> Client(const GlobalOptions& g) {
-  client::ClientOptions options;
-  options.target = g.target;
-  options.bearer_token = g.token;
-  options.tls = g.tls;
-  options.tls_root_ca_file = g.tls_ca;
-  options.tls_client_cert_file = g.tls_cert;
-  options.tls_client_key_file = g.tls_key;
-  options.tls_server_name = g.tls_server_name;
-  options.deadline_ms = g.deadline_ms;
-  return client::RetrievalClient::Create(options);
+  return client::RetrievalClient::Create(g.client_options());
 }
 
 std::string Description(const LayerPolicy& p) {
@@ -114,16 +105,7 @@ absl::StatusOr<v1::ArtifactInfo> Upload(const GlobalOptions& g, const std::strin
                                                    "\", not --model=", model));
   }
   policy.model_id = model;
-  client::ClientOptions options;
-  options.target = g.target;
-  options.bearer_token = g.token;
-  options.tls = g.tls;
-  options.tls_root_ca_file = g.tls_ca;
-  options.tls_client_cert_file = g.tls_cert;
-  options.tls_client_key_file = g.tls_key;
-  options.tls_server_name = g.tls_server_name;
-  options.deadline_ms = g.deadline_ms;
-  KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(options));
+  KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(g.client_options()));
   KVR_ASSIGN_OR_RETURN(v1::ModelGeometry geometry, kv->GetModel(model));
   if (geometry.num_layers() != policy.num_layers()) {
     return absl::InvalidArgumentError(absl::StrCat("the policy has ", policy.num_layers(),

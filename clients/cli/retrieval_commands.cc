@@ -339,22 +339,13 @@ absl::Status BuildFromCaptures(const std::string& dir, const std::string& kind,
 
 int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& out,
                            std::ostream& err) {
-  client::ClientOptions options;
-  options.target = g.target;
-  options.bearer_token = g.token;
-  options.tls = g.tls;
-  options.tls_root_ca_file = g.tls_ca;
-  options.tls_client_cert_file = g.tls_cert;
-  options.tls_client_key_file = g.tls_key;
-  options.tls_server_name = g.tls_server_name;
-  options.deadline_ms = g.deadline_ms;
-  auto rc_or = client::RetrievalClient::Create(options);
+  auto rc_or = client::RetrievalClient::Create(g.client_options());
   if (!rc_or.ok()) return Fail(err, rc_or.status());
   client::RetrievalClient& rc = **rc_or;
   const std::string name = cmd->get_name();
   auto run = [&]() -> absl::Status {
     if (name == "open") {
-      KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(options));
+      KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(g.client_options()));
       KVR_ASSIGN_OR_RETURN(v1::ModelGeometry m, kv->GetModel(model));
       KVR_ASSIGN_OR_RETURN(auto chain, Chain(hashes, hashes_file, tokens, text, salt, m));
       KVR_ASSIGN_OR_RETURN(v1::OpenContextResponse r, rc.OpenContext(model, chain));
@@ -554,7 +545,7 @@ int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& 
       if (out_path.empty() && !upload) {
         return absl::InvalidArgumentError("fit-loki: give -o FILE and/or --upload");
       }
-      KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(options));
+      KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(g.client_options()));
       KVR_ASSIGN_OR_RETURN(v1::ModelGeometry m, kv->GetModel(model));
       // (layer label, kv head) -> keys [n, d] f32.
       std::vector<std::tuple<int32_t, int32_t, std::vector<float>>> sets;

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "clients/cpp/client_options.h"
 #include "common/progress.h"
 
 namespace CLI {
@@ -34,6 +35,19 @@ struct GlobalOptions {
   // How long work shows its stages on stderr.
   ProgressMode progress_mode() const {
     return progress ? ProgressMode::kBar : stage_lines ? ProgressMode::kLines : ProgressMode::kNone;
+  }
+  // The options of a client of the daemon: address, token, TLS, deadline.
+  client::ClientOptions client_options() const {
+    client::ClientOptions options;
+    options.target = target;
+    options.bearer_token = token;
+    options.tls = tls;
+    options.tls_root_ca_file = tls_ca;
+    options.tls_client_cert_file = tls_cert;
+    options.tls_client_key_file = tls_key;
+    options.tls_server_name = tls_server_name;
+    options.deadline_ms = deadline_ms;
+    return options;
   }
 };
 
