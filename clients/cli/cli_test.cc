@@ -2,6 +2,8 @@
 
 #include "clients/cli/cli.h"
 
+#include "clients/cli/cli_test_fixture.h"
+
 #include <sstream>
 #include <string>
 #include <vector>
@@ -23,33 +25,9 @@ namespace {
 
 using ::testing::HasSubstr;
 
-class CliTest : public ::testing::Test {
+class CliTest : public testing::CliFixture {
  protected:
-  void SetUp() override {
-    rpc::ServerOptions options;
-    options.listen_address = "127.0.0.1:0";
-    dir_ = kvrecall::testing::MakeTempDir("cli-test");
-    options.store.data_dir = dir_ + "/data";
-    options.store.memory_capacity_bytes = 64 << 20;
-    KVR_ASSERT_OK_AND_ASSIGN(server_,
-                             rpc::Server::Create(options, client::testing::TestStoreOpener()));
-  }
-
-  // Runs `kvrecall --target=<server> args...`; returns the exit code.
-  int Run(std::vector<std::string> args) {
-    args.insert(args.begin(), {"kvrecall", "--target=" + server_->address(), "--progress=never"});
-    std::vector<const char*> argv;
-    for (const auto& a : args) argv.push_back(a.c_str());
-    out_.str("");
-    err_.str("");
-    return RunCli(static_cast<int>(argv.size()), argv.data(), out_, err_);
-  }
-
-  google::protobuf::Struct Json() {
-    google::protobuf::Struct s;
-    EXPECT_TRUE(google::protobuf::util::JsonStringToMessage(out_.str(), &s).ok()) << out_.str();
-    return s;
-  }
+  void SetUp() override { StartServer("cli-test", /*retrieval=*/false); }
 
   void Register() {
     ASSERT_EQ(Run({"register", "--model=m", "--layers=2", "--q_heads=4", "--kv_heads=2",
@@ -58,9 +36,6 @@ class CliTest : public ::testing::Test {
         << err_.str();
   }
 
-  std::string dir_;
-  std::unique_ptr<rpc::Server> server_;
-  std::ostringstream out_, err_;
 };
 
 TEST_F(CliTest, RegisterModelsPutRandomGetLookup) {

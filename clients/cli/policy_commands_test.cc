@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "clients/cli/cli.h"
+#include "clients/cli/cli_test_fixture.h"
 #include "clients/cpp/testing/test_store.h"
 #include "common/npy.h"
 #include "gmock/gmock.h"
@@ -26,32 +27,14 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-class PolicyCommandsTest : public ::testing::Test {
+class PolicyCommandsTest : public testing::CliFixture {
  protected:
   void SetUp() override {
-    rpc::ServerOptions options;
-    options.listen_address = "127.0.0.1:0";
-    dir_ = kvrecall::testing::MakeTempDir("cli-policy-test");
-    options.store.data_dir = dir_ + "/data";
-    options.store.memory_capacity_bytes = 64 << 20;
-    KVR_ASSERT_OK_AND_ASSIGN(
-        server_, rpc::Server::Create(options, client::testing::TestStoreOpener(),
-                                     {rpc::RetrievalServiceFactory(retrieval::RetrievalOptions(),
-                                                                   rpc::RetrievalRpcOptions())}));
+    StartServer("cli-policy-test", /*retrieval=*/true);
     ASSERT_EQ(Run({"register", "--model=m", "--layers=4", "--q_heads=2", "--kv_heads=1",
                    "--head_dim=16", "--dtype=f16"}),
               0)
         << err_.str();
-  }
-
-  int Run(std::vector<std::string> args, const std::string& progress = "never") {
-    args.insert(args.begin(),
-                {"kvrecall", "--target=" + server_->address(), "--progress=" + progress});
-    std::vector<const char*> argv;
-    for (const auto& a : args) argv.push_back(a.c_str());
-    out_.str("");
-    err_.str("");
-    return RunCli(static_cast<int>(argv.size()), argv.data(), out_, err_);
   }
 
   // A capture directory of random layers 0..3, where layer 2 is a copy of
@@ -82,10 +65,6 @@ class PolicyCommandsTest : public ::testing::Test {
     }
     return caps;
   }
-
-  std::string dir_;
-  std::unique_ptr<rpc::Server> server_;
-  std::ostringstream out_, err_;
 };
 
 TEST_F(PolicyCommandsTest, TidalPutGetLs) {

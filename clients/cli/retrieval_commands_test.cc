@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "clients/cli/cli.h"
+#include "clients/cli/cli_test_fixture.h"
 #include "clients/cpp/testing/test_store.h"
 #include "common/half.h"
 #include "common/npy.h"
@@ -37,38 +38,9 @@ NpyArray F32Npy(std::vector<int64_t> shape, uint32_t seed) {
   return a;
 }
 
-class RetrievalCommandsTest : public ::testing::Test {
+class RetrievalCommandsTest : public testing::CliFixture {
  protected:
-  void SetUp() override {
-    rpc::ServerOptions options;
-    options.listen_address = "127.0.0.1:0";
-    dir_ = kvrecall::testing::MakeTempDir("cli-retrieval-test");
-    options.store.data_dir = dir_ + "/data";
-    options.store.memory_capacity_bytes = 64 << 20;
-    KVR_ASSERT_OK_AND_ASSIGN(
-        server_, rpc::Server::Create(options, client::testing::TestStoreOpener(),
-                                     {rpc::RetrievalServiceFactory(retrieval::RetrievalOptions(),
-                                                                   rpc::RetrievalRpcOptions())}));
-  }
-
-  int Run(std::vector<std::string> args) {
-    args.insert(args.begin(), {"kvrecall", "--target=" + server_->address(), "--progress=never"});
-    std::vector<const char*> argv;
-    for (const auto& a : args) argv.push_back(a.c_str());
-    out_.str("");
-    err_.str("");
-    return RunCli(static_cast<int>(argv.size()), argv.data(), out_, err_);
-  }
-
-  google::protobuf::Struct Json() {
-    google::protobuf::Struct s;
-    EXPECT_TRUE(google::protobuf::util::JsonStringToMessage(out_.str(), &s).ok()) << out_.str();
-    return s;
-  }
-
-  std::string dir_;
-  std::unique_ptr<rpc::Server> server_;
-  std::ostringstream out_, err_;
+  void SetUp() override { StartServer("cli-retrieval-test", /*retrieval=*/true); }
 };
 
 TEST_F(RetrievalCommandsTest, OpenBuildSearchAttendArtifactsFitLoki) {
