@@ -8,6 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "index/flat/flat_index.h"
+#include "index/testing/index_testing.h"
 #include "index/testing/synthetic_attention.h"
 #include "tests/testing/status_matchers.h"
 
@@ -42,15 +43,6 @@ Data MakeData(int64_t n, uint64_t seed) {
   return d;
 }
 
-double Recall(const SearchResult& got, const SearchResult& exact) {
-  double hits = 0;
-  for (int64_t q = 0; q < got.num_queries; ++q) {
-    std::set<int64_t> truth(exact.ids.begin() + q * exact.k, exact.ids.begin() + (q + 1) * exact.k);
-    for (int32_t j = 0; j < got.k; ++j) hits += truth.count(got.ids[q * got.k + j]);
-  }
-  return hits / static_cast<double>(got.num_queries * exact.k);
-}
-
 class FaissIndexTest : public ::testing::TestWithParam<FaissKind> {
  protected:
   FaissOptions Options() const {
@@ -83,7 +75,7 @@ TEST_P(FaissIndexTest, MaxEffortIsExactlyFlatAndLowEffortScansLess) {
     KVR_ASSERT_OK_AND_ASSIGN(SearchResult approx, index->Search(data.queries(), 20, params));
     // A working ANN search (these OOD-unaware baselines need a lot of
     // effort for high recall; bench/index measures how much).
-    EXPECT_GE(Recall(approx, exact), 0.5) << "seed " << seed;
+    EXPECT_GE(RecallOf(approx, exact), 0.5) << "seed " << seed;
     EXPECT_GT(approx.stats.keys_scanned, 0);
     EXPECT_LT(approx.stats.keys_scanned, full.stats.keys_scanned);
     for (int64_t id : approx.ids) {

@@ -12,6 +12,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "index/flat/flat_index.h"
+#include "index/testing/index_testing.h"
 #include "index/testing/synthetic_attention.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
@@ -52,15 +53,6 @@ VectorView Decode(const Data& d) {
                          d.s.dim);
 }
 
-double Recall(const SearchResult& got, const SearchResult& exact) {
-  double hits = 0;
-  for (int64_t q = 0; q < got.num_queries; ++q) {
-    std::set<int64_t> truth(exact.ids.begin() + q * exact.k, exact.ids.begin() + (q + 1) * exact.k);
-    for (int32_t j = 0; j < got.k; ++j) hits += truth.count(got.ids[q * got.k + j]);
-  }
-  return hits / static_cast<double>(got.num_queries * exact.k);
-}
-
 RoarOptions SmallOptions() {
   RoarOptions o;
   o.nq = 32;
@@ -91,7 +83,7 @@ TEST(RoarIndexTest, MaxEffortIsExactlyFlatAndDefaultEffortHasHighRecall) {
     params.knobs = ParamMap();
     params.knobs.SetInt("ef", 40);
     KVR_ASSERT_OK_AND_ASSIGN(SearchResult approx, roar->Search(Decode(data), 20, params));
-    EXPECT_GE(Recall(approx, exact), 0.9) << "seed " << seed;
+    EXPECT_GE(RecallOf(approx, exact), 0.9) << "seed " << seed;
     EXPECT_LT(approx.stats.keys_scanned, full.stats.keys_scanned / 3);
     for (int64_t id : approx.ids) {
       for (const PositionRange& r : exclude) EXPECT_FALSE(id >= r.begin && id < r.end);
@@ -271,7 +263,7 @@ TEST(RoarIndexTest, RealCaptureSliceReachesHighRecall) {
   SearchParams params;
   params.knobs.SetInt("ef", 400);
   KVR_ASSERT_OK_AND_ASSIGN(SearchResult got, roar->Search(dq, 100, params));
-  EXPECT_GE(Recall(got, exact), 0.9);
+  EXPECT_GE(RecallOf(got, exact), 0.9);
   EXPECT_LT(got.stats.keys_scanned, 128 * n);
 }
 
