@@ -23,6 +23,7 @@ CC=clang-16 CXX=clang++-16 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYP
   -DKVRECALL_FUZZ=ON -DKVRECALL_WITH_CUDA=OFF -DKVRECALL_BUILD_TESTS=OFF \
   -DKVRECALL_BUILD_BENCH=OFF "${LAUNCHER[@]}" >/dev/null
 cmake --build "$BUILD_DIR" -j "$JOBS" --target "${TARGETS[@]}"
+export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$PWD/fuzz/lsan.supp}
 for t in "${TARGETS[@]}"; do
   name=${t%_fuzz}
   corpus="$BUILD_DIR/corpus/$name"

@@ -82,16 +82,71 @@ absl::Status FromFaiss(const std::exception& e, absl::string_view what) {
 int HardwareThreads() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }
 
 // Reranks candidate ids by exact score (DotRow), best first; writes k.
+// Labels outside [0, n) (which only a corrupt index could return) are skipped.
 void Rerank(const faiss_idx_t* labels, int64_t count, int32_t k, const float* query,
-            const std::function<const char*(int64_t)>& row, DType dtype, int32_t d,
+            const std::function<const char*(int64_t)>& row, DType dtype, int32_t d, int64_t n,
             int64_t* out_ids, float* out_scores, int64_t* exact) {
   TopK top(k);
   for (int64_t j = 0; j < count; ++j) {
-    if (labels[j] < 0) continue;
+    if (labels[j] < 0 || labels[j] >= n) continue;
     top.Push(DotRow(query, row(labels[j]), dtype, d), labels[j]);
     ++*exact;
   }
   top.Drain(out_ids, out_scores);
+}
+
+// FAISS trusts what read_index() gives it: a graph neighbour or an inverted
+// list id past ntotal would make a search read outside its storage. Checks
+// every id (found by fuzzing the loader, fuzz/index_load_fuzz.cc).
+absl::Status ValidateStructure(const faiss::Index& index) {
+  const int64_t n = index.ntotal;
+  auto bad = [](absl::string_view what) {
+    return absl::DataLossError(absl::StrCat("faiss: stored index is inconsistent: ", what));
+  };
+  if (const auto* hnsw = dynamic_cast<const faiss::IndexHNSW*>(&index); hnsw != nullptr) {
+    const faiss::HNSW& h = hnsw->hnsw;
+    if (hnsw->storage == nullptr || hnsw->storage->ntotal != n || hnsw->storage->d != index.d) {
+      return bad("HNSW storage");
+    }
+    if (static_cast<int64_t>(h.levels.size()) != n ||
+        static_cast<int64_t>(h.offsets.size()) != n + 1 || h.entry_point < -1 ||
+        h.entry_point >= n || (n > 0 && h.entry_point < 0) ||
+        h.offsets.back() != h.neighbors.size() || h.max_level < -1 ||
+        h.max_level >= static_cast<int>(h.cum_nneighbor_per_level.size())) {
+      return bad("HNSW levels, offsets or entry point");
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      if (h.offsets[i] > h.offsets[i + 1] || h.levels[i] < 1 ||
+          h.levels[i] > static_cast<int>(h.cum_nneighbor_per_level.size()) - 1 ||
+          h.levels[i] > h.max_level + 1 ||
+          h.offsets[i] + h.cum_nneighbor_per_level[h.levels[i]] > h.offsets[i + 1]) {
+        return bad("HNSW node levels");
+      }
+    }
+    for (faiss::HNSW::storage_idx_t id : h.neighbors) {
+      if (id < -1 || id >= n) return bad("HNSW neighbour id");
+    }
+    return absl::OkStatus();
+  }
+  if (const auto* ivf = dynamic_cast<const faiss::IndexIVF*>(&index); ivf != nullptr) {
+    if (ivf->invlists == nullptr || ivf->quantizer == nullptr ||
+        ivf->quantizer->ntotal != static_cast<faiss_idx_t>(ivf->nlist) ||
+        ivf->invlists->nlist != ivf->nlist || ivf->quantizer->d != index.d) {
+      return bad("IVF lists or quantizer");
+    }
+    int64_t total = 0;
+    for (size_t l = 0; l < ivf->nlist; ++l) {
+      const size_t size = ivf->invlists->list_size(l);
+      total += static_cast<int64_t>(size);
+      if (size == 0) continue;
+      faiss::InvertedLists::ScopedIds ids(ivf->invlists, l);
+      for (size_t j = 0; j < size; ++j) {
+        if (ids[j] < 0 || ids[j] >= n) return bad("IVF list id");
+      }
+    }
+    if (total != n) return bad("IVF list sizes");
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -330,7 +385,7 @@ absl::StatusOr<SearchResult> FaissIndex::Search(const VectorView& queries, int32
                                       dist.data(), labels.data(), false, &sp, &stats);
               scanned[i] = static_cast<int64_t>(stats.ndis);
             }
-            Rerank(labels.data(), fetch, k, qi, row, key_dtype_, dim_, out_ids, out_scores,
+            Rerank(labels.data(), fetch, k, qi, row, key_dtype_, dim_, n, out_ids, out_scores,
                    &exact[i]);
           }
         } catch (const std::exception& e) {
@@ -406,6 +461,7 @@ absl::StatusOr<std::unique_ptr<FaissIndex>> FaissIndex::Load(const IndexHeader& 
       index->index_->metric_type != faiss::METRIC_INNER_PRODUCT) {
     return absl::DataLossError("faiss: stored index does not match the header");
   }
+  KVR_RETURN_IF_ERROR(ValidateStructure(*index->index_));
   const size_t key_bytes = static_cast<size_t>(header.size) * index->row_bytes_;
   if (r.remaining() != key_bytes) return absl::DataLossError("faiss: key bytes do not match");
   index->keys_.resize(key_bytes);

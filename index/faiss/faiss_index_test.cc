@@ -10,7 +10,9 @@
 #include "index/flat/flat_index.h"
 #include "index/testing/index_testing.h"
 #include "index/testing/synthetic_attention.h"
+#include "common/npy.h"
 #include "tests/testing/status_matchers.h"
+#include "tests/testing/test_data.h"
 
 namespace kvrecall::index {
 namespace {
@@ -113,6 +115,24 @@ TEST_P(FaissIndexTest, AddSerializeLoadKeepExactness) {
   payload.replace(12, 8, "garbage!");  // inside FAISS's own bytes
   EXPECT_THAT(FaissIndex::Load(decoded.first, payload).status(),
               StatusIs(absl::StatusCode::kDataLoss));
+}
+
+// A faiss_ivf payload whose inverted lists name ids past ntotal, found by
+// fuzz/index_load_fuzz.cc (a search then read keys past their end): loading
+// it is DATA_LOSS. The file is the fuzzer's structured input: kind byte, dim
+// (i32), size (i64), payload.
+TEST(FaissIndexLoadTest, IdsPastTheStoredKeysAreDataLoss) {
+  KVR_ASSERT_OK_AND_ASSIGN(
+      std::string input,
+      ReadFileToString(testing::SourceDir() +
+                       "/fuzz/corpus/index_load/regression-faiss-id-past-ntotal"));
+  ASSERT_GT(input.size(), 13u);
+  IndexHeader header;
+  header.kind = "faiss_ivf";
+  std::memcpy(&header.dim, input.data() + 1, 4);
+  std::memcpy(&header.size, input.data() + 5, 8);
+  EXPECT_THAT(FaissIndex::Load(header, absl::string_view(input).substr(13)).status(),
+              StatusIs(absl::StatusCode::kDataLoss, ::testing::HasSubstr("inconsistent")));
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, FaissIndexTest,
