@@ -33,4 +33,9 @@ ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$JOBS" --timeout 900
 if [[ -x deploy/test-python.sh ]]; then
   BUILD_DIR="$BUILD_DIR" ./deploy/test-python.sh
 fi
+# Fuzz smoke: every libFuzzer target a few seconds over its seeds (a clang
+# build in build-fuzz/; docs/reliability.md). FUZZ_SECONDS=0 skips it.
+if [[ "${FUZZ_SECONDS:-3}" != 0 ]]; then
+  FUZZ_SECONDS=${FUZZ_SECONDS:-3} JOBS="$JOBS" ./deploy/fuzz.sh
+fi
 echo "test.sh: all tests passed"
