@@ -21,9 +21,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <cstdio>
 #include <fstream>
+#include <iostream>
 #include <memory>
 #include <random>
 #include <string>
@@ -45,6 +47,7 @@
 #include "clients/cpp/retrieval_client.h"
 #include "clients/cpp/span_keys.h"
 #include "common/npy.h"
+#include "common/progress.h"
 #include "common/status_macros.h"
 #include "gpu/worker/decode_session.h"
 #include "gpu/worker/policy.h"
@@ -352,6 +355,7 @@ absl::StatusOr<std::vector<Hash128>> StorePrompt(client::KvStoreClient* kv, cons
   seq.shrink_to_fit();
   std::vector<Hash128> chain;
   const absl::Time start = absl::Now();
+  StageProgress progress(&std::cerr, "worker_bench: storing the prompt", StderrProgressMode());
   for (size_t i = 0; i < spans.size(); i += 16) {
     std::vector<client::SpanToPut> put;
     for (size_t j = i; j < std::min(spans.size(), i + 16); ++j) {
@@ -361,50 +365,32 @@ absl::StatusOr<std::vector<Hash128>> StorePrompt(client::KvStoreClient* kv, cons
       chain.push_back(spans[j].hash);
     }
     KVR_RETURN_IF_ERROR(kv->PutSpans(model.model_id(), put).status());
-    std::fprintf(stderr, "\rworker_bench: storing the prompt %zu/%zu spans", std::min(spans.size(), i + 16),
-                 spans.size());
+    Progress p;
+    p.stage = "spans";
+    p.done = static_cast<int64_t>(std::min(spans.size(), i + 16));
+    p.total = static_cast<int64_t>(spans.size());
+    p.fraction = static_cast<double>(p.done) / static_cast<double>(p.total);
+    progress.Update(p);
   }
-  std::fprintf(stderr, " (%.1f s, %ld spans of %ld tokens)\n", absl::ToDoubleSeconds(absl::Now() - start),
-               static_cast<long>(spans.size()), static_cast<long>(block));
+  progress.Clear();
+  std::fprintf(stderr, "worker_bench: stored the prompt in %.1f s (%ld spans of %ld tokens)\n",
+               absl::ToDoubleSeconds(absl::Now() - start), static_cast<long>(spans.size()),
+               static_cast<long>(block));
   return chain;
 }
 
-absl::Status RunOffloaded(std::vector<Row>* rows) {
-  const int64_t tokens = absl::GetFlag(FLAGS_offloaded_context);
-  const std::string backend_name = absl::GetFlag(FLAGS_backend);
-  KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::Backend> mem_backend, worker::CreateBackend(backend_name));
-  worker::Backend* be = mem_backend.get();
-  char tmpl[] = "/tmp/kvrecall-worker-bench-XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
-  const int64_t prompt_bytes = static_cast<int64_t>(kLayers) * 2 * kHkv * tokens * kD * 2;
-  ChildProcess daemon;
-  // The memory tier is sharded: room for the prompt with a shard's worth of slack.
-  KVR_ASSIGN_OR_RETURN(int port, StartDaemon(&daemon, dir, prompt_bytes * 3 / 2 + (int64_t{2} << 30)));
-  client::ClientOptions co;
-  co.target = absl::StrCat("127.0.0.1:", port);
-  co.deadline_ms = 600000;
-  KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(co));
-  v1::ModelGeometry model;
-  model.set_model_id("llama3-8b-like");
-  model.set_num_layers(kLayers);
-  model.set_num_q_heads(kHq);
-  model.set_num_kv_heads(kHkv);
-  model.set_head_dim(kD);
-  model.set_dtype(v1::DTYPE_BF16);
-  model.set_keys_post_rope(true);
-  model.set_block_tokens(256);
-  KVR_RETURN_IF_ERROR(kv->RegisterModel(model).status());
-  cudaStream_t stream = nullptr;
-  if (be->is_device()) CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  KVR_ASSIGN_OR_RETURN(std::vector<Hash128> chain, StorePrompt(kv.get(), model, tokens, be, stream));
+// One offloaded row: a policy and how reused selections travel.
+struct Variant {
+  std::string name;
+  worker::LayerPolicy policy;
+  worker::ReuseTransfer transfer;
+};
 
+// Per --offloaded_kinds kind: every layer selecting remotely, and
+// TidalDecode with remote selection reusing by positions and by fetched rows.
+absl::StatusOr<std::vector<Variant>> OffloadedVariants() {
   const double budget = absl::GetFlag(FLAGS_offloaded_budget);
   const int32_t window = absl::GetFlag(FLAGS_offloaded_window);
-  struct Variant {
-    std::string name;
-    worker::LayerPolicy policy;
-    worker::ReuseTransfer transfer;
-  };
   std::vector<Variant> variants;
   for (const std::string& kind : absl::GetFlag(FLAGS_offloaded_kinds)) {
     worker::LayerSpec sel;
@@ -430,67 +416,147 @@ absl::Status RunOffloaded(std::vector<Row>* rows) {
     variants.push_back({absl::StrCat("tidaldecode with remote selection (", kind, "); reuse by fetched rows"),
                         tidal, worker::ReuseTransfer::kFetchRows});
   }
+  return variants;
+}
 
+// The stored prompt every variant decodes over.
+struct OffloadedPrompt {
+  client::ClientOptions client;
+  std::string model_id;
+  int64_t tokens = 0;
+  std::vector<Hash128> chain;
+};
+
+// A decode session of `var` over the prompt: opens its contexts (and
+// builds the indexes), loads the prompt's K/V, then times
+// --offloaded_steps decode steps after 3 untimed ones.
+absl::StatusOr<Row> RunVariant(const Variant& var, const OffloadedPrompt& prompt, worker::Backend* be,
+                               cudaStream_t stream) {
+  const std::string backend_name = absl::GetFlag(FLAGS_backend);
+  const int64_t tokens = prompt.tokens;
+  worker::SessionOptions o;
+  o.model = Shape();
+  o.policy = var.policy;
+  o.mode = worker::KvMode::kOffloaded;
+  o.capacity_tokens = tokens + 1024;
+  o.client = prompt.client;
+  o.model_id = prompt.model_id;
+  o.reuse_transfer = var.transfer;
+  KVR_ASSIGN_OR_RETURN(auto backend, worker::CreateBackend(backend_name));
+  KVR_ASSIGN_OR_RETURN(auto s, worker::DecodeSession::Create(o, std::move(backend)));
+  const absl::Time build_start = absl::Now();
+  StageProgress progress(&std::cerr, "worker_bench: opening", StderrProgressMode());
+  const absl::Status started =
+      s->StartPrefix({tokens}, {prompt.chain}, [&](const Progress& p) { return progress.Update(p); });
+  progress.Clear();
+  KVR_RETURN_IF_ERROR(started);
+  std::fprintf(stderr, "worker_bench: contexts opened and indexes ready in %.1f s\n",
+               absl::ToDoubleSeconds(absl::Now() - build_start));
   const int64_t layer_elems = static_cast<int64_t>(kHkv) * tokens * kD;
   Mem pk(be, layer_elems * 2), pv(be, layer_elems * 2);
-  for (const Variant& var : variants) {
-    worker::SessionOptions o;
-    o.model = Shape();
-    o.policy = var.policy;
-    o.mode = worker::KvMode::kOffloaded;
-    o.capacity_tokens = tokens + 1024;
-    o.client = co;
-    o.model_id = model.model_id();
-    o.reuse_transfer = var.transfer;
-    KVR_ASSIGN_OR_RETURN(auto backend, worker::CreateBackend(backend_name));
-    KVR_ASSIGN_OR_RETURN(auto s, worker::DecodeSession::Create(o, std::move(backend)));
-    const absl::Time build_start = absl::Now();
-    KVR_RETURN_IF_ERROR(s->StartPrefix({tokens}, {chain}, [&](const Progress& p) {
-      std::fprintf(stderr, "\rworker_bench: %s %3.0f%%   ", p.stage.c_str(), 100 * p.fraction);
-      return true;
-    }));
-    std::fprintf(stderr, "\nworker_bench: contexts opened and indexes ready in %.1f s\n",
-                 absl::ToDoubleSeconds(absl::Now() - build_start));
+  for (int32_t l = 0; l < kLayers; ++l) {
+    KVR_RETURN_IF_ERROR(pk.FillBf16(2 * l + 1, stream));
+    KVR_RETURN_IF_ERROR(pv.FillBf16(2 * l + 2, stream));
+    KVR_RETURN_IF_ERROR(s->LoadPrefixLayer(l, pk.get(), pv.get(), tokens, layer_elems, tokens * kD, kD, stream));
+  }
+  const int64_t nq = static_cast<int64_t>(kHq) * kD, nkv = static_cast<int64_t>(kHkv) * kD;
+  Mem q(be, nq * 4 * kLayers), kn(be, nkv * 2), vn(be, nkv * 2), out(be, nq * 4);
+  std::vector<double> step_ms;
+  const int steps = absl::GetFlag(FLAGS_offloaded_steps);
+  for (int st = 0; st < steps + 3; ++st) {
+    if (st == 3) s->ResetStats();
+    KVR_RETURN_IF_ERROR(q.FillF32(100 + st, 3.0f, stream));
+    KVR_RETURN_IF_ERROR(kn.FillBf16(1000 + st, stream));
+    KVR_RETURN_IF_ERROR(vn.FillBf16(2000 + st, stream));
+    KVR_RETURN_IF_ERROR(be->Synchronize(stream));
+    const absl::Time t0 = absl::Now();
     for (int32_t l = 0; l < kLayers; ++l) {
-      KVR_RETURN_IF_ERROR(pk.FillBf16(2 * l + 1, stream));
-      KVR_RETURN_IF_ERROR(pv.FillBf16(2 * l + 2, stream));
-      KVR_RETURN_IF_ERROR(s->LoadPrefixLayer(l, pk.get(), pv.get(), tokens, layer_elems, tokens * kD, kD, stream));
+      KVR_RETURN_IF_ERROR(s->AttendLayer(l, static_cast<const float*>(q.get()) + l * nq, kn.get(), vn.get(),
+                                         static_cast<float*>(out.get()), stream));
     }
-    const int64_t nq = static_cast<int64_t>(kHq) * kD, nkv = static_cast<int64_t>(kHkv) * kD;
-    Mem q(be, nq * 4 * kLayers), kn(be, nkv * 2), vn(be, nkv * 2), out(be, nq * 4);
-    std::vector<double> step_ms;
-    const int steps = absl::GetFlag(FLAGS_offloaded_steps);
-    for (int st = 0; st < steps + 3; ++st) {
-      if (st == 3) s->ResetStats();
-      KVR_RETURN_IF_ERROR(q.FillF32(100 + st, 3.0f, stream));
-      KVR_RETURN_IF_ERROR(kn.FillBf16(1000 + st, stream));
-      KVR_RETURN_IF_ERROR(vn.FillBf16(2000 + st, stream));
-      KVR_RETURN_IF_ERROR(be->Synchronize(stream));
-      const absl::Time t0 = absl::Now();
-      for (int32_t l = 0; l < kLayers; ++l) {
-        KVR_RETURN_IF_ERROR(s->AttendLayer(l, static_cast<const float*>(q.get()) + l * nq, kn.get(), vn.get(),
-                                           static_cast<float*>(out.get()), stream));
-      }
-      KVR_RETURN_IF_ERROR(be->Synchronize(stream));
-      if (st >= 3) step_ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
-    }
-    const worker::SessionStats& ss = s->stats();
-    const double n = std::max<int64_t>(1, ss.steps);
-    const std::string note = absl::StrFormat(
-        "per token: %.0f calls; rpc wait %.1f ms (server %.1f ms: search %.1f, attention %.1f); "
-        "queries to host %.2f ms; states to GPU %.2f ms; appends %.2f ms; fetch wait %.1f ms; "
-        "sent %.0f KiB; received %.0f KiB",
-        ss.remote_calls / n, ss.rpc_wait_us / n / 1000, ss.server_us / n / 1000,
-        ss.server_search_us / n / 1000, ss.server_attend_us / n / 1000, ss.query_download_us / n / 1000,
-        ss.state_upload_us / n / 1000, ss.append_us / n / 1000, ss.gather_wait_us / n / 1000,
-        ss.bytes_sent / n / 1024, ss.bytes_received / n / 1024);
-    rows->push_back(Row{absl::StrCat("offloaded (", backend_name, ")"), var.name, tokens, 1, Median(step_ms), note});
-    std::fprintf(stderr, "worker_bench: %s: %.2f ms/token; %s\n", var.name.c_str(), Median(step_ms),
-                 note.c_str());
+    KVR_RETURN_IF_ERROR(be->Synchronize(stream));
+    if (st >= 3) step_ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
+  }
+  const worker::SessionStats& ss = s->stats();
+  const double n = std::max<int64_t>(1, ss.steps);
+  const std::string note = absl::StrFormat(
+      "per token: %.0f calls; rpc wait %.1f ms (server %.1f ms: search %.1f, attention %.1f); "
+      "queries to host %.2f ms; states to GPU %.2f ms; appends %.2f ms; fetch wait %.1f ms; "
+      "sent %.0f KiB; received %.0f KiB",
+      ss.remote_calls / n, ss.rpc_wait_us / n / 1000, ss.server_us / n / 1000,
+      ss.server_search_us / n / 1000, ss.server_attend_us / n / 1000, ss.query_download_us / n / 1000,
+      ss.state_upload_us / n / 1000, ss.append_us / n / 1000, ss.gather_wait_us / n / 1000,
+      ss.bytes_sent / n / 1024, ss.bytes_received / n / 1024);
+  std::fprintf(stderr, "worker_bench: %s: %.2f ms/token; %s\n", var.name.c_str(), Median(step_ms),
+               note.c_str());
+  return Row{absl::StrCat("offloaded (", backend_name, ")"), var.name, tokens, 1, Median(step_ms), note};
+}
+
+// The offloaded rows: a kvrecalld holding the prompt, then every variant.
+absl::Status RunOffloaded(std::vector<Row>* rows) {
+  const int64_t tokens = absl::GetFlag(FLAGS_offloaded_context);
+  KVR_ASSIGN_OR_RETURN(std::unique_ptr<worker::Backend> mem_backend,
+                       worker::CreateBackend(absl::GetFlag(FLAGS_backend)));
+  worker::Backend* be = mem_backend.get();
+  char tmpl[] = "/tmp/kvrecall-worker-bench-XXXXXX";
+  if (mkdtemp(tmpl) == nullptr) return absl::InternalError(absl::StrCat("mkdtemp: ", std::strerror(errno)));
+  const std::string dir = tmpl;
+  const int64_t prompt_bytes = static_cast<int64_t>(kLayers) * 2 * kHkv * tokens * kD * 2;
+  ChildProcess daemon;
+  // The memory tier is sharded: room for the prompt with a shard's worth of slack.
+  KVR_ASSIGN_OR_RETURN(int port, StartDaemon(&daemon, dir, prompt_bytes * 3 / 2 + (int64_t{2} << 30)));
+  OffloadedPrompt prompt;
+  prompt.client.target = absl::StrCat("127.0.0.1:", port);
+  prompt.client.deadline_ms = 600000;
+  prompt.tokens = tokens;
+  KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(prompt.client));
+  v1::ModelGeometry model;
+  model.set_model_id("llama3-8b-like");
+  model.set_num_layers(kLayers);
+  model.set_num_q_heads(kHq);
+  model.set_num_kv_heads(kHkv);
+  model.set_head_dim(kD);
+  model.set_dtype(v1::DTYPE_BF16);
+  model.set_keys_post_rope(true);
+  model.set_block_tokens(256);
+  KVR_RETURN_IF_ERROR(kv->RegisterModel(model).status());
+  prompt.model_id = model.model_id();
+  cudaStream_t stream = nullptr;
+  if (be->is_device()) CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  KVR_ASSIGN_OR_RETURN(prompt.chain, StorePrompt(kv.get(), model, tokens, be, stream));
+  KVR_ASSIGN_OR_RETURN(const std::vector<Variant> variants, OffloadedVariants());
+  for (const Variant& var : variants) {
+    KVR_ASSIGN_OR_RETURN(Row row, RunVariant(var, prompt, be, stream));
+    rows->push_back(std::move(row));
   }
   if (stream != nullptr) cudaStreamDestroy(stream);
   daemon.Stop();
   return absl::OkStatus();
+}
+
+// The machine line printed above the table.
+std::string MachineLine(bool cpu, const cudaDeviceProp& prop) {
+  return absl::StrFormat("# worker_bench on %s, host %s, %u hardware threads, %d layers",
+                         cpu ? "no GPU (cpu backend)"
+                             : absl::StrFormat("%s (%d SMs, %.0f GiB)", prop.name, prop.multiProcessorCount,
+                                               prop.totalGlobalMem / 1073741824.0),
+                         CpuName(), std::thread::hardware_concurrency(), kLayers);
+}
+
+// The rows as CSV on stdout and, with --out, in <out>/worker_bench.csv.
+void WriteRows(const std::vector<Row>& rows) {
+  std::printf("mode,policy,context,batch,ms_per_step,note\n");
+  for (const Row& r : rows) {
+    std::printf("%s,%s,%ld,%d,%.4f,\"%s\"\n", r.mode.c_str(), r.policy.c_str(), static_cast<long>(r.context),
+                r.batch, r.ms_per_step, r.note.c_str());
+  }
+  if (absl::GetFlag(FLAGS_out).empty()) return;
+  std::ofstream f(absl::GetFlag(FLAGS_out) + "/worker_bench.csv");
+  f << "mode,policy,context,batch,ms_per_step,note\n";
+  for (const Row& r : rows) {
+    f << r.mode << "," << r.policy << "," << r.context << "," << r.batch << "," << r.ms_per_step << ",\""
+      << r.note << "\"\n";
+  }
 }
 
 int Main(int argc, char** argv) {
@@ -503,28 +569,12 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "worker_bench: no CUDA device (--backend=cpu runs the offloaded rows on the CPU)\n");
     return 1;
   }
-  std::printf("# worker_bench on %s, host %s, %u hardware threads, %d layers\n",
-              cpu ? "no GPU (cpu backend)"
-                  : absl::StrFormat("%s (%d SMs, %.0f GiB)", prop.name, prop.multiProcessorCount,
-                                    prop.totalGlobalMem / 1073741824.0).c_str(),
-              CpuName().c_str(), std::thread::hardware_concurrency(), kLayers);
+  std::printf("%s\n", MachineLine(cpu, prop).c_str());
   std::vector<Row> rows;
   absl::Status s;
   if (absl::GetFlag(FLAGS_resident) && !cpu) s = RunResident(&rows);
   if (s.ok() && absl::GetFlag(FLAGS_offloaded)) s = RunOffloaded(&rows);
-  std::printf("mode,policy,context,batch,ms_per_step,note\n");
-  for (const Row& r : rows) {
-    std::printf("%s,%s,%ld,%d,%.4f,\"%s\"\n", r.mode.c_str(), r.policy.c_str(), static_cast<long>(r.context),
-                r.batch, r.ms_per_step, r.note.c_str());
-  }
-  if (!absl::GetFlag(FLAGS_out).empty()) {
-    std::ofstream f(absl::GetFlag(FLAGS_out) + "/worker_bench.csv");
-    f << "mode,policy,context,batch,ms_per_step,note\n";
-    for (const Row& r : rows) {
-      f << r.mode << "," << r.policy << "," << r.context << "," << r.batch << "," << r.ms_per_step << ",\""
-        << r.note << "\"\n";
-    }
-  }
+  WriteRows(rows);
   if (!s.ok()) {
     std::fprintf(stderr, "worker_bench: %s\n", s.ToString().c_str());
     return 1;
