@@ -19,6 +19,7 @@ class PieceReader {
     for (const auto& p : pieces) total_ += p.size();
   }
   size_t position() const { return position_; }
+  size_t remaining() const { return total_ - position_; }
   bool done() const { return position_ >= total_; }
 
   bool ReadByte(uint8_t* out) {
@@ -132,9 +133,11 @@ absl::Status PutStream::Parse(const std::vector<absl::string_view>& pieces) {
     if (wire_type == 2) {
       uint64_t size = 0;
       if (!reader.ReadVarint(&size)) return Malformed();
+      // A length is a claim of the sender: check it against the bytes
+      // received before allocating anything for it.
+      if (size > reader.remaining()) return Malformed();
       if (field == 1) {
         const size_t at = header_bytes.size();
-        if (size > (uint64_t{64} << 20)) return Malformed();
         header_bytes.resize(at + size);
         if (!reader.Take(size, header_bytes.data() + at)) return Malformed();
         has_header = true;

@@ -2,6 +2,9 @@
 
 #include "service/rpc/put_stream.h"
 
+#include <atomic>
+#include <cstdlib>
+#include <new>
 #include <random>
 #include <string>
 
@@ -14,6 +17,26 @@
 #include "service/store/tiered_store.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
+
+// The largest single operator-new allocation while tracking is on: a parser
+// of untrusted bytes must not allocate what a message only claims to hold.
+namespace {
+std::atomic<bool> g_track_allocations{false};
+std::atomic<size_t> g_largest_allocation{0};
+}  // namespace
+
+// Not inlined: GCC would otherwise see malloc and free meet new and delete.
+__attribute__((noinline)) void* operator new(size_t size) {
+  if (g_track_allocations.load(std::memory_order_relaxed)) {
+    size_t seen = g_largest_allocation.load(std::memory_order_relaxed);
+    while (size > seen && !g_largest_allocation.compare_exchange_weak(seen, size)) {
+    }
+  }
+  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
+  throw std::bad_alloc();
+}
+__attribute__((noinline)) void operator delete(void* p) noexcept { std::free(p); }
+__attribute__((noinline)) void operator delete(void* p, size_t) noexcept { std::free(p); }
 
 namespace kvrecall::rpc {
 namespace {
@@ -165,6 +188,27 @@ TEST_F(PutStreamTest, MalformedMessagesAreInvalidArgument) {
   PutStream stream(store_.get(), "", 1 << 20);
   EXPECT_THAT(stream.ConsumeBytes(HeaderField(Header()) + std::string("\x12\x02x", 3), &complete),
               StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// Found by put_stream_fuzz (fuzz/corpus/put_stream/header_length_past_end):
+// a 117-byte message whose header field claimed 58 MiB made the parser
+// allocate and zero 58 MiB before it found the bytes missing, so a client
+// could make the daemon allocate 64 MiB per tiny message, outside the
+// in-flight byte bound.
+TEST_F(PutStreamTest, ALengthPastTheEndAllocatesNothingOfIt) {
+  const std::string claims_58_mib("\x0a\xf3\xc1\x87\x1d" "abc", 8);
+  const std::string valid_then_claims_64_mib =
+      HeaderField(Header()) + std::string("\x0a\x80\x80\x80\x20" "abc", 8);
+  for (const std::string& bad : {claims_58_mib, valid_then_claims_64_mib}) {
+    PutStream stream(store_.get(), "", 1 << 20);
+    bool complete = false;
+    g_largest_allocation = 0;
+    g_track_allocations = true;
+    const absl::Status status = stream.ConsumeBytes(bad, &complete);
+    g_track_allocations = false;
+    EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
+    EXPECT_LT(g_largest_allocation.load(), size_t{1} << 20) << absl::CHexEscape(bad);
+  }
 }
 
 TEST_F(PutStreamTest, EndAndCancelSayWhatIsStored) {
