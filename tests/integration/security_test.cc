@@ -7,10 +7,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "clients/cli/cli.h"
 #include "clients/cpp/kv_store_client.h"
 #include "clients/cpp/rpc_policy.h"
 #include "clients/cpp/span_keys.h"
@@ -38,6 +40,7 @@ constexpr int kBlock = 16;
 constexpr char kTokenA[] = "token-alpha-0123456789abcdef";
 constexpr char kTokenB[] = "token-beta-0123456789abcdef01";
 constexpr char kTokenAdmin[] = "token-admin-0123456789abcdef";
+constexpr char kTokenC[] = "token-gamma-0123456789abcdef";  // alpha's trust group
 
 int Sh(const std::string& command) { return std::system(command.c_str()); }
 
@@ -69,8 +72,9 @@ class SecurityTest : public ::testing::Test {
     dir_ = new std::string(kvrecall::testing::MakeTempDir("kvrecalld-sec"));
     MakeCertificates(*dir_);
     KVR_ASSERT_OK(WriteStringToFileAtomic(
-        *dir_ + "/tenants", absl::StrCat("alpha ", kTokenA, "\nbeta ", kTokenB, "\nops ",
-                                         kTokenAdmin, " admin\n")));
+        *dir_ + "/tenants",
+        absl::StrCat("alpha ", kTokenA, " group=research\nbeta ", kTokenB, "\ngamma ", kTokenC,
+                     " group=research\nops ", kTokenAdmin, " admin\n")));
     daemon_ = new DaemonProcess(
         *dir_ + "/data",
         {"--tls_cert_file=" + *dir_ + "/server.pem", "--tls_key_file=" + *dir_ + "/server.key",
@@ -166,6 +170,28 @@ v1::Tensor F32(std::vector<int64_t> shape, float value) {
   return t;
 }
 
+// Attention of layer 0 over positions 0 and 1 of each KV head.
+v1::AttendRequest AttendByPositions(const std::string& context) {
+  v1::AttendRequest r;
+  r.set_context(context);
+  *r.mutable_queries() = F32({4, 16}, 1.0f);
+  for (int h = 0; h < 2; ++h) {
+    r.add_positions()->add_positions(0);
+    r.mutable_positions(h)->add_positions(1);
+  }
+  return r;
+}
+
+// Attention over every position that also selects the top 2 of each head.
+v1::AttendRequest AttendSelecting(const std::string& context) {
+  v1::AttendRequest r;
+  r.set_context(context);
+  *r.mutable_queries() = F32({4, 16}, 1.0f);
+  r.mutable_index()->set_kind("all");
+  r.set_select_k(2);
+  return r;
+}
+
 TEST_F(SecurityTest, OnlyTlsClientsWithACertificateOfTheClientCaConnect) {
   // Plaintext to a TLS port: no answer.
   client::ClientOptions plain;
@@ -205,6 +231,39 @@ TEST_F(SecurityTest, OnlyTlsClientsWithACertificateOfTheClientCaConnect) {
   half.tls_client_key_file.clear();
   EXPECT_THAT(client::KvStoreClient::Create(half),
               ::kvrecall::testing::StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// The kvrecall command over mutual TLS: with the CA and a client certificate
+// (flags or KVRECALL_TLS_* variables) it works; without them it does not.
+TEST_F(SecurityTest, TheCliConnectsOverMutualTls) {
+  auto run = [&](std::vector<std::string> args, std::string* out_text = nullptr) {
+    args.insert(args.begin(),
+                {"kvrecall", "--target=" + daemon_->address(), std::string("--token=") + kTokenB,
+                 "--deadline_ms=5000"});
+    std::vector<const char*> argv;
+    for (const auto& a : args) argv.push_back(a.c_str());
+    std::ostringstream out, err;
+    const int code = cli::RunCli(static_cast<int>(argv.size()), argv.data(), out, err);
+    if (out_text != nullptr) *out_text = out.str() + err.str();
+    return code;
+  };
+  const std::string ca = "--tls_ca=" + *dir_ + "/ca.pem";
+  const std::string cert = "--tls_cert=" + *dir_ + "/client.pem";
+  const std::string key = "--tls_key=" + *dir_ + "/client.key";
+  std::string text;
+  EXPECT_EQ(run({ca, cert, key, "models"}, &text), 0) << text;
+  EXPECT_NE(run({"models"}, &text), 0) << "plaintext to a TLS port";
+  EXPECT_NE(run({ca, "models"}, &text), 0) << "no client certificate";
+  EXPECT_NE(run({ca, cert, "models"}, &text), 0) << "a certificate without its key";
+  EXPECT_NE(run({"--tls_ca=" + *dir_ + "/rogue-ca.pem", cert, key, "models"}, &text), 0)
+      << "a server the CA does not vouch for";
+  setenv("KVRECALL_TLS_CA", (*dir_ + "/ca.pem").c_str(), 1);
+  setenv("KVRECALL_TLS_CERT", (*dir_ + "/client.pem").c_str(), 1);
+  setenv("KVRECALL_TLS_KEY", (*dir_ + "/client.key").c_str(), 1);
+  EXPECT_EQ(run({"models"}, &text), 0) << text;
+  unsetenv("KVRECALL_TLS_CA");
+  unsetenv("KVRECALL_TLS_CERT");
+  unsetenv("KVRECALL_TLS_KEY");
 }
 
 TEST_F(SecurityTest, TenantBLearnsNothingOfTenantAsObjects) {
@@ -283,6 +342,42 @@ TEST_F(SecurityTest, TenantBLearnsNothingOfTenantAsObjects) {
     EXPECT_EQ(resp.missing(0).reason(), v1::MISS_REASON_NEVER_STORED);
   }
   {
+    // Only a tenant of alpha's trust group learns that the hashes are stored
+    // elsewhere; a span alpha deleted is never "deleted" to others.
+    v1::ModelGeometry second = Model();
+    second.set_model_id("sec-model-2");
+    KVR_ASSERT_OK(a->RegisterModel(second).status());
+    const auto gone = Chain(1, 4343);
+    KVR_ASSERT_OK(a->PutSpans(kModel, {client::SpanToPut{gone[0].hash, gone[0].parent, kBlock,
+                                                         gone[0].token_ids, gone[0].payload,
+                                                         true}})
+                      .status());
+    KVR_ASSERT_OK(a->DeleteSpans({gone[0].hash}).status());
+    for (const char* token : {kTokenB, kTokenC}) {
+      v1::LookupRequest req;
+      req.set_model_id(kModel);
+      req.add_hashes(spans[0].hash.ToBytes());
+      v1::LookupResponse resp;
+      ASSERT_TRUE(kv->Lookup(Ctx(token).get(), req, &resp).ok());
+      ASSERT_EQ(resp.missing_size(), 1);
+      EXPECT_EQ(resp.missing(0).reason(), token == kTokenC ? v1::MISS_REASON_OTHER_NAMESPACE
+                                                           : v1::MISS_REASON_NEVER_STORED)
+          << token;
+      req.set_hashes(0, gone[0].hash.ToBytes());
+      ASSERT_TRUE(kv->Lookup(Ctx(token).get(), req, &resp).ok());
+      ASSERT_EQ(resp.missing_size(), 1);
+      EXPECT_NE(resp.missing(0).reason(), v1::MISS_REASON_DELETED) << token;
+      // Under another model id: no "model mismatch" for another tenant's span.
+      req.set_model_id("sec-model-2");
+      req.set_hashes(0, spans[0].hash.ToBytes());
+      const grpc::Status st = kv->Lookup(Ctx(token).get(), req, &resp);
+      ASSERT_TRUE(st.ok()) << st.error_message();
+      for (const auto& m : resp.missing()) {
+        EXPECT_NE(m.reason(), v1::MISS_REASON_MODEL_MISMATCH) << token;
+      }
+    }
+  }
+  {
     v1::DeleteSpansRequest del;
     v1::PinSpansRequest pin;
     v1::UnpinSpansRequest unpin;
@@ -301,6 +396,16 @@ TEST_F(SecurityTest, TenantBLearnsNothingOfTenantAsObjects) {
     v1::UnpinSpansResponse ur;
     ASSERT_TRUE(kv->UnpinSpans(Ctx(b).get(), unpin, &ur).ok());
     EXPECT_EQ(ur.unpinned(), 0);
+  }
+  {
+    // Models are shared by all tenants, but none can change one's geometry.
+    v1::ModelGeometry changed = Model();
+    changed.set_head_dim(32);
+    v1::RegisterModelRequest reg;
+    *reg.mutable_model() = changed;
+    v1::RegisterModelResponse rr;
+    EXPECT_EQ(kv->RegisterModel(Ctx(b).get(), reg, &rr).error_code(),
+              grpc::StatusCode::ALREADY_EXISTS);
   }
   {
     // B cannot chain its own span onto A's.
@@ -365,6 +470,24 @@ TEST_F(SecurityTest, TenantBLearnsNothingOfTenantAsObjects) {
       stream->WritesDone();
       EXPECT_TRUE(stream->Finish().ok());
     }
+    // Attention by positions (one list per KV head), by itself and in a
+    // BatchAttend stream, and attention over everything that selects for
+    // later layers (select_k).
+    v1::AttendRequest by_positions = AttendByPositions(ctx_id);
+    expect_not_found(rt->Attend(Ctx(b).get(), by_positions, &atr), "Attend by positions");
+    {
+      auto bctx = Ctx(b);
+      auto stream = rt->BatchAttend(bctx.get());
+      ASSERT_TRUE(stream->Write(by_positions));
+      v1::AttendResponse one;
+      ASSERT_TRUE(stream->Read(&one));
+      EXPECT_EQ(one.error_code(), static_cast<int>(grpc::StatusCode::NOT_FOUND));
+      EXPECT_EQ(one.out().data().size(), 0u);
+      stream->WritesDone();
+      EXPECT_TRUE(stream->Finish().ok());
+    }
+    v1::AttendRequest selecting = AttendSelecting(ctx_id);
+    expect_not_found(rt->Attend(Ctx(b).get(), selecting, &atr), "Attend with select_k");
     v1::GatherKvRequest gather;
     gather.set_context(ctx_id);
     gather.add_kv_heads()->add_positions(0);
@@ -478,6 +601,27 @@ TEST_F(SecurityTest, TenantBLearnsNothingOfTenantAsObjects) {
   v1::SearchResponse sr;
   ASSERT_TRUE(rt->Search(Ctx(kTokenA).get(), search, &sr).ok());
   EXPECT_EQ(sr.heads_size(), 4);
+  // The requests B was refused are valid ones: A's succeed.
+  v1::AttendResponse atr;
+  grpc::Status st = rt->Attend(Ctx(kTokenA).get(), AttendByPositions(ctx_id), &atr);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(atr.lse_natural_size(), 4);
+  st = rt->Attend(Ctx(kTokenA).get(), AttendSelecting(ctx_id), &atr);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  ASSERT_EQ(atr.heads_size(), 4);
+  EXPECT_EQ(atr.heads(0).positions_size(), 2);
+  v1::GatherKvRequest gather;
+  gather.set_context(ctx_id);
+  gather.add_kv_heads()->add_positions(0);
+  gather.add_kv_heads()->add_positions(0);
+  auto gctx = Ctx(kTokenA);
+  auto gr = rt->GatherKv(gctx.get(), gather);
+  v1::GatherKvResponse rows;
+  int messages = 0;
+  while (gr->Read(&rows)) ++messages;
+  st = gr->Finish();
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_GT(messages, 0);
 }
 
 }  // namespace
