@@ -674,6 +674,39 @@ TEST_F(RetrievalServiceTest, QuotasOfContextsBuildsAndQueriesNameTheirFlag) {
   KVR_ASSERT_OK(service_->OpenContext("", "tiny", b, absl::InfiniteFuture()).status());
 }
 
+TEST_F(RetrievalServiceTest, TheBuildQueueIsBounded) {
+  RetrievalOptions options;
+  options.max_queued_builds = 1;
+  service_.reset();
+  store_.reset();
+  OpenAll(options);
+  auto chain = StoreContext(16 * kBlock, 23);
+  KVR_ASSERT_OK(service_->OpenContext("", "tiny", chain, absl::InfiniteFuture()).status());
+  BuildIndexRequest req;
+  req.context = chain.back();
+  req.kind = "faiss_hnsw";  // milliseconds per build: the queue fills behind the first
+  std::vector<std::string> accepted;
+  int refused = 0;
+  for (int i = 0; i < 6; ++i) {
+    absl::StatusOr<std::string> op = service_->BuildIndex(req);
+    if (op.ok()) {
+      accepted.push_back(*op);
+    } else {
+      EXPECT_THAT(op, StatusIs(absl::StatusCode::kResourceExhausted,
+                               HasSubstr("--max_queued_builds=1")));
+      ++refused;
+    }
+  }
+  EXPECT_GT(refused, 0);
+  EXPECT_GE(accepted.size(), 1u);
+  for (const std::string& op : accepted) {
+    KVR_ASSERT_OK_AND_ASSIGN(OperationInfo info,
+                             service_->WaitOperation("", op, absl::InfiniteFuture()));
+    EXPECT_EQ(info.state, OperationState::kDone) << info.error;
+  }
+  KVR_EXPECT_OK(service_->BuildIndex(req).status());  // room again
+}
+
 TEST_F(RetrievalServiceTest, ArtifactsAreVersionedPerNamespace) {
   EXPECT_THAT(service_->PutArtifact("a", false, "nope", "loki_basis", "x", ""),
               StatusIs(absl::StatusCode::kNotFound));

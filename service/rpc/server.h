@@ -84,6 +84,8 @@ class Server {
   const ServerOptions& options() const { return options_; }
   // RPCs of the kvrecall services running now.
   int64_t in_flight_calls() const { return rpc_metrics_->gate()->in_flight(); }
+  // Streaming calls being served now (bounded by --max_concurrent_streams).
+  int64_t streams_in_flight() const { return limiter_->streams(); }
   store::TieredStore* store() const { return store_.get(); }
   MetricsRegistry* metrics() const { return metrics_.get(); }
 

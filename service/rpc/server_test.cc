@@ -221,5 +221,76 @@ TEST(ServerTest, MessagesOverTheLimitAreResourceExhausted) {
   EXPECT_EQ(server->store()->Stats().tiers[0].spans, 0);
 }
 
+// Streams run as callback reactors, outside the --rpc_threads pool: the
+// daemon-wide bound on concurrent streams is what refuses one too many.
+TEST(ServerTest, StreamsBeyondTheConcurrentBoundAreResourceExhausted) {
+  ServerOptions options = LoopbackOptions();
+  options.max_concurrent_streams = 2;
+  KVR_ASSERT_OK_AND_ASSIGN(auto server, Server::Create(options, kRealStore));
+  auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());
+  auto kv = v1::KvStore::NewStub(channel);
+  // The server admits a stream when its call arrives, after the client's
+  // call has started: wait for it to count each one.
+  auto await_streams = [&](int64_t n) {
+    for (int i = 0; i < 1000 && server->streams_in_flight() != n; ++i) {
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+    ASSERT_EQ(server->streams_in_flight(), n);
+  };
+  // Two PutSpans streams held open (nothing written yet).
+  grpc::ClientContext c1, c2;
+  v1::PutSpansResponse r1, r2;
+  auto w1 = kv->PutSpans(&c1, &r1);
+  await_streams(1);
+  auto w2 = kv->PutSpans(&c2, &r2);
+  await_streams(2);
+  grpc::Status s;
+  {
+    grpc::ClientContext c3;
+    v1::PutSpansResponse r3;
+    auto w3 = kv->PutSpans(&c3, &r3);
+    w3->WritesDone();
+    s = w3->Finish();
+  }
+  EXPECT_EQ(s.error_code(), grpc::RESOURCE_EXHAUSTED) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("--max_concurrent_streams"));
+  v1::RegisterModelRequest reg;
+  reg.mutable_model()->set_model_id("m");
+  reg.mutable_model()->set_num_layers(1);
+  reg.mutable_model()->set_num_q_heads(1);
+  reg.mutable_model()->set_num_kv_heads(1);
+  reg.mutable_model()->set_head_dim(4);
+  reg.mutable_model()->set_dtype(v1::DTYPE_F32);
+  reg.mutable_model()->set_block_tokens(8);
+  {
+    grpc::ClientContext rc;
+    v1::RegisterModelResponse rr;
+    ASSERT_TRUE(kv->RegisterModel(&rc, reg, &rr).ok());
+  }
+  grpc::ClientContext g;
+  v1::GetSpansRequest get;
+  get.set_model_id("m");
+  get.add_hashes(std::string(16, '\1'));
+  auto reader = kv->GetSpans(&g, get);
+  v1::GetSpansResponse msg;
+  while (reader->Read(&msg)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::RESOURCE_EXHAUSTED);
+  // Ending one frees its place.
+  w1->WritesDone();
+  EXPECT_EQ(w1->Finish().error_code(), grpc::INVALID_ARGUMENT);  // an empty stream
+  await_streams(1);
+  {
+    grpc::ClientContext c4;
+    v1::PutSpansResponse r4;
+    auto w4 = kv->PutSpans(&c4, &r4);
+    w4->WritesDone();
+    s = w4->Finish();
+  }
+  EXPECT_EQ(s.error_code(), grpc::INVALID_ARGUMENT) << s.error_message();
+  w2->WritesDone();
+  w2->Finish().IgnoreError();
+}
+
 }  // namespace
 }  // namespace kvrecall::rpc
