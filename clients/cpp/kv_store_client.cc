@@ -67,6 +67,8 @@ absl::string_view MissReasonName(v1::MissReason reason) {
       return "other_namespace";
     case v1::MISS_REASON_PARENT_MISSING:
       return "parent_missing";
+    case v1::MISS_REASON_OWNER_UNAVAILABLE:
+      return "owner_unavailable";
     default:
       return "none";
   }

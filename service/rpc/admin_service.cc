@@ -45,7 +45,7 @@ grpc::Status AdminServiceImpl::Stats(grpc::ServerContext* context,
     out->set_checksum_failures(t.checksum_failures);
   }
   for (int r = static_cast<int>(store::MissReason::kNeverStored);
-       r <= static_cast<int>(store::MissReason::kParentMissing); ++r) {
+       r <= static_cast<int>(store::MissReason::kOwnerUnavailable); ++r) {
     const auto reason = static_cast<store::MissReason>(r);
     auto it = stats.misses_by_reason.find(reason);
     v1::MissCount* out = response->add_misses_by_reason();

@@ -51,6 +51,8 @@ v1::MissReason MissReasonToProto(store::MissReason reason) {
       return v1::MISS_REASON_OTHER_NAMESPACE;
     case store::MissReason::kParentMissing:
       return v1::MISS_REASON_PARENT_MISSING;
+    case store::MissReason::kOwnerUnavailable:
+      return v1::MISS_REASON_OWNER_UNAVAILABLE;
   }
   return v1::MISS_REASON_UNSPECIFIED;
 }
@@ -73,6 +75,8 @@ absl::string_view MissReasonText(store::MissReason reason) {
       return "other_namespace";
     case store::MissReason::kParentMissing:
       return "parent_missing";
+    case store::MissReason::kOwnerUnavailable:
+      return "owner_unavailable";
   }
   return "unknown";
 }

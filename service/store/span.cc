@@ -20,6 +20,8 @@ absl::string_view MissReasonName(MissReason reason) {
       return "other_namespace";
     case MissReason::kParentMissing:
       return "parent_missing";
+    case MissReason::kOwnerUnavailable:
+      return "owner_unavailable";
   }
   return "unknown";
 }

@@ -89,6 +89,7 @@ enum class MissReason : uint8_t {
   kChecksumFailure = 5, // its stored record failed verification; dropped, never served
   kOtherNamespace = 6,  // the hash exists only in another tenant's namespace (not visible)
   kParentMissing = 7,   // Lookup: an earlier span of the chain is missing, so the prefix ends before
+  kOwnerUnavailable = 8,  // cluster: no live node holds it, and a node placed to hold it is down
 };
 absl::string_view MissReasonName(MissReason reason);  // "never_stored", "evicted", ...
 

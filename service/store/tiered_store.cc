@@ -38,7 +38,7 @@ constexpr int kDirShards = 64;
 constexpr int kStripes = 256;
 constexpr size_t kMaxTenantBytes = 256;
 constexpr size_t kMaxSpaceBytes = 64;
-constexpr int kNumMissReasons = 8;
+constexpr int kNumMissReasons = 9;
 
 // What the store knows about every span it holds, in whichever tier.
 struct DirEntry {
@@ -85,6 +85,8 @@ class TieredStoreImpl final : public TieredStore {
   LookupResult Lookup(absl::string_view tenant, absl::string_view model_id,
                       absl::Span<const Hash128> chain) override;
   absl::Status Delete(const SpanKey& key) override;
+  absl::Status Drop(const SpanKey& key) override;
+  std::vector<SpanListing> ListSpans() const override;
   absl::Status Pin(const SpanKey& key, absl::Duration ttl) override;
   absl::Status Unpin(const SpanKey& key) override;
   StoreStats Stats() const override;
@@ -138,6 +140,10 @@ class TieredStoreImpl final : public TieredStore {
   // RocksDB left out).
   std::vector<Tier*> SpanTiers() const;
   bool AnyTierContains(const SpanKey& key) const;
+
+  // Delete and Drop: removes the span from every tier, recording why when
+  // `tombstone` is not kNone.
+  absl::Status Remove(const SpanKey& key, MissReason tombstone);
 
   absl::Status ValidateSpan(const ModelGeometry& model, const StoredSpan& span,
                             const PutOptions& options) const;
@@ -552,7 +558,7 @@ absl::Status TieredStoreImpl::ValidateSpan(const ModelGeometry& model, const Sto
                                             span.payload.size(), " payload bytes is ", checksum,
                                             ", meta says ", m.payload_checksum));
   }
-  if (m.parent != SpanRootHash(model.model_id, options.salt)) {
+  if (!options.parent_checked && m.parent != SpanRootHash(model.model_id, options.salt)) {
     std::optional<DirEntry> parent = DirLookup(SpanKey{span.key.tenant, m.parent});
     if (!parent.has_value()) {
       return absl::FailedPreconditionError(
@@ -845,6 +851,27 @@ LookupResult TieredStoreImpl::Lookup(absl::string_view tenant, absl::string_view
 // Delete, pins
 
 absl::Status TieredStoreImpl::Delete(const SpanKey& key) {
+  return Remove(key, MissReason::kDeleted);
+}
+
+absl::Status TieredStoreImpl::Drop(const SpanKey& key) { return Remove(key, MissReason::kNone); }
+
+std::vector<SpanListing> TieredStoreImpl::ListSpans() const {
+  std::vector<SpanListing> out;
+  for (int i = 0; i < kDirShards; ++i) {
+    DirShard& shard = dir_[i];
+    absl::MutexLock lock(&shard.mu);
+    for (const auto& [hash, list] : shard.map) {
+      for (const auto& [tenant, e] : list) {
+        out.push_back(SpanListing{SpanKey{tenant, hash}, e.model_id, e.payload_bytes, e.checksum,
+                                  e.durable});
+      }
+    }
+  }
+  return out;
+}
+
+absl::Status TieredStoreImpl::Remove(const SpanKey& key, MissReason tombstone) {
   absl::MutexLock stripe(&StripeFor(key));
   if (!DirLookup(key).has_value()) {
     return absl::NotFoundError(absl::StrCat("span ", key.hash.ToHex(), " not found (",
@@ -858,7 +885,9 @@ absl::Status TieredStoreImpl::Delete(const SpanKey& key) {
     absl::Status st = disk_->Delete(key);
     if (!st.ok() && st.code() != absl::StatusCode::kNotFound) return st;
   }
-  KVR_RETURN_IF_ERROR(rocksdb_->PutTombstones({key}, MissReason::kDeleted, /*sync=*/true));
+  if (tombstone != MissReason::kNone) {
+    KVR_RETURN_IF_ERROR(rocksdb_->PutTombstones({key}, tombstone, /*sync=*/true));
+  }
   DirErase(key);
   if (memory_ != nullptr) {
     absl::Status st = memory_->Delete(key);

@@ -140,6 +140,18 @@ struct PutOptions {
   // Salt of the chain (docs/hashing.md), to check that a first span's parent
   // is SpanRootHash(model_id, salt).
   std::string salt;
+  // The caller has checked the parent elsewhere (a cluster node storing a
+  // replica, whose parent lives on other nodes): skip the parent check.
+  bool parent_checked = false;
+};
+
+// One span the store holds (ListSpans).
+struct SpanListing {
+  SpanKey key;
+  std::string model_id;
+  int64_t payload_bytes = 0;
+  uint64_t payload_checksum = 0;
+  bool durable = false;
 };
 
 class TieredStore {
@@ -192,6 +204,15 @@ class TieredStore {
   // Deletes a span from every tier. NOT_FOUND (with the miss reason in the
   // message) when absent. Pinned spans are deleted too (the pin goes with them).
   virtual absl::Status Delete(const SpanKey& key) = 0;
+
+  // Removes a span from every tier without recording a deletion (a cluster
+  // node hands it to the nodes that now own it): a later miss here is not
+  // reported as deleted. NOT_FOUND when absent.
+  virtual absl::Status Drop(const SpanKey& key) = 0;
+
+  // Every span held, in no particular order: a snapshot of the directory
+  // (for cluster reconciliation; reads no payloads).
+  virtual std::vector<SpanListing> ListSpans() const = 0;
 
   // Pins a span in memory (promoting it first): it is never evicted until
   // unpinned or, when ttl is finite, until the ttl passes. Pins nest: each

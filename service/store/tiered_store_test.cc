@@ -388,6 +388,43 @@ TEST_F(TieredStoreTest, DeleteRemovesFromEveryTierAndStaysDeleted) {
   ExpectHit(store.get(), chain[0]);
 }
 
+// A cluster node hands spans to their new owners with Drop (no deletion is
+// recorded) and stores replicas whose parent lives elsewhere (parent_checked);
+// ListSpans lists what it holds.
+TEST_F(TieredStoreTest, DropListSpansAndReplicasWithoutTheirParent) {
+  SCOPED_TRACE(absl::StrCat("seed=", seed_));
+  std::vector<StoredSpan> chain = Chain(6, "tenant-a");
+  chain[3].meta.durable = true;
+  chain[4].meta.durable = true;
+  auto store = Open();
+  // chain[3] without chain[2]: refused unless the caller checked the parent.
+  EXPECT_THAT(store->Put(chain[3], PutOptions{}).status(),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  PutOptions checked;
+  checked.parent_checked = true;
+  for (int i : {3, 4, 5}) KVR_ASSERT_OK(store->Put(chain[i], checked).status());
+  std::vector<std::pair<std::string, std::string>> listed;
+  for (const SpanListing& l : store->ListSpans()) {
+    listed.emplace_back(l.key.tenant, l.key.hash.ToHex());
+    EXPECT_EQ(l.model_id, model_.model_id);
+    EXPECT_EQ(l.payload_bytes, kSpanBytes);
+    EXPECT_EQ(l.durable, l.key.hash != chain[5].key.hash);
+  }
+  EXPECT_THAT(listed, UnorderedElementsAre(Pair("tenant-a", chain[3].key.hash.ToHex()),
+                                           Pair("tenant-a", chain[4].key.hash.ToHex()),
+                                           Pair("tenant-a", chain[5].key.hash.ToHex())));
+  KVR_ASSERT_OK(store->Drop(chain[4].key));
+  KVR_ASSERT_OK(store->Delete(chain[5].key));
+  EXPECT_EQ(Miss(store.get(), chain[4].key), MissReason::kNeverStored);  // moved, not deleted
+  EXPECT_EQ(Miss(store.get(), chain[5].key), MissReason::kDeleted);
+  EXPECT_THAT(store->Drop(chain[4].key), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_EQ(store->ListSpans().size(), 1u);
+  store.reset();
+  store = Open();  // the dropped durable span stays gone
+  EXPECT_EQ(Miss(store.get(), chain[4].key), MissReason::kNeverStored);
+  ExpectHit(store.get(), chain[3]);
+}
+
 // Tenants a and b share a trust group: a miss of one on the other's span says
 // so. Tenant c shares with nobody.
 bool SharesWithAB(absl::string_view x, absl::string_view y) {

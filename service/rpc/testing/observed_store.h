@@ -54,6 +54,8 @@ class ObservedStore final : public store::TieredStore {
     return inner_->Lookup(tenant, model_id, chain);
   }
   absl::Status Delete(const store::SpanKey& key) override { return inner_->Delete(key); }
+  absl::Status Drop(const store::SpanKey& key) override { return inner_->Drop(key); }
+  std::vector<store::SpanListing> ListSpans() const override { return inner_->ListSpans(); }
   absl::Status Pin(const store::SpanKey& key, absl::Duration ttl) override {
     return inner_->Pin(key, ttl);
   }
