@@ -23,6 +23,9 @@ PACKAGES=(
   python3-faiss python3-hnswlib python3-matplotlib python3-xxhash
   # the model runner (kvrecall.integrations, bench/e2e): Debian's torch 1.13, CPU
   python3-torch
+  # cluster coordination (docs/cluster.md): etcd 3.4, etcdctl, and the .proto
+  # files of its v3 API that proto/etcd compiles at build time
+  etcd-server etcd-client golang-etcd-server-dev
   # peers for benchmarks
   redis-server redis-tools
   # C client of Redis for bench/store (store_bench)
