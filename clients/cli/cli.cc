@@ -100,32 +100,6 @@ bool ProgressEnabled(const Flags& f) {
 
 // --- inputs ---
 
-absl::StatusOr<std::vector<Hash128>> ParseHashList(const Flags& f) {
-  std::vector<std::string> texts;
-  if (!f.hashes.empty()) {
-    for (absl::string_view h : absl::StrSplit(f.hashes, ',', absl::SkipWhitespace())) {
-      texts.emplace_back(absl::StripAsciiWhitespace(h));
-    }
-  }
-  if (!f.hashes_file.empty()) {
-    KVR_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.hashes_file));
-    for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipWhitespace())) {
-      line = absl::StripAsciiWhitespace(line);
-      if (!line.empty() && line[0] != '#') texts.emplace_back(line);
-    }
-  }
-  std::vector<Hash128> out;
-  for (const std::string& t : texts) {
-    absl::StatusOr<Hash128> h = Hash128::FromHex(t);
-    if (!h.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("bad span hash '", t, "': 32 hex digits expected"));
-    }
-    out.push_back(*h);
-  }
-  return out;
-}
-
 // Hashes from --hashes/--hashes_file, or computed from --tokens/--text.
 absl::StatusOr<std::vector<Hash128>> SelectedHashes(const Flags& f,
                                                     const v1::ModelGeometry* model) {
@@ -135,7 +109,7 @@ absl::StatusOr<std::vector<Hash128>> SelectedHashes(const Flags& f,
     return absl::InvalidArgumentError(
         "select spans with --hashes/--hashes_file or with --tokens/--text (one of the two)");
   }
-  if (by_hash) return ParseHashList(f);
+  if (by_hash) return ReadSpanHashes(f.hashes, f.hashes_file);
   if (model == nullptr) return absl::InvalidArgumentError("--tokens/--text need --model");
   KVR_ASSIGN_OR_RETURN(std::vector<uint32_t> ids, ReadTokenIds(f.tokens, f.text));
   return client::ChainHashes(model->model_id(), f.salt, ids, model->block_tokens(),
@@ -174,10 +148,7 @@ client::OwnedSpan RandomSpan(const v1::ModelGeometry& model, const Hash128& pare
   std::uniform_real_distribution<float> dist(-4.0f, 4.0f);
   for (float& v : values) v = dist(rng);
   s.payload.resize(static_cast<size_t>(bytes));
-  const DType dt = model.dtype() == v1::DTYPE_F16   ? DType::kF16
-                   : model.dtype() == v1::DTYPE_F32 ? DType::kF32
-                                                    : DType::kBf16;
-  ConvertFromFloat(values.data(), values.size(), dt, s.payload.data());
+  ConvertFromFloat(values.data(), values.size(), ToDType(model.dtype()), s.payload.data());
   return s;
 }
 
@@ -230,48 +201,43 @@ int CmdModels(const Flags& f, client::KvStoreClient& c, std::ostream& out, std::
   return kExitOk;
 }
 
-int CmdPut(const Flags& f, client::KvStoreClient& c, std::ostream& out, std::ostream& err) {
-  absl::StatusOr<v1::ModelGeometry> model = c.GetModel(f.model);
-  if (!model.ok()) return Fail(err, model.status());
-  const int sources = !f.npy.empty() + !f.safetensors.empty() + (f.random_spans > 0);
-  if (sources != 1) {
-    err << "kvrecall put: give exactly one of --npy, --safetensors, --random\n";
-    return kExitUsage;
-  }
-  std::vector<client::OwnedSpan> spans;
+// The spans `put` stores: --random spans, or the sequence of --npy or
+// --safetensors cut into spans.
+absl::StatusOr<std::vector<client::OwnedSpan>> SpansToPut(const Flags& f,
+                                                          const v1::ModelGeometry& model) {
   if (f.random_spans > 0) {
+    std::vector<client::OwnedSpan> spans;
     std::mt19937_64 rng(f.seed);
-    Hash128 parent = SpanRootHash(model->model_id(), f.salt);
+    Hash128 parent = SpanRootHash(model.model_id(), f.salt);
     for (int64_t i = 0; i < f.random_spans; ++i) {
-      spans.push_back(RandomSpan(*model, parent, rng));
+      spans.push_back(RandomSpan(model, parent, rng));
       parent = spans.back().hash;
     }
-  } else {
-    absl::StatusOr<SequenceData> data = !f.npy.empty() ? ReadSequenceNpy(f.npy, *model)
-                                                       : ReadSafetensors(f.safetensors, *model);
-    if (!data.ok()) return Fail(err, data.status());
-    if (data->token_ids.empty() || !f.tokens.empty() || !f.text.empty()) {
-      absl::StatusOr<std::vector<uint32_t>> ids = ReadTokenIds(f.tokens, f.text);
-      if (!ids.ok()) return Fail(err, ids.status());
-      data->token_ids = *std::move(ids);
-    }
-    if (static_cast<int64_t>(data->token_ids.size()) != data->num_tokens) {
-      return Fail(err, absl::InvalidArgumentError(absl::StrCat(
-                           data->token_ids.size(), " token ids for ", data->num_tokens,
-                           " tokens of K/V")));
-    }
-    absl::StatusOr<std::vector<client::OwnedSpan>> cut = client::SequenceToSpans(
-        *model, f.salt, data->token_ids, data->kv, !f.full_spans_only);
-    if (!cut.ok()) return Fail(err, cut.status());
-    spans = *std::move(cut);
+    return spans;
   }
-  int64_t total = 0;
-  for (const auto& s : spans) total += static_cast<int64_t>(s.payload.size());
-  ProgressBar bar(&err, "put", total, ProgressEnabled(f));
-  const absl::Time start = absl::Now();
+  KVR_ASSIGN_OR_RETURN(SequenceData data, !f.npy.empty() ? ReadSequenceNpy(f.npy, model)
+                                                         : ReadSafetensors(f.safetensors, model));
+  if (data.token_ids.empty() || !f.tokens.empty() || !f.text.empty()) {
+    KVR_ASSIGN_OR_RETURN(data.token_ids, ReadTokenIds(f.tokens, f.text));
+  }
+  if (static_cast<int64_t>(data.token_ids.size()) != data.num_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(data.token_ids.size(), " token ids for ",
+                                                   data.num_tokens, " tokens of K/V"));
+  }
+  return client::SequenceToSpans(model, f.salt, data.token_ids, data.kv, !f.full_spans_only);
+}
+
+// What the daemon answered to the spans of `put`.
+struct PutTotals {
+  int already = 0;           // spans it held before
+  std::string durable_tier;  // with --durable: where they are durable
+};
+
+// Sends `spans` in streams of about kPutBatchBytes, `bar` counting payload bytes.
+absl::StatusOr<PutTotals> SendSpans(const Flags& f, client::KvStoreClient& c,
+                                    const std::vector<client::OwnedSpan>& spans, ProgressBar& bar) {
+  PutTotals totals;
   int64_t sent_before = 0;
-  int already = 0;
-  std::string durable_tier;
   for (size_t begin = 0; begin < spans.size();) {
     std::vector<client::SpanToPut> batch;
     int64_t batch_bytes = 0;
@@ -288,49 +254,70 @@ int CmdPut(const Flags& f, client::KvStoreClient& c, std::ostream& out, std::ost
       bar.Update(sent_before + p.done);
       return true;
     };
-    absl::StatusOr<std::vector<client::PutResult>> results = c.PutSpans(f.model, batch, options);
-    if (!results.ok()) {
-      bar.Finish();
-      return Fail(err, results.status());
-    }
-    for (const auto& r : *results) {
-      already += r.already_present;
+    KVR_ASSIGN_OR_RETURN(std::vector<client::PutResult> results,
+                         c.PutSpans(f.model, batch, options));
+    for (const auto& r : results) {
+      totals.already += r.already_present;
       if (r.durable_tier != v1::TIER_UNSPECIFIED) {
-        durable_tier = absl::AsciiStrToLower(v1::Tier_Name(r.durable_tier).substr(5));
+        totals.durable_tier = absl::AsciiStrToLower(v1::Tier_Name(r.durable_tier).substr(5));
       }
     }
     sent_before += batch_bytes;
     begin = end;
   }
-  bar.Finish();
-  const double seconds = std::max(1e-6, absl::ToDoubleSeconds(absl::Now() - start));
-  if (!f.hashes_out.empty()) {
-    std::string text;
-    for (const auto& s : spans) absl::StrAppend(&text, s.hash.ToHex(), "\n");
-    if (absl::Status w = WriteStringToFileAtomic(f.hashes_out, text); !w.ok()) return Fail(err, w);
-  }
+  return totals;
+}
+
+void PrintPut(const Flags& f, const std::vector<client::OwnedSpan>& spans, const PutTotals& totals,
+              int64_t bytes, double seconds, std::ostream& out) {
   if (f.json) {
     Struct j;
     (*j.mutable_fields())["model_id"] = Str(f.model);
     (*j.mutable_fields())["spans"] = Num(static_cast<double>(spans.size()));
-    (*j.mutable_fields())["already_present"] = Num(already);
-    (*j.mutable_fields())["payload_bytes"] = Num(static_cast<double>(total));
+    (*j.mutable_fields())["already_present"] = Num(totals.already);
+    (*j.mutable_fields())["payload_bytes"] = Num(static_cast<double>(bytes));
     (*j.mutable_fields())["seconds"] = Num(seconds);
-    (*j.mutable_fields())["durable_tier"] = Str(durable_tier);
+    (*j.mutable_fields())["durable_tier"] = Str(totals.durable_tier);
     Value hashes;
     for (const auto& s : spans) *hashes.mutable_list_value()->add_values() = Str(s.hash.ToHex());
     (*j.mutable_fields())["hashes"] = hashes;
     out << ToJson(j) << "\n";
-  } else {
-    out << absl::StrFormat("stored %d spans (%d already present), %.1f MiB in %.2f s (%.1f MiB/s)%s\n",
-                           spans.size(), already, total / 1048576.0, seconds,
-                           total / 1048576.0 / seconds,
-                           f.durable ? absl::StrCat(", durable in ", durable_tier) : "");
-    if (!spans.empty()) {
-      out << "first span " << spans.front().hash.ToHex() << ", last span "
-          << spans.back().hash.ToHex() << "\n";
-    }
+    return;
   }
+  out << absl::StrFormat("stored %d spans (%d already present), %.1f MiB in %.2f s (%.1f MiB/s)%s\n",
+                         spans.size(), totals.already, bytes / 1048576.0, seconds,
+                         bytes / 1048576.0 / seconds,
+                         f.durable ? absl::StrCat(", durable in ", totals.durable_tier) : "");
+  if (!spans.empty()) {
+    out << "first span " << spans.front().hash.ToHex() << ", last span "
+        << spans.back().hash.ToHex() << "\n";
+  }
+}
+
+int CmdPut(const Flags& f, client::KvStoreClient& c, std::ostream& out, std::ostream& err) {
+  absl::StatusOr<v1::ModelGeometry> model = c.GetModel(f.model);
+  if (!model.ok()) return Fail(err, model.status());
+  const int sources = !f.npy.empty() + !f.safetensors.empty() + (f.random_spans > 0);
+  if (sources != 1) {
+    err << "kvrecall put: give exactly one of --npy, --safetensors, --random\n";
+    return kExitUsage;
+  }
+  absl::StatusOr<std::vector<client::OwnedSpan>> spans = SpansToPut(f, *model);
+  if (!spans.ok()) return Fail(err, spans.status());
+  int64_t total = 0;
+  for (const auto& s : *spans) total += static_cast<int64_t>(s.payload.size());
+  ProgressBar bar(&err, "put", total, ProgressEnabled(f));
+  const absl::Time start = absl::Now();
+  absl::StatusOr<PutTotals> totals = SendSpans(f, c, *spans, bar);
+  bar.Finish();
+  if (!totals.ok()) return Fail(err, totals.status());
+  const double seconds = std::max(1e-6, absl::ToDoubleSeconds(absl::Now() - start));
+  if (!f.hashes_out.empty()) {
+    std::string text;
+    for (const auto& s : *spans) absl::StrAppend(&text, s.hash.ToHex(), "\n");
+    if (absl::Status w = WriteStringToFileAtomic(f.hashes_out, text); !w.ok()) return Fail(err, w);
+  }
+  PrintPut(f, *spans, *totals, total, seconds, out);
   return kExitOk;
 }
 
@@ -435,7 +422,7 @@ int CmdLookup(const Flags& f, client::KvStoreClient& c, std::ostream& out, std::
     r = c.LookupTokens(f.model, *ids, f.salt, !f.full_spans_only);
     if (r.ok()) hashes = r->hashes;
   } else {
-    absl::StatusOr<std::vector<Hash128>> parsed = ParseHashList(f);
+    absl::StatusOr<std::vector<Hash128>> parsed = ReadSpanHashes(f.hashes, f.hashes_file);
     if (!parsed.ok()) return Fail(err, parsed.status());
     hashes = *parsed;
     r = c.Lookup(f.model, hashes);
@@ -469,7 +456,7 @@ int CmdLookup(const Flags& f, client::KvStoreClient& c, std::ostream& out, std::
 
 int CmdItems(const Flags& f, const std::string& verb, client::KvStoreClient& c,
              std::ostream& out, std::ostream& err) {
-  absl::StatusOr<std::vector<Hash128>> hashes = ParseHashList(f);
+  absl::StatusOr<std::vector<Hash128>> hashes = ReadSpanHashes(f.hashes, f.hashes_file);
   if (!hashes.ok()) return Fail(err, hashes.status());
   if (hashes->empty()) {
     err << "kvrecall " << verb << ": no spans given (--hashes or --hashes_file)\n";

@@ -6,6 +6,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "clients/cpp/span_keys.h"
 #include "common/half.h"
 #include "common/status_macros.h"
@@ -13,8 +15,6 @@
 #include <google/protobuf/util/json_util.h>
 
 namespace kvrecall::cli {
-namespace {
-
 DType ToDType(v1::DType d) {
   switch (d) {
     case v1::DTYPE_F16:
@@ -25,6 +25,33 @@ DType ToDType(v1::DType d) {
       return DType::kBf16;
   }
 }
+
+absl::StatusOr<std::vector<Hash128>> ReadSpanHashes(const std::string& list,
+                                                    const std::string& file) {
+  std::vector<std::string> texts;
+  for (absl::string_view h : absl::StrSplit(list, ',', absl::SkipWhitespace())) {
+    texts.emplace_back(absl::StripAsciiWhitespace(h));
+  }
+  if (!file.empty()) {
+    KVR_ASSIGN_OR_RETURN(std::string body, ReadFileToString(file));
+    for (absl::string_view line : absl::StrSplit(body, '\n', absl::SkipWhitespace())) {
+      line = absl::StripAsciiWhitespace(line);
+      if (!line.empty() && line[0] != '#') texts.emplace_back(line);
+    }
+  }
+  std::vector<Hash128> out;
+  for (const std::string& t : texts) {
+    absl::StatusOr<Hash128> h = Hash128::FromHex(t);
+    if (!h.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("bad span hash '", t, "': 32 hex digits expected"));
+    }
+    out.push_back(*h);
+  }
+  return out;
+}
+
+namespace {
 
 std::string ShapeText(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");

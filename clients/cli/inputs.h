@@ -15,6 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/npy.h"
+#include "common/types.h"
 #include "kvrecall/v1/kv_store.pb.h"
 
 namespace kvrecall::cli {
@@ -25,6 +26,14 @@ struct SequenceData {
   int64_t num_tokens = 0;
   std::string kv;  // sequence layout, the model's dtype
 };
+
+// The element type of a model's dtype (bf16 for an unspecified one).
+DType ToDType(v1::DType dtype);
+
+// Span hashes (32 hex digits each) from a comma-separated `list`, then from
+// `file` (one a line; blank lines and lines starting with '#' skipped).
+absl::StatusOr<std::vector<Hash128>> ReadSpanHashes(const std::string& list,
+                                                    const std::string& file);
 
 // Token ids from a .npy of integers ([n], any integer dtype) or, with
 // `text_file`, the bytes of a file (one token per byte, as byte-level models

@@ -203,188 +203,209 @@ bool PolicyCommands::Handles(const std::string& n) const {
 
 int PolicyCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& out,
                         std::ostream& err) {
-  const std::string cmd_name = cmd->get_name();
-  auto run = [&]() -> absl::Status {
-    if (cmd_name == "profile-policy") {
-      KVR_ASSIGN_OR_RETURN(Budget b, BudgetFlags(k, budget));
-      KVR_ASSIGN_OR_RETURN(LayerSpec sel, ParseSelect(select, knobs, b));
-      KVR_ASSIGN_OR_RETURN(worker::StepSelection step_selection,
-                           worker::ParseStepSelection(steps));
-      if (n_full > 0 && full_threshold > 0) {
-        return absl::InvalidArgumentError("give --n_full or --full_threshold, not both");
-      }
-      if (upload && model.empty()) return absl::InvalidArgumentError("--upload needs --model");
-      std::vector<worker::CaptureSet> sets;
-      for (absl::string_view dir : absl::StrSplit(captures, ',', absl::SkipWhitespace())) {
-        KVR_ASSIGN_OR_RETURN(worker::CaptureSet set,
-                             worker::CaptureSetFromDirectory(std::string(dir)));
-        sets.push_back(std::move(set));
-      }
-      if (sets.empty()) return absl::InvalidArgumentError("--captures: no directory given");
-      worker::HylraProfileOptions po;
-      po.budget = b;
-      po.sinks = sinks;
-      po.window = window;
-      po.steps = step_selection;
-      po.head_merge = head_merge == "mean" ? worker::HeadMerge::kMean : worker::HeadMerge::kMin;
-      po.threads = threads;
-      StageProgress progress(&err, "profile-policy", g.progress_mode());
-      po.progress = [&](const Progress& p) { return progress.Update(p); };
-      absl::StatusOr<std::vector<worker::HylraProfile>> profiles =
-          worker::ProfileCaptures(sets, po);
-      progress.Finish();
-      if (!profiles.ok()) return profiles.status();
-
-      worker::HylraPlanOptions plan_options;
-      plan_options.max_compute = max_compute;
-      plan_options.n_full = n_full;
-      plan_options.full_threshold = full_threshold;
-      plan_options.score =
-          score == "overlap" ? worker::HylraScore::kOverlap : worker::HylraScore::kMass;
-      plan_options.reuse_full_layers = reuse_full;
-      if (renumber) {
-        for (size_t i = 0; i < (*profiles)[0].layers.size(); ++i) {
-          plan_options.layer_map.push_back(static_cast<int32_t>(i));
-        }
-      }
-      plan_options.num_layers = num_layers;
-      plan_options.select = sel;
-      plan_options.sinks = sinks;
-      plan_options.window = window;
-      plan_options.name = name;
-      plan_options.model_id = model;
-      KVR_ASSIGN_OR_RETURN(worker::HylraPlan plan,
-                           worker::PlanHylraPolicy(*profiles, plan_options));
-      const std::string policy_json = worker::PolicyToJson(plan.policy);
-      if (!out_path.empty()) KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(out_path, policy_json));
-      if (g.json) {
-        nlohmann::ordered_json report =
-            nlohmann::ordered_json::parse(worker::HylraReportJson(*profiles, plan));
-        if (upload) {
-          KVR_ASSIGN_OR_RETURN(v1::ArtifactInfo stored, Upload(g, model, plan.policy, ""));
-          report["uploaded_version"] = stored.version();
-        }
-        out << report.dump(2) << "\n";
-        return absl::OkStatus();
-      }
-      // The report first: a failed upload does not lose the profile.
-      out << worker::HylraReportText(*profiles, plan, plan_options);
-      if (!out_path.empty()) out << "wrote " << out_path << "\n";
-      if (out_path.empty() && !upload) out << policy_json;
-      if (upload) {
-        KVR_ASSIGN_OR_RETURN(v1::ArtifactInfo stored, Upload(g, model, plan.policy, ""));
-        out << "stored layer_policy version " << stored.version() << " of " << model << "\n";
-      }
-      return absl::OkStatus();
-    }
-
+  absl::Status s;
+  if (cmd->get_name() == "profile-policy") {
+    s = ProfilePolicy(g, out, err);
+  } else {
     const std::string verb = cmd->get_subcommands().front()->get_name();
     if (verb == "tidal") {
-      worker::TidalDecodeOptions o;
-      o.num_layers = num_layers;
-      o.num_full = tidal_num_full;
-      o.select_layer = select_layer;
-      o.reselect_layer = reselect;
-      KVR_ASSIGN_OR_RETURN(o.budget, BudgetFlags(k, budget));
-      o.sinks = tidal_sinks;
-      o.window = tidal_window;
-      if (!remote.empty()) {
-        std::vector<std::string> parts = absl::StrSplit(remote, ':');
-        o.remote_kind = parts[0];
-        if (parts.size() > 2 ||
-            (parts.size() == 2 && (!absl::SimpleAtoi(parts[1], &o.remote_effort) ||
-                                   o.remote_effort < 0))) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("--remote=", remote, ": expected KIND[:EFFORT], e.g. roar:128"));
-        }
-      }
-      KVR_ASSIGN_OR_RETURN(LayerPolicy p, worker::TidalDecodePolicy(o));
-      if (!name.empty()) p.name = name;
-      p.model_id = model;
-      const std::string json = worker::PolicyToJson(p);
-      if (!out_path.empty()) {
-        KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(out_path, json));
-        if (!g.json) out << "wrote " << out_path << ": " << worker::PolicySummary(p) << "\n";
-      }
-      if (out_path.empty() || g.json) out << json;
-      return absl::OkStatus();
+      s = Tidal(g, out);
+    } else if (verb == "put") {
+      s = Put(g, out);
+    } else if (verb == "get") {
+      s = Get(g, out);
+    } else {
+      s = List(g, out);
     }
-    if (verb == "put") {
-      KVR_ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(file));
-      absl::StatusOr<LayerPolicy> p = worker::ParsePolicyJson(bytes);
-      if (!p.ok()) return absl::InvalidArgumentError(absl::StrCat(file, ": ", p.status().message()));
-      absl::StatusOr<v1::ArtifactInfo> info = Upload(g, model, *p, description);
-      if (!info.ok()) {
-        return absl::Status(info.status().code(), absl::StrCat(file, ": ", info.status().message()));
-      }
-      if (g.json) {
-        out << ToJson(*info) << "\n";
-      } else {
-        out << "stored layer_policy version " << info->version() << " of " << model << ": "
-            << (p->name.empty() ? "" : p->name + ": ") << worker::PolicySummary(*p) << "\n";
-      }
-      return absl::OkStatus();
-    }
-    KVR_ASSIGN_OR_RETURN(auto rc, Client(g));
-    if (verb == "get") {
-      KVR_ASSIGN_OR_RETURN(auto got, rc->GetArtifact(model, worker::kLayerPolicyArtifactKind,
-                                                     version));
-      KVR_ASSIGN_OR_RETURN(LayerPolicy p, StoredPolicy(got.first, got.second));
-      const std::string json = worker::PolicyToJson(p);
-      if (!out_path.empty()) KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(out_path, json));
-      if (g.json) {
-        out << json;
-        return absl::OkStatus();
-      }
-      out << "layer_policy version " << got.first.version() << " of " << model
-          << (p.name.empty() ? "" : " (" + p.name + ")") << ": " << worker::PolicySummary(p)
-          << "\n";
-      if (out_path.empty()) {
-        out << json;
-      } else {
-        out << "wrote " << out_path << "\n";
-      }
-      return absl::OkStatus();
-    }
-    // ls
-    KVR_ASSIGN_OR_RETURN(auto list, rc->ListArtifacts(model));
-    nlohmann::ordered_json rows = nlohmann::ordered_json::array();
-    if (!g.json) {
-      out << absl::StrFormat("%7s  %-19s  %7s  %-24s %s\n", "version", "created (UTC)", "bytes",
-                             "name", "summary");
-    }
-    for (const v1::ArtifactInfo& a : list) {
-      if (a.kind() != worker::kLayerPolicyArtifactKind) continue;
-      KVR_ASSIGN_OR_RETURN(auto got, rc->GetArtifact(model, a.kind(), a.version()));
-      absl::StatusOr<LayerPolicy> p = StoredPolicy(got.first, got.second);
-      const std::string created = absl::FormatTime(
-          "%Y-%m-%d %H:%M:%S", absl::FromUnixMicros(a.created_unix_us()), absl::UTCTimeZone());
-      if (g.json) {
-        nlohmann::ordered_json row;
-        row["version"] = a.version();
-        row["created_unix_us"] = a.created_unix_us();
-        row["bytes"] = a.bytes();
-        row["description"] = a.description();
-        row["valid"] = p.ok();
-        if (p.ok()) {
-          row["name"] = p->name;
-          row["num_layers"] = p->num_layers();
-          row["summary"] = worker::PolicySummary(*p);
-        } else {
-          row["error"] = std::string(p.status().message());
-        }
-        rows.push_back(std::move(row));
-      } else {
-        out << absl::StrFormat("%7d  %-19s  %7d  %-24s %s\n", a.version(), created, a.bytes(),
-                               p.ok() ? p->name : "(invalid)",
-                               p.ok() ? worker::PolicySummary(*p) : std::string(p.status().message()));
-      }
-    }
-    if (g.json) out << rows.dump(2) << "\n";
-    return absl::OkStatus();
-  };
-  absl::Status s = run();
+  }
   return s.ok() ? kExitOk : Fail(err, s);
+}
+
+absl::StatusOr<std::vector<worker::HylraProfile>> PolicyCommands::Profile(
+    const Budget& b, const worker::StepSelection& step_selection, const GlobalOptions& g,
+    std::ostream& err) const {
+  std::vector<worker::CaptureSet> sets;
+  for (absl::string_view dir : absl::StrSplit(captures, ',', absl::SkipWhitespace())) {
+    KVR_ASSIGN_OR_RETURN(worker::CaptureSet set, worker::CaptureSetFromDirectory(std::string(dir)));
+    sets.push_back(std::move(set));
+  }
+  if (sets.empty()) return absl::InvalidArgumentError("--captures: no directory given");
+  worker::HylraProfileOptions po;
+  po.budget = b;
+  po.sinks = sinks;
+  po.window = window;
+  po.steps = step_selection;
+  po.head_merge = head_merge == "mean" ? worker::HeadMerge::kMean : worker::HeadMerge::kMin;
+  po.threads = threads;
+  StageProgress progress(&err, "profile-policy", g.progress_mode());
+  po.progress = [&](const Progress& p) { return progress.Update(p); };
+  absl::StatusOr<std::vector<worker::HylraProfile>> profiles = worker::ProfileCaptures(sets, po);
+  progress.Finish();
+  return profiles;
+}
+
+worker::HylraPlanOptions PolicyCommands::PlanOptions(const LayerSpec& sel,
+                                                     size_t profiled_layers) const {
+  worker::HylraPlanOptions plan_options;
+  plan_options.max_compute = max_compute;
+  plan_options.n_full = n_full;
+  plan_options.full_threshold = full_threshold;
+  plan_options.score = score == "overlap" ? worker::HylraScore::kOverlap : worker::HylraScore::kMass;
+  plan_options.reuse_full_layers = reuse_full;
+  if (renumber) {
+    for (size_t i = 0; i < profiled_layers; ++i) {
+      plan_options.layer_map.push_back(static_cast<int32_t>(i));
+    }
+  }
+  plan_options.num_layers = num_layers;
+  plan_options.select = sel;
+  plan_options.sinks = sinks;
+  plan_options.window = window;
+  plan_options.name = name;
+  plan_options.model_id = model;
+  return plan_options;
+}
+
+absl::Status PolicyCommands::ProfilePolicy(const GlobalOptions& g, std::ostream& out,
+                                           std::ostream& err) const {
+  KVR_ASSIGN_OR_RETURN(Budget b, BudgetFlags(k, budget));
+  KVR_ASSIGN_OR_RETURN(LayerSpec sel, ParseSelect(select, knobs, b));
+  KVR_ASSIGN_OR_RETURN(worker::StepSelection step_selection, worker::ParseStepSelection(steps));
+  if (n_full > 0 && full_threshold > 0) {
+    return absl::InvalidArgumentError("give --n_full or --full_threshold, not both");
+  }
+  if (upload && model.empty()) return absl::InvalidArgumentError("--upload needs --model");
+  KVR_ASSIGN_OR_RETURN(std::vector<worker::HylraProfile> profiles, Profile(b, step_selection, g, err));
+  const worker::HylraPlanOptions plan_options = PlanOptions(sel, profiles[0].layers.size());
+  KVR_ASSIGN_OR_RETURN(worker::HylraPlan plan, worker::PlanHylraPolicy(profiles, plan_options));
+  const std::string policy_json = worker::PolicyToJson(plan.policy);
+  if (!out_path.empty()) KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(out_path, policy_json));
+  if (g.json) {
+    nlohmann::ordered_json report =
+        nlohmann::ordered_json::parse(worker::HylraReportJson(profiles, plan));
+    if (upload) {
+      KVR_ASSIGN_OR_RETURN(v1::ArtifactInfo stored, Upload(g, model, plan.policy, ""));
+      report["uploaded_version"] = stored.version();
+    }
+    out << report.dump(2) << "\n";
+    return absl::OkStatus();
+  }
+  // The report first: a failed upload does not lose the profile.
+  out << worker::HylraReportText(profiles, plan, plan_options);
+  if (!out_path.empty()) out << "wrote " << out_path << "\n";
+  if (out_path.empty() && !upload) out << policy_json;
+  if (upload) {
+    KVR_ASSIGN_OR_RETURN(v1::ArtifactInfo stored, Upload(g, model, plan.policy, ""));
+    out << "stored layer_policy version " << stored.version() << " of " << model << "\n";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PolicyCommands::Tidal(const GlobalOptions& g, std::ostream& out) const {
+  worker::TidalDecodeOptions o;
+  o.num_layers = num_layers;
+  o.num_full = tidal_num_full;
+  o.select_layer = select_layer;
+  o.reselect_layer = reselect;
+  KVR_ASSIGN_OR_RETURN(o.budget, BudgetFlags(k, budget));
+  o.sinks = tidal_sinks;
+  o.window = tidal_window;
+  if (!remote.empty()) {
+    std::vector<std::string> parts = absl::StrSplit(remote, ':');
+    o.remote_kind = parts[0];
+    if (parts.size() > 2 ||
+        (parts.size() == 2 &&
+         (!absl::SimpleAtoi(parts[1], &o.remote_effort) || o.remote_effort < 0))) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--remote=", remote, ": expected KIND[:EFFORT], e.g. roar:128"));
+    }
+  }
+  KVR_ASSIGN_OR_RETURN(LayerPolicy p, worker::TidalDecodePolicy(o));
+  if (!name.empty()) p.name = name;
+  p.model_id = model;
+  const std::string json = worker::PolicyToJson(p);
+  if (!out_path.empty()) {
+    KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(out_path, json));
+    if (!g.json) out << "wrote " << out_path << ": " << worker::PolicySummary(p) << "\n";
+  }
+  if (out_path.empty() || g.json) out << json;
+  return absl::OkStatus();
+}
+
+absl::Status PolicyCommands::Put(const GlobalOptions& g, std::ostream& out) const {
+  KVR_ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(file));
+  absl::StatusOr<LayerPolicy> p = worker::ParsePolicyJson(bytes);
+  if (!p.ok()) return absl::InvalidArgumentError(absl::StrCat(file, ": ", p.status().message()));
+  absl::StatusOr<v1::ArtifactInfo> info = Upload(g, model, *p, description);
+  if (!info.ok()) {
+    return absl::Status(info.status().code(), absl::StrCat(file, ": ", info.status().message()));
+  }
+  if (g.json) {
+    out << ToJson(*info) << "\n";
+  } else {
+    out << "stored layer_policy version " << info->version() << " of " << model << ": "
+        << (p->name.empty() ? "" : p->name + ": ") << worker::PolicySummary(*p) << "\n";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PolicyCommands::Get(const GlobalOptions& g, std::ostream& out) const {
+  KVR_ASSIGN_OR_RETURN(auto rc, Client(g));
+  KVR_ASSIGN_OR_RETURN(auto got, rc->GetArtifact(model, worker::kLayerPolicyArtifactKind, version));
+  KVR_ASSIGN_OR_RETURN(LayerPolicy p, StoredPolicy(got.first, got.second));
+  const std::string json = worker::PolicyToJson(p);
+  if (!out_path.empty()) KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(out_path, json));
+  if (g.json) {
+    out << json;
+    return absl::OkStatus();
+  }
+  out << "layer_policy version " << got.first.version() << " of " << model
+      << (p.name.empty() ? "" : " (" + p.name + ")") << ": " << worker::PolicySummary(p) << "\n";
+  if (out_path.empty()) {
+    out << json;
+  } else {
+    out << "wrote " << out_path << "\n";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PolicyCommands::List(const GlobalOptions& g, std::ostream& out) const {
+  KVR_ASSIGN_OR_RETURN(auto rc, Client(g));
+  KVR_ASSIGN_OR_RETURN(auto list, rc->ListArtifacts(model));
+  nlohmann::ordered_json rows = nlohmann::ordered_json::array();
+  if (!g.json) {
+    out << absl::StrFormat("%7s  %-19s  %7s  %-24s %s\n", "version", "created (UTC)", "bytes",
+                           "name", "summary");
+  }
+  for (const v1::ArtifactInfo& a : list) {
+    if (a.kind() != worker::kLayerPolicyArtifactKind) continue;
+    KVR_ASSIGN_OR_RETURN(auto got, rc->GetArtifact(model, a.kind(), a.version()));
+    absl::StatusOr<LayerPolicy> p = StoredPolicy(got.first, got.second);
+    const std::string created = absl::FormatTime(
+        "%Y-%m-%d %H:%M:%S", absl::FromUnixMicros(a.created_unix_us()), absl::UTCTimeZone());
+    if (g.json) {
+      nlohmann::ordered_json row;
+      row["version"] = a.version();
+      row["created_unix_us"] = a.created_unix_us();
+      row["bytes"] = a.bytes();
+      row["description"] = a.description();
+      row["valid"] = p.ok();
+      if (p.ok()) {
+        row["name"] = p->name;
+        row["num_layers"] = p->num_layers();
+        row["summary"] = worker::PolicySummary(*p);
+      } else {
+        row["error"] = std::string(p.status().message());
+      }
+      rows.push_back(std::move(row));
+    } else {
+      out << absl::StrFormat("%7d  %-19s  %7d  %-24s %s\n", a.version(), created, a.bytes(),
+                             p.ok() ? p->name : "(invalid)",
+                             p.ok() ? worker::PolicySummary(*p) : std::string(p.status().message()));
+    }
+  }
+  if (g.json) out << rows.dump(2) << "\n";
+  return absl::OkStatus();
 }
 
 }  // namespace kvrecall::cli

@@ -8,8 +8,12 @@
 #include <cstdint>
 #include <ostream>
 #include <string>
+#include <vector>
 
+#include "absl/status/statusor.h"
 #include "clients/cli/retrieval_commands.h"
+#include "gpu/worker/hylra.h"
+#include "gpu/worker/policy.h"
 
 namespace CLI {
 class App;
@@ -28,6 +32,18 @@ class PolicyCommands {
   int Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& out, std::ostream& err);
 
  private:
+  // One subcommand each (Run picks by name).
+  absl::Status ProfilePolicy(const GlobalOptions& g, std::ostream& out, std::ostream& err) const;
+  absl::Status Tidal(const GlobalOptions& g, std::ostream& out) const;  // policy tidal
+  absl::Status Put(const GlobalOptions& g, std::ostream& out) const;    // policy put
+  absl::Status Get(const GlobalOptions& g, std::ostream& out) const;    // policy get
+  absl::Status List(const GlobalOptions& g, std::ostream& out) const;   // policy ls
+  // profile-policy: the HyLRA profiles of --captures, and the plan's options.
+  absl::StatusOr<std::vector<worker::HylraProfile>> Profile(
+      const worker::Budget& b, const worker::StepSelection& step_selection, const GlobalOptions& g,
+      std::ostream& err) const;
+  worker::HylraPlanOptions PlanOptions(const worker::LayerSpec& sel, size_t profiled_layers) const;
+
   // profile-policy
   std::string captures, model, select = "local:exact", knobs, steps = "last:256";
   std::string score = "mass", head_merge = "min", out_path, name;

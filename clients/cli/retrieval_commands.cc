@@ -85,22 +85,10 @@ absl::StatusOr<std::vector<Hash128>> Chain(const std::string& hashes,
     KVR_ASSIGN_OR_RETURN(std::vector<uint32_t> ids, ReadTokenIds(tokens, text));
     return client::ChainHashes(model.model_id(), salt, ids, model.block_tokens(), true);
   }
-  std::vector<std::string> texts = absl::StrSplit(hashes, ',', absl::SkipWhitespace());
-  if (!hashes_file.empty()) {
-    KVR_ASSIGN_OR_RETURN(std::string body, ReadFileToString(hashes_file));
-    for (absl::string_view line : absl::StrSplit(body, '\n', absl::SkipWhitespace())) {
-      line = absl::StripAsciiWhitespace(line);
-      if (!line.empty() && line[0] != '#') texts.emplace_back(line);
-    }
-  }
-  if (texts.empty()) {
+  KVR_ASSIGN_OR_RETURN(std::vector<Hash128> out, ReadSpanHashes(hashes, hashes_file));
+  if (out.empty()) {
     return absl::InvalidArgumentError(
         "name the context's spans with --hashes, --hashes_file, --tokens or --text");
-  }
-  std::vector<Hash128> out;
-  for (const std::string& t : texts) {
-    KVR_ASSIGN_OR_RETURN(Hash128 h, Hash128::FromHex(absl::StripAsciiWhitespace(t)));
-    out.push_back(h);
   }
   return out;
 }
@@ -335,315 +323,385 @@ absl::Status BuildFromCaptures(const std::string& dir, const std::string& kind,
   return absl::OkStatus();
 }
 
+// The query rows of a search or attend: [q_heads, head_dim] as given, or row
+// `position` of [q_heads, T, head_dim].
+struct QueryRows {
+  int64_t hq = 0, d = 0;
+  std::vector<float> q;
+};
+
+absl::StatusOr<QueryRows> ReadQueryRows(const std::string& path, int64_t position) {
+  KVR_ASSIGN_OR_RETURN(NpyArray a, ReadNpy(path));
+  KVR_ASSIGN_OR_RETURN(std::vector<float> v, NpyFloats(a, path));
+  QueryRows rows;
+  if (a.shape.size() == 2 && position < 0) {
+    rows.hq = a.shape[0];
+    rows.d = a.shape[1];
+    rows.q = std::move(v);
+  } else if (a.shape.size() == 3 && position >= 0 && position < a.shape[1]) {
+    rows.hq = a.shape[0];
+    rows.d = a.shape[2];
+    for (int64_t h = 0; h < rows.hq; ++h) {
+      const float* src = v.data() + (h * a.shape[1] + position) * rows.d;
+      rows.q.insert(rows.q.end(), src, src + rows.d);
+    }
+  } else {
+    return absl::InvalidArgumentError(
+        "--queries: [q_heads, head_dim], or [q_heads, T, head_dim] with --position in [0, T)");
+  }
+  return rows;
+}
+
+void PrintSearch(const v1::SearchResponse& r, int64_t hq, std::ostream& out) {
+  for (int h = 0; h < r.heads_size(); ++h) {
+    out << "head " << h << ":";
+    const auto& head = r.heads(h);
+    for (int i = 0; i < head.positions_size(); ++i) {
+      out << absl::StrFormat(" %d(%.3g)", head.positions(i), head.scores(i));
+    }
+    out << "\n";
+  }
+  out << absl::StrFormat("%d keys scanned (%.2f%% of %d per head), search %d us, server %d us\n",
+                         r.stats().keys_scanned(),
+                         100.0 * r.stats().keys_scanned() /
+                             std::max<double>(1, hq * r.stats().context_tokens()),
+                         r.stats().context_tokens(), r.stats().search_us(), r.stats().server_us());
+}
+
+void PrintAttend(const client::AttendResult& r, int64_t hq, int64_t d, const std::string& out_path,
+                 std::ostream& out) {
+  for (int64_t h = 0; h < hq; ++h) {
+    double norm = 0;
+    for (int64_t j = 0; j < d; ++j) norm += double(r.out[h * d + j]) * r.out[h * d + j];
+    out << absl::StrFormat("head %d: lse_natural %.6f  |o| %.6f  %d positions\n", h, r.lse[h],
+                           std::sqrt(norm),
+                           h < static_cast<int64_t>(r.positions.size()) ? r.positions[h].size() : 0);
+  }
+  out << absl::StrFormat("search %d us, attention %d us, server %d us%s\n", r.stats.search_us(),
+                         r.stats.attend_us(), r.stats.server_us(),
+                         out_path.empty() ? "" : absl::StrCat("; o written to ", out_path));
+}
+
+// The keys Loki bases are fitted to: (layer label, KV head, keys [n, d] f32).
+using KeySets = std::vector<std::tuple<int32_t, int32_t, std::vector<float>>>;
+
+// The keys of a capture directory's layerLL_k.npy files; with `renumber`
+// the layers are labelled 0, 1, ... in file order.
+absl::StatusOr<KeySets> KeySetsFromCaptures(const std::string& dir, int64_t d, bool renumber) {
+  KeySets sets;
+  KVR_ASSIGN_OR_RETURN(auto files, CaptureFiles(dir, "k"));
+  int32_t ordinal = 0;
+  for (const auto& [layer_no, path] : files) {
+    KVR_ASSIGN_OR_RETURN(NpyArray a, ReadNpy(path));
+    if (a.shape.size() != 3 || a.shape[2] != d) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": expected [kv_heads, T, ", d, "]"));
+    }
+    KVR_ASSIGN_OR_RETURN(std::vector<float> v, NpyFloats(a, path));
+    const int64_t t = a.shape[1];
+    for (int32_t h = 0; h < a.shape[0]; ++h) {
+      sets.emplace_back(renumber ? ordinal : layer_no, h,
+                        std::vector<float>(v.begin() + h * t * d, v.begin() + (h + 1) * t * d));
+    }
+    ++ordinal;
+  }
+  return sets;
+}
+
+// The keys of the stored spans listed in `hashes_file`, every layer and KV head.
+absl::StatusOr<KeySets> KeySetsFromSpans(client::KvStoreClient& kv, const v1::ModelGeometry& m,
+                                         const std::string& hashes_file) {
+  KVR_ASSIGN_OR_RETURN(auto chain, Chain("", hashes_file, "", "", "", m));
+  KVR_ASSIGN_OR_RETURN(auto spans, kv.GetSpans(m.model_id(), chain));
+  const int64_t d = m.head_dim();
+  const DType dt = ToDType(m.dtype());
+  const int64_t elem = client::DTypeBytes(m.dtype());
+  KeySets sets;
+  for (int32_t l = 0; l < m.num_layers(); ++l) {
+    for (int32_t h = 0; h < m.num_kv_heads(); ++h) {
+      std::vector<float> keys;
+      for (const auto& s : spans) {
+        if (!s.found) {
+          return absl::NotFoundError(absl::StrCat("span ", s.hash.ToHex(), " is missing: ",
+                                                  client::MissReasonName(s.miss_reason)));
+        }
+        const int64_t n = s.num_tokens;
+        const int64_t offset = ((static_cast<int64_t>(l) * 2 * m.num_kv_heads() + h) * n) * d * elem;
+        std::vector<float> f(static_cast<size_t>(n * d));
+        ConvertToFloat(s.payload.data() + offset, dt, f.size(), f.data());
+        keys.insert(keys.end(), f.begin(), f.end());
+      }
+      sets.emplace_back(l, h, std::move(keys));
+    }
+  }
+  return sets;
+}
+
+// One PCA basis per key set, with progress on `err` and (without --json)
+// each basis's explained variance on `out`.
+absl::StatusOr<std::vector<index::loki::PcaBasis>> FitBases(KeySets& sets, int64_t d,
+                                                            const GlobalOptions& g,
+                                                            std::ostream& out, std::ostream& err) {
+  std::vector<index::loki::PcaBasis> bases;
+  StageProgress progress(&err, "fit-loki", g.progress_mode());
+  for (size_t i = 0; i < sets.size(); ++i) {
+    auto& [l, h, keys] = sets[i];
+    Progress step;
+    step.stage = absl::StrFormat("layer %d head %d", l, h);
+    step.done = static_cast<int64_t>(i);
+    step.total = static_cast<int64_t>(sets.size());
+    step.fraction = static_cast<double>(i) / static_cast<double>(sets.size());
+    progress.Update(step);
+    const int64_t n = static_cast<int64_t>(keys.size()) / d;
+    KVR_ASSIGN_OR_RETURN(index::loki::PcaBasis b,
+                         index::loki::FitPcaBasis(index::VectorView::F32(keys.data(), n, d),
+                                                  index::loki::PcaFitOptions()));
+    b.layer = l;
+    b.kv_head = h;
+    if (!g.json) {
+      progress.Clear();
+      out << absl::StrFormat("layer %d head %d: %d keys; variance in the first d/8, d/4, d/2 "
+                             "axes: %.3f %.3f %.3f\n",
+                             l, h, n, b.ExplainedVarianceRatio(static_cast<int32_t>(d / 8)),
+                             b.ExplainedVarianceRatio(static_cast<int32_t>(d / 4)),
+                             b.ExplainedVarianceRatio(static_cast<int32_t>(d / 2)));
+    }
+    bases.push_back(std::move(b));
+  }
+  progress.Finish();
+  return bases;
+}
+
 }  // namespace
+
+// The parsed subcommand, its client and its streams.
+struct RetrievalCommands::Call {
+  CLI::App* cmd;
+  const GlobalOptions& g;
+  client::RetrievalClient& rc;
+  std::ostream& out;
+  std::ostream& err;
+};
 
 int RetrievalCommands::Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& out,
                            std::ostream& err) {
   auto rc_or = client::RetrievalClient::Create(g.client_options());
   if (!rc_or.ok()) return Fail(err, rc_or.status());
-  client::RetrievalClient& rc = **rc_or;
+  const Call c{cmd, g, **rc_or, out, err};
   const std::string name = cmd->get_name();
-  auto run = [&]() -> absl::Status {
-    if (name == "open") {
-      KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(g.client_options()));
-      KVR_ASSIGN_OR_RETURN(v1::ModelGeometry m, kv->GetModel(model));
-      KVR_ASSIGN_OR_RETURN(auto chain, Chain(hashes, hashes_file, tokens, text, salt, m));
-      KVR_ASSIGN_OR_RETURN(v1::OpenContextResponse r, rc.OpenContext(model, chain));
-      KVR_ASSIGN_OR_RETURN(Hash128 id, Hash128::FromBytes(r.context()));
-      if (g.json) {
-        out << absl::StrFormat("{\"context\": \"%s\", \"num_tokens\": %d, \"num_spans\": %d}\n",
-                               id.ToHex(), r.num_tokens(), r.num_spans());
-      } else {
-        out << id.ToHex() << "  (" << r.num_spans() << " spans, " << r.num_tokens()
-            << " tokens" << (r.newly_opened() ? "" : ", already open") << ")\n";
-      }
+  absl::Status s;
+  if (name == "open") {
+    s = Open(c);
+  } else if (name == "queries") {
+    s = AddQueries(c);
+  } else if (name == "index") {
+    s = Index(c);
+  } else if (name == "search" || name == "attend") {
+    s = SearchOrAttend(c);
+  } else if (name == "artifacts") {
+    s = Artifacts(c);
+  } else if (name == "fit-loki") {
+    s = FitLoki(c);
+  } else {
+    s = BuildIndexOffline(c);
+  }
+  return s.ok() ? kExitOk : Fail(err, s);
+}
+
+absl::Status RetrievalCommands::Open(const Call& c) const {
+  KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(c.g.client_options()));
+  KVR_ASSIGN_OR_RETURN(v1::ModelGeometry m, kv->GetModel(model));
+  KVR_ASSIGN_OR_RETURN(auto chain, Chain(hashes, hashes_file, tokens, text, salt, m));
+  KVR_ASSIGN_OR_RETURN(v1::OpenContextResponse r, c.rc.OpenContext(model, chain));
+  KVR_ASSIGN_OR_RETURN(Hash128 id, Hash128::FromBytes(r.context()));
+  if (c.g.json) {
+    c.out << absl::StrFormat("{\"context\": \"%s\", \"num_tokens\": %d, \"num_spans\": %d}\n",
+                             id.ToHex(), r.num_tokens(), r.num_spans());
+  } else {
+    c.out << id.ToHex() << "  (" << r.num_spans() << " spans, " << r.num_tokens() << " tokens"
+          << (r.newly_opened() ? "" : ", already open") << ")\n";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RetrievalCommands::AddQueries(const Call& c) const {
+  KVR_ASSIGN_OR_RETURN(Hash128 id, ContextId(context));
+  KVR_ASSIGN_OR_RETURN(NpyArray a, ReadNpy(queries_npy));
+  if (a.shape.size() != 3) return absl::InvalidArgumentError("--npy: expected 3 dimensions");
+  KVR_ASSIGN_OR_RETURN(std::vector<float> v, NpyFloats(a, queries_npy));
+  int64_t n = layout == "nhd" ? a.shape[0] : a.shape[1];
+  const int64_t hq = layout == "nhd" ? a.shape[1] : a.shape[0], d = a.shape[2];
+  const int64_t keep = n - decode;
+  if (decode < 0 || keep < 1) return absl::InvalidArgumentError("--decode leaves no queries");
+  std::vector<float> nhd(static_cast<size_t>(keep * hq * d));
+  for (int64_t t = 0; t < keep; ++t) {
+    for (int64_t h = 0; h < hq; ++h) {
+      const float* src = layout == "nhd" ? v.data() + (t * hq + h) * d : v.data() + (h * n + t) * d;
+      std::copy(src, src + d, nhd.data() + (t * hq + h) * d);
+    }
+  }
+  KVR_ASSIGN_OR_RETURN(int64_t stored, c.rc.AddQueries(id, layer, first_position,
+                                                       static_cast<int32_t>(hq),
+                                                       static_cast<int32_t>(d), nhd));
+  c.out << "stored " << stored << " query rows of layer " << layer << " (" << hq << " heads)\n";
+  return absl::OkStatus();
+}
+
+absl::Status RetrievalCommands::Index(const Call& c) const {
+  const std::string verb = c.cmd->get_subcommands().front()->get_name();
+  Hash128 id;
+  if (!context.empty()) {
+    KVR_ASSIGN_OR_RETURN(id, ContextId(context));
+  }
+  if (verb == "ls") {
+    KVR_ASSIGN_OR_RETURN(auto list, c.rc.ListIndexes(id));
+    if (c.g.json) {
+      v1::ListIndexesResponse r;
+      for (const auto& i : list) *r.add_indexes() = i;
+      c.out << ToJson(r) << "\n";
       return absl::OkStatus();
     }
-    if (name == "queries") {
-      KVR_ASSIGN_OR_RETURN(Hash128 id, ContextId(context));
-      KVR_ASSIGN_OR_RETURN(NpyArray a, ReadNpy(queries_npy));
-      if (a.shape.size() != 3) return absl::InvalidArgumentError("--npy: expected 3 dimensions");
-      KVR_ASSIGN_OR_RETURN(std::vector<float> v, NpyFloats(a, queries_npy));
-      int64_t n = layout == "nhd" ? a.shape[0] : a.shape[1];
-      const int64_t hq = layout == "nhd" ? a.shape[1] : a.shape[0], d = a.shape[2];
-      const int64_t keep = n - decode;
-      if (decode < 0 || keep < 1) return absl::InvalidArgumentError("--decode leaves no queries");
-      std::vector<float> nhd(static_cast<size_t>(keep * hq * d));
-      for (int64_t t = 0; t < keep; ++t) {
-        for (int64_t h = 0; h < hq; ++h) {
-          const float* src = layout == "nhd" ? v.data() + (t * hq + h) * d : v.data() + (h * n + t) * d;
-          std::copy(src, src + d, nhd.data() + (t * hq + h) * d);
-        }
-      }
-      KVR_ASSIGN_OR_RETURN(int64_t stored,
-                           rc.AddQueries(id, layer, first_position, static_cast<int32_t>(hq),
-                                         static_cast<int32_t>(d), nhd));
-      out << "stored " << stored << " query rows of layer " << layer << " (" << hq
-          << " heads)\n";
+    c.out << absl::StrFormat("%-32s %5s %4s %-10s %-28s %9s %12s %s\n", "context", "layer", "head",
+                             "kind", "params", "keys", "bytes", "loaded");
+    for (const auto& i : list) {
+      auto h = Hash128::FromBytes(i.context());
+      c.out << absl::StrFormat("%-32s %5d %4d %-10s %-28s %9d %12d %s\n", h.ok() ? h->ToHex() : "?",
+                               i.layer(), i.kv_head(), i.kind(), i.params(), i.num_keys(), i.bytes(),
+                               i.loaded() ? "yes" : "no");
+    }
+    return absl::OkStatus();
+  }
+  if (verb == "rm") {
+    KVR_RETURN_IF_ERROR(c.rc.DeleteIndex(id, kind, params));
+    c.out << "deleted " << kind << " indexes of " << id.ToHex() << "\n";
+    return absl::OkStatus();
+  }
+  KVR_ASSIGN_OR_RETURN(std::vector<int32_t> ls, ParseIntList(layers, "layers"));
+  KVR_ASSIGN_OR_RETURN(std::vector<int32_t> hs, ParseIntList(kv_heads, "kv_heads"));
+  KVR_ASSIGN_OR_RETURN(v1::Operation op, c.rc.BuildIndex(id, kind, params, ls, hs));
+  if (no_wait) {
+    c.out << (c.g.json ? ToJson(op) : op.id() + " started: " + op.description()) << "\n";
+    return absl::OkStatus();
+  }
+  return WaitAndReport(c.rc, op, wait_s, c.g, c.out, c.err);
+}
+
+absl::Status RetrievalCommands::SearchOrAttend(const Call& c) const {
+  KVR_ASSIGN_OR_RETURN(Hash128 id, ContextId(context));
+  KVR_ASSIGN_OR_RETURN(QueryRows rows, ReadQueryRows(queries_npy, position));
+  client::RetrieveOptions o;
+  o.k = k;
+  o.budget = budget;
+  o.kind = kind;
+  o.build_params = build_params;
+  o.effort = effort;
+  o.knobs = knobs;
+  KVR_ASSIGN_OR_RETURN(o.exclude, ParseRanges(exclude));
+  o.union_per_group = union_per_group;
+  const auto hq = static_cast<int32_t>(rows.hq);
+  if (c.cmd->get_name() == "search") {
+    KVR_ASSIGN_OR_RETURN(v1::SearchResponse r, c.rc.Search(id, layer, rows.q, hq, o));
+    if (c.g.json) {
+      c.out << ToJson(r) << "\n";
+    } else {
+      PrintSearch(r, rows.hq, c.out);
+    }
+    return absl::OkStatus();
+  }
+  KVR_ASSIGN_OR_RETURN(client::AttendResult r, c.rc.Attend(id, layer, rows.q, hq, o));
+  if (!out_path.empty()) {
+    NpyArray o_arr;
+    o_arr.descr = "<f4";
+    o_arr.shape = {rows.hq, rows.d};
+    o_arr.data.assign(reinterpret_cast<const char*>(r.out.data()), r.out.size() * 4);
+    KVR_RETURN_IF_ERROR(WriteNpy(out_path, o_arr));
+  }
+  if (c.g.json) {
+    v1::AttendResponse resp;
+    resp.mutable_lse_natural()->Add(r.lse.begin(), r.lse.end());
+    for (const auto& p : r.positions) resp.add_heads()->mutable_positions()->Add(p.begin(), p.end());
+    *resp.mutable_stats() = r.stats;
+    c.out << ToJson(resp) << "\n";
+  } else {
+    PrintAttend(r, rows.hq, rows.d, out_path, c.out);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RetrievalCommands::Artifacts(const Call& c) const {
+  const std::string verb = c.cmd->get_subcommands().front()->get_name();
+  if (verb == "ls") {
+    KVR_ASSIGN_OR_RETURN(auto list, c.rc.ListArtifacts(model));
+    if (c.g.json) {
+      v1::ListArtifactsResponse r;
+      for (const auto& a : list) *r.add_artifacts() = a;
+      c.out << ToJson(r) << "\n";
       return absl::OkStatus();
     }
-    if (name == "index") {
-      CLI::App* sub = cmd->get_subcommands().front();
-      const std::string verb = sub->get_name();
-      Hash128 id;
-      if (!context.empty()) {
-        KVR_ASSIGN_OR_RETURN(id, ContextId(context));
-      }
-      if (verb == "ls") {
-        KVR_ASSIGN_OR_RETURN(auto list, rc.ListIndexes(id));
-        if (g.json) {
-          v1::ListIndexesResponse r;
-          for (const auto& i : list) *r.add_indexes() = i;
-          out << ToJson(r) << "\n";
-          return absl::OkStatus();
-        }
-        out << absl::StrFormat("%-32s %5s %4s %-10s %-28s %9s %12s %s\n", "context", "layer",
-                               "head", "kind", "params", "keys", "bytes", "loaded");
-        for (const auto& i : list) {
-          auto h = Hash128::FromBytes(i.context());
-          out << absl::StrFormat("%-32s %5d %4d %-10s %-28s %9d %12d %s\n",
-                                 h.ok() ? h->ToHex() : "?", i.layer(), i.kv_head(), i.kind(),
-                                 i.params(), i.num_keys(), i.bytes(), i.loaded() ? "yes" : "no");
-        }
-        return absl::OkStatus();
-      }
-      if (verb == "rm") {
-        KVR_RETURN_IF_ERROR(rc.DeleteIndex(id, kind, params));
-        out << "deleted " << kind << " indexes of " << id.ToHex() << "\n";
-        return absl::OkStatus();
-      }
-      KVR_ASSIGN_OR_RETURN(std::vector<int32_t> ls, ParseIntList(layers, "layers"));
-      KVR_ASSIGN_OR_RETURN(std::vector<int32_t> hs, ParseIntList(kv_heads, "kv_heads"));
-      KVR_ASSIGN_OR_RETURN(v1::Operation op, rc.BuildIndex(id, kind, params, ls, hs));
-      if (no_wait) {
-        out << (g.json ? ToJson(op) : op.id() + " started: " + op.description()) << "\n";
-        return absl::OkStatus();
-      }
-      return WaitAndReport(rc, op, wait_s, g, out, err);
+    c.out << absl::StrFormat("%-16s %7s %12s %-20s %s\n", "kind", "version", "bytes", "created",
+                             "description");
+    for (const auto& a : list) {
+      c.out << absl::StrFormat("%-16s %7d %12d %-20s %s\n", a.kind(), a.version(), a.bytes(),
+                               absl::FormatTime("%Y-%m-%d %H:%M:%S",
+                                                absl::FromUnixMicros(a.created_unix_us()),
+                                                absl::UTCTimeZone()),
+                               a.description());
     }
-    if (name == "search" || name == "attend") {
-      KVR_ASSIGN_OR_RETURN(Hash128 id, ContextId(context));
-      KVR_ASSIGN_OR_RETURN(NpyArray a, ReadNpy(queries_npy));
-      KVR_ASSIGN_OR_RETURN(std::vector<float> v, NpyFloats(a, queries_npy));
-      int64_t hq, d;
-      std::vector<float> q;
-      if (a.shape.size() == 2 && position < 0) {
-        hq = a.shape[0];
-        d = a.shape[1];
-        q = std::move(v);
-      } else if (a.shape.size() == 3 && position >= 0 && position < a.shape[1]) {
-        hq = a.shape[0];
-        d = a.shape[2];
-        for (int64_t h = 0; h < hq; ++h) {
-          const float* src = v.data() + (h * a.shape[1] + position) * d;
-          q.insert(q.end(), src, src + d);
-        }
-      } else {
-        return absl::InvalidArgumentError(
-            "--queries: [q_heads, head_dim], or [q_heads, T, head_dim] with --position in [0, T)");
-      }
-      client::RetrieveOptions o;
-      o.k = k;
-      o.budget = budget;
-      o.kind = kind;
-      o.build_params = build_params;
-      o.effort = effort;
-      o.knobs = knobs;
-      KVR_ASSIGN_OR_RETURN(o.exclude, ParseRanges(exclude));
-      o.union_per_group = union_per_group;
-      if (name == "search") {
-        KVR_ASSIGN_OR_RETURN(v1::SearchResponse r,
-                             rc.Search(id, layer, q, static_cast<int32_t>(hq), o));
-        if (g.json) {
-          out << ToJson(r) << "\n";
-          return absl::OkStatus();
-        }
-        for (int h = 0; h < r.heads_size(); ++h) {
-          out << "head " << h << ":";
-          const auto& head = r.heads(h);
-          for (int i = 0; i < head.positions_size(); ++i) {
-            out << absl::StrFormat(" %d(%.3g)", head.positions(i), head.scores(i));
-          }
-          out << "\n";
-        }
-        out << absl::StrFormat("%d keys scanned (%.2f%% of %d per head), search %d us, server %d us\n",
-                               r.stats().keys_scanned(),
-                               100.0 * r.stats().keys_scanned() /
-                                   std::max<double>(1, hq * r.stats().context_tokens()),
-                               r.stats().context_tokens(), r.stats().search_us(),
-                               r.stats().server_us());
-        return absl::OkStatus();
-      }
-      KVR_ASSIGN_OR_RETURN(client::AttendResult r, rc.Attend(id, layer, q, static_cast<int32_t>(hq), o));
-      if (!out_path.empty()) {
-        NpyArray o_arr;
-        o_arr.descr = "<f4";
-        o_arr.shape = {hq, d};
-        o_arr.data.assign(reinterpret_cast<const char*>(r.out.data()), r.out.size() * 4);
-        KVR_RETURN_IF_ERROR(WriteNpy(out_path, o_arr));
-      }
-      if (g.json) {
-        v1::AttendResponse resp;
-        resp.mutable_lse_natural()->Add(r.lse.begin(), r.lse.end());
-        for (const auto& p : r.positions) resp.add_heads()->mutable_positions()->Add(p.begin(), p.end());
-        *resp.mutable_stats() = r.stats;
-        out << ToJson(resp) << "\n";
-        return absl::OkStatus();
-      }
-      for (int64_t h = 0; h < hq; ++h) {
-        double norm = 0;
-        for (int64_t j = 0; j < d; ++j) norm += double(r.out[h * d + j]) * r.out[h * d + j];
-        out << absl::StrFormat("head %d: lse_natural %.6f  |o| %.6f  %d positions\n", h, r.lse[h],
-                               std::sqrt(norm),
-                               h < static_cast<int64_t>(r.positions.size()) ? r.positions[h].size() : 0);
-      }
-      out << absl::StrFormat("search %d us, attention %d us, server %d us%s\n",
-                             r.stats.search_us(), r.stats.attend_us(), r.stats.server_us(),
-                             out_path.empty() ? "" : absl::StrCat("; o written to ", out_path));
-      return absl::OkStatus();
-    }
-    if (name == "artifacts") {
-      const std::string verb = cmd->get_subcommands().front()->get_name();
-      if (verb == "ls") {
-        KVR_ASSIGN_OR_RETURN(auto list, rc.ListArtifacts(model));
-        if (g.json) {
-          v1::ListArtifactsResponse r;
-          for (const auto& a : list) *r.add_artifacts() = a;
-          out << ToJson(r) << "\n";
-          return absl::OkStatus();
-        }
-        out << absl::StrFormat("%-16s %7s %12s %-20s %s\n", "kind", "version", "bytes", "created",
-                               "description");
-        for (const auto& a : list) {
-          out << absl::StrFormat("%-16s %7d %12d %-20s %s\n", a.kind(), a.version(), a.bytes(),
-                                 absl::FormatTime("%Y-%m-%d %H:%M:%S",
-                                                  absl::FromUnixMicros(a.created_unix_us()),
-                                                  absl::UTCTimeZone()),
-                                 a.description());
-        }
-        return absl::OkStatus();
-      }
-      if (verb == "get") {
-        KVR_ASSIGN_OR_RETURN(auto got, rc.GetArtifact(model, kind, version));
-        KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(out_path, got.second));
-        out << "wrote " << out_path << ": " << kind << " version " << got.first.version() << ", "
-            << got.second.size() << " bytes\n";
-        return absl::OkStatus();
-      }
-      KVR_ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(file));
-      KVR_ASSIGN_OR_RETURN(v1::ArtifactInfo info, rc.PutArtifact(model, kind, bytes, description));
-      out << (g.json ? ToJson(info)
+    return absl::OkStatus();
+  }
+  if (verb == "get") {
+    KVR_ASSIGN_OR_RETURN(auto got, c.rc.GetArtifact(model, kind, version));
+    KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(out_path, got.second));
+    c.out << "wrote " << out_path << ": " << kind << " version " << got.first.version() << ", "
+          << got.second.size() << " bytes\n";
+    return absl::OkStatus();
+  }
+  KVR_ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(file));
+  KVR_ASSIGN_OR_RETURN(v1::ArtifactInfo info, c.rc.PutArtifact(model, kind, bytes, description));
+  c.out << (c.g.json ? ToJson(info)
                      : absl::StrCat("stored ", kind, " version ", info.version(), " of ", model,
                                     " (", info.bytes(), " bytes)"))
-          << "\n";
-      return absl::OkStatus();
-    }
-    if (name == "fit-loki") {
-      if (captures.empty() == hashes_file.empty()) {
-        return absl::InvalidArgumentError("fit-loki needs --captures DIR or --hashes_file F");
-      }
-      if (out_path.empty() && !upload) {
-        return absl::InvalidArgumentError("fit-loki: give -o FILE and/or --upload");
-      }
-      KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(g.client_options()));
-      KVR_ASSIGN_OR_RETURN(v1::ModelGeometry m, kv->GetModel(model));
-      // (layer label, kv head) -> keys [n, d] f32.
-      std::vector<std::tuple<int32_t, int32_t, std::vector<float>>> sets;
-      const int64_t d = m.head_dim();
-      if (!captures.empty()) {
-        KVR_ASSIGN_OR_RETURN(auto files, CaptureFiles(captures, "k"));
-        int32_t ordinal = 0;
-        for (const auto& [layer_no, path] : files) {
-          KVR_ASSIGN_OR_RETURN(NpyArray a, ReadNpy(path));
-          if (a.shape.size() != 3 || a.shape[2] != d) {
-            return absl::InvalidArgumentError(absl::StrCat(path, ": expected [kv_heads, T, ", d, "]"));
-          }
-          KVR_ASSIGN_OR_RETURN(std::vector<float> v, NpyFloats(a, path));
-          const int64_t t = a.shape[1];
-          for (int32_t h = 0; h < a.shape[0]; ++h) {
-            sets.emplace_back(renumber ? ordinal : layer_no, h,
-                              std::vector<float>(v.begin() + h * t * d, v.begin() + (h + 1) * t * d));
-          }
-          ++ordinal;
-        }
-      } else {
-        KVR_ASSIGN_OR_RETURN(auto chain, Chain("", hashes_file, "", "", "", m));
-        KVR_ASSIGN_OR_RETURN(auto spans, kv->GetSpans(model, chain));
-        const DType dt = m.dtype() == v1::DTYPE_F16   ? DType::kF16
-                         : m.dtype() == v1::DTYPE_F32 ? DType::kF32
-                                                      : DType::kBf16;
-        const int64_t elem = client::DTypeBytes(m.dtype());
-        for (int32_t l = 0; l < m.num_layers(); ++l) {
-          for (int32_t h = 0; h < m.num_kv_heads(); ++h) {
-            std::vector<float> keys;
-            for (const auto& s : spans) {
-              if (!s.found) {
-                return absl::NotFoundError(absl::StrCat("span ", s.hash.ToHex(), " is missing: ",
-                                                        client::MissReasonName(s.miss_reason)));
-              }
-              const int64_t n = s.num_tokens;
-              const int64_t offset = ((static_cast<int64_t>(l) * 2 * m.num_kv_heads() + h) * n) * d * elem;
-              std::vector<float> f(static_cast<size_t>(n * d));
-              ConvertToFloat(s.payload.data() + offset, dt, f.size(), f.data());
-              keys.insert(keys.end(), f.begin(), f.end());
-            }
-            sets.emplace_back(l, h, std::move(keys));
-          }
-        }
-      }
-      std::vector<index::loki::PcaBasis> bases;
-      StageProgress progress(&err, "fit-loki", g.progress_mode());
-      for (size_t i = 0; i < sets.size(); ++i) {
-        auto& [l, h, keys] = sets[i];
-        Progress step;
-        step.stage = absl::StrFormat("layer %d head %d", l, h);
-        step.done = static_cast<int64_t>(i);
-        step.total = static_cast<int64_t>(sets.size());
-        step.fraction = static_cast<double>(i) / static_cast<double>(sets.size());
-        progress.Update(step);
-        const int64_t n = static_cast<int64_t>(keys.size()) / d;
-        KVR_ASSIGN_OR_RETURN(index::loki::PcaBasis b,
-                             index::loki::FitPcaBasis(index::VectorView::F32(keys.data(), n, d),
-                                                      index::loki::PcaFitOptions()));
-        b.layer = l;
-        b.kv_head = h;
-        if (!g.json) {
-          progress.Clear();
-          out << absl::StrFormat("layer %d head %d: %d keys; variance in the first d/8, d/4, d/2 "
-                                 "axes: %.3f %.3f %.3f\n",
-                                 l, h, n, b.ExplainedVarianceRatio(static_cast<int32_t>(d / 8)),
-                                 b.ExplainedVarianceRatio(static_cast<int32_t>(d / 4)),
-                                 b.ExplainedVarianceRatio(static_cast<int32_t>(d / 2)));
-        }
-        bases.push_back(std::move(b));
-      }
-      progress.Finish();
-      const std::string bytes = index::loki::SerializePcaBases(bases);
-      if (!out_path.empty()) KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(out_path, bytes));
-      if (upload) {
-        KVR_ASSIGN_OR_RETURN(v1::ArtifactInfo info,
-                             rc.PutArtifact(model, "loki_basis", bytes,
-                                            absl::StrCat("fit-loki over ", bases.size(),
-                                                         " (layer, KV head) sets")));
-        out << "stored loki_basis version " << info.version() << " of " << model << "\n";
-      }
-      return absl::OkStatus();
-    }
-    // build-index
-    KVR_ASSIGN_OR_RETURN(std::vector<int32_t> ls, ParseIntList(layers, "layers"));
-    KVR_ASSIGN_OR_RETURN(std::vector<int32_t> hs, ParseIntList(kv_heads, "kv_heads"));
-    if (context.empty() == captures.empty()) {
-      return absl::InvalidArgumentError("build-index needs --context ID or --captures DIR");
-    }
-    if (!captures.empty()) {
-      return BuildFromCaptures(captures, kind, params, decode, ls, hs, out_path, g, out, err);
-    }
-    KVR_ASSIGN_OR_RETURN(Hash128 id, ContextId(context));
-    KVR_ASSIGN_OR_RETURN(v1::Operation op, rc.BuildIndex(id, kind, params, ls, hs));
-    return WaitAndReport(rc, op, wait_s, g, out, err);
-  };
-  absl::Status s = run();
-  return s.ok() ? kExitOk : Fail(err, s);
+        << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status RetrievalCommands::FitLoki(const Call& c) const {
+  if (captures.empty() == hashes_file.empty()) {
+    return absl::InvalidArgumentError("fit-loki needs --captures DIR or --hashes_file F");
+  }
+  if (out_path.empty() && !upload) {
+    return absl::InvalidArgumentError("fit-loki: give -o FILE and/or --upload");
+  }
+  KVR_ASSIGN_OR_RETURN(auto kv, client::KvStoreClient::Create(c.g.client_options()));
+  KVR_ASSIGN_OR_RETURN(v1::ModelGeometry m, kv->GetModel(model));
+  const int64_t d = m.head_dim();
+  KVR_ASSIGN_OR_RETURN(KeySets sets, !captures.empty()
+                                         ? KeySetsFromCaptures(captures, d, renumber)
+                                         : KeySetsFromSpans(*kv, m, hashes_file));
+  KVR_ASSIGN_OR_RETURN(std::vector<index::loki::PcaBasis> bases, FitBases(sets, d, c.g, c.out, c.err));
+  const std::string bytes = index::loki::SerializePcaBases(bases);
+  if (!out_path.empty()) KVR_RETURN_IF_ERROR(WriteStringToFileAtomic(out_path, bytes));
+  if (upload) {
+    KVR_ASSIGN_OR_RETURN(v1::ArtifactInfo info,
+                         c.rc.PutArtifact(model, "loki_basis", bytes,
+                                          absl::StrCat("fit-loki over ", bases.size(),
+                                                       " (layer, KV head) sets")));
+    c.out << "stored loki_basis version " << info.version() << " of " << model << "\n";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RetrievalCommands::BuildIndexOffline(const Call& c) const {
+  KVR_ASSIGN_OR_RETURN(std::vector<int32_t> ls, ParseIntList(layers, "layers"));
+  KVR_ASSIGN_OR_RETURN(std::vector<int32_t> hs, ParseIntList(kv_heads, "kv_heads"));
+  if (context.empty() == captures.empty()) {
+    return absl::InvalidArgumentError("build-index needs --context ID or --captures DIR");
+  }
+  if (!captures.empty()) {
+    return BuildFromCaptures(captures, kind, params, decode, ls, hs, out_path, c.g, c.out, c.err);
+  }
+  KVR_ASSIGN_OR_RETURN(Hash128 id, ContextId(context));
+  KVR_ASSIGN_OR_RETURN(v1::Operation op, c.rc.BuildIndex(id, kind, params, ls, hs));
+  return WaitAndReport(c.rc, op, wait_s, c.g, c.out, c.err);
 }
 
 }  // namespace kvrecall::cli

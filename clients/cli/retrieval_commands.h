@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "clients/cpp/client_options.h"
 #include "common/progress.h"
 
@@ -62,6 +63,16 @@ class RetrievalCommands {
   int Run(CLI::App* cmd, const GlobalOptions& g, std::ostream& out, std::ostream& err);
 
  private:
+  struct Call;
+  // One subcommand each (Run picks by name).
+  absl::Status Open(const Call& c) const;
+  absl::Status AddQueries(const Call& c) const;
+  absl::Status Index(const Call& c) const;  // index ls|build|rm
+  absl::Status SearchOrAttend(const Call& c) const;
+  absl::Status Artifacts(const Call& c) const;  // artifacts ls|get|put
+  absl::Status FitLoki(const Call& c) const;
+  absl::Status BuildIndexOffline(const Call& c) const;  // build-index
+
   // Options of the retrieval commands.
   std::string model, context, hashes, hashes_file, tokens, text, salt;
   std::string kind = "roar", params, knobs, build_params, exclude, queries_npy, out_path;
