@@ -157,6 +157,22 @@ void RetrievalService::FinishOperation(Operation& op, OperationState state, absl
   if (state == OperationState::kDone) op.info.fraction = 1.0;
 }
 
+absl::StatusOr<std::pair<std::string, std::string>> RetrievalService::CalibrationArtifact(
+    const BuildIndexRequest& request, const std::string& model_id) {
+  std::string name;
+  if (request.kind == "loki") name = "loki_basis";
+  if (request.kind == "inverted") name = "sparse_encoder";
+  if (name.empty()) return std::make_pair(std::string(), std::string());
+  // The tenant's own calibration, else the shared one an admin published.
+  auto art = GetArtifact(request.tenant, /*shared=*/false, model_id, name, 0);
+  if (absl::IsNotFound(art.status())) {
+    art = GetArtifact(request.tenant, /*shared=*/true, model_id, name, 0);
+  }
+  if (absl::IsNotFound(art.status())) return std::make_pair(name, std::string());
+  if (!art.ok()) return art.status();
+  return std::make_pair(name, std::move(art->second));
+}
+
 void RetrievalService::RunOperation(std::shared_ptr<Operation> op, BuildIndexRequest request) {
   auto finish = [&](OperationState state, absl::Status error) {
     FinishOperation(*op, state, std::move(error));
@@ -177,25 +193,12 @@ void RetrievalService::RunOperation(std::shared_ptr<Operation> op, BuildIndexReq
     finish(OperationState::kFailed, params.status());
     return;
   }
-  // The model's calibration artifact, when the kind uses one ("loki_basis",
-  // "sparse_encoder"): the latest version, holding an entry per (layer, KV
-  // head); the build params layer= and kv_head= pick the entry.
-  std::string artifact_name, artifact_bytes;
-  if (request.kind == "loki") artifact_name = "loki_basis";
-  if (request.kind == "inverted") artifact_name = "sparse_encoder";
-  if (!artifact_name.empty()) {
-    // The tenant's own calibration, else the shared one an admin published.
-    auto art = GetArtifact(request.tenant, /*shared=*/false, m.model_id, artifact_name, 0);
-    if (absl::IsNotFound(art.status())) {
-      art = GetArtifact(request.tenant, /*shared=*/true, m.model_id, artifact_name, 0);
-    }
-    if (art.ok()) {
-      artifact_bytes = std::move(art->second);
-    } else if (!absl::IsNotFound(art.status())) {
-      finish(OperationState::kFailed, art.status());
-      return;
-    }
+  auto artifact = CalibrationArtifact(request, m.model_id);
+  if (!artifact.ok()) {
+    finish(OperationState::kFailed, artifact.status());
+    return;
   }
+  const auto& [artifact_name, artifact_bytes] = *artifact;
 
   BuildProgress progress;
   progress.items = static_cast<int64_t>(request.layers.size() * request.kv_heads.size());

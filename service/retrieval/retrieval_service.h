@@ -321,6 +321,12 @@ class RetrievalService {
   // One build operation: checks, then per (layer, KV head) BuildLayerHead
   // and InstallIndex, with progress and cancellation; ends in FinishOperation.
   void RunOperation(std::shared_ptr<Operation> op, BuildIndexRequest request);
+  // The model's calibration artifact when the request's kind uses one
+  // ("loki_basis", "sparse_encoder"): (name, bytes of its latest version, the
+  // tenant's own else the shared one; empty when there is none); ("", "")
+  // for the other kinds. The build params layer= and kv_head= pick its entry.
+  absl::StatusOr<std::pair<std::string, std::string>> CalibrationArtifact(
+      const BuildIndexRequest& request, const std::string& model_id) ABSL_LOCKS_EXCLUDED(mu_);
   // How far an operation is: items are (layer, KV head) pairs. Written by
   // RunOperation, read by the build's progress callback, both under mu_.
   struct BuildProgress {
