@@ -10,7 +10,7 @@ PACKAGES=(
   # C++ libraries (STYLE.md pinned versions)
   libabsl-dev libprotobuf-dev protobuf-compiler
   libgrpc++-dev protobuf-compiler-grpc
-  librocksdb-dev libfaiss-dev libopenblas-dev libopenblas0-pthread libomp-dev
+  librocksdb-dev libfaiss-dev libopenblas-dev libopenblas0-pthread
   libgtest-dev libgmock-dev libbenchmark-dev
   libxxhash-dev libcpp-httplib-dev libcli11-dev nlohmann-json3-dev
   # TLS test certificates (tests/integration/security_test.cc)

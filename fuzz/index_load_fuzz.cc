@@ -8,12 +8,17 @@
 // the size (i64), the rest is the payload; the target wraps it in a valid
 // header (index::EncodeIndex) and loads it. An input starting with the index
 // magic is loaded as it is. A loaded index must answer a search.
+//
+// FAISS sizes vectors by counts in the payload: a single allocation above
+// 4 MiB (the seeds need well under 1 MiB) throws std::bad_alloc here, which the
+// loader must report as an error (throwing_new.cc).
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "fuzz/throwing_new.h"
 #include "index/index_factory.h"
 #include "index/index_format.h"
 
@@ -32,6 +37,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::memcpy(&header.size, in.data() + 5, 8);
     bytes = idx::EncodeIndex(header, in.substr(13));
   }
+  const kvrecall::fuzz::NewLimit limit(size_t{4} << 20);
   auto index = idx::LoadIndex(bytes);
   if (index.ok() && (*index)->size() > 0 && (*index)->size() < (1 << 16)) {
     const int32_t d = (*index)->dim();

@@ -20,6 +20,7 @@ absl::StatusOr<std::string> ByteReader::GetString() {
 
 absl::Status ByteReader::GetBytes(void* out, size_t n) {
   if (n > in_.size()) return Truncated();
+  if (n == 0) return absl::OkStatus();  // `out` may be null (an empty vector's data())
   std::memcpy(out, in_.data(), n);
   in_.remove_prefix(n);
   return absl::OkStatus();

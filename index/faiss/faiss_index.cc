@@ -457,8 +457,13 @@ absl::StatusOr<std::unique_ptr<FaissIndex>> FaissIndex::Load(const IndexHeader& 
   const bool type_ok = options->kind == FaissKind::kHnsw
                            ? dynamic_cast<faiss::IndexHNSWFlat*>(index->index_.get()) != nullptr
                            : dynamic_cast<faiss::IndexIVFFlat*>(index->index_.get()) != nullptr;
+  // FAISS reads the metric as raw bytes: compare them as an int, since an
+  // enum holding a value it has no enumerator for is not a valid load.
+  int metric = 0;
+  static_assert(sizeof(metric) == sizeof(faiss::MetricType));
+  std::memcpy(&metric, &index->index_->metric_type, sizeof(metric));
   if (!type_ok || index->index_->d != header.dim || index->index_->ntotal != header.size ||
-      index->index_->metric_type != faiss::METRIC_INNER_PRODUCT) {
+      metric != static_cast<int>(faiss::METRIC_INNER_PRODUCT)) {
     return absl::DataLossError("faiss: stored index does not match the header");
   }
   KVR_RETURN_IF_ERROR(ValidateStructure(*index->index_));

@@ -578,6 +578,14 @@ absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Load(const IndexHeader& he
   if (capacity != static_cast<uint32_t>(index->graph_.capacity())) {
     return absl::DataLossError("roar: bad graph header");
   }
+  // Every node has a count and a key row: a size the payload cannot hold is
+  // refused before anything is allocated for it.
+  const int64_t row_bytes = int64_t{header.dim} * DTypeSize(header.key_dtype);
+  if (n > 0 && static_cast<int64_t>(r.remaining()) / n <
+                   static_cast<int64_t>(sizeof(uint32_t)) + row_bytes) {
+    return absl::DataLossError(absl::StrCat("roar: a payload of ", r.remaining(),
+                                            " bytes cannot hold ", n, " nodes"));
+  }
   index->graph_.Resize(n);
   std::vector<uint32_t> nbrs;
   for (int64_t i = 0; i < n; ++i) {

@@ -159,6 +159,19 @@ TEST(RoarIndexTest, BuildIsDeterministicAcrossThreadCountsAndRoundTrips) {
               StatusIs(absl::StatusCode::kDataLoss));
 }
 
+// Found by index_load_fuzz: a header size far beyond what the payload holds
+// made Load allocate the graph for it (gigabytes) before reading a byte.
+TEST(RoarIndexTest, ASizeThePayloadCannotHoldIsDataLossBeforeAllocating) {
+  const Data data = MakeData(300, 9);
+  KVR_ASSERT_OK_AND_ASSIGN(auto a, RoarIndex::Build(Keys(data), Training(data), SmallOptions()));
+  KVR_ASSERT_OK_AND_ASSIGN(std::string bytes, a->Serialize());
+  KVR_ASSERT_OK_AND_ASSIGN(auto decoded, DecodeIndex(bytes));
+  IndexHeader header = decoded.first;
+  header.size = int64_t{1} << 31;
+  EXPECT_THAT(RoarIndex::Load(header, decoded.second).status(),
+              StatusIs(absl::StatusCode::kDataLoss, ::testing::HasSubstr("cannot hold")));
+}
+
 TEST(RoarIndexTest, ReportsStagesInOrderAndCancels) {
   const Data data = MakeData(800, 8);
   RoarOptions o = SmallOptions();
