@@ -41,12 +41,12 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "bench/store/child_process.h"
 #include "clients/cpp/kv_store_client.h"
 #include "clients/cpp/span_keys.h"
 #include "common/npy.h"
 #include "common/span_hash.h"
 #include "common/status_macros.h"
+#include "tests/testing/child_process.h"
 
 ABSL_FLAG(std::vector<std::string>, sizes, std::vector<std::string>({"64KiB", "1MiB", "8MiB"}),
           "span payload sizes (64KiB, 1MiB or 8MiB)");
@@ -73,6 +73,10 @@ ABSL_FLAG(std::string, json_out, "", "also write the results as JSON lines to th
 
 namespace kvrecall::bench {
 namespace {
+
+using ::kvrecall::testing::ChildProcess;
+using ::kvrecall::testing::PickFreeLoopbackPort;
+using ::kvrecall::testing::WaitForPortFile;
 
 absl::StatusOr<int64_t> ParseBytes(std::string text) {
   text = absl::AsciiStrToLower(absl::StripAsciiWhitespace(text));
@@ -457,18 +461,12 @@ absl::StatusOr<int> StartKvrecalld(const std::string& dir, int64_t memory_bytes,
       absl::StrCat("--memory_capacity_bytes=", memory_bytes)};
   for (const auto& f : absl::GetFlag(FLAGS_kvrecalld_flags)) argv.push_back(f);
   KVR_RETURN_IF_ERROR(proc->Spawn(argv, dir + "/kvrecalld.log"));
-  int port = 0;
-  for (int i = 0; i < 6000 && port == 0; ++i) {
-    if (!proc->Alive()) break;
-    auto text = ReadFileToString(dir + "/kvrecalld.port");
-    if (text.ok()) (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(*text), &port);
-    if (port == 0) absl::SleepFor(absl::Milliseconds(10));
+  absl::StatusOr<int> port = WaitForPortFile(*proc, dir + "/kvrecalld.port", absl::Seconds(60));
+  if (!port.ok()) {
+    return absl::UnavailableError(absl::StrCat("kvrecalld did not start (", port.status().message(),
+                                               "); see ", dir, "/kvrecalld.log"));
   }
-  if (port == 0) {
-    return absl::UnavailableError(
-        absl::StrCat("kvrecalld did not start; see ", dir, "/kvrecalld.log"));
-  }
-  return port;
+  return *port;
 }
 
 // Starts redis-server on loopback, no persistence, no memory limit; returns
@@ -489,7 +487,7 @@ absl::StatusOr<int> StartRedis(const std::string& dir, ChildProcess* proc) {
       if (RedisConnection::Command(*port, {"PING"}).ok()) return *port;
       absl::SleepFor(absl::Milliseconds(10));
     }
-    proc->Stop();
+    proc->Stop().IgnoreError();  // it did not answer: the next attempt or the error below
   }
   return absl::UnavailableError(absl::StrCat("redis-server (", absl::GetFlag(FLAGS_redis_server),
                                              ") did not start; see ", dir, "/redis.log"));
@@ -679,8 +677,9 @@ absl::Status Run(const BenchConfig& cfg) {
     }
   }
   std::printf("\nratio > 1: kvrecall moved more bytes per second than Redis on that row.\n");
-  kv_proc.Stop();
-  redis_proc.Stop();
+  // The peers' exits are not part of the results.
+  kv_proc.Stop().IgnoreError();
+  redis_proc.Stop().IgnoreError();
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
   return absl::OkStatus();

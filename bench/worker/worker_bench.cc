@@ -41,7 +41,6 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
-#include "bench/store/child_process.h"
 #include "bench/worker/random_fill.h"
 #include "clients/cpp/kv_store_client.h"
 #include "clients/cpp/retrieval_client.h"
@@ -51,6 +50,7 @@
 #include "common/status_macros.h"
 #include "gpu/worker/decode_session.h"
 #include "gpu/worker/policy.h"
+#include "tests/testing/child_process.h"
 
 ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"32768", "131072"}),
           "context lengths (tokens) of the GPU-resident rows");
@@ -76,6 +76,9 @@ ABSL_FLAG(std::string, out, "", "directory for worker_bench.csv (default: none)"
 
 namespace kvrecall::bench {
 namespace {
+
+using ::kvrecall::testing::ChildProcess;
+using ::kvrecall::testing::WaitForPortFile;
 
 constexpr int32_t kHq = 32, kHkv = 8, kD = 128;
 
@@ -256,34 +259,16 @@ absl::StatusOr<int> StartDaemon(ChildProcess* proc, const std::string& dir, int6
                                    absl::StrCat("--disk_capacity_bytes=", int64_t{1} << 30),
                                    "--index_build_threads=2", "--persist_indexes=false"},
                                   dir + "/kvrecalld.log"));
-  for (int i = 0; i < 6000; ++i) {
-    if (!proc->Alive()) break;
-    auto text = ReadFileToString(dir + "/port");
-    int port = 0;
-    if (text.ok() && absl::SimpleAtoi(absl::StripAsciiWhitespace(*text), &port) && port > 0) return port;
-    absl::SleepFor(absl::Milliseconds(10));
+  absl::StatusOr<int> port = WaitForPortFile(*proc, dir + "/port", absl::Seconds(60));
+  if (!port.ok()) {
+    return absl::UnavailableError(absl::StrCat("kvrecalld did not start (", port.status().message(),
+                                               "); see ", dir, "/kvrecalld.log"));
   }
-  return absl::UnavailableError(absl::StrCat("kvrecalld did not start; see ", dir, "/kvrecalld.log"));
+  return *port;
 }
 
 // Backend memory for the offloaded rows, filled with the same counter-based
-// random values on either backend (the CUDA kernel of random_fill.cu, or its
-// host twin below).
-uint64_t HostMix(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdULL;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ULL;
-  x ^= x >> 33;
-  return x;
-}
-float HostNormalish(uint64_t i, uint64_t seed) {
-  const uint64_t a = HostMix(i * 2 + seed * 0x9e3779b97f4a7c15ULL);
-  const uint64_t b = HostMix(i * 2 + 1 + seed * 0x9e3779b97f4a7c15ULL);
-  const float u = ((a & 0xffff) + ((a >> 16) & 0xffff) + (b & 0xffff) + ((b >> 16) & 0xffff)) / 65536.0f;
-  return (u - 2.0f) * 1.7320508f;
-}
-
+// random values on either backend (random_fill.h).
 class Mem {
  public:
   Mem(worker::Backend* be, size_t bytes) : be_(be), bytes_(bytes) {
@@ -301,13 +286,7 @@ class Mem {
       CUDA_OK(FillRandomBf16(static_cast<uint16_t*>(p_), n, seed, 1.0f, stream));
       return absl::OkStatus();
     }
-    uint16_t* d = static_cast<uint16_t*>(p_);
-    for (int64_t i = 0; i < n; ++i) {
-      float f = HostNormalish(static_cast<uint64_t>(i), seed);
-      uint32_t u;
-      std::memcpy(&u, &f, 4);
-      d[i] = static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-    }
+    FillRandomBf16Host(static_cast<uint16_t*>(p_), n, seed, 1.0f);
     return absl::OkStatus();
   }
   absl::Status FillF32(uint64_t seed, float scale, cudaStream_t stream) {
@@ -317,8 +296,7 @@ class Mem {
       CUDA_OK(FillRandomF32(static_cast<float*>(p_), n, seed, scale, stream));
       return absl::OkStatus();
     }
-    float* d = static_cast<float*>(p_);
-    for (int64_t i = 0; i < n; ++i) d[i] = scale * HostNormalish(static_cast<uint64_t>(i), seed);
+    FillRandomF32Host(static_cast<float*>(p_), n, seed, scale);
     return absl::OkStatus();
   }
 
@@ -530,7 +508,7 @@ absl::Status RunOffloaded(std::vector<Row>* rows) {
     rows->push_back(std::move(row));
   }
   if (stream != nullptr) cudaStreamDestroy(stream);
-  daemon.Stop();
+  daemon.Stop().IgnoreError();  // its exit is not part of the results
   return absl::OkStatus();
 }
 

@@ -4,7 +4,6 @@
 
 #include <signal.h>
 
-#include <cstring>
 #include <random>
 #include <string>
 #include <thread>
@@ -18,6 +17,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/integration/daemon_process.h"
+#include "tests/integration/random_spans.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
 
@@ -49,16 +49,7 @@ struct ChainGen {
   explicit ChainGen(uint64_t seed) : seed(seed), parent(SpanRootHash(kModel)) {}
   client::OwnedSpan Next() {
     std::mt19937_64 rng(seed * 1000003 + index++);
-    client::OwnedSpan s;
-    s.parent = parent;
-    s.token_ids.resize(kTokens);
-    for (auto& t : s.token_ids) t = static_cast<uint32_t>(rng() % 128000);
-    s.hash = SpanHash(parent, s.token_ids);
-    s.payload.resize(kSpanBytes);
-    for (size_t b = 0; b < s.payload.size(); b += 8) {
-      const uint64_t v = rng();
-      std::memcpy(s.payload.data() + b, &v, 8);
-    }
+    client::OwnedSpan s = ::kvrecall::testing::RandomSpan(parent, kTokens, kSpanBytes, rng);
     parent = s.hash;
     return s;
   }

@@ -21,6 +21,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/integration/daemon_process.h"
+#include "tests/integration/random_spans.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
 #include <grpcpp/client_context.h>
@@ -55,18 +56,8 @@ std::vector<client::OwnedSpan> Chain(int n, uint64_t seed) {
   std::vector<client::OwnedSpan> spans;
   Hash128 parent = SpanRootHash(kModel);
   for (int i = 0; i < n; ++i) {
-    client::OwnedSpan s;
-    s.parent = parent;
-    s.token_ids.resize(64);
-    for (auto& t : s.token_ids) t = static_cast<uint32_t>(rng() % 100000);
-    s.hash = SpanHash(parent, s.token_ids);
-    s.payload.resize(kSpanBytes);
-    for (size_t b = 0; b < s.payload.size(); b += 8) {
-      const uint64_t v = rng();
-      std::memcpy(s.payload.data() + b, &v, 8);
-    }
-    parent = s.hash;
-    spans.push_back(std::move(s));
+    spans.push_back(::kvrecall::testing::RandomSpan(parent, 64, kSpanBytes, rng));
+    parent = spans.back().hash;
   }
   return spans;
 }

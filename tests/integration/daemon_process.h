@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "tests/testing/child_process.h"
 
 namespace kvrecall::testing {
 
@@ -39,8 +40,8 @@ class DaemonProcess {
   // SIGKILL (kill -9) and reap.
   absl::Status Kill();
 
-  bool running() const { return pid_ > 0; }
-  pid_t pid() const { return pid_; }
+  bool running() const { return process_.running(); }
+  pid_t pid() const { return process_.pid(); }
   int port() const { return port_; }
   // "127.0.0.1:<port>".
   std::string address() const;
@@ -53,7 +54,7 @@ class DaemonProcess {
   const std::vector<std::string> extra_flags_;
   const std::string port_file_;
   const std::string log_file_;
-  pid_t pid_ = -1;
+  ChildProcess process_;
   int port_ = 0;
 };
 
