@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -58,6 +59,9 @@ absl::StatusOr<std::string> DictValue(absl::string_view header, absl::string_vie
 }  // namespace
 
 int64_t NpyArray::num_elements() const {
+  for (int64_t d : shape) {
+    if (d == 0) return 0;
+  }
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
   return n;
@@ -120,8 +124,22 @@ absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes) {
   if (array.item_size() == 0) {
     return absl::InvalidArgumentError(absl::StrCat("unsupported .npy dtype '", array.descr, "'"));
   }
-  const size_t want = static_cast<size_t>(array.num_elements()) * array.item_size();
+  // The shape's size, checked against the bytes present as it is multiplied
+  // out: a product that overflowed could match a short file.
   const size_t data_offset = offset + header_len;
+  const size_t available = bytes.size() - data_offset;
+  if (std::find(array.shape.begin(), array.shape.end(), 0) == array.shape.end()) {
+    size_t fits = available / array.item_size();  // elements the data can hold
+    for (int64_t d : array.shape) {
+      if (static_cast<uint64_t>(d) > fits) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            ".npy shape ", shape_text, " of ", array.descr, " needs more than the ",
+            available, " data bytes"));
+      }
+      fits /= static_cast<size_t>(d);
+    }
+  }
+  const size_t want = static_cast<size_t>(array.num_elements()) * array.item_size();
   if (bytes.size() - data_offset != want) {
     return absl::InvalidArgumentError(absl::StrCat(".npy data is ", bytes.size() - data_offset,
                                                    " bytes, shape and dtype need ", want));

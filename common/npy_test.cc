@@ -10,6 +10,7 @@ namespace kvrecall {
 namespace {
 
 using ::kvrecall::testing::StatusIs;
+using ::testing::HasSubstr;
 
 TEST(NpyTest, RoundTrip) {
   NpyArray a;
@@ -48,6 +49,30 @@ TEST(NpyTest, RejectsBadFiles) {
   EXPECT_THAT(ParseNpy(bytes.substr(0, bytes.size() - 1)),
               StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(ReadNpy("/nonexistent/x.npy"), StatusIs(absl::StatusCode::kNotFound));
+}
+
+// Found by npy_fuzz (UBSan: signed overflow in num_elements): a shape whose
+// product wraps to the size of the data present was accepted, an array of
+// 2^64 elements over 16 bytes.
+TEST(NpyTest, AShapeLargerThanTheDataIsRefusedWithoutOverflow) {
+  auto npy = [](const std::string& shape, size_t data_bytes) {
+    std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': " + shape + ", }";
+    header.append((64 - (10 + header.size() + 1) % 64) % 64, ' ');
+    header += '\n';
+    std::string bytes("\x93NUMPY\x01\x00", 8);
+    bytes += static_cast<char>(header.size() & 0xff);
+    bytes += static_cast<char>(header.size() >> 8);
+    return bytes + header + std::string(data_bytes, '\0');
+  };
+  KVR_EXPECT_OK(ParseNpy(npy("(2, 2)", 16)).status());
+  // 2^62 x 4 elements of 4 bytes: 2^66 bytes, 0 modulo 2^64.
+  EXPECT_THAT(ParseNpy(npy("(4611686018427387904, 4)", 0)),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("needs more than")));
+  EXPECT_THAT(ParseNpy(npy("(4611686018427387905, 4)", 16)),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  // A zero dimension: no elements, whatever the others are.
+  KVR_ASSERT_OK_AND_ASSIGN(NpyArray empty, ParseNpy(npy("(9223372036854775807, 4, 0)", 0)));
+  EXPECT_EQ(empty.num_elements(), 0);
 }
 
 TEST(NpyTest, ReadsRealCapture) {
