@@ -14,6 +14,7 @@
 #include "index/flat/flat_index.h"
 #include "index/testing/index_testing.h"
 #include "index/testing/synthetic_attention.h"
+#include "tests/testing/largest_allocation.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
 
@@ -168,8 +169,11 @@ TEST(RoarIndexTest, ASizeThePayloadCannotHoldIsDataLossBeforeAllocating) {
   KVR_ASSERT_OK_AND_ASSIGN(auto decoded, DecodeIndex(bytes));
   IndexHeader header = decoded.first;
   header.size = int64_t{1} << 31;
+  kvrecall::testing::LargestAllocation largest;
   EXPECT_THAT(RoarIndex::Load(header, decoded.second).status(),
               StatusIs(absl::StatusCode::kDataLoss, ::testing::HasSubstr("cannot hold")));
+  // Nothing sized by the claim: no allocation beyond the payload's own size.
+  EXPECT_LT(largest.bytes(), decoded.second.size() + 4096);
 }
 
 TEST(RoarIndexTest, ReportsStagesInOrderAndCancels) {

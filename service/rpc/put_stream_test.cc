@@ -2,9 +2,6 @@
 
 #include "service/rpc/put_stream.h"
 
-#include <atomic>
-#include <cstdlib>
-#include <new>
 #include <random>
 #include <string>
 
@@ -15,28 +12,9 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "service/store/tiered_store.h"
+#include "tests/testing/largest_allocation.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
-
-// The largest single operator-new allocation while tracking is on: a parser
-// of untrusted bytes must not allocate what a message only claims to hold.
-namespace {
-std::atomic<bool> g_track_allocations{false};
-std::atomic<size_t> g_largest_allocation{0};
-}  // namespace
-
-// Not inlined: GCC would otherwise see malloc and free meet new and delete.
-__attribute__((noinline)) void* operator new(size_t size) {
-  if (g_track_allocations.load(std::memory_order_relaxed)) {
-    size_t seen = g_largest_allocation.load(std::memory_order_relaxed);
-    while (size > seen && !g_largest_allocation.compare_exchange_weak(seen, size)) {
-    }
-  }
-  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-  throw std::bad_alloc();
-}
-__attribute__((noinline)) void operator delete(void* p) noexcept { std::free(p); }
-__attribute__((noinline)) void operator delete(void* p, size_t) noexcept { std::free(p); }
 
 namespace kvrecall::rpc {
 namespace {
@@ -202,12 +180,9 @@ TEST_F(PutStreamTest, ALengthPastTheEndAllocatesNothingOfIt) {
   for (const std::string& bad : {claims_58_mib, valid_then_claims_64_mib}) {
     PutStream stream(store_.get(), "", 1 << 20);
     bool complete = false;
-    g_largest_allocation = 0;
-    g_track_allocations = true;
-    const absl::Status status = stream.ConsumeBytes(bad, &complete);
-    g_track_allocations = false;
-    EXPECT_THAT(status, StatusIs(absl::StatusCode::kInvalidArgument));
-    EXPECT_LT(g_largest_allocation.load(), size_t{1} << 20) << absl::CHexEscape(bad);
+    kvrecall::testing::LargestAllocation largest;
+    EXPECT_THAT(stream.ConsumeBytes(bad, &complete), StatusIs(absl::StatusCode::kInvalidArgument));
+    EXPECT_LT(largest.bytes(), size_t{1} << 20) << absl::CHexEscape(bad);
   }
 }
 
