@@ -11,12 +11,11 @@
 //
 // Not thread-safe.
 
-#include <sys/types.h>
-
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "tests/testing/child_process.h"
 
 namespace kvrecall::testing {
 
@@ -41,7 +40,7 @@ class EtcdProcess {
   // SIGKILL and reap.
   absl::Status Kill();
 
-  bool running() const { return pid_ > 0; }
+  bool running() const { return process_.running(); }
   // "127.0.0.1:<client port>".
   std::string endpoint() const;
   std::string Log() const;
@@ -50,10 +49,11 @@ class EtcdProcess {
   const std::string dir_;
   int client_port_ = 0;
   int peer_port_ = 0;
-  pid_t pid_ = -1;
+  ChildProcess process_;
 };
 
-// A TCP port on 127.0.0.1 that was free a moment ago.
+// A TCP port on 127.0.0.1 that was free a moment ago, 0 if none could be
+// bound (PickFreeLoopbackPort).
 int PickFreePort();
 
 }  // namespace kvrecall::testing
