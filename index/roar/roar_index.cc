@@ -155,6 +155,198 @@ RoarIndex::RoarIndex(int32_t dim, DType key_dtype, const RoarOptions& options)
       keys_(dim, options.store_f32 ? DType::kF32 : key_dtype),
       graph_(3 * options.m) {}
 
+namespace {
+
+absl::Status Cancelled() { return absl::CancelledError("roar build cancelled"); }
+
+// The training queries of a build as f32, evenly sampled down to max_train.
+// With causal training, row r of the training queries is the query at
+// position r % n (the prefill queries of each head in position order): it
+// only ever attended to keys 0..r % n, so its neighbours are taken among
+// those. The rows are ordered by position so that a kNN batch shares one key
+// range.
+struct TrainingSample {
+  int64_t rows = 0;
+  std::vector<float> queries;     // [rows, d]
+  std::vector<int64_t> position;  // the last key each row may have as a neighbour
+};
+
+absl::StatusOr<TrainingSample> SampleTrainingQueries(const VectorView& keys,
+                                                     const VectorView& training_queries,
+                                                     const RoarOptions& options) {
+  const int64_t n = keys.rows;
+  const int32_t d = keys.dim;
+  const VectorView& source = training_queries.rows > 0 ? training_queries : keys;
+  if (options.causal && source.rows % n != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "roar: causal=1 needs the training queries in position order, a multiple of the ", n,
+        " keys (row r is the query at position r % n); got ", source.rows,
+        " rows (pass causal=0 for unordered training queries)"));
+  }
+  int64_t t = source.rows;
+  if (options.max_train > 0 && t > options.max_train) t = options.max_train;
+  std::vector<int64_t> rows(t);
+  for (int64_t i = 0; i < t; ++i) rows[i] = source.rows == t ? i : (i * source.rows) / t;
+  TrainingSample sample;
+  sample.rows = t;
+  sample.position.assign(t, n - 1);
+  if (options.causal) {
+    std::stable_sort(rows.begin(), rows.end(),
+                     [n](int64_t a, int64_t b) { return a % n < b % n; });
+    for (int64_t i = 0; i < t; ++i) sample.position[i] = rows[i] % n;
+  }
+  sample.queries.resize(t * d);
+  for (int64_t i = 0; i < t; ++i) {
+    ConvertToFloat(source.row(rows[i]), source.dtype, d, sample.queries.data() + i * d);
+  }
+  return sample;
+}
+
+// Stage 1: the exact `nq` nearest keys of every training query (among the
+// keys up to its position), [rows, nq] with kNoKey in unused slots.
+absl::StatusOr<std::vector<uint32_t>> ExactKnn(const VectorView& keys,
+                                               const TrainingSample& sample, int32_t nq,
+                                               int threads, StageProgress* progress) {
+  const int64_t n = keys.rows, t = sample.rows;
+  const int32_t d = keys.dim;
+  std::vector<uint32_t> knn(t * nq, kNoKey);
+  KVR_ASSIGN_OR_RETURN(auto flat, FlatIndex::Build(keys, FlatOptions()));
+  for (int64_t b = 0; b < t; b += kKnnBatch) {
+    const int64_t count = std::min(kKnnBatch, t - b);
+    const int64_t first = sample.position[b], last = sample.position[b + count - 1];
+    // Keys after the batch's last position never qualify; keys in
+    // (position, last] may, for earlier rows of the batch: fetch that many
+    // more and drop them below.
+    std::vector<PositionRange> after;
+    if (last + 1 < n) after.push_back({last + 1, n});
+    KVR_ASSIGN_OR_RETURN(ExcludeSet exclude, ExcludeSet::Create(after, n));
+    const int32_t fetch = static_cast<int32_t>(std::min<int64_t>(nq + (last - first), n));
+    SearchResult r = flat->SearchF32(sample.queries.data() + b * d, count, fetch, exclude, threads);
+    for (int64_t i = 0; i < count; ++i) {
+      int32_t filled = 0;
+      for (int32_t j = 0; j < fetch && filled < nq; ++j) {
+        const int64_t id = r.ids[i * fetch + j];
+        if (id >= 0 && id <= sample.position[b + i]) {
+          knn[(b + i) * nq + filled++] = static_cast<uint32_t>(id);
+        }
+      }
+    }
+    if (!progress->Advance(kKnn, count, t)) return Cancelled();
+  }
+  return knn;
+}
+
+// The key nearest (L2) to the keys' mean: RoarGraph's single entry point.
+uint32_t Medoid(const roar::KeyStore& store) {
+  const int64_t n = store.size();
+  const int32_t d = store.dim();
+  uint32_t medoid = 0;
+  std::vector<double> mean(d, 0.0);
+  std::vector<float> row(d);
+  for (int64_t i = 0; i < n; ++i) {
+    store.ToF32(i, row.data());
+    for (int32_t j = 0; j < d; ++j) mean[j] += row[j];
+  }
+  double best = std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    store.ToF32(i, row.data());
+    double dist = 0;
+    for (int32_t j = 0; j < d; ++j) {
+      const double diff = row[j] - mean[j] / static_cast<double>(n);
+      dist += diff * diff;
+    }
+    if (dist < best) {
+      best = dist;
+      medoid = static_cast<uint32_t>(i);
+    }
+  }
+  return medoid;
+}
+
+// Stage 2: the entry points, the medoid and then the best keys of the latest
+// training queries (rows are in position order): the queries most like the
+// decode queries that follow. At most `entries`.
+std::vector<uint32_t> ChooseEntryPoints(const roar::KeyStore& store,
+                                        const std::vector<uint32_t>& knn, int64_t t, int32_t nq,
+                                        int32_t entries) {
+  std::vector<uint32_t> points = {Medoid(store)};
+  for (int64_t q = t - 1; q >= 0 && static_cast<int32_t>(points.size()) < entries; --q) {
+    const uint32_t best = knn[q * nq];
+    if (std::find(points.begin(), points.end(), best) == points.end()) points.push_back(best);
+  }
+  return points;
+}
+
+// Keeps the `l` ids of `ids` (with repeats) that occur most often.
+void KeepMostFrequent(int64_t l, std::vector<uint32_t>* ids) {
+  if (static_cast<int64_t>(ids->size()) <= l) return;
+  std::sort(ids->begin(), ids->end());
+  std::vector<std::pair<int32_t, uint32_t>> counted;  // (-count, id)
+  for (size_t i = 0; i < ids->size();) {
+    size_t e = i;
+    while (e < ids->size() && (*ids)[e] == (*ids)[i]) ++e;
+    counted.push_back({-static_cast<int32_t>(e - i), (*ids)[i]});
+    i = e;
+  }
+  if (static_cast<int64_t>(counted.size()) > l) {
+    std::nth_element(counted.begin(), counted.begin() + l, counted.end());
+    counted.resize(l);
+  }
+  ids->clear();
+  for (const auto& c : counted) ids->push_back(c.second);
+}
+
+// Stage 3, projection: each of the first `targets` neighbours of a training
+// query gets the query's other neighbours as candidates; a key's candidates
+// are pooled over all queries (the `l` most frequent kept), pruned against
+// it to `m`, then reverse edges are added.
+absl::StatusOr<std::vector<std::vector<uint32_t>>> Project(const roar::KeyStore& store,
+                                                           const std::vector<uint32_t>& knn,
+                                                           int64_t t, int32_t nq,
+                                                           const RoarOptions& options, int threads,
+                                                           StageProgress* progress) {
+  const int64_t n = store.size();
+  const int32_t targets = std::min<int32_t>(options.targets, nq);
+  // The (query, slot) pairs of each target, grouped by target.
+  std::vector<int64_t> offsets(n + 1, 0);
+  for (int64_t q = 0; q < t; ++q) {
+    for (int32_t j = 0; j < targets && knn[q * nq + j] != kNoKey; ++j) {
+      ++offsets[knn[q * nq + j] + 1];
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) offsets[i + 1] += offsets[i];
+  std::vector<int64_t> by_target(offsets[n]);  // q * nq + j
+  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+  for (int64_t q = 0; q < t; ++q) {
+    for (int32_t j = 0; j < targets && knn[q * nq + j] != kNoKey; ++j) {
+      by_target[fill[knn[q * nq + j]]++] = q * nq + j;
+    }
+  }
+  std::vector<std::vector<uint32_t>> projected(n);
+  ParallelNodes(n, threads, progress, kProjection, [&](int64_t target) {
+    if (offsets[target] == offsets[target + 1]) return;
+    std::vector<uint32_t> ids;
+    for (int64_t at = offsets[target]; at < offsets[target + 1]; ++at) {
+      const int64_t q = by_target[at] / nq, j = by_target[at] % nq;
+      const uint32_t* row = knn.data() + q * nq;
+      for (int64_t c = 0; c < nq && row[c] != kNoKey; ++c) {
+        if (c != j) ids.push_back(row[c]);
+      }
+    }
+    // Keep the l candidates co-retrieved with the target most often.
+    KeepMostFrequent(options.l, &ids);
+    std::vector<float> scratch;
+    const std::vector<Scored> scored =
+        ScoreAgainst(store, static_cast<uint32_t>(target), std::move(ids), &scratch);
+    OcclusionPrune(store, scored, options.m, /*top_up=*/true, &projected[target]);
+  });
+  if (progress->cancelled()) return Cancelled();
+  AddReverseEdges(store, &projected, options.m, threads);
+  return projected;
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Build(const VectorView& keys,
                                                             const VectorView& training_queries,
                                                             const RoarOptions& options) {
@@ -172,259 +364,120 @@ absl::StatusOr<std::unique_ptr<RoarIndex>> RoarIndex::Build(const VectorView& ke
   index->graph_.Resize(n);
   if (n == 0) return index;
 
-  const roar::KeyStore& store = index->keys_;
-  const int32_t d = keys.dim;
-  const int32_t m = checked.m;
   const int threads = ResolveThreads(options.num_threads);
   StageProgress progress(options.progress, {{"knn", 0.35},
                                             {"projection", 0.15},
                                             {"connectivity", 0.45},
                                             {"repair", 0.05}});
-  auto cancelled = [] { return absl::CancelledError("roar build cancelled"); };
-
-  // Training queries as f32, evenly sampled down to max_train. With causal
-  // training, row r of the training queries is the query at position r % n
-  // (the prefill queries of each head in position order): it only ever
-  // attended to keys 0..r % n, so its neighbours are taken among those. The
-  // rows are ordered by position so that a kNN batch shares one key range.
-  const VectorView& source = training_queries.rows > 0 ? training_queries : keys;
-  if (checked.causal && source.rows % n != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "roar: causal=1 needs the training queries in position order, a multiple of the ", n,
-        " keys (row r is the query at position r % n); got ", source.rows,
-        " rows (pass causal=0 for unordered training queries)"));
-  }
-  int64_t t = source.rows;
-  if (checked.max_train > 0 && t > checked.max_train) t = checked.max_train;
-  std::vector<int64_t> rows(t);
-  for (int64_t i = 0; i < t; ++i) rows[i] = source.rows == t ? i : (i * source.rows) / t;
-  std::vector<int64_t> position(t, n - 1);
-  if (checked.causal) {
-    std::stable_sort(rows.begin(), rows.end(),
-                     [n](int64_t a, int64_t b) { return a % n < b % n; });
-    for (int64_t i = 0; i < t; ++i) position[i] = rows[i] % n;
-  }
-  std::vector<float> train(t * d);
-  for (int64_t i = 0; i < t; ++i) {
-    ConvertToFloat(source.row(rows[i]), source.dtype, d, train.data() + i * d);
-  }
-
-  // 1. Exact kNN of every training query (among the keys up to its position).
+  KVR_ASSIGN_OR_RETURN(TrainingSample sample,
+                       SampleTrainingQueries(keys, training_queries, checked));
+  const int64_t t = sample.rows;
   const int32_t nq = static_cast<int32_t>(std::min<int64_t>(checked.nq, n));
-  std::vector<uint32_t> knn(t * nq, kNoKey);
-  {
-    KVR_ASSIGN_OR_RETURN(auto flat, FlatIndex::Build(keys, FlatOptions()));
-    for (int64_t b = 0; b < t; b += kKnnBatch) {
-      const int64_t count = std::min(kKnnBatch, t - b);
-      const int64_t first = position[b], last = position[b + count - 1];
-      // Keys after the batch's last position never qualify; keys in
-      // (position, last] may, for earlier rows of the batch: fetch that many
-      // more and drop them below.
-      std::vector<PositionRange> after;
-      if (last + 1 < n) after.push_back({last + 1, n});
-      KVR_ASSIGN_OR_RETURN(ExcludeSet exclude, ExcludeSet::Create(after, n));
-      const int32_t fetch = static_cast<int32_t>(std::min<int64_t>(nq + (last - first), n));
-      SearchResult r = flat->SearchF32(train.data() + b * d, count, fetch, exclude, threads);
-      for (int64_t i = 0; i < count; ++i) {
-        int32_t filled = 0;
-        for (int32_t j = 0; j < fetch && filled < nq; ++j) {
-          const int64_t id = r.ids[i * fetch + j];
-          if (id >= 0 && id <= position[b + i]) {
-            knn[(b + i) * nq + filled++] = static_cast<uint32_t>(id);
-          }
-        }
-      }
-      if (!progress.Advance(kKnn, count, t)) return cancelled();
-    }
-  }
-  train = {};
-
-  // 2. Entry points: the key nearest (L2) to the keys' mean (RoarGraph's
-  // single entry point) and the best keys of the latest training queries.
-  {
-    uint32_t medoid = 0;
-    std::vector<double> mean(d, 0.0);
-    std::vector<float> row(d);
-    for (int64_t i = 0; i < n; ++i) {
-      store.ToF32(i, row.data());
-      for (int32_t j = 0; j < d; ++j) mean[j] += row[j];
-    }
-    double best = std::numeric_limits<double>::infinity();
-    for (int64_t i = 0; i < n; ++i) {
-      store.ToF32(i, row.data());
-      double dist = 0;
-      for (int32_t j = 0; j < d; ++j) {
-        const double diff = row[j] - mean[j] / static_cast<double>(n);
-        dist += diff * diff;
-      }
-      if (dist < best) {
-        best = dist;
-        medoid = static_cast<uint32_t>(i);
-      }
-    }
-    index->entry_points_ = {medoid};
-    // The best keys of the latest training queries (rows are in position
-    // order): the queries most like the decode queries that follow.
-    for (int64_t q = t - 1;
-         q >= 0 && static_cast<int32_t>(index->entry_points_.size()) < checked.entries; --q) {
-      const uint32_t best = knn[q * nq];
-      if (std::find(index->entry_points_.begin(), index->entry_points_.end(), best) ==
-          index->entry_points_.end()) {
-        index->entry_points_.push_back(best);
-      }
-    }
-  }
-
-  // 3. Projection: each of the first `targets` neighbours t of a training
-  // query gets the query's other neighbours as candidates; a key's
-  // candidates are pooled over all queries (the most frequent `l` kept),
-  // pruned against it, then reverse edges are added.
-  std::vector<std::vector<uint32_t>> projected(n);
-  {
-    const int32_t targets = std::min<int32_t>(checked.targets, nq);
-    std::vector<int64_t> offsets(n + 1, 0);
-    for (int64_t q = 0; q < t; ++q) {
-      for (int32_t j = 0; j < targets && knn[q * nq + j] != kNoKey; ++j) {
-        ++offsets[knn[q * nq + j] + 1];
-      }
-    }
-    for (int64_t i = 0; i < n; ++i) offsets[i + 1] += offsets[i];
-    std::vector<int64_t> by_target(offsets[n]);  // q * nq + j
-    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
-    for (int64_t q = 0; q < t; ++q) {
-      for (int32_t j = 0; j < targets && knn[q * nq + j] != kNoKey; ++j) {
-        by_target[fill[knn[q * nq + j]]++] = q * nq + j;
-      }
-    }
-    ParallelNodes(n, threads, &progress, kProjection, [&](int64_t target) {
-      if (offsets[target] == offsets[target + 1]) return;
-      std::vector<uint32_t> ids;
-      for (int64_t at = offsets[target]; at < offsets[target + 1]; ++at) {
-        const int64_t q = by_target[at] / nq, j = by_target[at] % nq;
-        const uint32_t* row = knn.data() + q * nq;
-        for (int64_t c = 0; c < nq && row[c] != kNoKey; ++c) {
-          if (c != j) ids.push_back(row[c]);
-        }
-      }
-      if (static_cast<int64_t>(ids.size()) > checked.l) {
-        // Keep the l candidates co-retrieved with the target most often.
-        std::sort(ids.begin(), ids.end());
-        std::vector<std::pair<int32_t, uint32_t>> counted;  // (-count, id)
-        for (size_t i = 0; i < ids.size();) {
-          size_t e = i;
-          while (e < ids.size() && ids[e] == ids[i]) ++e;
-          counted.push_back({-static_cast<int32_t>(e - i), ids[i]});
-          i = e;
-        }
-        if (static_cast<int64_t>(counted.size()) > checked.l) {
-          std::nth_element(counted.begin(), counted.begin() + checked.l, counted.end());
-          counted.resize(checked.l);
-        }
-        ids.clear();
-        for (const auto& c : counted) ids.push_back(c.second);
-      }
-      std::vector<float> scratch;
-      const std::vector<Scored> scored =
-          ScoreAgainst(store, static_cast<uint32_t>(target), std::move(ids), &scratch);
-      OcclusionPrune(store, scored, m, /*top_up=*/true, &projected[target]);
-    });
-    if (progress.cancelled()) return cancelled();
-
-    AddReverseEdges(store, &projected, m, threads);
-
-  }
+  KVR_ASSIGN_OR_RETURN(std::vector<uint32_t> knn, ExactKnn(keys, sample, nq, threads, &progress));
+  sample = {};
+  index->entry_points_ = ChooseEntryPoints(index->keys_, knn, t, nq, checked.entries);
+  KVR_ASSIGN_OR_RETURN(std::vector<std::vector<uint32_t>> projected,
+                       Project(index->keys_, knn, t, nq, checked, threads, &progress));
   knn = {};
-
-  // 4. Connectivity: every key searches the projected graph for itself.
-  {
-    AdjacencyLists g1(m);
-    g1.Resize(n);
-    for (int64_t i = 0; i < n; ++i) g1.Set(i, projected[i]);
-    std::vector<std::vector<uint32_t>> supply(n);
-    // Seeds of these searches: the entry point and keys spread evenly over
-    // the positions, since the projected graph alone may not connect them
-    // (as NSG and RoarGraph seed their build searches).
-    std::vector<uint32_t> seeds = index->entry_points_;
-    const int64_t num_seeds = std::min<int64_t>(kBuildSeeds, n);
-    for (int64_t i = 0; i < num_seeds; ++i) seeds.push_back(static_cast<uint32_t>(i * n / num_seeds));
-    ParallelNodes(n, threads, &progress, kConnectivity, [&](int64_t x) {
-      thread_local std::vector<float> q;
-      thread_local std::vector<Scored> pool;
-      q.resize(d);
-      store.ToF32(x, q.data());
-      std::unique_ptr<VisitedSet> visited = index->visited_pool_.Get(n);
-      SearchCounters counters;
-      BeamSearch(store, g1, seeds, q.data(), checked.l, nullptr, visited.get(), &pool,
-                 &counters);
-      index->visited_pool_.Release(std::move(visited));
-      pool.erase(std::remove_if(pool.begin(), pool.end(),
-                                [&](const Scored& s) { return s.id == x; }),
-                 pool.end());
-      OcclusionPrune(store, pool, m, /*top_up=*/true, &supply[x]);
-    });
-    if (progress.cancelled()) return cancelled();
-
-    AddReverseEdges(store, &supply, 2 * m, threads);
-
-    for (int64_t x = 0; x < n; ++x) {
-      std::vector<uint32_t> list = projected[x];
-      int32_t added = 0;
-      for (uint32_t v : supply[x]) {
-        if (added >= 2 * m) break;
-        if (v != x && std::find(list.begin(), list.end(), v) == list.end()) {
-          list.push_back(v);
-          ++added;
-        }
-      }
-      index->graph_.Set(x, list);
-    }
-  }
-
-  // 5. Repair: make every key reachable from the entry point.
-  {
-    std::vector<uint8_t> reached(n, 0);
-    std::deque<uint32_t> frontier;
-    auto flood = [&](uint32_t from) {
-      if (reached[from]) return;
-      reached[from] = 1;
-      frontier.push_back(from);
-      while (!frontier.empty()) {
-        const uint32_t u = frontier.front();
-        frontier.pop_front();
-        for (uint32_t v : index->graph_.Neighbors(u)) {
-          if (!reached[v]) {
-            reached[v] = 1;
-            frontier.push_back(v);
-          }
-        }
-      }
-    };
-    for (uint32_t ep : index->entry_points_) flood(ep);
-    std::vector<float> q(d);
-    std::vector<Scored> pool;
-    for (int64_t u = 0; u < n; ++u) {
-      if (reached[u]) continue;
-      store.ToF32(u, q.data());
-      std::unique_ptr<VisitedSet> visited = index->visited_pool_.Get(n);
-      SearchCounters counters;
-      BeamSearch(store, index->graph_, index->entry_points_, q.data(),
-                 checked.l, nullptr, visited.get(), &pool, &counters);
-      index->visited_pool_.Release(std::move(visited));
-      // Every search result is reachable; link from the best one with room.
-      bool linked = false;
-      for (const Scored& s : pool) {
-        if (s.id != u && index->graph_.Append(s.id, static_cast<uint32_t>(u))) {
-          linked = true;
-          break;
-        }
-      }
-      if (!linked) index->AddEdgeWithPrune(pool.front().id, static_cast<uint32_t>(u), 3 * m);
-      flood(static_cast<uint32_t>(u));
-      if (!progress.Advance(kRepair, 0, 1)) return cancelled();
-    }
-    if (!progress.Advance(kRepair, 1, 1)) return cancelled();
-  }
+  KVR_RETURN_IF_ERROR(index->Connect(projected, threads, &progress));
+  projected = {};
+  KVR_RETURN_IF_ERROR(index->Repair(&progress));
   return index;
+}
+
+absl::Status RoarIndex::Connect(const std::vector<std::vector<uint32_t>>& projected, int threads,
+                                roar::StageProgress* progress) {
+  const roar::KeyStore& store = keys_;
+  const int64_t n = store.size();
+  const int32_t d = store.dim();
+  const int32_t m = options_.m;
+  AdjacencyLists g1(m);
+  g1.Resize(n);
+  for (int64_t i = 0; i < n; ++i) g1.Set(i, projected[i]);
+  std::vector<std::vector<uint32_t>> supply(n);
+  // Seeds of these searches: the entry point and keys spread evenly over
+  // the positions, since the projected graph alone may not connect them
+  // (as NSG and RoarGraph seed their build searches).
+  std::vector<uint32_t> seeds = entry_points_;
+  const int64_t num_seeds = std::min<int64_t>(kBuildSeeds, n);
+  for (int64_t i = 0; i < num_seeds; ++i) seeds.push_back(static_cast<uint32_t>(i * n / num_seeds));
+  ParallelNodes(n, threads, progress, kConnectivity, [&](int64_t x) {
+    thread_local std::vector<float> q;
+    thread_local std::vector<Scored> pool;
+    q.resize(d);
+    store.ToF32(x, q.data());
+    std::unique_ptr<VisitedSet> visited = visited_pool_.Get(n);
+    SearchCounters counters;
+    BeamSearch(store, g1, seeds, q.data(), options_.l, nullptr, visited.get(), &pool, &counters);
+    visited_pool_.Release(std::move(visited));
+    pool.erase(std::remove_if(pool.begin(), pool.end(),
+                              [&](const Scored& s) { return s.id == x; }),
+               pool.end());
+    OcclusionPrune(store, pool, m, /*top_up=*/true, &supply[x]);
+  });
+  if (progress->cancelled()) return Cancelled();
+
+  AddReverseEdges(store, &supply, 2 * m, threads);
+
+  for (int64_t x = 0; x < n; ++x) {
+    std::vector<uint32_t> list = projected[x];
+    int32_t added = 0;
+    for (uint32_t v : supply[x]) {
+      if (added >= 2 * m) break;
+      if (v != x && std::find(list.begin(), list.end(), v) == list.end()) {
+        list.push_back(v);
+        ++added;
+      }
+    }
+    graph_.Set(x, list);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RoarIndex::Repair(roar::StageProgress* progress) {
+  const int64_t n = keys_.size();
+  std::vector<uint8_t> reached(n, 0);
+  std::deque<uint32_t> frontier;
+  auto flood = [&](uint32_t from) {
+    if (reached[from]) return;
+    reached[from] = 1;
+    frontier.push_back(from);
+    while (!frontier.empty()) {
+      const uint32_t u = frontier.front();
+      frontier.pop_front();
+      for (uint32_t v : graph_.Neighbors(u)) {
+        if (!reached[v]) {
+          reached[v] = 1;
+          frontier.push_back(v);
+        }
+      }
+    }
+  };
+  for (uint32_t ep : entry_points_) flood(ep);
+  std::vector<float> q(keys_.dim());
+  std::vector<Scored> pool;
+  for (int64_t u = 0; u < n; ++u) {
+    if (reached[u]) continue;
+    keys_.ToF32(u, q.data());
+    std::unique_ptr<VisitedSet> visited = visited_pool_.Get(n);
+    SearchCounters counters;
+    BeamSearch(keys_, graph_, entry_points_, q.data(), options_.l, nullptr, visited.get(), &pool,
+               &counters);
+    visited_pool_.Release(std::move(visited));
+    // Every search result is reachable; link from the best one with room.
+    bool linked = false;
+    for (const Scored& s : pool) {
+      if (s.id != u && graph_.Append(s.id, static_cast<uint32_t>(u))) {
+        linked = true;
+        break;
+      }
+    }
+    if (!linked) AddEdgeWithPrune(pool.front().id, static_cast<uint32_t>(u), 3 * options_.m);
+    flood(static_cast<uint32_t>(u));
+    if (!progress->Advance(kRepair, 0, 1)) return Cancelled();
+  }
+  if (!progress->Advance(kRepair, 1, 1)) return Cancelled();
+  return absl::OkStatus();
 }
 
 void RoarIndex::AddEdgeWithPrune(uint32_t u, uint32_t v, int32_t max_degree) {

@@ -53,6 +53,10 @@
 
 namespace kvrecall::index {
 
+namespace roar {
+class StageProgress;
+}  // namespace roar
+
 struct RoarOptions {
   // Nearest keys per training query in the bipartite kNN graph (RoarGraph
   // M_sq). Default 100, range [1, 1000].
@@ -133,6 +137,14 @@ class RoarIndex final : public KeyIndex {
   void Insert(uint32_t id);
   // Adds u -> v, re-pruning u's list when it is full.
   void AddEdgeWithPrune(uint32_t u, uint32_t v, int32_t max_degree);
+  // Build stage 4, connectivity: every key searches the projected graph
+  // (`projected`, m per key) for itself; the graph is the projected lists
+  // plus up to 2m of what these searches found (reverse edges added).
+  absl::Status Connect(const std::vector<std::vector<uint32_t>>& projected, int threads,
+                       roar::StageProgress* progress);
+  // Build stage 5, repair: links every key not reachable from the entry
+  // points from the best reachable key its search finds.
+  absl::Status Repair(roar::StageProgress* progress);
 
   DType key_dtype_;  // dtype of the keys given to Build (the serialized dtype)
   RoarOptions options_;
