@@ -1,5 +1,6 @@
 #include "index/testing/synthetic_attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -44,10 +45,33 @@ void ApplyRope(double theta, int64_t pos, int32_t d, float* x) {
   }
 }
 
-}  // namespace
+// The random source of one context. One normal distribution throughout, as
+// it keeps the second value of each pair it draws.
+struct Random {
+  explicit Random(uint64_t seed) : engine(seed) {}
+  double Normal() { return normal(engine); }
+  std::mt19937_64 engine;
+  std::normal_distribution<double> normal;
+};
 
-absl::StatusOr<SyntheticAttention> GenerateSyntheticAttention(
-    const SyntheticAttentionOptions& o) {
+// The latent model of one context (synthetic_attention.h): its directions,
+// maps and states.
+struct Model {
+  int32_t d = 0, r = 0, rn = 0;
+  int64_t n = 0;
+  std::vector<double> uk, uq;  // unit directions of mu_k and mu_q
+  double mean_k = 0;           // |mu_k|
+  double var_k = 0;            // the key variance around mu_k
+  std::vector<double> a;       // A: [d, r]
+  std::vector<double> un;      // U: [d, rn]
+  double key_noise = 0;        // per-dimension noise of a key
+  std::vector<std::vector<double>> w;  // W_g: [r, r] per query head
+  std::vector<double> cmat;            // C: [d, r]
+  std::vector<double> h;               // content states: [n, r]
+  std::vector<double> u;               // nuisance states: [n, rn]
+};
+
+absl::Status CheckOptions(const SyntheticAttentionOptions& o) {
   if (o.num_keys < 1 || o.dim < 2 || o.dim % 2 != 0 || o.num_query_heads < 1 ||
       o.num_decode_queries < 0 || o.latent_rank < 1 || o.latent_rank > o.dim ||
       !(o.temporal_correlation >= 0 && o.temporal_correlation < 1) || !(o.student_t_dof > 2) ||
@@ -57,51 +81,43 @@ absl::StatusOr<SyntheticAttention> GenerateSyntheticAttention(
       !(o.query_focus > 0) || !(o.recent_fraction >= 0 && o.recent_fraction <= 1) || o.recent_window < 1) {
     return absl::InvalidArgumentError("synthetic attention: option out of range");
   }
-  const int32_t d = o.dim, r = o.latent_rank;
-  if (o.nuisance_rank < 0 || r + o.nuisance_rank > d || !(o.content_share > 0) ||
+  if (o.nuisance_rank < 0 || o.latent_rank + o.nuisance_rank > o.dim || !(o.content_share > 0) ||
       !(o.nuisance_share >= 0) || o.content_share + o.nuisance_share > 1 ||
       !(o.nuisance_correlation >= 0 && o.nuisance_correlation < 1) || o.num_topics < 1 ||
       !(o.segment_length >= 1) || !(o.topic_noise >= 0) || !(o.head_mixing >= 0) ||
       !(o.target_noise >= 0)) {
     return absl::InvalidArgumentError("synthetic attention: option out of range");
   }
-  const int64_t n = o.num_keys;
-  std::mt19937_64 rng(o.seed);
-  std::normal_distribution<double> normal;
+  return absl::OkStatus();
+}
 
-  // Directions: mu_k, and mu_q at the requested angle to it.
-  std::vector<double> uk(d), other(d);
-  RandomUnit(rng, &uk, /*slow_only=*/true);
-  RandomUnit(rng, &other, /*slow_only=*/true);
+// Directions: mu_k, and mu_q at the requested angle to it.
+void MeanDirections(const SyntheticAttentionOptions& o, Random& rng, Model* m) {
+  const int32_t d = m->d;
+  std::vector<double> other(d);
+  m->uk.resize(d);
+  RandomUnit(rng.engine, &m->uk, /*slow_only=*/true);
+  RandomUnit(rng.engine, &other, /*slow_only=*/true);
   double dot = 0;
-  for (int32_t j = 0; j < d; ++j) dot += other[j] * uk[j];
+  for (int32_t j = 0; j < d; ++j) dot += other[j] * m->uk[j];
   double onorm = 0;
   for (int32_t j = 0; j < d; ++j) {
-    other[j] -= dot * uk[j];
+    other[j] -= dot * m->uk[j];
     onorm += other[j] * other[j];
   }
   onorm = std::sqrt(onorm);
   const double cq = o.query_mean_cos, sq = std::sqrt(std::max(0.0, 1 - cq * cq));
-  std::vector<double> uq(d);
-  for (int32_t j = 0; j < d; ++j) uq[j] = cq * uk[j] + sq * other[j] / onorm;
+  m->uq.resize(d);
+  for (int32_t j = 0; j < d; ++j) m->uq[j] = cq * m->uk[j] + sq * other[j] / onorm;
+}
 
-  // Key energy: a fraction f of |k|^2 in the mean; the rest split between a
-  // nuisance part (U u_t, what keys mostly differ by), the content part
-  // (A h_t, what queries look for) and isotropic noise. U and A span
-  // orthogonal subspaces, so keys alike in the key space (nuisance) are not
-  // the keys a query scores high (content): queries are out of distribution.
-  const double f = o.key_mean_fraction;
-  const double mean_k = f * o.key_norm;
-  const double var_k = o.key_norm * o.key_norm * (1 - f * f);
-  const double latent_share = o.content_share;
-  const double nuisance_share = o.nuisance_share;
-  const int32_t rn = o.nuisance_rank;
-  // Orthonormal basis of rn + r random directions (Gram-Schmidt), avoiding
-  // the slow RoPE pairs that carry the means.
+// `count` orthonormal random directions (Gram-Schmidt), avoiding the slow
+// RoPE pairs that carry the means.
+std::vector<std::vector<double>> OrthonormalDirections(int32_t count, int32_t d, Random& rng) {
   std::vector<std::vector<double>> basis;
-  while (static_cast<int32_t>(basis.size()) < rn + r) {
+  while (static_cast<int32_t>(basis.size()) < count) {
     std::vector<double> v(d);
-    RandomUnit(rng, &v);
+    RandomUnit(rng.engine, &v);
     for (const auto& b : basis) {
       double p = 0;
       for (int32_t j = 0; j < d; ++j) p += v[j] * b[j];
@@ -114,138 +130,201 @@ absl::StatusOr<SyntheticAttention> GenerateSyntheticAttention(
     for (double& x : v) x /= norm;
     basis.push_back(std::move(v));
   }
-  auto spectrum = [](int32_t count, int32_t c) {
-    double total = 0;
-    for (int32_t i = 0; i < count; ++i) total += 1.0 / (1.0 + i);
-    return (1.0 / (1.0 + c)) / total;
-  };
-  std::vector<double> a(static_cast<size_t>(d) * r);    // A: [d, r]
-  std::vector<double> un(static_cast<size_t>(d) * rn);  // U: [d, rn]
+  return basis;
+}
+
+// Share of component c of a 1/(1+c) spectrum over `count` components.
+double Spectrum(int32_t count, int32_t c) {
+  double total = 0;
+  for (int32_t i = 0; i < count; ++i) total += 1.0 / (1.0 + i);
+  return (1.0 / (1.0 + c)) / total;
+}
+
+// Key energy: a fraction f of |k|^2 in the mean; the rest split between a
+// nuisance part (U u_t, what keys mostly differ by), the content part
+// (A h_t, what queries look for) and isotropic noise. U and A span
+// orthogonal subspaces, so keys alike in the key space (nuisance) are not
+// the keys a query scores high (content): queries are out of distribution.
+void KeyMaps(const SyntheticAttentionOptions& o, Random& rng, Model* m) {
+  const int32_t d = m->d, r = m->r, rn = m->rn;
+  const double f = o.key_mean_fraction;
+  m->mean_k = f * o.key_norm;
+  m->var_k = o.key_norm * o.key_norm * (1 - f * f);
+  const std::vector<std::vector<double>> basis = OrthonormalDirections(rn + r, d, rng);
+  m->a.resize(static_cast<size_t>(d) * r);
+  m->un.resize(static_cast<size_t>(d) * rn);
   for (int32_t c = 0; c < r; ++c) {
-    const double scale = std::sqrt(var_k * latent_share * spectrum(r, c));
-    for (int32_t j = 0; j < d; ++j) a[j * r + c] = basis[rn + c][j] * scale;
+    const double scale = std::sqrt(m->var_k * o.content_share * Spectrum(r, c));
+    for (int32_t j = 0; j < d; ++j) m->a[j * r + c] = basis[rn + c][j] * scale;
   }
   for (int32_t c = 0; c < rn; ++c) {
-    const double scale = std::sqrt(var_k * nuisance_share * spectrum(rn, c));
-    for (int32_t j = 0; j < d; ++j) un[j * rn + c] = basis[c][j] * scale;
+    const double scale = std::sqrt(m->var_k * o.nuisance_share * Spectrum(rn, c));
+    for (int32_t j = 0; j < d; ++j) m->un[j * rn + c] = basis[c][j] * scale;
   }
-  const double key_noise =
-      std::sqrt(var_k * std::max(0.0, 1 - latent_share - nuisance_share) / d);
+  m->key_noise =
+      std::sqrt(m->var_k * std::max(0.0, 1 - o.content_share - o.nuisance_share) / d);
+}
 
-  // Head mixings W_g (r x r, orthogonal-ish random) and the value map C.
-  std::vector<std::vector<double>> w(o.num_query_heads, std::vector<double>(r * r));
-  for (auto& wg : w) {
+// Head mixings W_g (r x r, orthogonal-ish random) and the value map C.
+void HeadAndValueMaps(const SyntheticAttentionOptions& o, Random& rng, Model* m) {
+  const int32_t d = m->d, r = m->r;
+  m->w.assign(o.num_query_heads, std::vector<double>(r * r));
+  for (auto& wg : m->w) {
     for (int32_t i = 0; i < r; ++i) {
-      for (int32_t j = 0; j < r; ++j) wg[i * r + j] = (i == j ? 1.0 : 0.0) + o.head_mixing * normal(rng) / std::sqrt(r);
+      for (int32_t j = 0; j < r; ++j) wg[i * r + j] = (i == j ? 1.0 : 0.0) + o.head_mixing * rng.Normal() / std::sqrt(r);
     }
   }
-  std::vector<double> cmat(static_cast<size_t>(d) * r);
-  for (double& x : cmat) x = normal(rng) / std::sqrt(r);
+  m->cmat.resize(static_cast<size_t>(d) * r);
+  for (double& x : m->cmat) x = rng.Normal() / std::sqrt(r);
+}
 
-  // Latent states: content h (slow) and nuisance u (fast).
-  std::vector<double> h(static_cast<size_t>(n) * r);
-  std::vector<double> u(static_cast<size_t>(n) * rn);
-  {
-    const double rho_u = o.nuisance_correlation, innov_u = std::sqrt(1 - rho_u * rho_u);
-    for (int64_t t = 0; t < n; ++t) {
-      for (int32_t c = 0; c < rn; ++c) {
-        const double e = UnitT(rng, o.student_t_dof);
-        u[t * rn + c] = t > 0 ? rho_u * u[(t - 1) * rn + c] + innov_u * e : e;
-      }
-    }
-  }
-  // Content: the context is a sequence of segments (mean length
-  // segment_length), each about one of num_topics topics (unit-variance
-  // Student-t vectors); within a segment the state wanders around its topic
-  // with an AR(1) of amplitude topic_noise.
-  {
-    std::vector<double> topics(static_cast<size_t>(o.num_topics) * r);
-    for (double& x : topics) x = UnitT(rng, o.student_t_dof);
-    std::geometric_distribution<int64_t> length(1.0 / o.segment_length);
-    std::uniform_int_distribution<int32_t> pick(0, o.num_topics - 1);
-    const double rho = o.temporal_correlation, innov = std::sqrt(1 - rho * rho);
-    std::vector<double> wander(r, 0.0);
-    int64_t left = 0;
-    int32_t topic = 0;
-    for (int64_t t = 0; t < n; ++t) {
-      if (left-- <= 0) {
-        left = 1 + length(rng);
-        topic = pick(rng);
-      }
-      for (int32_t c = 0; c < r; ++c) {
-        wander[c] = rho * wander[c] + innov * UnitT(rng, o.student_t_dof);
-        h[t * r + c] = topics[static_cast<size_t>(topic) * r + c] + o.topic_noise * wander[c];
-      }
-    }
-  }
-
-  SyntheticAttention out;
-  out.dim = d;
-  out.num_keys = n;
-  out.num_query_heads = o.num_query_heads;
-  out.num_decode_queries = o.num_decode_queries;
-  out.keys.resize(n * d);
-  out.values.resize(n * d);
+// Nuisance states u_t: a fast AR(1) of Student-t innovations.
+void NuisanceStates(const SyntheticAttentionOptions& o, Random& rng, Model* m) {
+  const int64_t n = m->n;
+  const int32_t rn = m->rn;
+  m->u.resize(static_cast<size_t>(n) * rn);
+  const double rho_u = o.nuisance_correlation, innov_u = std::sqrt(1 - rho_u * rho_u);
   for (int64_t t = 0; t < n; ++t) {
-    float* k = out.keys.data() + t * d;
-    float* v = out.values.data() + t * d;
+    for (int32_t c = 0; c < rn; ++c) {
+      const double e = UnitT(rng.engine, o.student_t_dof);
+      m->u[t * rn + c] = t > 0 ? rho_u * m->u[(t - 1) * rn + c] + innov_u * e : e;
+    }
+  }
+}
+
+// Content states h_t: the context is a sequence of segments (mean length
+// segment_length), each about one of num_topics topics (unit-variance
+// Student-t vectors); within a segment the state wanders around its topic
+// with an AR(1) of amplitude topic_noise.
+void ContentStates(const SyntheticAttentionOptions& o, Random& rng, Model* m) {
+  const int64_t n = m->n;
+  const int32_t r = m->r;
+  m->h.resize(static_cast<size_t>(n) * r);
+  std::vector<double> topics(static_cast<size_t>(o.num_topics) * r);
+  for (double& x : topics) x = UnitT(rng.engine, o.student_t_dof);
+  std::geometric_distribution<int64_t> length(1.0 / o.segment_length);
+  std::uniform_int_distribution<int32_t> pick(0, o.num_topics - 1);
+  const double rho = o.temporal_correlation, innov = std::sqrt(1 - rho * rho);
+  std::vector<double> wander(r, 0.0);
+  int64_t left = 0;
+  int32_t topic = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    if (left-- <= 0) {
+      left = 1 + length(rng.engine);
+      topic = pick(rng.engine);
+    }
+    for (int32_t c = 0; c < r; ++c) {
+      wander[c] = rho * wander[c] + innov * UnitT(rng.engine, o.student_t_dof);
+      m->h[t * r + c] = topics[static_cast<size_t>(topic) * r + c] + o.topic_noise * wander[c];
+    }
+  }
+}
+
+// k_t = RoPE_t(mu_k + U u_t + A h_t + noise) and v_t = C h_t + noise.
+void WriteKeysAndValues(const SyntheticAttentionOptions& o, const Model& m, Random& rng,
+                        SyntheticAttention* out) {
+  const int32_t d = m.d, r = m.r, rn = m.rn;
+  out->keys.resize(m.n * d);
+  out->values.resize(m.n * d);
+  for (int64_t t = 0; t < m.n; ++t) {
+    float* k = out->keys.data() + t * d;
+    float* v = out->values.data() + t * d;
     for (int32_t j = 0; j < d; ++j) {
-      double kv = mean_k * uk[j] + key_noise * normal(rng), vv = 0.3 * normal(rng);
+      double kv = m.mean_k * m.uk[j] + m.key_noise * rng.Normal(), vv = 0.3 * rng.Normal();
       for (int32_t c = 0; c < r; ++c) {
-        kv += a[j * r + c] * h[t * r + c];
-        vv += cmat[j * r + c] * h[t * r + c];
+        kv += m.a[j * r + c] * m.h[t * r + c];
+        vv += m.cmat[j * r + c] * m.h[t * r + c];
       }
-      for (int32_t c = 0; c < rn; ++c) kv += un[j * rn + c] * u[t * rn + c];
+      for (int32_t c = 0; c < rn; ++c) kv += m.un[j * rn + c] * m.u[t * rn + c];
       k[j] = static_cast<float>(kv);
       v[j] = static_cast<float>(vv);
     }
     ApplyRope(o.rope_theta, t, d, k);
   }
+}
 
-  // A query of head g at position pos looks for the content of an earlier s.
-  // Its norm budget: mean part, then the latent part scaled to the rest.
+// The earlier position s whose content a query at `pos` looks for: one of
+// the last recent_window positions with probability recent_fraction, else
+// any earlier one.
+int64_t QueryTarget(const SyntheticAttentionOptions& o, int64_t pos, int64_t n, Random& rng) {
+  const int64_t past = std::min(pos, n);  // positions < pos that exist
+  if (past <= 1) return 0;
+  if (std::uniform_real_distribution<double>(0, 1)(rng.engine) < o.recent_fraction) {
+    return past - 1 -
+           std::min<int64_t>(past - 1, std::uniform_int_distribution<int64_t>(
+                                           0, o.recent_window - 1)(rng.engine));
+  }
+  return std::uniform_int_distribution<int64_t>(0, past - 1)(rng.engine);
+}
+
+// A query of head g at position pos looks for the content of an earlier s.
+// Its norm budget: mean part, then the latent part scaled to the rest.
+void MakeQuery(const SyntheticAttentionOptions& o, const Model& m, int32_t g, int64_t pos,
+               Random& rng, float* q) {
+  const int32_t d = m.d, r = m.r;
   const double mean_q = o.query_mean_fraction * o.query_norm;
   const double rest_q = std::sqrt(o.query_norm * o.query_norm - mean_q * mean_q);
-  auto make_query = [&](int32_t g, int64_t pos, float* q) {
-    const int64_t past = std::min(pos, n);  // positions < pos that exist
-    int64_t s = 0;
-    if (past > 1) {
-      if (std::uniform_real_distribution<double>(0, 1)(rng) < o.recent_fraction) {
-        s = past - 1 - std::min<int64_t>(
-                           past - 1, std::uniform_int_distribution<int64_t>(0, o.recent_window - 1)(rng));
-      } else {
-        s = std::uniform_int_distribution<int64_t>(0, past - 1)(rng);
-      }
-    }
-    std::vector<double> target(r), mixed(r);
-    for (int32_t c = 0; c < r; ++c) target[c] = h[s * r + c] + o.target_noise * normal(rng);
-    for (int32_t i = 0; i < r; ++i) {
-      double m = 0;
-      for (int32_t j = 0; j < r; ++j) m += w[g][i * r + j] * target[j];
-      mixed[i] = m;
-    }
-    std::vector<double> lat(d, 0.0);
-    double lat_norm = 0;
-    for (int32_t j = 0; j < d; ++j) {
-      for (int32_t c = 0; c < r; ++c) lat[j] += a[j * r + c] * mixed[c];
-      lat[j] += 0.3 * key_noise * normal(rng);
-      lat_norm += lat[j] * lat[j];
-    }
-    // Normalise the latent part in expectation (E|A h|^2 = var_k * share).
-    const double scale = o.query_focus * rest_q / std::sqrt(var_k * latent_share * 1.25);
-    for (int32_t j = 0; j < d; ++j) q[j] = static_cast<float>(mean_q * uq[j] + scale * lat[j]);
-    ApplyRope(o.rope_theta, pos, d, q);
-  };
-  out.prefill_queries.resize(static_cast<size_t>(o.num_query_heads) * n * d);
-  out.decode_queries.resize(static_cast<size_t>(o.num_query_heads) * o.num_decode_queries * d);
+  const int64_t s = QueryTarget(o, pos, m.n, rng);
+  std::vector<double> target(r), mixed(r);
+  for (int32_t c = 0; c < r; ++c) target[c] = m.h[s * r + c] + o.target_noise * rng.Normal();
+  for (int32_t i = 0; i < r; ++i) {
+    double sum = 0;
+    for (int32_t j = 0; j < r; ++j) sum += m.w[g][i * r + j] * target[j];
+    mixed[i] = sum;
+  }
+  std::vector<double> lat(d, 0.0);
+  for (int32_t j = 0; j < d; ++j) {
+    for (int32_t c = 0; c < r; ++c) lat[j] += m.a[j * r + c] * mixed[c];
+    lat[j] += 0.3 * m.key_noise * rng.Normal();
+  }
+  // Normalise the latent part in expectation (E|A h|^2 = var_k * share).
+  const double scale = o.query_focus * rest_q / std::sqrt(m.var_k * o.content_share * 1.25);
+  for (int32_t j = 0; j < d; ++j) q[j] = static_cast<float>(mean_q * m.uq[j] + scale * lat[j]);
+  ApplyRope(o.rope_theta, pos, d, q);
+}
+
+// The prefill query of every position (at t + 1) and the decode queries
+// (at num_keys, num_keys + 1, ...), head by head.
+void WriteQueries(const SyntheticAttentionOptions& o, const Model& m, Random& rng,
+                  SyntheticAttention* out) {
+  const int32_t d = m.d;
+  const int64_t n = m.n;
+  out->prefill_queries.resize(static_cast<size_t>(o.num_query_heads) * n * d);
+  out->decode_queries.resize(static_cast<size_t>(o.num_query_heads) * o.num_decode_queries * d);
   for (int32_t g = 0; g < o.num_query_heads; ++g) {
     for (int64_t t = 0; t < n; ++t) {
-      make_query(g, t + 1, out.prefill_queries.data() + (g * n + t) * d);
+      MakeQuery(o, m, g, t + 1, rng, out->prefill_queries.data() + (g * n + t) * d);
     }
     for (int64_t i = 0; i < o.num_decode_queries; ++i) {
-      make_query(g, n + i, out.decode_queries.data() + (g * o.num_decode_queries + i) * d);
+      MakeQuery(o, m, g, n + i, rng, out->decode_queries.data() + (g * o.num_decode_queries + i) * d);
     }
   }
+}
+
+}  // namespace
+
+absl::StatusOr<SyntheticAttention> GenerateSyntheticAttention(
+    const SyntheticAttentionOptions& o) {
+  if (absl::Status s = CheckOptions(o); !s.ok()) return s;
+  Random rng(o.seed);
+  Model m;
+  m.d = o.dim;
+  m.r = o.latent_rank;
+  m.rn = o.nuisance_rank;
+  m.n = o.num_keys;
+  MeanDirections(o, rng, &m);
+  KeyMaps(o, rng, &m);
+  HeadAndValueMaps(o, rng, &m);
+  NuisanceStates(o, rng, &m);
+  ContentStates(o, rng, &m);
+
+  SyntheticAttention out;
+  out.dim = m.d;
+  out.num_keys = m.n;
+  out.num_query_heads = o.num_query_heads;
+  out.num_decode_queries = o.num_decode_queries;
+  WriteKeysAndValues(o, m, rng, &out);
+  WriteQueries(o, m, rng, &out);
   return out;
 }
 
