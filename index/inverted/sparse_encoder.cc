@@ -256,105 +256,107 @@ absl::StatusOr<SparseEncoderQuality> EvaluateSparseEncoder(const SparseEncoder& 
 }
 
 namespace internal {
+namespace {
 
-double BatchGradient(const SparseEncoderWeights& w, const std::vector<const float*>& inputs,
-                     const std::vector<char>& dead, int32_t aux_k, double aux_coefficient,
-                     int num_threads, SparseEncoderWeights* grad, std::vector<int64_t>* fired_at) {
+// Scratch of one thread's SampleGradient calls.
+struct GradScratch {
+  GradScratch(int32_t d, int32_t F, int32_t k, int32_t aux_k)
+      : pre(static_cast<size_t>(F)),
+        top(k),
+        aux_top(std::max(aux_k, 1)),
+        xh(static_cast<size_t>(d)),
+        eh(static_cast<size_t>(d)) {}
+  std::vector<float> pre;  // [F] pre-activations
+  SmallTopK top, aux_top;
+  std::vector<float> xh;  // [d] the reconstruction x̂_n
+  std::vector<float> eh;  // [d] the dead features' reconstruction of the residual
+};
+
+// The main loss of input `xn` (scaled by `inv`): its top-k features
+// reconstruct it. Fills sg's xc, g, the main ids, acts and deltas, and loss.
+void MainGradient(const SparseEncoderWeights& w, const float* xn, double inv, GradScratch* s,
+                  SampleGrad* sg) {
   const int32_t d = w.dim;
   const int32_t F = w.num_features;
-  const int32_t k = w.k;
-  const int64_t bsize = static_cast<int64_t>(inputs.size());
-  if (bsize == 0) return 0;
-  bool any_dead = false;
-  for (char c : dead) any_dead |= c != 0;
-  const bool use_aux = any_dead && aux_k > 0 && aux_coefficient > 0;
-  const double inv = 1.0 / (static_cast<double>(d) * bsize);
-  // A fixed split of the batch into parts keeps the result independent of
-  // the number of threads.
-  constexpr int64_t kParts = 16;
-  const int64_t part_size = (bsize + kParts - 1) / kParts;
-  std::vector<SampleGrad> grads(static_cast<size_t>(bsize));
-  ThreadPool::Default()->ParallelFor(
-      kParts, 1,
-      [&](int64_t pb, int64_t pe) {
-        std::vector<float> pre(static_cast<size_t>(F));
-        SmallTopK top(k), aux_top(std::max(aux_k, 1));
-        std::vector<float> xh(static_cast<size_t>(d)), eh(static_cast<size_t>(d));
-        for (int64_t part = pb; part < pe; ++part) {
-          for (int64_t b = part * part_size; b < std::min(bsize, (part + 1) * part_size); ++b) {
-            SampleGrad& sg = grads[static_cast<size_t>(b)];
-            const float* xn = inputs[static_cast<size_t>(b)];
-            sg.xc.resize(static_cast<size_t>(d));
-            sg.g.assign(static_cast<size_t>(d), 0.0f);
-            sg.g_aux.assign(static_cast<size_t>(d), 0.0f);
-            for (int32_t j = 0; j < d; ++j) sg.xc[static_cast<size_t>(j)] = xn[j] - w.b_dec[static_cast<size_t>(j)];
-            PreActivations(w, sg.xc.data(), pre.data());
-            top.Reset();
-            for (int32_t f = 0; f < F; ++f) {
-              if (pre[static_cast<size_t>(f)] > top.threshold()) top.Push(pre[static_cast<size_t>(f)], f);
-            }
-            for (int32_t j = 0; j < d; ++j) xh[static_cast<size_t>(j)] = w.b_dec[static_cast<size_t>(j)];
-            for (size_t i = 0; i < top.values().size(); ++i) {
-              const float a = top.values()[i];
-              if (a <= 0) break;
-              const int32_t f = top.ids()[i];
-              sg.ids.push_back(f);
-              sg.acts.push_back(a);
-              const float* row = w.w_dec.data() + static_cast<size_t>(f) * d;
-              for (int32_t j = 0; j < d; ++j) xh[static_cast<size_t>(j)] += a * row[j];
-            }
-            sg.num_main = static_cast<int32_t>(sg.ids.size());
-            double loss = 0;
-            for (int32_t j = 0; j < d; ++j) {
-              const double e = static_cast<double>(xh[static_cast<size_t>(j)]) - xn[j];
-              loss += e * e;
-              sg.g[static_cast<size_t>(j)] = static_cast<float>(2.0 * e * inv);
-            }
-            sg.loss = loss * inv;
-            for (int32_t i = 0; i < sg.num_main; ++i) {
-              const float* row = w.w_dec.data() + static_cast<size_t>(sg.ids[static_cast<size_t>(i)]) * d;
-              sg.delta.push_back(DotF32(row, sg.g.data(), d));
-            }
-            if (!use_aux) continue;
-            // Dead features reconstruct the residual x_n − x̂_n (a constant here).
-            aux_top.Reset();
-            for (int32_t f = 0; f < F; ++f) {
-              const float p = pre[static_cast<size_t>(f)];
-              if (dead[static_cast<size_t>(f)] && p > 0 && p > aux_top.threshold()) aux_top.Push(p, f);
-            }
-            if (aux_top.values().empty()) continue;
-            std::fill(eh.begin(), eh.end(), 0.0f);
-            for (size_t i = 0; i < aux_top.values().size(); ++i) {
-              const float* row = w.w_dec.data() + static_cast<size_t>(aux_top.ids()[i]) * d;
-              for (int32_t j = 0; j < d; ++j) eh[static_cast<size_t>(j)] += aux_top.values()[i] * row[j];
-            }
-            double aux_loss = 0;
-            for (int32_t j = 0; j < d; ++j) {
-              const double residual = static_cast<double>(xn[j]) - xh[static_cast<size_t>(j)];
-              const double e = eh[static_cast<size_t>(j)] - residual;
-              aux_loss += e * e;
-              sg.g_aux[static_cast<size_t>(j)] = static_cast<float>(2.0 * aux_coefficient * e * inv);
-            }
-            sg.loss += aux_coefficient * aux_loss * inv;
-            for (size_t i = 0; i < aux_top.values().size(); ++i) {
-              const int32_t f = aux_top.ids()[i];
-              sg.ids.push_back(f);
-              sg.acts.push_back(aux_top.values()[i]);
-              sg.delta.push_back(DotF32(w.w_dec.data() + static_cast<size_t>(f) * d, sg.g_aux.data(), d));
-            }
-          }
-        }
-      },
-      ResolveThreads(num_threads));
+  sg->xc.resize(static_cast<size_t>(d));
+  sg->g.assign(static_cast<size_t>(d), 0.0f);
+  sg->g_aux.assign(static_cast<size_t>(d), 0.0f);
+  for (int32_t j = 0; j < d; ++j) sg->xc[static_cast<size_t>(j)] = xn[j] - w.b_dec[static_cast<size_t>(j)];
+  PreActivations(w, sg->xc.data(), s->pre.data());
+  s->top.Reset();
+  for (int32_t f = 0; f < F; ++f) {
+    if (s->pre[static_cast<size_t>(f)] > s->top.threshold()) s->top.Push(s->pre[static_cast<size_t>(f)], f);
+  }
+  for (int32_t j = 0; j < d; ++j) s->xh[static_cast<size_t>(j)] = w.b_dec[static_cast<size_t>(j)];
+  for (size_t i = 0; i < s->top.values().size(); ++i) {
+    const float a = s->top.values()[i];
+    if (a <= 0) break;
+    const int32_t f = s->top.ids()[i];
+    sg->ids.push_back(f);
+    sg->acts.push_back(a);
+    const float* row = w.w_dec.data() + static_cast<size_t>(f) * d;
+    for (int32_t j = 0; j < d; ++j) s->xh[static_cast<size_t>(j)] += a * row[j];
+  }
+  sg->num_main = static_cast<int32_t>(sg->ids.size());
+  double loss = 0;
+  for (int32_t j = 0; j < d; ++j) {
+    const double e = static_cast<double>(s->xh[static_cast<size_t>(j)]) - xn[j];
+    loss += e * e;
+    sg->g[static_cast<size_t>(j)] = static_cast<float>(2.0 * e * inv);
+  }
+  sg->loss = loss * inv;
+  for (int32_t i = 0; i < sg->num_main; ++i) {
+    const float* row = w.w_dec.data() + static_cast<size_t>(sg->ids[static_cast<size_t>(i)]) * d;
+    sg->delta.push_back(DotF32(row, sg->g.data(), d));
+  }
+}
 
-  // Sum the per-input gradients in input order.
+// The auxiliary loss (after MainGradient, from its scratch): the top aux_k
+// dead features reconstruct the residual x_n − x̂_n (a constant here). Adds
+// their ids, acts and deltas after the main ones, and their loss.
+void AuxGradient(const SparseEncoderWeights& w, const float* xn, const std::vector<char>& dead,
+                 double aux_coefficient, double inv, GradScratch* s, SampleGrad* sg) {
+  const int32_t d = w.dim;
+  const int32_t F = w.num_features;
+  s->aux_top.Reset();
+  for (int32_t f = 0; f < F; ++f) {
+    const float p = s->pre[static_cast<size_t>(f)];
+    if (dead[static_cast<size_t>(f)] && p > 0 && p > s->aux_top.threshold()) s->aux_top.Push(p, f);
+  }
+  if (s->aux_top.values().empty()) return;
+  std::fill(s->eh.begin(), s->eh.end(), 0.0f);
+  for (size_t i = 0; i < s->aux_top.values().size(); ++i) {
+    const float* row = w.w_dec.data() + static_cast<size_t>(s->aux_top.ids()[i]) * d;
+    for (int32_t j = 0; j < d; ++j) s->eh[static_cast<size_t>(j)] += s->aux_top.values()[i] * row[j];
+  }
+  double aux_loss = 0;
+  for (int32_t j = 0; j < d; ++j) {
+    const double residual = static_cast<double>(xn[j]) - s->xh[static_cast<size_t>(j)];
+    const double e = s->eh[static_cast<size_t>(j)] - residual;
+    aux_loss += e * e;
+    sg->g_aux[static_cast<size_t>(j)] = static_cast<float>(2.0 * aux_coefficient * e * inv);
+  }
+  sg->loss += aux_coefficient * aux_loss * inv;
+  for (size_t i = 0; i < s->aux_top.values().size(); ++i) {
+    const int32_t f = s->aux_top.ids()[i];
+    sg->ids.push_back(f);
+    sg->acts.push_back(s->aux_top.values()[i]);
+    sg->delta.push_back(DotF32(w.w_dec.data() + static_cast<size_t>(f) * d, sg->g_aux.data(), d));
+  }
+}
+
+// Sums the per-input gradients into `grad` in input order; returns the loss.
+// fired_at[f] becomes 1 + the last input where f was a main feature.
+double SumGradients(const SparseEncoderWeights& w, const std::vector<SampleGrad>& grads,
+                    SparseEncoderWeights* grad, std::vector<int64_t>* fired_at) {
+  const int32_t d = w.dim;
   float* g_wenc = grad->w_enc.data();
   float* g_benc = grad->b_enc.data();
   float* g_wdec = grad->w_dec.data();
   float* g_bdec = grad->b_dec.data();
   double loss = 0;
-  for (int64_t b = 0; b < bsize; ++b) {
-    const SampleGrad& sg = grads[static_cast<size_t>(b)];
+  for (size_t b = 0; b < grads.size(); ++b) {
+    const SampleGrad& sg = grads[b];
     loss += sg.loss;
     for (int32_t j = 0; j < d; ++j) g_bdec[j] += sg.g[static_cast<size_t>(j)];
     for (size_t i = 0; i < sg.ids.size(); ++i) {
@@ -373,17 +375,61 @@ double BatchGradient(const SparseEncoderWeights& w, const std::vector<const floa
       g_benc[f] += delta;
     }
     if (fired_at != nullptr) {
-      for (int32_t i = 0; i < sg.num_main; ++i) (*fired_at)[static_cast<size_t>(sg.ids[static_cast<size_t>(i)])] = b + 1;
+      for (int32_t i = 0; i < sg.num_main; ++i) {
+        (*fired_at)[static_cast<size_t>(sg.ids[static_cast<size_t>(i)])] = static_cast<int64_t>(b) + 1;
+      }
     }
   }
   return loss;
 }
 
+}  // namespace
+
+double BatchGradient(const SparseEncoderWeights& w, const std::vector<const float*>& inputs,
+                     const std::vector<char>& dead, int32_t aux_k, double aux_coefficient,
+                     int num_threads, SparseEncoderWeights* grad, std::vector<int64_t>* fired_at) {
+  const int64_t bsize = static_cast<int64_t>(inputs.size());
+  if (bsize == 0) return 0;
+  bool any_dead = false;
+  for (char c : dead) any_dead |= c != 0;
+  const bool use_aux = any_dead && aux_k > 0 && aux_coefficient > 0;
+  const double inv = 1.0 / (static_cast<double>(w.dim) * bsize);
+  // A fixed split of the batch into parts keeps the result independent of
+  // the number of threads.
+  constexpr int64_t kParts = 16;
+  const int64_t part_size = (bsize + kParts - 1) / kParts;
+  std::vector<SampleGrad> grads(static_cast<size_t>(bsize));
+  ThreadPool::Default()->ParallelFor(
+      kParts, 1,
+      [&](int64_t pb, int64_t pe) {
+        GradScratch scratch(w.dim, w.num_features, w.k, aux_k);
+        for (int64_t part = pb; part < pe; ++part) {
+          for (int64_t b = part * part_size; b < std::min(bsize, (part + 1) * part_size); ++b) {
+            SampleGrad& sg = grads[static_cast<size_t>(b)];
+            const float* xn = inputs[static_cast<size_t>(b)];
+            MainGradient(w, xn, inv, &scratch, &sg);
+            if (use_aux) AuxGradient(w, xn, dead, aux_coefficient, inv, &scratch, &sg);
+          }
+        }
+      },
+      ResolveThreads(num_threads));
+  return SumGradients(w, grads, grad, fired_at);
+}
+
 }  // namespace internal
 
-absl::StatusOr<std::unique_ptr<SparseEncoder>> TrainSparseEncoder(
-    const VectorView& data, const SparseEncoderTrainOptions& options,
-    SparseEncoderQuality* quality) {
+namespace {
+
+// The resolved sizes of a training run.
+struct TrainPlan {
+  int32_t num_features = 0;
+  int32_t k = 0;
+  int32_t aux_k = 0;
+  int64_t dead_after = 0;  // inputs without firing after which a feature is dead
+};
+
+absl::StatusOr<TrainPlan> PlanTraining(const VectorView& data,
+                                       const SparseEncoderTrainOptions& options) {
   KVR_RETURN_IF_ERROR(ValidateVectors("sparse encoder training data", data, -1));
   const int32_t d = data.dim;
   const int64_t n = data.rows;
@@ -406,40 +452,59 @@ absl::StatusOr<std::unique_ptr<SparseEncoder>> TrainSparseEncoder(
       options.dead_after < 0 || options.aux_k < -1 || options.aux_coefficient < 0) {
     return absl::InvalidArgumentError("sparse encoder: training options out of range");
   }
-  const int32_t aux_k = std::min(F, options.aux_k == -1 ? 2 * k : options.aux_k);
-  const int64_t dead_after = options.dead_after == 0 ? n : options.dead_after;
+  TrainPlan plan;
+  plan.num_features = F;
+  plan.k = k;
+  plan.aux_k = std::min(F, options.aux_k == -1 ? 2 * k : options.aux_k);
+  plan.dead_after = options.dead_after == 0 ? n : options.dead_after;
+  return plan;
+}
 
-  // Inputs as f32, then the scale that gives unit variance per dimension.
-  std::vector<float> x = VectorsToF32(data);
-  std::vector<double> mean(static_cast<size_t>(d), 0);
+// The inputs as f32, scaled to unit variance per dimension: [n, d] in `x`,
+// their mean (before scaling) in `mean`; returns the scale.
+absl::StatusOr<float> StandardizedInputs(const VectorView& data, std::vector<float>* x,
+                                         std::vector<double>* mean) {
+  const int32_t d = data.dim;
+  const int64_t n = data.rows;
+  *x = VectorsToF32(data);
+  mean->assign(static_cast<size_t>(d), 0);
   for (int64_t i = 0; i < n; ++i) {
     for (int32_t j = 0; j < d; ++j) {
-      const float v = x[static_cast<size_t>(i * d + j)];
+      const float v = (*x)[static_cast<size_t>(i * d + j)];
       if (!std::isfinite(v)) return absl::InvalidArgumentError("sparse encoder: inputs contain NaN or Inf");
-      mean[static_cast<size_t>(j)] += v;
+      (*mean)[static_cast<size_t>(j)] += v;
     }
   }
-  for (double& m : mean) m /= n;
+  for (double& m : *mean) m /= n;
   double var = 0;
   for (int64_t i = 0; i < n; ++i) {
     for (int32_t j = 0; j < d; ++j) {
-      const double e = x[static_cast<size_t>(i * d + j)] - mean[static_cast<size_t>(j)];
+      const double e = (*x)[static_cast<size_t>(i * d + j)] - (*mean)[static_cast<size_t>(j)];
       var += e * e;
     }
   }
   var /= static_cast<double>(n) * d;
   const float scale = var > 0 ? static_cast<float>(1.0 / std::sqrt(var)) : 1.0f;
-  for (float& v : x) v *= scale;
+  for (float& v : *x) v *= scale;
+  return scale;
+}
 
+// Unit-norm random decoder rows, the encoder tied to them, zero encoder
+// biases and the decoder bias at the (scaled) input mean.
+SparseEncoderWeights InitialWeights(const TrainPlan& plan, const VectorView& data,
+                                    const std::vector<double>& mean, float scale,
+                                    const SparseEncoderTrainOptions& options,
+                                    std::mt19937_64& rng) {
+  const int32_t d = data.dim;
+  const int32_t F = plan.num_features;
   SparseEncoderWeights w;
   w.dim = d;
   w.num_features = F;
-  w.k = k;
+  w.k = plan.k;
   w.input_scale = scale;
-  w.num_samples = n;
+  w.num_samples = data.rows;
   w.layer = options.layer;
   w.kv_head = options.kv_head;
-  std::mt19937_64 rng(options.seed);
   std::normal_distribution<float> gauss;
   w.w_dec.resize(static_cast<size_t>(F) * d);
   for (float& v : w.w_dec) v = gauss(rng);
@@ -448,84 +513,121 @@ absl::StatusOr<std::unique_ptr<SparseEncoder>> TrainSparseEncoder(
   w.b_enc.assign(static_cast<size_t>(F), 0.0f);
   w.b_dec.resize(static_cast<size_t>(d));
   for (int32_t j = 0; j < d; ++j) w.b_dec[static_cast<size_t>(j)] = static_cast<float>(mean[static_cast<size_t>(j)] * scale);
+  return w;
+}
 
-  SparseEncoderWeights grad_view;  // the gradient, same shapes as w
-  std::vector<AdamSlot> slots(4);
-  slots[0] = {&w.w_enc, &grad_view.w_enc, {}, {}};
-  slots[1] = {&w.b_enc, &grad_view.b_enc, {}, {}};
-  slots[2] = {&w.w_dec, &grad_view.w_dec, {}, {}};
-  slots[3] = {&w.b_dec, &grad_view.b_dec, {}, {}};
-  for (AdamSlot& s : slots) {
-    s.grad->assign(s.param->size(), 0.0f);
-    s.m.assign(s.param->size(), 0.0f);
-    s.v.assign(s.param->size(), 0.0f);
+// Adam over the four arrays of a SparseEncoderWeights, with their gradient
+// in a second one of the same shapes. Both must outlive it, unmoved.
+class Adam {
+ public:
+  Adam(SparseEncoderWeights* w, SparseEncoderWeights* grad) {
+    slots_[0] = {&w->w_enc, &grad->w_enc, {}, {}};
+    slots_[1] = {&w->b_enc, &grad->b_enc, {}, {}};
+    slots_[2] = {&w->w_dec, &grad->w_dec, {}, {}};
+    slots_[3] = {&w->b_dec, &grad->b_dec, {}, {}};
+    for (AdamSlot& s : slots_) {
+      s.grad->assign(s.param->size(), 0.0f);
+      s.m.assign(s.param->size(), 0.0f);
+      s.v.assign(s.param->size(), 0.0f);
+    }
   }
+
+  void ZeroGradient() {
+    for (AdamSlot& s : slots_) std::fill(s.grad->begin(), s.grad->end(), 0.0f);
+  }
+
+  // One step, element-wise (parallel over chunks of each array).
+  void Step(double learning_rate, int parallelism) {
+    ++step_;
+    const double c1 = 1.0 - std::pow(kB1, static_cast<double>(step_));
+    const double c2 = 1.0 - std::pow(kB2, static_cast<double>(step_));
+    const float lr = static_cast<float>(learning_rate * std::sqrt(c2) / c1);
+    for (AdamSlot& s : slots_) {
+      const int64_t size = static_cast<int64_t>(s.param->size());
+      ThreadPool::Default()->ParallelFor(
+          size, 16384,
+          [&](int64_t begin, int64_t end) {
+            float* p = s.param->data();
+            for (int64_t i = begin; i < end; ++i) {
+              const float g = (*s.grad)[static_cast<size_t>(i)];
+              float& m = s.m[static_cast<size_t>(i)];
+              float& v = s.v[static_cast<size_t>(i)];
+              m = static_cast<float>(kB1) * m + static_cast<float>(1 - kB1) * g;
+              v = static_cast<float>(kB2) * v + static_cast<float>(1 - kB2) * g * g;
+              p[i] -= lr * m / (std::sqrt(v) + static_cast<float>(kEps));
+            }
+          },
+          parallelism);
+    }
+  }
+
+ private:
+  static constexpr double kB1 = 0.9, kB2 = 0.999, kEps = 1e-8;
+  AdamSlot slots_[4];
+  int64_t step_ = 0;
+};
+
+// Which features count as dead after `seen` inputs.
+std::vector<char> DeadFeatures(const std::vector<int64_t>& last_fired, int64_t seen,
+                               int64_t dead_after) {
+  std::vector<char> dead(last_fired.size(), 0);
+  for (size_t f = 0; f < last_fired.size(); ++f) dead[f] = seen - last_fired[f] > dead_after;
+  return dead;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<SparseEncoder>> TrainSparseEncoder(
+    const VectorView& data, const SparseEncoderTrainOptions& options,
+    SparseEncoderQuality* quality) {
+  KVR_ASSIGN_OR_RETURN(const TrainPlan plan, PlanTraining(data, options));
+  const int32_t d = data.dim;
+  const int32_t F = plan.num_features;
+  const int64_t n = data.rows;
+  std::vector<float> x;
+  std::vector<double> mean;
+  KVR_ASSIGN_OR_RETURN(const float scale, StandardizedInputs(data, &x, &mean));
+  std::mt19937_64 rng(options.seed);
+  SparseEncoderWeights w = InitialWeights(plan, data, mean, scale, options, rng);
+  SparseEncoderWeights grad;  // the gradient, same shapes as w
+  Adam adam(&w, &grad);
   std::vector<int64_t> fired_at(static_cast<size_t>(F), 0);
   std::vector<int64_t> last_fired(static_cast<size_t>(F), 0);
   int64_t seen = 0;  // inputs processed so far
 
   const int64_t batch = std::min<int64_t>(options.batch_size, n);
-  const int64_t steps_per_epoch = (n + batch - 1) / batch;
-  const int64_t total_steps = steps_per_epoch * options.epochs;
+  const int64_t total_steps = (n + batch - 1) / batch * options.epochs;
   std::vector<int64_t> order(static_cast<size_t>(n));
   std::iota(order.begin(), order.end(), 0);
-  const double b1 = 0.9, b2 = 0.999, eps = 1e-8;
   int64_t step = 0;
-  ThreadPool* pool = ThreadPool::Default();
   const int parallelism = ResolveThreads(options.num_threads);
-
   for (int32_t epoch = 0; epoch < options.epochs; ++epoch) {
     std::shuffle(order.begin(), order.end(), rng);
     for (int64_t start = 0; start < n; start += batch) {
       const int64_t bsize = std::min(batch, n - start);
-      // Which features count as dead for this batch.
-      std::vector<char> dead(static_cast<size_t>(F), 0);
-      for (int32_t f = 0; f < F; ++f) {
-        dead[static_cast<size_t>(f)] = seen - last_fired[static_cast<size_t>(f)] > dead_after;
-      }
+      const std::vector<char> dead = DeadFeatures(last_fired, seen, plan.dead_after);
       std::vector<const float*> inputs(static_cast<size_t>(bsize));
       for (int64_t b = 0; b < bsize; ++b) {
         inputs[static_cast<size_t>(b)] = x.data() + order[static_cast<size_t>(start + b)] * d;
       }
-      for (AdamSlot& s : slots) std::fill(s.grad->begin(), s.grad->end(), 0.0f);
+      adam.ZeroGradient();
       std::fill(fired_at.begin(), fired_at.end(), 0);
-      internal::BatchGradient(w, inputs, dead, aux_k, options.aux_coefficient, options.num_threads,
-                              &grad_view, &fired_at);
+      internal::BatchGradient(w, inputs, dead, plan.aux_k, options.aux_coefficient,
+                              options.num_threads, &grad, &fired_at);
       for (int32_t f = 0; f < F; ++f) {
         if (fired_at[static_cast<size_t>(f)] > 0) {
           last_fired[static_cast<size_t>(f)] = seen + fired_at[static_cast<size_t>(f)];
         }
       }
       seen += bsize;
-
-      // Adam, element-wise (parallel over chunks of each array).
-      ++step;
-      const double c1 = 1.0 - std::pow(b1, static_cast<double>(step));
-      const double c2 = 1.0 - std::pow(b2, static_cast<double>(step));
-      const float lr = static_cast<float>(options.learning_rate * std::sqrt(c2) / c1);
-      for (AdamSlot& s : slots) {
-        const int64_t size = static_cast<int64_t>(s.param->size());
-        pool->ParallelFor(
-            size, 16384,
-            [&](int64_t begin, int64_t end) {
-              float* p = s.param->data();
-              for (int64_t i = begin; i < end; ++i) {
-                const float g = (*s.grad)[static_cast<size_t>(i)];
-                float& m = s.m[static_cast<size_t>(i)];
-                float& v = s.v[static_cast<size_t>(i)];
-                m = static_cast<float>(b1) * m + static_cast<float>(1 - b1) * g;
-                v = static_cast<float>(b2) * v + static_cast<float>(1 - b2) * g * g;
-                p[i] -= lr * m / (std::sqrt(v) + static_cast<float>(eps));
-              }
-            },
-            parallelism);
-      }
-      pool->ParallelFor(
+      adam.Step(options.learning_rate, parallelism);
+      ThreadPool::Default()->ParallelFor(
           F, 256,
           [&](int64_t begin, int64_t end) {
             for (int64_t f = begin; f < end; ++f) NormalizeRow(w.w_dec.data() + f * d, d);
           },
           parallelism);
+      ++step;
       if (options.progress &&
           !options.progress(Progress{"train", step, total_steps,
                                      0.95 * static_cast<double>(step) / total_steps})) {
