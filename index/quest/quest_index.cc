@@ -20,6 +20,8 @@ namespace kvrecall::index::quest {
 namespace {
 
 constexpr uint32_t kQuestPayloadVersion = 1;
+// Queries of a search block, which share each bound tile load.
+constexpr int64_t kBlock = 4;
 
 // The runs of units of `unit` positions (pages, tiles) that cover `runs`.
 std::vector<PositionRange> CoveringRuns(const std::vector<PositionRange>& runs, int64_t unit) {
@@ -143,117 +145,156 @@ absl::Status QuestIndex::Add(const VectorView& keys) {
   return AppendRows(keys, /*num_threads=*/0, nullptr);
 }
 
-absl::StatusOr<SearchResult> QuestIndex::Search(const VectorView& queries, int32_t k,
-                                                const SearchParams& params) const {
-  const int32_t d = dim_;
-  KVR_RETURN_IF_ERROR(ValidateVectors("quest queries", queries, d));
-  KVR_RETURN_IF_ERROR(ValidateK(k));
-  KVR_RETURN_IF_ERROR(params.knobs.CheckKnown("quest", {"pages"}));
+// The pages a search may select: from the eligible positions, the pages that
+// hold one and the bound tiles that hold those pages.
+struct QuestIndex::PagePlan {
+  std::vector<PositionRange> runs;             // eligible positions
+  std::vector<PositionRange> page_runs;        // pages holding an eligible position
+  std::vector<PositionRange> bound_tile_runs;  // bound tiles holding those pages
+  int64_t bound_lanes = 0;                     // bound lanes in those tiles
+  int64_t selected = 0;                        // pages each query scores exactly
+  bool all_pages = false;                      // every eligible page: no bounds needed
+  int64_t bound_stride = 0;                    // bound lanes per query (whole tiles)
+};
+
+// One thread's buffers for a run of query blocks.
+struct QuestIndex::BlockScratch {
+  BlockScratch(const PagePlan& plan, int32_t d)
+      : qpos(static_cast<size_t>(kBlock * d)),
+        qneg(static_cast<size_t>(kBlock * d)),
+        upper(plan.all_pages ? 0 : static_cast<size_t>(kBlock * plan.bound_stride)),
+        lower(upper.size()) {}
+  std::vector<float> qpos, qneg;  // the block's queries' positive and negative parts
+  std::vector<float> upper, lower;  // [kBlock, bound_stride] page bounds of each part
+  std::vector<float> lane_scores;
+  std::vector<float> exact;  // the scores of `ids`
+  std::vector<int64_t> ids;  // the eligible positions scored for a query
+  std::vector<std::pair<float, int64_t>> ranked_pages;  // (bound, page)
+  std::vector<int32_t> order;
+};
+
+absl::StatusOr<QuestIndex::PagePlan> QuestIndex::PlanPages(int32_t k,
+                                                           const SearchParams& params) const {
   const int64_t min_pages = (static_cast<int64_t>(k) + page_size_ - 1) / page_size_;
   KVR_ASSIGN_OR_RETURN(const int64_t pages_knob, params.knobs.GetInt("pages", 8 * min_pages, 1));
   KVR_ASSIGN_OR_RETURN(const ExcludeSet exclude, ExcludeSet::Create(params.exclude, size_));
-  const std::vector<PositionRange> runs = exclude.IncludedRuns();
-  // Pages holding at least one eligible position, and the bound tiles that
-  // hold those pages.
-  const std::vector<PositionRange> page_runs = CoveringRuns(runs, page_size_);
-  const std::vector<PositionRange> bound_tile_runs = CoveringRuns(page_runs, kTileKeys);
-  int64_t eligible_pages = 0, bound_lanes = 0;
-  for (const PositionRange& r : page_runs) eligible_pages += r.end - r.begin;
+  PagePlan plan;
+  plan.runs = exclude.IncludedRuns();
+  plan.page_runs = CoveringRuns(plan.runs, page_size_);
+  plan.bound_tile_runs = CoveringRuns(plan.page_runs, kTileKeys);
+  int64_t eligible_pages = 0;
+  for (const PositionRange& r : plan.page_runs) eligible_pages += r.end - r.begin;
   const int64_t pages = num_pages();
-  for (const PositionRange& r : bound_tile_runs) {
-    bound_lanes += std::min(pages, r.end * kTileKeys) - r.begin * kTileKeys;
+  for (const PositionRange& r : plan.bound_tile_runs) {
+    plan.bound_lanes += std::min(pages, r.end * kTileKeys) - r.begin * kTileKeys;
   }
-  const int64_t selected = std::min(std::max(pages_knob, min_pages), eligible_pages);
-  const bool all_pages = selected >= eligible_pages;
+  plan.selected = std::min(std::max(pages_knob, min_pages), eligible_pages);
+  plan.all_pages = plan.selected >= eligible_pages;
+  plan.bound_stride = ((pages + kTileKeys - 1) / kTileKeys) * kTileKeys;
+  return plan;
+}
 
+int64_t QuestIndex::ScoreSpan(const PagePlan& plan, const float* q, int64_t b, int64_t e,
+                              BlockScratch* s) const {
+  const size_t tile_bytes = static_cast<size_t>(dim_) * kTileKeys * DTypeSize(dtype_);
+  const int64_t t0 = b / kTileKeys, t1 = (e - 1) / kTileKeys + 1;
+  s->lane_scores.resize(static_cast<size_t>((t1 - t0) * kTileKeys));
+  ScoreTiles(q, 1, key_tiles_.data() + t0 * tile_bytes, dtype_, dim_, t1 - t0,
+             s->lane_scores.data(), (t1 - t0) * kTileKeys);
+  auto it = std::upper_bound(plan.runs.begin(), plan.runs.end(), b,
+                             [](int64_t pos, const PositionRange& r) { return pos < r.end; });
+  for (; it != plan.runs.end() && it->begin < e; ++it) {
+    for (int64_t t = std::max(b, it->begin); t < std::min(e, it->end); ++t) {
+      s->ids.push_back(t);
+      s->exact.push_back(s->lane_scores[static_cast<size_t>(t - t0 * kTileKeys)]);
+    }
+  }
+  return std::min(size_, t1 * kTileKeys) - t0 * kTileKeys;
+}
+
+void QuestIndex::BoundPages(const PagePlan& plan, const float* q, int32_t nb,
+                            BlockScratch* s) const {
+  const int32_t d = dim_;
+  const size_t tile_bytes = static_cast<size_t>(d) * kTileKeys * DTypeSize(dtype_);
+  for (int64_t j = 0; j < nb * d; ++j) {
+    s->qpos[static_cast<size_t>(j)] = std::max(q[j], 0.0f);
+    s->qneg[static_cast<size_t>(j)] = std::min(q[j], 0.0f);
+  }
+  for (const PositionRange& t : plan.bound_tile_runs) {
+    ScoreTiles(s->qpos.data(), nb, max_tiles_.data() + t.begin * tile_bytes, dtype_, d,
+               t.end - t.begin, s->upper.data() + t.begin * kTileKeys, plan.bound_stride);
+    ScoreTiles(s->qneg.data(), nb, min_tiles_.data() + t.begin * tile_bytes, dtype_, d,
+               t.end - t.begin, s->lower.data() + t.begin * kTileKeys, plan.bound_stride);
+  }
+}
+
+void QuestIndex::SelectPages(const PagePlan& plan, int32_t b, BlockScratch* s) const {
+  s->ranked_pages.clear();
+  const float* up = s->upper.data() + b * plan.bound_stride;
+  const float* lo = s->lower.data() + b * plan.bound_stride;
+  for (const PositionRange& r : plan.page_runs) {
+    for (int64_t p = r.begin; p < r.end; ++p) s->ranked_pages.emplace_back(up[p] + lo[p], p);
+  }
+  std::nth_element(s->ranked_pages.begin(), s->ranked_pages.begin() + (plan.selected - 1),
+                   s->ranked_pages.end(),
+                   [](const auto& x, const auto& y) { return x.first > y.first; });
+  s->ranked_pages.resize(static_cast<size_t>(plan.selected));
+  std::sort(s->ranked_pages.begin(), s->ranked_pages.end(),
+            [](const auto& x, const auto& y) { return x.second < y.second; });
+}
+
+void QuestIndex::SearchBlocks(const PagePlan& plan, const std::vector<float>& q32, int32_t k,
+                              int64_t block_begin, int64_t block_end, SearchResult* result,
+                              std::vector<int64_t>* lanes_per_query) const {
+  const int32_t d = dim_;
+  const int64_t m = result->num_queries;
+  BlockScratch s(plan, d);
+  for (int64_t block = block_begin; block < block_end; ++block) {
+    const int64_t q0 = block * kBlock;
+    const int32_t nb = static_cast<int32_t>(std::min(kBlock, m - q0));
+    if (!plan.all_pages) BoundPages(plan, q32.data() + q0 * d, nb, &s);
+    for (int32_t b = 0; b < nb; ++b) {
+      const int64_t qi = q0 + b;
+      const float* q = q32.data() + qi * d;
+      s.ids.clear();
+      s.exact.clear();
+      int64_t lanes = 0;
+      if (plan.all_pages) {
+        for (const PositionRange& r : plan.runs) lanes += ScoreSpan(plan, q, r.begin, r.end, &s);
+      } else {
+        SelectPages(plan, b, &s);
+        for (const auto& [bound, p] : s.ranked_pages) {
+          lanes += ScoreSpan(plan, q, p * page_size_,
+                             std::min<int64_t>(size_, (p + 1) * page_size_), &s);
+        }
+      }
+      (*lanes_per_query)[static_cast<size_t>(qi)] = lanes;
+      WriteTopK(s.exact, s.ids, k, &s.order, result->ids.data() + qi * k,
+                result->scores.data() + qi * k);
+    }
+  }
+}
+
+absl::StatusOr<SearchResult> QuestIndex::Search(const VectorView& queries, int32_t k,
+                                                const SearchParams& params) const {
+  KVR_RETURN_IF_ERROR(ValidateVectors("quest queries", queries, dim_));
+  KVR_RETURN_IF_ERROR(ValidateK(k));
+  KVR_RETURN_IF_ERROR(params.knobs.CheckKnown("quest", {"pages"}));
+  KVR_ASSIGN_OR_RETURN(const PagePlan plan, PlanPages(k, params));
   const int64_t m = queries.rows;
   SearchResult result = SearchResult::Padded(m, k);
   if (m == 0) return result;
   const std::vector<float> q32 = VectorsToF32(queries);
-  const size_t tile_bytes = static_cast<size_t>(d) * kTileKeys * DTypeSize(dtype_);
-  const int64_t bound_stride = ((pages + kTileKeys - 1) / kTileKeys) * kTileKeys;
-  constexpr int64_t kBlock = 4;  // queries sharing each tile load
   const int64_t num_blocks = (m + kBlock - 1) / kBlock;
   std::vector<int64_t> lanes_per_query(static_cast<size_t>(m), 0);
-
-  auto search_blocks = [&](int64_t block_begin, int64_t block_end) {
-    std::vector<float> qpos(static_cast<size_t>(kBlock * d)), qneg(static_cast<size_t>(kBlock * d));
-    std::vector<float> upper(all_pages ? 0 : static_cast<size_t>(kBlock * bound_stride));
-    std::vector<float> lower(upper.size());
-    std::vector<float> lane_scores, exact;
-    std::vector<int64_t> ids;
-    std::vector<std::pair<float, int64_t>> ranked_pages;
-    std::vector<int32_t> order;
-    // Scores the key tiles covering [b, e) for query q, appends the eligible
-    // positions of [b, e) and their scores to ids / exact, and returns the
-    // number of keys (tile lanes within size_) scored.
-    auto score_span = [&](const float* q, int64_t b, int64_t e) -> int64_t {
-      const int64_t t0 = b / kTileKeys, t1 = (e - 1) / kTileKeys + 1;
-      lane_scores.resize(static_cast<size_t>((t1 - t0) * kTileKeys));
-      ScoreTiles(q, 1, key_tiles_.data() + t0 * tile_bytes, dtype_, d, t1 - t0, lane_scores.data(),
-                 (t1 - t0) * kTileKeys);
-      auto it = std::upper_bound(runs.begin(), runs.end(), b,
-                                 [](int64_t pos, const PositionRange& r) { return pos < r.end; });
-      for (; it != runs.end() && it->begin < e; ++it) {
-        for (int64_t t = std::max(b, it->begin); t < std::min(e, it->end); ++t) {
-          ids.push_back(t);
-          exact.push_back(lane_scores[static_cast<size_t>(t - t0 * kTileKeys)]);
-        }
-      }
-      return std::min(size_, t1 * kTileKeys) - t0 * kTileKeys;
-    };
-    for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t q0 = block * kBlock;
-      const int32_t nb = static_cast<int32_t>(std::min(kBlock, m - q0));
-      if (!all_pages) {
-        for (int64_t j = 0; j < nb * d; ++j) {
-          const float v = q32[static_cast<size_t>(q0 * d + j)];
-          qpos[static_cast<size_t>(j)] = std::max(v, 0.0f);
-          qneg[static_cast<size_t>(j)] = std::min(v, 0.0f);
-        }
-        for (const PositionRange& t : bound_tile_runs) {
-          ScoreTiles(qpos.data(), nb, max_tiles_.data() + t.begin * tile_bytes, dtype_, d,
-                     t.end - t.begin, upper.data() + t.begin * kTileKeys, bound_stride);
-          ScoreTiles(qneg.data(), nb, min_tiles_.data() + t.begin * tile_bytes, dtype_, d,
-                     t.end - t.begin, lower.data() + t.begin * kTileKeys, bound_stride);
-        }
-      }
-      for (int32_t b = 0; b < nb; ++b) {
-        const int64_t qi = q0 + b;
-        const float* q = q32.data() + qi * d;
-        ids.clear();
-        exact.clear();
-        int64_t lanes = 0;
-        if (all_pages) {
-          for (const PositionRange& r : runs) lanes += score_span(q, r.begin, r.end);
-        } else {
-          ranked_pages.clear();
-          const float* up = upper.data() + b * bound_stride;
-          const float* lo = lower.data() + b * bound_stride;
-          for (const PositionRange& r : page_runs) {
-            for (int64_t p = r.begin; p < r.end; ++p) ranked_pages.emplace_back(up[p] + lo[p], p);
-          }
-          std::nth_element(ranked_pages.begin(), ranked_pages.begin() + (selected - 1),
-                           ranked_pages.end(),
-                           [](const auto& x, const auto& y) { return x.first > y.first; });
-          ranked_pages.resize(static_cast<size_t>(selected));
-          std::sort(ranked_pages.begin(), ranked_pages.end(),
-                    [](const auto& x, const auto& y) { return x.second < y.second; });
-          for (const auto& [bound, p] : ranked_pages) {
-            lanes += score_span(q, p * page_size_, std::min<int64_t>(size_, (p + 1) * page_size_));
-          }
-        }
-        lanes_per_query[static_cast<size_t>(qi)] = lanes;
-        WriteTopK(exact, ids, k, &order, result.ids.data() + qi * k, result.scores.data() + qi * k);
-      }
-    }
-  };
-  ParallelForChunks(num_blocks, params.num_threads, search_blocks);
+  ParallelForChunks(num_blocks, params.num_threads, [&](int64_t begin, int64_t end) {
+    SearchBlocks(plan, q32, k, begin, end, &result, &lanes_per_query);
+  });
   int64_t lanes_total = 0;
   for (int64_t e : lanes_per_query) lanes_total += e;
   result.stats.exact_scores = lanes_total;
-  result.stats.keys_scanned = lanes_total + (all_pages ? 0 : 2 * bound_lanes * m);
-  result.stats.visited = selected * m;
+  result.stats.keys_scanned = lanes_total + (plan.all_pages ? 0 : 2 * plan.bound_lanes * m);
+  result.stats.visited = plan.selected * m;
   return result;
 }
 

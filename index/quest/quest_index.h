@@ -126,6 +126,27 @@ class QuestIndex final : public KeyIndex {
   absl::Status AppendRows(const VectorView& keys, int num_threads,
                           const ProgressCallback& progress);
 
+  // Search, in parts (quest_index.cc): the pages a search may select, one
+  // thread's buffers, and what each query block does with them.
+  struct PagePlan;
+  struct BlockScratch;
+  absl::StatusOr<PagePlan> PlanPages(int32_t k, const SearchParams& params) const;
+  // Searches the query blocks [block_begin, block_end) of `q32` into `result`
+  // (its top-k) and `lanes_per_query` (keys scored exactly).
+  void SearchBlocks(const PagePlan& plan, const std::vector<float>& q32, int32_t k,
+                    int64_t block_begin, int64_t block_end, SearchResult* result,
+                    std::vector<int64_t>* lanes_per_query) const;
+  // The bounds of every planned page for the block's `nb` queries at `q`.
+  void BoundPages(const PagePlan& plan, const float* q, int32_t nb, BlockScratch* s) const;
+  // The planned number of pages of highest bound for query `b` of the block,
+  // in page order, into s->ranked_pages.
+  void SelectPages(const PagePlan& plan, int32_t b, BlockScratch* s) const;
+  // Scores the key tiles covering [b, e) for `q`, appends the eligible
+  // positions of [b, e) and their scores to s->ids / s->exact, and returns
+  // the number of keys (tile lanes within size_) scored.
+  int64_t ScoreSpan(const PagePlan& plan, const float* q, int64_t b, int64_t e,
+                    BlockScratch* s) const;
+
   int32_t dim_;
   int32_t page_size_;
   DType dtype_;
