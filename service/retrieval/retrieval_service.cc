@@ -127,6 +127,7 @@ absl::StatusOr<OpenContextReply> RetrievalService::OpenContext(absl::string_view
   for (size_t i = 0; i < chain.size(); ++i) {
     KVR_RETURN_IF_ERROR(CheckDeadline(deadline, "while promoting the context's spans"));
     store::GetResult got = store_->Get(store::SpanKey{std::string(tenant), chain[i]}, model_id);
+    if (!got.error.ok()) return got.error;
     if (got.span == nullptr) {
       missing.push_back(absl::StrCat(chain[i].ToHex(), " (span ", i, ": ",
                                      store::MissReasonName(got.miss), ")"));

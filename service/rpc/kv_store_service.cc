@@ -350,6 +350,7 @@ class GetSpansReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     header->set_index(static_cast<int32_t>(i));
     header->set_hash(request_.hashes(static_cast<int>(i)));
     store::GetResult got = service_->store_->Get(store::SpanKey{tenant_, hashes_[i]}, model_.model_id);
+    if (!got.error.ok()) return got.error;
     if (got.span == nullptr) {
       header->set_found(false);
       header->set_miss_reason(MissReasonToProto(

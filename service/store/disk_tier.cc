@@ -29,8 +29,13 @@ namespace {
 constexpr int64_t kMinSegmentBytes = 64 << 10;
 constexpr size_t kScanChunkBytes = 1 << 20;
 
+// A full file system is RESOURCE_EXHAUSTED and a read-only one
+// FAILED_PRECONDITION (the operator can act on both); other errors INTERNAL.
 absl::Status ErrnoError(absl::string_view what, const std::string& path, int err) {
-  return absl::InternalError(absl::StrCat(what, " ", path, ": ", std::strerror(err)));
+  const std::string message = absl::StrCat(what, " ", path, ": ", std::strerror(err));
+  if (err == ENOSPC || err == EDQUOT) return absl::ResourceExhaustedError(message);
+  if (err == EROFS) return absl::FailedPreconditionError(message);
+  return absl::InternalError(message);
 }
 
 // pwritev/preadv until every byte of `iov` is transferred.

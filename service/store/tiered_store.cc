@@ -771,6 +771,7 @@ GetResult TieredStoreImpl::Get(const SpanKey& key, absl::string_view model_id) {
   // Lock-free attempts first; a span that keeps moving between tiers while we
   // look is read once more under its stripe lock, where nothing moves it.
   constexpr int kAttempts = 4;
+  absl::Status read_error;  // of the last attempt: a tier holding the span could not read it
   for (int attempt = 0; attempt < kAttempts; ++attempt) {
     const bool locked = attempt == kAttempts - 1;
     std::optional<absl::MutexLock> stripe;
@@ -786,6 +787,7 @@ GetResult TieredStoreImpl::Get(const SpanKey& key, absl::string_view model_id) {
       return finish(result);
     }
     bool checksum_failed = false;
+    read_error = absl::OkStatus();
     for (Tier* t : SpanTiers()) {
       absl::StatusOr<StoredSpanPtr> span = t->Get(key);
       if (span.ok()) {
@@ -797,6 +799,9 @@ GetResult TieredStoreImpl::Get(const SpanKey& key, absl::string_view model_id) {
         return finish(result);
       }
       if (span.status().code() == absl::StatusCode::kDataLoss) checksum_failed = true;
+      if (!absl::IsNotFound(span.status()) && !absl::IsDataLoss(span.status()) && read_error.ok()) {
+        read_error = span.status();
+      }
     }
     if (checksum_failed) {
       if (!locked) stripe.emplace(&StripeFor(key));
@@ -816,6 +821,13 @@ GetResult TieredStoreImpl::Get(const SpanKey& key, absl::string_view model_id) {
       // Nothing moved and it is still listed: only the locked read can tell.
       attempt = kAttempts - 2;
     }
+  }
+  if (!read_error.ok()) {
+    // A tier holds it but could not read it (EIO): kept, and said so.
+    result.error = absl::UnavailableError(absl::StrCat(
+        "span ", key.hash.ToHex(), " is stored but could not be read (kept; a later read may ",
+        "succeed): ", read_error.message()));
+    return finish(result);
   }
   // Listed but in no tier even under the stripe lock: a broken invariant.
   // Report it as unreadable rather than serve anything.

@@ -125,6 +125,10 @@ struct GetResult {
   StoredSpanPtr span;
   TierId tier = TierId::kMemory;  // which tier answered a hit
   MissReason miss = MissReason::kNone;
+  // Not OK when a tier that holds the span failed to read it (EIO): the span
+  // is kept, and this UNAVAILABLE status, which names the error, is the
+  // caller's to return (a later read may succeed).
+  absl::Status error;
 };
 
 // Result of Lookup(): the longest stored prefix of a chain.
