@@ -92,114 +92,141 @@ absl::StatusOr<SearchResult> FlatIndex::Search(const VectorView& queries, int32_
   return SearchF32(q.data(), queries.rows, k, exclude, params.num_threads);
 }
 
-SearchResult FlatIndex::SearchF32(const float* queries, int64_t num_queries, int32_t k,
-                                  const ExcludeSet& exclude, int num_threads) const {
-  SearchResult result = SearchResult::Padded(num_queries, k);
-  if (num_queries == 0) return result;
+namespace {
 
-  // Work units: key ranges (tile ranges) x query blocks.
-  const int64_t num_tiles = NumTiles();
-  const int threads = ResolveThreads(num_threads);
-  const int64_t num_groups = (num_queries + kQueryGroup - 1) / kQueryGroup;
-  // Many queries: split them (each thread scans every key for its block, no
-  // merge). Few queries: split the keys and merge the per-range top-k.
-  const bool split_queries = num_groups >= 8 * threads;
-  const int64_t num_ranges =
-      split_queries ? 1 : std::clamp<int64_t>(num_tiles / kMinTilesPerRange, 1, threads);
-  const int64_t num_blocks =
-      std::clamp<int64_t>((threads + num_ranges - 1) / num_ranges, 1, num_groups);
-  const int64_t groups_per_block = (num_groups + num_blocks - 1) / num_blocks;
-  const int64_t tiles_per_range = (num_tiles + num_ranges - 1) / num_ranges;
-
-  // heaps[range][query]: the top-k of one key range.
-  std::vector<std::vector<StreamingTopK>> heaps(num_ranges);
-  for (auto& h : heaps) h.assign(num_queries, StreamingTopK(k));
-  std::vector<int64_t> scanned(num_ranges * num_blocks, 0);
-
-  const size_t tile_bytes = TileBytes();
-  auto run_unit = [&](int64_t unit) {
-    const int64_t range = unit % num_ranges, block = unit / num_ranges;
-    const int64_t tile_begin = range * tiles_per_range;
-    const int64_t tile_end = std::min(num_tiles, tile_begin + tiles_per_range);
-    const int64_t q_begin = block * groups_per_block * kQueryGroup;
-    const int64_t q_end = std::min(num_queries, q_begin + groups_per_block * kQueryGroup);
-    if (tile_begin >= tile_end || q_begin >= q_end) return;
-    std::vector<float> scores(kQueryGroup * kChunkKeys);
-    std::vector<uint8_t> valid(kChunkKeys);
-    std::vector<int32_t> candidates(256);
-    std::vector<uint8_t> heap_primed(q_end - q_begin, 0);
-    int64_t keys_scored = 0;
-    for (int64_t t0 = tile_begin; t0 < tile_end; t0 += kChunkTiles) {
-      const int64_t nt = std::min(kChunkTiles, tile_end - t0);
-      const int64_t key_begin = t0 * kTileKeys;
-      const int64_t key_end = std::min(size_, key_begin + nt * kTileKeys);
-      const int64_t excluded = exclude.CountExcluded(key_begin, key_end);
-      if (excluded == key_end - key_begin) continue;
-      const bool masked = excluded > 0;
-      if (masked) {
-        for (int64_t p = key_begin; p < key_end; ++p) {
-          valid[p - key_begin] = exclude.Contains(p) ? 0 : 1;
-        }
-      }
-      keys_scored += key_end - key_begin;
-      const char* tiles = tiles_.data() + t0 * tile_bytes;
-      for (int64_t q0 = q_begin; q0 < q_end; q0 += kQueryGroup) {
-        const int32_t nq = static_cast<int32_t>(std::min<int64_t>(kQueryGroup, q_end - q0));
-        ScoreTiles(queries + q0 * dim_, nq, tiles, tile_dtype_, dim_, nt, scores.data(),
-                   kChunkKeys);
-        for (int32_t qi = 0; qi < nq; ++qi) {
-          StreamingTopK& heap = heaps[range][q0 + qi];
-          const float* s = scores.data() + qi * kChunkKeys;
-          const int64_t m = key_end - key_begin;
-          if (!masked && m >= 4 * k && !heap_primed[q0 + qi - q_begin]) {
-            // First chunk of this query: start from a lower bound of the
-            // chunk's k-th largest score, which spares most pushes.
-            heap.RaiseThreshold(KthLargestLowerBound(s, m, k));
-            heap_primed[q0 + qi - q_begin] = 1;
-          }
-          // Blocks of 256 so that the threshold tightens as the heap fills.
-          for (int64_t b = 0; b < m; b += 256) {
-            const int64_t count =
-                CollectAtLeast(s + b, std::min<int64_t>(256, m - b), heap.threshold(),
-                               candidates.data());
-            for (int64_t c = 0; c < count; ++c) {
-              const int64_t i = b + candidates[c];
-              if (!masked || valid[i]) heap.Push(s[i], key_begin + i);
-            }
-          }
-        }
-      }
-    }
-    scanned[unit] = keys_scored * (q_end - q_begin);
-  };
-  const int64_t num_units = num_ranges * num_blocks;
-  if (num_units == 1) {
-    run_unit(0);
-  } else {
-    ThreadPool::Default()->ParallelFor(
-        num_units, 1, [&](int64_t b, int64_t e) {
-          for (int64_t u = b; u < e; ++u) run_unit(u);
-        },
-        threads);
+// How a search splits into work units: key ranges (tile ranges) x query
+// blocks. Many queries: split them (each thread scans every key for its
+// block, no merge). Few queries: split the keys and merge the per-range
+// top-k.
+struct WorkPlan {
+  WorkPlan(int64_t num_tiles, int64_t num_queries, int threads) : num_tiles(num_tiles) {
+    const int64_t num_groups = (num_queries + kQueryGroup - 1) / kQueryGroup;
+    const bool split_queries = num_groups >= 8 * threads;
+    num_ranges = split_queries ? 1 : std::clamp<int64_t>(num_tiles / kMinTilesPerRange, 1, threads);
+    num_blocks = std::clamp<int64_t>((threads + num_ranges - 1) / num_ranges, 1, num_groups);
+    groups_per_block = (num_groups + num_blocks - 1) / num_blocks;
+    tiles_per_range = (num_tiles + num_ranges - 1) / num_ranges;
   }
+  int64_t num_units() const { return num_ranges * num_blocks; }
 
-  // Merge the ranges' top-k per query.
+  int64_t num_tiles;
+  int64_t num_ranges;
+  int64_t num_blocks;
+  int64_t groups_per_block;
+  int64_t tiles_per_range;
+};
+
+// Pushes the `m` scores `s` of keys key_begin.. into `heap`, skipping those
+// `valid` marks 0 (all valid when null). With `prime`, first raises the
+// heap's threshold to a lower bound of the chunk's k-th largest score, which
+// spares most pushes.
+void PushScores(const float* s, int64_t m, int64_t key_begin, const uint8_t* valid, bool prime,
+                int32_t k, int32_t* candidates, StreamingTopK* heap) {
+  if (prime) heap->RaiseThreshold(KthLargestLowerBound(s, m, k));
+  // Blocks of 256 so that the threshold tightens as the heap fills.
+  for (int64_t b = 0; b < m; b += 256) {
+    const int64_t count =
+        CollectAtLeast(s + b, std::min<int64_t>(256, m - b), heap->threshold(), candidates);
+    for (int64_t c = 0; c < count; ++c) {
+      const int64_t i = b + candidates[c];
+      if (valid == nullptr || valid[i]) heap->Push(s[i], key_begin + i);
+    }
+  }
+}
+
+// Merges the ranges' top-k of every query (heaps[range][query]) into `result`.
+void MergeRanges(std::vector<std::vector<StreamingTopK>>& heaps, int32_t k,
+                 SearchResult* result) {
   std::vector<int64_t> ids(k);
   std::vector<float> sc(k);
-  for (int64_t qi = 0; qi < num_queries; ++qi) {
-    int64_t* out_ids = result.ids.data() + qi * k;
-    float* out_scores = result.scores.data() + qi * k;
-    if (num_ranges == 1) {
+  for (int64_t qi = 0; qi < result->num_queries; ++qi) {
+    int64_t* out_ids = result->ids.data() + qi * k;
+    float* out_scores = result->scores.data() + qi * k;
+    if (heaps.size() == 1) {
       heaps[0][qi].Drain(out_ids, out_scores);
       continue;
     }
     StreamingTopK merged(k);
-    for (int64_t r = 0; r < num_ranges; ++r) {
-      heaps[r][qi].Drain(ids.data(), sc.data());
+    for (auto& range : heaps) {
+      range[qi].Drain(ids.data(), sc.data());
       for (int32_t j = 0; j < k && ids[j] >= 0; ++j) merged.Push(sc[j], ids[j]);
     }
     merged.Drain(out_ids, out_scores);
   }
+}
+
+}  // namespace
+
+int64_t FlatIndex::SearchUnit(const float* queries, int32_t k, const ExcludeSet& exclude,
+                              int64_t tile_begin, int64_t tile_end, int64_t q_begin,
+                              int64_t q_end, std::vector<StreamingTopK>* heaps) const {
+  std::vector<float> scores(kQueryGroup * kChunkKeys);
+  std::vector<uint8_t> valid(kChunkKeys);
+  std::vector<int32_t> candidates(256);
+  std::vector<uint8_t> heap_primed(q_end - q_begin, 0);
+  const size_t tile_bytes = TileBytes();
+  int64_t keys_scored = 0;
+  for (int64_t t0 = tile_begin; t0 < tile_end; t0 += kChunkTiles) {
+    const int64_t nt = std::min(kChunkTiles, tile_end - t0);
+    const int64_t key_begin = t0 * kTileKeys;
+    const int64_t key_end = std::min(size_, key_begin + nt * kTileKeys);
+    const int64_t excluded = exclude.CountExcluded(key_begin, key_end);
+    if (excluded == key_end - key_begin) continue;
+    const bool masked = excluded > 0;
+    if (masked) {
+      for (int64_t p = key_begin; p < key_end; ++p) {
+        valid[p - key_begin] = exclude.Contains(p) ? 0 : 1;
+      }
+    }
+    keys_scored += key_end - key_begin;
+    const char* tiles = tiles_.data() + t0 * tile_bytes;
+    const int64_t m = key_end - key_begin;
+    for (int64_t q0 = q_begin; q0 < q_end; q0 += kQueryGroup) {
+      const int32_t nq = static_cast<int32_t>(std::min<int64_t>(kQueryGroup, q_end - q0));
+      ScoreTiles(queries + q0 * dim_, nq, tiles, tile_dtype_, dim_, nt, scores.data(), kChunkKeys);
+      for (int32_t qi = 0; qi < nq; ++qi) {
+        // The first unmasked chunk of a query primes its heap.
+        uint8_t& primed = heap_primed[q0 + qi - q_begin];
+        const bool prime = !masked && m >= 4 * k && !primed;
+        if (prime) primed = 1;
+        PushScores(scores.data() + qi * kChunkKeys, m, key_begin, masked ? valid.data() : nullptr,
+                   prime, k, candidates.data(), &(*heaps)[q0 + qi]);
+      }
+    }
+  }
+  return keys_scored * (q_end - q_begin);
+}
+
+SearchResult FlatIndex::SearchF32(const float* queries, int64_t num_queries, int32_t k,
+                                  const ExcludeSet& exclude, int num_threads) const {
+  SearchResult result = SearchResult::Padded(num_queries, k);
+  if (num_queries == 0) return result;
+  const int threads = ResolveThreads(num_threads);
+  const WorkPlan plan(NumTiles(), num_queries, threads);
+  // heaps[range][query]: the top-k of one key range.
+  std::vector<std::vector<StreamingTopK>> heaps(plan.num_ranges);
+  for (auto& h : heaps) h.assign(num_queries, StreamingTopK(k));
+  std::vector<int64_t> scanned(plan.num_units(), 0);
+  auto run_unit = [&](int64_t unit) {
+    const int64_t range = unit % plan.num_ranges, block = unit / plan.num_ranges;
+    const int64_t tile_begin = range * plan.tiles_per_range;
+    const int64_t tile_end = std::min(plan.num_tiles, tile_begin + plan.tiles_per_range);
+    const int64_t q_begin = block * plan.groups_per_block * kQueryGroup;
+    const int64_t q_end = std::min(num_queries, q_begin + plan.groups_per_block * kQueryGroup);
+    if (tile_begin >= tile_end || q_begin >= q_end) return;
+    scanned[unit] =
+        SearchUnit(queries, k, exclude, tile_begin, tile_end, q_begin, q_end, &heaps[range]);
+  };
+  if (plan.num_units() == 1) {
+    run_unit(0);
+  } else {
+    ThreadPool::Default()->ParallelFor(
+        plan.num_units(), 1, [&](int64_t b, int64_t e) {
+          for (int64_t u = b; u < e; ++u) run_unit(u);
+        },
+        threads);
+  }
+  MergeRanges(heaps, k, &result);
   for (int64_t s : scanned) result.stats.keys_scanned += s;
   result.stats.exact_scores = result.stats.keys_scanned;
   return result;

@@ -30,6 +30,8 @@
 
 namespace kvrecall::index {
 
+class StreamingTopK;
+
 struct FlatOptions {
   // Store the key tiles as f32 (true) or in the keys' own dtype (false).
   // f32 doubles the memory of f16/bf16 keys and saves the conversion on
@@ -81,6 +83,12 @@ class FlatIndex final : public KeyIndex {
   absl::Status AppendRows(const VectorView& keys);
   int64_t NumTiles() const { return (size_ + kTileKeysPerTile - 1) / kTileKeysPerTile; }
   size_t TileBytes() const;
+  // One work unit of SearchF32: tiles [tile_begin, tile_end) against queries
+  // [q_begin, q_end), into their heaps (`heaps`, one per query). Returns keys
+  // scored times queries.
+  int64_t SearchUnit(const float* queries, int32_t k, const ExcludeSet& exclude,
+                     int64_t tile_begin, int64_t tile_end, int64_t q_begin, int64_t q_end,
+                     std::vector<StreamingTopK>* heaps) const;
 
   static constexpr int64_t kTileKeysPerTile = 16;
 
