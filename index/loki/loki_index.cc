@@ -20,6 +20,8 @@ namespace kvrecall::index::loki {
 namespace {
 
 constexpr uint32_t kLokiPayloadVersion = 1;
+// Queries of a search block, which share each plane tile load.
+constexpr int64_t kBlock = 4;
 
 // Appends to `out` the positions of the `m` best scores among the positions
 // of `runs` (s is indexed by position); all of them when there are no more
@@ -195,113 +197,151 @@ absl::Status LokiIndex::Add(const VectorView& keys) {
   return AppendRows(keys, /*num_threads=*/0, nullptr);
 }
 
+// What a search scores: the eligible positions, how many candidates each
+// query scores exactly, and the plane tiles that cover them.
+struct LokiIndex::CandidatePlan {
+  int64_t rank = 0;                     // rotated dims of the approximate pass
+  std::vector<PositionRange> runs;      // eligible positions
+  int64_t eligible = 0;                 // their count
+  int64_t k_prime = 0;                  // candidates scored exactly per query
+  bool all_exact = false;               // every eligible key: no approximate pass
+  std::vector<PositionRange> tile_runs;  // plane tiles holding eligible positions
+  int64_t tile_keys = 0;                 // keys those tiles cover
+  int64_t num_tiles = 0;                 // plane tiles of the index
+};
+
+// One thread's buffers for a run of query blocks.
+struct LokiIndex::BlockScratch {
+  explicit BlockScratch(const CandidatePlan& plan)
+      : rotated(static_cast<size_t>(kBlock * plan.rank)),
+        approx(plan.all_exact ? 0 : static_cast<size_t>(kBlock * plan.num_tiles * kTileKeys)) {}
+  std::vector<float> rotated;  // [kBlock, rank] the block's queries, rotated
+  std::vector<float> approx;   // [kBlock, num_tiles * 16] approximate scores
+  std::vector<std::pair<float, int64_t>> ranked;
+  std::vector<float> sample;
+  std::vector<int32_t> hits;
+  std::vector<uint64_t> bitmap;
+  std::vector<int64_t> ids;   // the positions scored exactly for a query
+  std::vector<float> exact;   // their scores
+  std::vector<int32_t> order;
+};
+
+absl::StatusOr<LokiIndex::CandidatePlan> LokiIndex::PlanCandidates(
+    int32_t k, const SearchParams& params) const {
+  CandidatePlan plan;
+  KVR_ASSIGN_OR_RETURN(plan.rank, params.knobs.GetInt("rank", rank_, 1, rank_));
+  KVR_ASSIGN_OR_RETURN(const int64_t candidates,
+                       params.knobs.GetInt("candidates", 8 * static_cast<int64_t>(k), 1));
+  KVR_ASSIGN_OR_RETURN(const ExcludeSet exclude, ExcludeSet::Create(params.exclude, size_));
+  plan.runs = exclude.IncludedRuns();
+  for (const PositionRange& r : plan.runs) plan.eligible += r.end - r.begin;
+  plan.k_prime = std::min(std::max<int64_t>(candidates, k), plan.eligible);
+  plan.all_exact = plan.k_prime >= plan.eligible;
+  for (const PositionRange& r : plan.runs) {
+    const int64_t t0 = r.begin / kTileKeys, t1 = (r.end - 1) / kTileKeys + 1;
+    if (!plan.tile_runs.empty() && t0 < plan.tile_runs.back().end) {
+      plan.tile_runs.back().end = t1;
+    } else {
+      plan.tile_runs.push_back({t0, t1});
+    }
+  }
+  for (const PositionRange& t : plan.tile_runs) {
+    plan.tile_keys += std::min(size_, t.end * kTileKeys) - t.begin * kTileKeys;
+  }
+  plan.num_tiles = (size_ + kTileKeys - 1) / kTileKeys;
+  return plan;
+}
+
+void LokiIndex::ApproximateScores(const CandidatePlan& plan, const float* q, int32_t nb,
+                                  BlockScratch* s) const {
+  const int32_t d = dim();
+  const int64_t rank = plan.rank;
+  for (int32_t b = 0; b < nb; ++b) {
+    for (int64_t c = 0; c < rank; ++c) {
+      s->rotated[static_cast<size_t>(b * rank + c)] =
+          DotF32(basis_.components.data() + c * d, q + b * d, d);
+    }
+  }
+  const size_t tile_bytes = static_cast<size_t>(rank_) * kTileKeys * DTypeSize(dtype_);
+  const int64_t stride = plan.num_tiles * kTileKeys;
+  for (const PositionRange& t : plan.tile_runs) {
+    if (rank == rank_) {
+      ScoreTiles(s->rotated.data(), nb, plane_tiles_.data() + t.begin * tile_bytes, dtype_, rank_,
+                 t.end - t.begin, s->approx.data() + t.begin * kTileKeys, stride);
+    } else {  // the first `rank` rows of every tile
+      for (int64_t tile = t.begin; tile < t.end; ++tile) {
+        ScoreTiles(s->rotated.data(), nb, plane_tiles_.data() + tile * tile_bytes, dtype_,
+                   static_cast<int32_t>(rank), 1, s->approx.data() + tile * kTileKeys, stride);
+      }
+    }
+  }
+}
+
+void LokiIndex::ScoreAllEligible(const CandidatePlan& plan, const float* q,
+                                 BlockScratch* s) const {
+  const int32_t d = dim();
+  const size_t esize = DTypeSize(dtype_);
+  s->ids.clear();
+  s->exact.resize(static_cast<size_t>(plan.eligible));
+  for (const PositionRange& r : plan.runs) {
+    ScoreRows(q, keys_.data() + r.begin * d * esize, dtype_, r.end - r.begin, d, d,
+              s->exact.data() + s->ids.size());
+    for (int64_t t = r.begin; t < r.end; ++t) s->ids.push_back(t);
+  }
+}
+
+void LokiIndex::ScoreCandidates(const CandidatePlan& plan, const float* q, int32_t b,
+                                BlockScratch* s) const {
+  const int32_t d = dim();
+  s->ids.clear();
+  SelectTopPositions(s->approx.data() + b * plan.num_tiles * kTileKeys, plan.runs, plan.eligible,
+                     plan.k_prime, &s->sample, &s->hits, &s->ranked, &s->ids);
+  // Ascending positions (sequential reads) through a bitmap.
+  s->bitmap.assign(static_cast<size_t>((size_ + 63) / 64), 0);
+  for (int64_t t : s->ids) s->bitmap[static_cast<size_t>(t >> 6)] |= uint64_t{1} << (t & 63);
+  s->ids.clear();
+  for (size_t w = 0; w < s->bitmap.size(); ++w) {
+    for (uint64_t bits = s->bitmap[w]; bits != 0; bits &= bits - 1) {
+      s->ids.push_back(static_cast<int64_t>(w * 64 + __builtin_ctzll(bits)));
+    }
+  }
+  s->exact.resize(s->ids.size());
+  ScoreRowsGather(q, keys_.data(), dtype_, d, d, s->ids.data(), plan.k_prime, s->exact.data());
+}
+
 absl::StatusOr<SearchResult> LokiIndex::Search(const VectorView& queries, int32_t k,
                                                const SearchParams& params) const {
   const int32_t d = dim();
   KVR_RETURN_IF_ERROR(ValidateVectors("loki queries", queries, d));
   KVR_RETURN_IF_ERROR(ValidateK(k));
   KVR_RETURN_IF_ERROR(params.knobs.CheckKnown("loki", {"rank", "candidates"}));
-  KVR_ASSIGN_OR_RETURN(const int64_t rank, params.knobs.GetInt("rank", rank_, 1, rank_));
-  KVR_ASSIGN_OR_RETURN(const int64_t candidates,
-                       params.knobs.GetInt("candidates", 8 * static_cast<int64_t>(k), 1));
-  KVR_ASSIGN_OR_RETURN(const ExcludeSet exclude, ExcludeSet::Create(params.exclude, size_));
-  const std::vector<PositionRange> runs = exclude.IncludedRuns();
-  int64_t eligible = 0;
-  for (const PositionRange& r : runs) eligible += r.end - r.begin;
-  const int64_t k_prime = std::min(std::max<int64_t>(candidates, k), eligible);
-  const bool all_exact = k_prime >= eligible;
-
+  KVR_ASSIGN_OR_RETURN(const CandidatePlan plan, PlanCandidates(k, params));
   const int64_t m = queries.rows;
   SearchResult result = SearchResult::Padded(m, k);
   if (m == 0) return result;
   const std::vector<float> q32 = VectorsToF32(queries);
-  const size_t esize = DTypeSize(dtype_);
-  // Tiles of the plane holding eligible positions, and the keys they cover.
-  std::vector<PositionRange> tile_runs;
-  int64_t tile_keys = 0;
-  for (const PositionRange& r : runs) {
-    const int64_t t0 = r.begin / kTileKeys, t1 = (r.end - 1) / kTileKeys + 1;
-    if (!tile_runs.empty() && t0 < tile_runs.back().end) {
-      tile_runs.back().end = t1;
-    } else {
-      tile_runs.push_back({t0, t1});
-    }
-  }
-  for (const PositionRange& t : tile_runs) {
-    tile_keys += std::min(size_, t.end * kTileKeys) - t.begin * kTileKeys;
-  }
-  const int64_t num_tiles = (size_ + kTileKeys - 1) / kTileKeys;
-  const size_t tile_bytes = static_cast<size_t>(rank_) * kTileKeys * esize;
-  constexpr int64_t kBlock = 4;  // queries sharing each plane load
   const int64_t num_blocks = (m + kBlock - 1) / kBlock;
-
-  auto search_blocks = [&](int64_t block_begin, int64_t block_end) {
-    std::vector<float> rotated(static_cast<size_t>(kBlock * rank));
-    std::vector<float> approx(all_exact ? 0 : static_cast<size_t>(kBlock * num_tiles * kTileKeys));
-    std::vector<std::pair<float, int64_t>> ranked;
-    std::vector<float> sample;
-    std::vector<int32_t> hits;
-    std::vector<uint64_t> bitmap;
-    std::vector<int64_t> ids;
-    std::vector<float> exact;
-    std::vector<int32_t> order;
+  ParallelForChunks(num_blocks, params.num_threads, [&](int64_t block_begin, int64_t block_end) {
+    BlockScratch s(plan);
     for (int64_t block = block_begin; block < block_end; ++block) {
       const int64_t q0 = block * kBlock;
       const int32_t nb = static_cast<int32_t>(std::min(kBlock, m - q0));
-      if (!all_exact) {
-        // The r-dim pass: rotated queries against the plane tiles.
-        for (int32_t b = 0; b < nb; ++b) {
-          const float* q = q32.data() + (q0 + b) * d;
-          for (int64_t c = 0; c < rank; ++c) {
-            rotated[static_cast<size_t>(b * rank + c)] = DotF32(basis_.components.data() + c * d, q, d);
-          }
-        }
-        const int64_t stride = num_tiles * kTileKeys;
-        for (const PositionRange& t : tile_runs) {
-          if (rank == rank_) {
-            ScoreTiles(rotated.data(), nb, plane_tiles_.data() + t.begin * tile_bytes, dtype_,
-                       rank_, t.end - t.begin, approx.data() + t.begin * kTileKeys, stride);
-          } else {  // the first `rank` rows of every tile
-            for (int64_t tile = t.begin; tile < t.end; ++tile) {
-              ScoreTiles(rotated.data(), nb, plane_tiles_.data() + tile * tile_bytes, dtype_,
-                         static_cast<int32_t>(rank), 1, approx.data() + tile * kTileKeys, stride);
-            }
-          }
-        }
-      }
+      if (!plan.all_exact) ApproximateScores(plan, q32.data() + q0 * d, nb, &s);
       for (int32_t b = 0; b < nb; ++b) {
         const int64_t qi = q0 + b;
         const float* q = q32.data() + qi * d;
-        ids.clear();
-        if (all_exact) {
-          exact.resize(static_cast<size_t>(eligible));
-          for (const PositionRange& r : runs) {
-            ScoreRows(q, keys_.data() + r.begin * d * esize, dtype_, r.end - r.begin, d, d,
-                      exact.data() + ids.size());
-            for (int64_t t = r.begin; t < r.end; ++t) ids.push_back(t);
-          }
+        if (plan.all_exact) {
+          ScoreAllEligible(plan, q, &s);
         } else {
-          SelectTopPositions(approx.data() + b * num_tiles * kTileKeys, runs, eligible, k_prime,
-                             &sample, &hits, &ranked, &ids);
-          // Ascending positions (sequential reads) through a bitmap.
-          bitmap.assign(static_cast<size_t>((size_ + 63) / 64), 0);
-          for (int64_t t : ids) bitmap[static_cast<size_t>(t >> 6)] |= uint64_t{1} << (t & 63);
-          ids.clear();
-          for (size_t w = 0; w < bitmap.size(); ++w) {
-            for (uint64_t bits = bitmap[w]; bits != 0; bits &= bits - 1) {
-              ids.push_back(static_cast<int64_t>(w * 64 + __builtin_ctzll(bits)));
-            }
-          }
-          exact.resize(ids.size());
-          ScoreRowsGather(q, keys_.data(), dtype_, d, d, ids.data(), k_prime, exact.data());
+          ScoreCandidates(plan, q, b, &s);
         }
-        WriteTopK(exact, ids, k, &order, result.ids.data() + qi * k, result.scores.data() + qi * k);
+        WriteTopK(s.exact, s.ids, k, &s.order, result.ids.data() + qi * k,
+                  result.scores.data() + qi * k);
       }
     }
-  };
-  ParallelForChunks(num_blocks, params.num_threads, search_blocks);
-  result.stats.keys_scanned = m * (all_exact ? eligible : tile_keys);
-  result.stats.exact_scores = m * k_prime;
+  });
+  result.stats.keys_scanned = m * (plan.all_exact ? plan.eligible : plan.tile_keys);
+  result.stats.exact_scores = m * plan.k_prime;
   return result;
 }
 

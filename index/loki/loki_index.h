@@ -132,6 +132,23 @@ class LokiIndex final : public KeyIndex {
   absl::Status AppendRows(const VectorView& keys, int num_threads,
                           const ProgressCallback& progress);
 
+  // Search, in parts (loki_index.cc): what a search scores, one thread's
+  // buffers, and what each query block does with them.
+  struct CandidatePlan;
+  struct BlockScratch;
+  absl::StatusOr<CandidatePlan> PlanCandidates(int32_t k, const SearchParams& params) const;
+  // The r-dim pass: the block's `nb` queries at `q`, rotated, against the
+  // planned plane tiles, into s->approx.
+  void ApproximateScores(const CandidatePlan& plan, const float* q, int32_t nb,
+                         BlockScratch* s) const;
+  // Every eligible key scored exactly for `q`, into s->ids / s->exact.
+  void ScoreAllEligible(const CandidatePlan& plan, const float* q, BlockScratch* s) const;
+  // The planned number of candidates of query `b` of the block (highest
+  // approximate scores), in position order, scored exactly into s->ids /
+  // s->exact.
+  void ScoreCandidates(const CandidatePlan& plan, const float* q, int32_t b,
+                       BlockScratch* s) const;
+
   PcaBasis basis_;
   int32_t rank_;  // R
   DType dtype_;
