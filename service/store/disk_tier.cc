@@ -275,6 +275,75 @@ absl::Status DiskTier::Recover() {
   return absl::OkStatus();
 }
 
+namespace {
+
+// Reads the records of one segment file for recovery, checking each.
+struct SegmentScanner {
+  // The header and meta of a record.
+  struct Parsed {
+    RecordHeader h;
+    SpanKey key;
+    SpanMeta meta;
+  };
+
+  // Reads and checks the header and meta of a record at `off`.
+  bool ParseAt(uint64_t off, Parsed* p) const {
+    if (off + kRecordHeaderBytes > size) return false;
+    char fixed[kRecordHeaderBytes];
+    if (!PreadAll(fd, fixed, sizeof(fixed), off, path).ok()) return false;
+    auto h = ParseRecordHeader(absl::string_view(fixed, sizeof(fixed)));
+    if (!h.ok() || off + h->prefix_bytes() > size) return false;
+    std::string meta(h->meta_len, '\0');
+    if (!PreadAll(fd, meta.data(), meta.size(), off + kRecordHeaderBytes, path).ok()) {
+      return false;
+    }
+    if (!VerifyHeaderChecksum(*h, absl::string_view(fixed, sizeof(fixed)), meta)) return false;
+    if (!DecodeRecordMeta(*h, meta, /*with_token_ids=*/false, &p->key, &p->meta)) return false;
+    p->h = *h;
+    return true;
+  }
+
+  // Streams the whole record at `off` (`len` bytes) through its checksum.
+  bool VerifyAt(uint64_t off, uint64_t len) const {
+    std::string buf;
+    Checksum64Builder b;
+    uint64_t done = 0;
+    while (done < len - 8) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(kScanChunkBytes, len - 8 - done));
+      buf.resize(n);
+      if (!PreadAll(fd, buf.data(), n, off + done, path).ok()) return false;
+      b.Update(buf);
+      done += n;
+    }
+    char tail[8];
+    if (!PreadAll(fd, tail, 8, off + len - 8, path).ok()) return false;
+    return b.Digest() == LoadU64(tail);
+  }
+
+  // The next offset after `from` holding a record whose header verifies.
+  std::optional<uint64_t> FindNext(uint64_t from) const {
+    std::string chunk;
+    for (uint64_t base = AlignUp8(from); base + kRecordHeaderBytes <= size;
+         base += kScanChunkBytes) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(kScanChunkBytes, size - base));
+      chunk.resize(n);
+      if (!PreadAll(fd, chunk.data(), n, base, path).ok()) return std::nullopt;
+      for (size_t i = 0; i + 4 <= n; i += 8) {
+        if (LoadU32(chunk.data() + i) != kRecordMagic) continue;
+        Parsed p;
+        if (ParseAt(base + i, &p) && base + i + p.h.record_bytes() <= size) return base + i;
+      }
+    }
+    return std::nullopt;
+  }
+
+  int fd;
+  const std::string& path;
+  uint64_t size;
+};
+
+}  // namespace
+
 absl::Status DiskTier::RecoverSegment(uint64_t id, const std::string& path, bool verify_payloads,
                                       RecoveryScan* scan) {
   const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
@@ -312,67 +381,15 @@ absl::Status DiskTier::RecoverSegment(uint64_t id, const std::string& path, bool
   Segment* s = seg.get();
   segments_[id] = std::move(seg);
 
-  // Reads and checks the header and meta of a record at `off`.
-  struct Parsed {
-    RecordHeader h;
-    SpanKey key;
-    SpanMeta meta;
-  };
-  auto parse_at = [&](uint64_t off, Parsed* p) -> bool {
-    if (off + kRecordHeaderBytes > size) return false;
-    char fixed[kRecordHeaderBytes];
-    if (!PreadAll(fd, fixed, sizeof(fixed), off, path).ok()) return false;
-    auto h = ParseRecordHeader(absl::string_view(fixed, sizeof(fixed)));
-    if (!h.ok() || off + h->prefix_bytes() > size) return false;
-    std::string meta(h->meta_len, '\0');
-    if (!PreadAll(fd, meta.data(), meta.size(), off + kRecordHeaderBytes, path).ok()) {
-      return false;
-    }
-    if (!VerifyHeaderChecksum(*h, absl::string_view(fixed, sizeof(fixed)), meta)) return false;
-    if (!DecodeRecordMeta(*h, meta, /*with_token_ids=*/false, &p->key, &p->meta)) return false;
-    p->h = *h;
-    return true;
-  };
-  // Streams the whole record through its checksum.
-  auto verify_at = [&](uint64_t off, uint64_t len) -> bool {
-    std::string buf;
-    Checksum64Builder b;
-    uint64_t done = 0;
-    while (done < len - 8) {
-      const size_t n = static_cast<size_t>(std::min<uint64_t>(kScanChunkBytes, len - 8 - done));
-      buf.resize(n);
-      if (!PreadAll(fd, buf.data(), n, off + done, path).ok()) return false;
-      b.Update(buf);
-      done += n;
-    }
-    char tail[8];
-    if (!PreadAll(fd, tail, 8, off + len - 8, path).ok()) return false;
-    return b.Digest() == LoadU64(tail);
-  };
-  // The next offset after `from` holding a record whose header verifies.
-  auto find_next = [&](uint64_t from) -> std::optional<uint64_t> {
-    std::string chunk;
-    for (uint64_t base = AlignUp8(from); base + kRecordHeaderBytes <= size;
-         base += kScanChunkBytes) {
-      const size_t n = static_cast<size_t>(std::min<uint64_t>(kScanChunkBytes, size - base));
-      chunk.resize(n);
-      if (!PreadAll(fd, chunk.data(), n, base, path).ok()) return std::nullopt;
-      for (size_t i = 0; i + 4 <= n; i += 8) {
-        if (LoadU32(chunk.data() + i) != kRecordMagic) continue;
-        Parsed p;
-        if (parse_at(base + i, &p) && base + i + p.h.record_bytes() <= size) return base + i;
-      }
-    }
-    return std::nullopt;
-  };
-
+  const SegmentScanner scanner{fd, path, size};
   uint64_t off = kSegmentHeaderBytes;
   std::optional<uint64_t> truncate_at;
   while (off < size) {
-    Parsed p;
-    const bool header_ok = parse_at(off, &p);
+    SegmentScanner::Parsed p;
+    const bool header_ok = scanner.ParseAt(off, &p);
     const bool fits = header_ok && off + p.h.record_bytes() <= size;
-    const bool payload_ok = fits && (!verify_payloads || verify_at(off, p.h.record_bytes()));
+    const bool payload_ok =
+        fits && (!verify_payloads || scanner.VerifyAt(off, p.h.record_bytes()));
     if (fits && !payload_ok && p.h.kind == RecordKind::kSpan) {
       // The header names the span: its next read reports a checksum failure
       // (unless a newer valid record of the key turns up).
@@ -398,7 +415,7 @@ absl::Status DiskTier::RecoverSegment(uint64_t id, const std::string& path, bool
     }
     // Not a whole, valid record here: either the torn tail of the file, or a
     // damaged record with valid ones after it.
-    std::optional<uint64_t> next = find_next(fits ? off + p.h.record_bytes() : off + 8);
+    std::optional<uint64_t> next = scanner.FindNext(fits ? off + p.h.record_bytes() : off + 8);
     if (!next.has_value()) {
       truncate_at = off;
       break;
