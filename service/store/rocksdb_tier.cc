@@ -213,19 +213,19 @@ absl::StatusOr<std::unique_ptr<RocksDbTier>> RocksDbTier::Create(
   return tier;
 }
 
-absl::Status RocksDbTier::Open() {
-  std::error_code ec;
-  std::filesystem::create_directories(options_.dir, ec);
-  if (ec) {
-    return absl::InternalError(
-        absl::StrCat("cannot create rocksdb directory ", options_.dir, ": ", ec.message()));
-  }
+namespace {
+
+rocksdb::DBOptions DatabaseOptions() {
   rocksdb::DBOptions db_options;
   db_options.create_if_missing = true;
   db_options.create_missing_column_families = true;
   db_options.max_background_jobs = 2;
   db_options.info_log = std::make_shared<RocksDbLogger>();
+  return db_options;
+}
 
+// The column families: default (unused), the catalog and the cold payloads.
+std::vector<rocksdb::ColumnFamilyDescriptor> ColumnFamilies() {
   rocksdb::ColumnFamilyOptions catalog_options;
   catalog_options.compression = rocksdb::kLZ4Compression;
   // Misses look up tombstones that mostly do not exist: a Bloom filter
@@ -245,24 +245,53 @@ absl::Status RocksDbTier::Open() {
   cold_options.enable_blob_garbage_collection = true;
   cold_options.write_buffer_size = 64 << 20;
 
-  std::vector<rocksdb::ColumnFamilyDescriptor> descriptors = {
+  return {
       {rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions()},
       {kCatalogCf, catalog_options},
       {kColdCf, cold_options},
   };
+}
+
+}  // namespace
+
+absl::Status RocksDbTier::Open() {
+  std::error_code ec;
+  std::filesystem::create_directories(options_.dir, ec);
+  if (ec) {
+    return absl::InternalError(
+        absl::StrCat("cannot create rocksdb directory ", options_.dir, ": ", ec.message()));
+  }
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* raw = nullptr;  // RocksDB 7.8 only offers DB**
-  KVR_RETURN_IF_ERROR(
-      FromRocksDbStatus(rocksdb::DB::Open(db_options, options_.dir, descriptors, &handles, &raw),
-                        absl::StrCat("opening ", options_.dir)));
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(
+      rocksdb::DB::Open(DatabaseOptions(), options_.dir, ColumnFamilies(), &handles, &raw),
+      absl::StrCat("opening ", options_.dir)));
   db_ = raw;
   default_cf_ = handles[0];
   catalog_cf_ = handles[1];
   cold_cf_ = handles[2];
 
-  // Rebuild the span index from the 'S' records.
   absl::MutexLock lock(&mu_);
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), catalog_cf_));
+  KVR_RETURN_IF_ERROR(LoadSpanCatalogLocked(it.get()));
+  // Tombstones are not scanned (start-up time must not grow with them): one
+  // seek tells whether any is stored. When none is, the in-memory filter
+  // covers every tombstone (it marks each one written from now on); else
+  // lookups ask RocksDB (whose catalog has a Bloom filter) until they are
+  // all collected.
+  it->Seek("T");
+  filter_complete_.store(!(it->Valid() && it->key().starts_with("T")));
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "looking for tombstones"));
+  KVR_RETURN_IF_ERROR(IndexTombstonesOnce(it.get()));
+  if (corrupt_catalog_records_ > 0) {
+    KVR_LOG(ERROR) << options_.dir << ": skipped " << corrupt_catalog_records_
+                   << " span catalog records that do not decode";
+  }
+  PublishMetricsLocked();
+  return absl::OkStatus();
+}
+
+absl::Status RocksDbTier::LoadSpanCatalogLocked(rocksdb::Iterator* it) {
   for (it->Seek("S"); it->Valid() && it->key().starts_with("S"); it->Next()) {
     SpanKey key;
     ColdRecord rec;
@@ -278,47 +307,32 @@ absl::Status RocksDbTier::Open() {
     bytes_ += rec.stored_bytes;
     index_[key] = Entry{rec.seq, rec.stored_bytes, std::move(rec.meta), false};
   }
-  KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "scanning the span catalog"));
-  // Tombstones are not scanned (start-up time must not grow with them): one
-  // seek tells whether any is stored. When none is, the in-memory filter
-  // covers every tombstone (it marks each one written from now on); else
-  // lookups ask RocksDB (whose catalog has a Bloom filter) until they are
-  // all collected.
-  it->Seek("T");
-  filter_complete_.store(!(it->Valid() && it->key().starts_with("T")));
-  KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "looking for tombstones"));
-  // Stores of earlier versions have tombstones without the time index that
-  // collection walks: index them once.
+  return FromRocksDbStatus(it->status(), "scanning the span catalog");
+}
+
+absl::Status RocksDbTier::IndexTombstonesOnce(rocksdb::Iterator* it) {
   std::string marker;
   rocksdb::Status ms =
       db_->Get(rocksdb::ReadOptions(), catalog_cf_, kTombstoneIndexMarker, &marker);
-  if (ms.IsNotFound()) {
-    rocksdb::WriteBatch batch;
-    int64_t indexed = 0;
-    for (it->Seek("T"); it->Valid() && it->key().starts_with("T"); it->Next()) {
-      const rocksdb::Slice k = it->key();
-      const rocksdb::Slice v = it->value();
-      absl::Time when = absl::Now();
-      if (v.size() >= 9) when = MicrosToTime(static_cast<int64_t>(LoadU64(v.data() + 1)));
-      KVR_RETURN_IF_ERROR(FromRocksDbStatus(
-          batch.Put(catalog_cf_, TombstoneTimeKey(when, absl::string_view(k.data() + 1, k.size() - 1)),
-                    rocksdb::Slice()),
-          "indexing tombstones"));
-      ++indexed;
-    }
-    KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "indexing tombstones"));
-    KVR_RETURN_IF_ERROR(FromRocksDbStatus(batch.Put(catalog_cf_, kTombstoneIndexMarker, "1"),
-                                          "indexing tombstones"));
-    KVR_RETURN_IF_ERROR(FromRocksDbStatus(db_->Write(Synced(true), &batch), "indexing tombstones"));
-    if (indexed > 0) KVR_LOG(INFO) << options_.dir << ": indexed " << indexed << " tombstones by time";
-  } else {
-    KVR_RETURN_IF_ERROR(FromRocksDbStatus(ms, "reading the tombstone index marker"));
+  if (!ms.IsNotFound()) return FromRocksDbStatus(ms, "reading the tombstone index marker");
+  rocksdb::WriteBatch batch;
+  int64_t indexed = 0;
+  for (it->Seek("T"); it->Valid() && it->key().starts_with("T"); it->Next()) {
+    const rocksdb::Slice k = it->key();
+    const rocksdb::Slice v = it->value();
+    absl::Time when = absl::Now();
+    if (v.size() >= 9) when = MicrosToTime(static_cast<int64_t>(LoadU64(v.data() + 1)));
+    KVR_RETURN_IF_ERROR(FromRocksDbStatus(
+        batch.Put(catalog_cf_, TombstoneTimeKey(when, absl::string_view(k.data() + 1, k.size() - 1)),
+                  rocksdb::Slice()),
+        "indexing tombstones"));
+    ++indexed;
   }
-  if (corrupt_catalog_records_ > 0) {
-    KVR_LOG(ERROR) << options_.dir << ": skipped " << corrupt_catalog_records_
-                   << " span catalog records that do not decode";
-  }
-  PublishMetricsLocked();
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(it->status(), "indexing tombstones"));
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(batch.Put(catalog_cf_, kTombstoneIndexMarker, "1"),
+                                        "indexing tombstones"));
+  KVR_RETURN_IF_ERROR(FromRocksDbStatus(db_->Write(Synced(true), &batch), "indexing tombstones"));
+  if (indexed > 0) KVR_LOG(INFO) << options_.dir << ": indexed " << indexed << " tombstones by time";
   return absl::OkStatus();
 }
 

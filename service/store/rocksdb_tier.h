@@ -45,6 +45,7 @@
 namespace rocksdb {
 class DB;
 class ColumnFamilyHandle;
+class Iterator;
 }  // namespace rocksdb
 
 namespace kvrecall::store {
@@ -130,6 +131,11 @@ class RocksDbTier : public Tier {
 
   explicit RocksDbTier(const RocksDbTierOptions& options, Compression compression);
   absl::Status Open();
+  // Open's parts: the span index from the catalog's 'S' records (through
+  // `it`, a catalog iterator), and the time index of tombstones written by
+  // earlier versions (once per store).
+  absl::Status LoadSpanCatalogLocked(rocksdb::Iterator* it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status IndexTombstonesOnce(rocksdb::Iterator* it);
   absl::StatusOr<StoredSpanPtr> Read(const SpanKey& key, bool victim);
   void EraseLocked(const SpanKey& key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PublishMetricsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
