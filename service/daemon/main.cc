@@ -11,6 +11,8 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,6 +22,8 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "common/logging.h"
+#include "service/cluster/cluster_flags.h"
+#include "service/cluster/cluster_node.h"
 #include "service/daemon/additional_services.h"
 #include "service/daemon/server_flags.h"
 #include "service/rpc/admin_service.h"
@@ -44,6 +48,14 @@ int main(int argc, char** argv) {
                  std::string(options.status().message()).c_str());
     return 2;
   }
+  // A cluster node with --etcd_endpoints (docs/cluster.md).
+  absl::StatusOr<std::optional<kvrecall::cluster::ClusterOptions>> cluster_options =
+      kvrecall::cluster::ClusterOptionsFromFlags(*options);
+  if (!cluster_options.ok()) {
+    std::fprintf(stderr, "kvrecalld: refusing to start: %s\n",
+                 std::string(cluster_options.status().message()).c_str());
+    return 2;
+  }
 
   // Span payloads are large (up to hundreds of MiB) and short-lived in the
   // RPC path. glibc's defaults map and unmap such blocks, or trim freed heap
@@ -61,6 +73,21 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
+  std::unique_ptr<kvrecall::cluster::ClusterNode> cluster;
+  if (cluster_options->has_value()) {
+    options->additional_flags = kvrecall::cluster::ClusterFlagsForConfig();
+    absl::StatusOr<std::unique_ptr<kvrecall::cluster::ClusterNode>> node =
+        kvrecall::cluster::ClusterNode::Create(**cluster_options);
+    if (!node.ok()) {
+      std::fprintf(stderr, "kvrecalld: refusing to start: %s\n",
+                   std::string(node.status().message()).c_str());
+      return 2;
+    }
+    cluster = std::move(*node);
+    kvrecall::cluster::ClusterNode* n = cluster.get();
+    options->stats_extension = [n](kvrecall::v1::StatsResponse* r) { n->FillStats(r); };
+  }
+
   std::vector<std::string> effective;
   for (const auto& [name, value] : kvrecall::rpc::ServerOptionsToFlags(*options)) {
     effective.push_back(absl::StrCat("--", name, "=", value));
@@ -69,13 +96,28 @@ int main(int argc, char** argv) {
                 << " effective config: " << absl::StrJoin(effective, " ");
 
   std::vector<std::string> services = {"kvrecall.v1.KvStore", "kvrecall.v1.Admin"};
-  const std::vector<kvrecall::rpc::ServiceFactory> additional =
+  std::vector<kvrecall::rpc::ServiceFactory> additional =
       kvrecall::daemon::AdditionalServices(&services);
+  kvrecall::rpc::StoreOpener open_store = &kvrecall::store::TieredStore::Open;
+  if (cluster != nullptr) {
+    open_store = cluster->WrapStoreOpener(open_store);
+    additional = cluster->WrapServices(std::move(additional));
+    services.push_back("kvrecall.v1.Cluster");
+    services.push_back("kvrecall.v1.ClusterPeer");
+  }
   absl::StatusOr<std::unique_ptr<kvrecall::rpc::Server>> server =
-      kvrecall::rpc::Server::Create(*options, &kvrecall::store::TieredStore::Open, additional);
+      kvrecall::rpc::Server::Create(*options, open_store, additional);
   if (!server.ok()) {
     KVR_LOG(ERROR) << "kvrecalld: cannot start: " << server.status();
     return 1;
+  }
+  if (cluster != nullptr) {
+    const absl::Status joined = cluster->Join();
+    if (!joined.ok()) {
+      KVR_LOG(ERROR) << "kvrecalld: cannot join the cluster: " << joined;
+      (*server)->Shutdown(absl::ZeroDuration()).IgnoreError();
+      return 1;
+    }
   }
   std::printf("kvrecalld listening on %s\n", (*server)->address().c_str());
   std::fflush(stdout);
@@ -92,8 +134,10 @@ int main(int argc, char** argv) {
   KVR_LOG(INFO) << "received " << (signal_number == SIGTERM ? "SIGTERM" : "SIGINT")
                 << ": shutting down (in-flight calls get " << options->shutdown_grace_ms
                 << " ms)";
+  if (cluster != nullptr) cluster->Leave();  // peers and clients stop routing here
   const absl::Status status =
       (*server)->Shutdown(absl::Milliseconds(options->shutdown_grace_ms));
+  if (cluster != nullptr) cluster->Stop();
   server->reset();
   if (!status.ok()) {
     KVR_LOG(ERROR) << "shutdown: syncing the store failed: " << status;

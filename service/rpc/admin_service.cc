@@ -55,6 +55,7 @@ grpc::Status AdminServiceImpl::Stats(grpc::ServerContext* context,
   response->set_models(stats.models);
   response->set_pinned_spans(stats.pinned_spans);
   response->set_uptime_s(absl::ToInt64Seconds(absl::Now() - start_time_));
+  if (options_->stats_extension) options_->stats_extension(response);
 
   for (const RpcMethodMetrics::Snapshot& m : metrics_->Read()) {
     v1::RpcStats* out = response->add_rpcs();

@@ -31,6 +31,11 @@ void CallGate::StartDraining() {
   draining_ = true;
 }
 
+bool CallGate::draining() const {
+  absl::MutexLock lock(&mu_);
+  return draining_;
+}
+
 int64_t CallGate::AwaitDrained(absl::Time deadline) {
   absl::MutexLock lock(&mu_);
   auto drained = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return in_flight_ == 0; };

@@ -32,6 +32,8 @@ class CallGate {
   bool Enter() ABSL_LOCKS_EXCLUDED(mu_);
   void Exit() ABSL_LOCKS_EXCLUDED(mu_);
   void StartDraining() ABSL_LOCKS_EXCLUDED(mu_);
+  // Whether draining started (long-lived streams end themselves then).
+  bool draining() const ABSL_LOCKS_EXCLUDED(mu_);
   // Waits until no admitted call is in flight or `deadline` passes; returns
   // the number still in flight (0: drained).
   int64_t AwaitDrained(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);

@@ -162,6 +162,7 @@ std::vector<std::pair<std::string, std::string>> ServerOptionsToFlags(const Serv
       {"tenant_pinned_bytes", absl::StrCat(o.store.tenant_pinned_bytes)},
       {"tombstone_max_age_s", absl::StrCat(absl::ToInt64Seconds(o.store.tombstone_max_age))},
   };
+  flags.insert(flags.end(), o.additional_flags.begin(), o.additional_flags.end());
   std::sort(flags.begin(), flags.end());
   return flags;
 }

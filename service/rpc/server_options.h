@@ -5,11 +5,13 @@
 // names in comments are the flag names (docs/config.md).
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "kvrecall/v1/admin.pb.h"
 #include "service/store/tiered_store.h"
 
 namespace kvrecall::rpc {
@@ -127,6 +129,12 @@ struct ServerOptions {
   int32_t tenant_builds = 0;
   // The store's: --tenant_memory_bytes, --tenant_pinned_bytes and
   // --tombstone_max_age_s are in `store` (TieredStoreOptions).
+
+  // Options of parts configured outside ServerOptions (the cluster flags,
+  // docs/cluster.md), listed by ServerOptionsToFlags and GetConfig.
+  std::vector<std::pair<std::string, std::string>> additional_flags;
+  // Adds daemon-wide sections to Admin.Stats (the cluster's); may be empty.
+  std::function<void(v1::StatsResponse*)> stats_extension;
 
   // --port_file: when set, the bound gRPC port is written there (atomically)
   // once the server accepts calls. Default empty.
