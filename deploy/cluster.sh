@@ -60,13 +60,19 @@ echo "cluster.sh: etcd on 127.0.0.1:$ETCD_PORT (log $DATA/etcd.log)"
 
 for i in $(seq "$NODES"); do
   port=$((BASE_PORT + i - 1))
-  "$BUILD_DIR/bin/kvrecalld" --listen="127.0.0.1:$port" --data_dir="$DATA/n$i" \
-    --etcd_endpoints="127.0.0.1:$ETCD_PORT" --node_id="n$i" \
-    --replication_factor="$REPLICATION_FACTOR" "$@" >"$DATA/n$i.log" 2>&1 &
+  # The node's command line, also kept in $DATA/n<i>.sh to restart a node
+  # that was stopped or killed (the cluster keeps running without it).
+  cmd=("$BUILD_DIR/bin/kvrecalld" --listen="127.0.0.1:$port" --data_dir="$DATA/n$i"
+       --etcd_endpoints="127.0.0.1:$ETCD_PORT" --node_id="n$i"
+       --replication_factor="$REPLICATION_FACTOR" "$@")
+  printf '#!/bin/sh\nexec %s >>"%s" 2>&1\n' "${cmd[*]@Q}" "$DATA/n$i.log" >"$DATA/n$i.sh"
+  chmod +x "$DATA/n$i.sh"
+  "${cmd[@]}" >"$DATA/n$i.log" 2>&1 &
   pids+=("$!")
-  echo "cluster.sh: node n$i on 127.0.0.1:$port (data $DATA/n$i, log $DATA/n$i.log)"
+  echo "cluster.sh: node n$i on 127.0.0.1:$port (data $DATA/n$i, log $DATA/n$i.log, restart: $DATA/n$i.sh)"
 done
 echo "cluster.sh: try: $BUILD_DIR/bin/kvrecall --target=127.0.0.1:$BASE_PORT cluster status"
-# Runs until a process exits or Ctrl-C.
-wait -n "${pids[@]}" || true
-echo "cluster.sh: a process exited; see the logs in $DATA"
+# Runs until Ctrl-C or etcd exits; a node that exits (or is killed) leaves
+# the others running.
+wait "$etcd_pid" || true
+echo "cluster.sh: etcd exited; see $DATA/etcd.log"

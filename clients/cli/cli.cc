@@ -25,6 +25,7 @@
 #include "absl/time/clock.h"
 #include "clients/cli/inputs.h"
 #include "clients/cli/output.h"
+#include "clients/cli/cluster_commands.h"
 #include "clients/cli/policy_commands.h"
 #include "clients/cli/progress_bar.h"
 #include "clients/cli/retrieval_commands.h"
@@ -696,6 +697,7 @@ int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& e
   Flags f;
   RetrievalCommands retrieval;
   PolicyCommands policy;
+  ClusterCommands cluster;
   if (const char* t = std::getenv("KVRECALL_TARGET"); t != nullptr && *t != '\0') f.target = t;
   if (const char* t = std::getenv("KVRECALL_TOKEN"); t != nullptr) f.token = t;
   if (const char* t = std::getenv("KVRECALL_TLS_CA"); t != nullptr) f.global.tls_ca = t;
@@ -707,6 +709,7 @@ int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& e
     AddStoreCommands(&app, f);
     retrieval.Register(&app);
     policy.Register(&app);
+    cluster.Register(&app);
     AddBenchCommand(&app, f);
     app.parse(argc, argv);
 
@@ -722,6 +725,7 @@ int RunCli(int argc, const char* const* argv, std::ostream& out, std::ostream& e
     g.stage_lines = !g.progress && f.progress == "auto";
     if (retrieval.Handles(name)) return retrieval.Run(cmd, g, out, err);
     if (policy.Handles(name)) return policy.Run(cmd, g, out, err);
+    if (cluster.Handles(name)) return cluster.Run(cmd, g, out, err);
     return RunStoreCommand(name, f, g, out, err);
   } catch (const CLI::ParseError& e) {
     const int code = app.exit(e, out, err);

@@ -271,4 +271,21 @@ absl::StatusOr<v1::NodeStatus> ClusterClient::NodeStatus(const std::string& addr
   return s;
 }
 
+absl::Status ClusterClient::ForgetNode(const std::string& node_id) {
+  absl::Status last = absl::UnavailableError("no live node to ask");
+  for (const std::string& address : Addresses(Hash128())) {
+    absl::StatusOr<Node*> node = NodeAt(address);
+    if (!node.ok()) return node.status();
+    std::unique_ptr<grpc::ClientContext> ctx = (*node)->policy->NewContext(
+        absl::Now() + std::min(absl::Milliseconds(options_.node.deadline_ms), absl::Seconds(10)));
+    v1::ForgetNodeRequest request;
+    request.set_node_id(node_id);
+    v1::ForgetNodeResponse response;
+    last = FromGrpcStatus((*node)->cluster->ForgetNode(ctx.get(), request, &response));
+    if (!IsNodeFailure(last)) break;
+  }
+  if (last.ok()) Refresh().IgnoreError();
+  return last;
+}
+
 }  // namespace kvrecall::client

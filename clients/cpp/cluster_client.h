@@ -66,6 +66,8 @@ class ClusterClient {
   std::vector<std::string> Order(const Hash128& key) ABSL_LOCKS_EXCLUDED(mu_);
   // The state of one node (Cluster.GetNodeStatus).
   absl::StatusOr<v1::NodeStatus> NodeStatus(const std::string& address);
+  // Forgets a node that is down for good (Cluster.ForgetNode; admins only).
+  absl::Status ForgetNode(const std::string& node_id);
   // The client of the node at `address` (made on first use).
   absl::StatusOr<KvStoreClient*> NodeClient(const std::string& address) ABSL_LOCKS_EXCLUDED(mu_);
 
