@@ -467,8 +467,12 @@ absl::StatusOr<std::unique_ptr<FaissIndex>> FaissIndex::Load(const IndexHeader& 
     return absl::DataLossError("faiss: stored index does not match the header");
   }
   KVR_RETURN_IF_ERROR(ValidateStructure(*index->index_));
-  const size_t key_bytes = static_cast<size_t>(header.size) * index->row_bytes_;
-  if (r.remaining() != key_bytes) return absl::DataLossError("faiss: key bytes do not match");
+  // Counted by division: the product could wrap to the bytes present.
+  if (index->row_bytes_ == 0 || r.remaining() % index->row_bytes_ != 0 ||
+      r.remaining() / index->row_bytes_ != static_cast<size_t>(header.size)) {
+    return absl::DataLossError("faiss: key bytes do not match");
+  }
+  const size_t key_bytes = r.remaining();
   index->keys_.resize(key_bytes);
   KVR_RETURN_IF_ERROR(r.GetBytes(index->keys_.data(), key_bytes));
   index->size_ = header.size;

@@ -274,11 +274,13 @@ absl::StatusOr<std::unique_ptr<FlatIndex>> FlatIndex::Load(const IndexHeader& he
     return absl::FailedPreconditionError(
         absl::StrCat("flat: payload version ", version, " is not supported"));
   }
-  const size_t expected =
-      static_cast<size_t>(header.size) * header.dim * DTypeSize(header.key_dtype);
-  if (r.remaining() != expected) {
+  // Rows counted by division: a size x row product could wrap to the bytes present.
+  const size_t row_bytes = static_cast<size_t>(header.dim) * DTypeSize(header.key_dtype);
+  if (row_bytes == 0 || r.remaining() % row_bytes != 0 ||
+      r.remaining() / row_bytes != static_cast<size_t>(header.size)) {
     return absl::DataLossError(absl::StrCat("flat: payload has ", r.remaining(),
-                                            " key bytes, expected ", expected));
+                                            " key bytes, not the header's ", header.size,
+                                            " keys of ", row_bytes, " bytes"));
   }
   std::unique_ptr<FlatIndex> index(new FlatIndex(header.dim, header.key_dtype, *options));
   VectorView keys{payload.data() + sizeof(uint32_t), header.size, header.dim, header.key_dtype,

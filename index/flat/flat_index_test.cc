@@ -199,6 +199,21 @@ TEST(FlatIndexTest, SerializeLoadRoundTripsAndDetectsCorruption) {
               StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
+// Found by index_load_fuzz: a header whose size x dim x element size wraps
+// to the payload's key bytes (0 here: 2^55 x 157892224 x 4 = 0 mod 2^64)
+// passed the length check, then AppendRows sized the tiles by the wrapped
+// product and wrote through a null pointer.
+TEST(FlatIndexTest, ASizeWhoseKeyBytesWrapIsDataLoss) {
+  IndexHeader header;
+  header.kind = "flat";
+  header.dim = 157892224;
+  header.size = int64_t{1} << 55;
+  header.key_dtype = DType::kF32;
+  const std::string version_only("\x01\x00\x00\x00", 4);
+  EXPECT_THAT(FlatIndex::Load(header, version_only).status(),
+              StatusIs(absl::StatusCode::kDataLoss));
+}
+
 TEST(FlatIndexTest, RejectsBadSearchInput) {
   std::vector<float> keys(10 * 8, 1.0f), q(8, 1.0f);
   KVR_ASSERT_OK_AND_ASSIGN(auto index,
