@@ -122,6 +122,9 @@ ABSL_FLAG(ByteSize, tenant_memory_bytes, ByteSize{0},
           "span payload one tenant holds in memory (its own spans make room); 0: no quota");
 ABSL_FLAG(ByteSize, tenant_pinned_bytes, ByteSize{0},
           "span payload one tenant holds pinned; 0: no quota");
+ABSL_FLAG(ByteSize, tenant_stored_bytes, ByteSize{0},
+          "span payload one tenant holds in all tiers together (memory, disk, RocksDB); 0: no "
+          "quota");
 ABSL_FLAG(int64_t, tombstone_max_age_s, 7 * 24 * 3600,
           "miss tombstones (why a span is gone) older than this are collected");
 ABSL_FLAG(std::string, port_file, Defaults().port_file,
@@ -169,6 +172,7 @@ absl::StatusOr<rpc::ServerOptions> ServerOptionsFromFlags() {
   o.tenant_builds = absl::GetFlag(FLAGS_tenant_builds);
   o.store.tenant_memory_bytes = absl::GetFlag(FLAGS_tenant_memory_bytes).bytes;
   o.store.tenant_pinned_bytes = absl::GetFlag(FLAGS_tenant_pinned_bytes).bytes;
+  o.store.tenant_stored_bytes = absl::GetFlag(FLAGS_tenant_stored_bytes).bytes;
   o.store.tombstone_max_age = absl::Seconds(absl::GetFlag(FLAGS_tombstone_max_age_s));
   KVR_RETURN_IF_ERROR(rpc::ValidateServerOptions(o));
   return o;

@@ -61,4 +61,5 @@ ABSL_DECLARE_FLAG(int32_t, tenant_contexts);
 ABSL_DECLARE_FLAG(int32_t, tenant_builds);
 ABSL_DECLARE_FLAG(kvrecall::daemon::ByteSize, tenant_memory_bytes);
 ABSL_DECLARE_FLAG(kvrecall::daemon::ByteSize, tenant_pinned_bytes);
+ABSL_DECLARE_FLAG(kvrecall::daemon::ByteSize, tenant_stored_bytes);
 ABSL_DECLARE_FLAG(int64_t, tombstone_max_age_s);

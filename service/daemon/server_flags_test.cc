@@ -55,10 +55,12 @@ TEST(ServerFlagsTest, FlagsReachTheOptions) {
   absl::SetFlag(&FLAGS_rpc_threads, 16);
   absl::SetFlag(&FLAGS_insecure, true);
   absl::SetFlag(&FLAGS_tenant_pinned_bytes, ByteSize{int64_t{1} << 20});
+  absl::SetFlag(&FLAGS_tenant_stored_bytes, ByteSize{int64_t{1} << 30});
   absl::SetFlag(&FLAGS_tenant_contexts, 3);
   KVR_ASSERT_OK_AND_ASSIGN(rpc::ServerOptions o, ServerOptionsFromFlags());
   EXPECT_TRUE(o.insecure);
   EXPECT_EQ(o.store.tenant_pinned_bytes, int64_t{1} << 20);
+  EXPECT_EQ(o.store.tenant_stored_bytes, int64_t{1} << 30);
   EXPECT_EQ(o.tenant_contexts, 3);
   EXPECT_EQ(o.listen_address, "0.0.0.0:9000");
   EXPECT_EQ(o.store.data_dir, "/var/lib/kvrecall");

@@ -73,7 +73,8 @@ absl::Status ValidateServerOptions(const ServerOptions& o) {
   KVR_RETURN_IF_ERROR(Range("tenant_contexts", o.tenant_contexts, 0, 1 << 30));
   KVR_RETURN_IF_ERROR(Range("tenant_builds", o.tenant_builds, 0, 1 << 30));
   for (const auto& [flag, v] : {std::pair{"tenant_memory_bytes", o.store.tenant_memory_bytes},
-                                std::pair{"tenant_pinned_bytes", o.store.tenant_pinned_bytes}}) {
+                                std::pair{"tenant_pinned_bytes", o.store.tenant_pinned_bytes},
+                                std::pair{"tenant_stored_bytes", o.store.tenant_stored_bytes}}) {
     KVR_RETURN_IF_ERROR(Range(flag, v, 0, 1024 * kTiB0));
   }
   KVR_RETURN_IF_ERROR(Range("tombstone_max_age_s",
@@ -160,6 +161,7 @@ std::vector<std::pair<std::string, std::string>> ServerOptionsToFlags(const Serv
       {"tenant_builds", absl::StrCat(o.tenant_builds)},
       {"tenant_memory_bytes", absl::StrCat(o.store.tenant_memory_bytes)},
       {"tenant_pinned_bytes", absl::StrCat(o.store.tenant_pinned_bytes)},
+      {"tenant_stored_bytes", absl::StrCat(o.store.tenant_stored_bytes)},
       {"tombstone_max_age_s", absl::StrCat(absl::ToInt64Seconds(o.store.tombstone_max_age))},
   };
   flags.insert(flags.end(), o.additional_flags.begin(), o.additional_flags.end());

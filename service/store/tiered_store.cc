@@ -178,6 +178,13 @@ class TieredStoreImpl final : public TieredStore {
 
   std::unique_ptr<DirShard[]> dir_;
   std::unique_ptr<absl::Mutex[]> stripes_;
+  // Payload bytes each tenant holds in the directory (every tier together),
+  // for tenant_stored_bytes; kept by DirInsert and DirErase. Lock order:
+  // after a DirShard's mu.
+  absl::Mutex tenant_bytes_mu_;
+  absl::flat_hash_map<std::string, int64_t> tenant_bytes_ ABSL_GUARDED_BY(tenant_bytes_mu_);
+  void AddTenantBytes(const std::string& tenant, int64_t delta) ABSL_LOCKS_EXCLUDED(tenant_bytes_mu_);
+  int64_t TenantBytes(const std::string& tenant) ABSL_LOCKS_EXCLUDED(tenant_bytes_mu_);
   // Bumped whenever a span leaves a tier; a reader that found a span in no
   // tier while this moved retries.
   std::atomic<uint64_t> moves_{0};
@@ -390,16 +397,32 @@ bool TieredStoreImpl::DirOtherTenant(const SpanKey& key) const {
   return false;
 }
 
+void TieredStoreImpl::AddTenantBytes(const std::string& tenant, int64_t delta) {
+  if (delta == 0) return;
+  absl::MutexLock lock(&tenant_bytes_mu_);
+  auto it = tenant_bytes_.try_emplace(tenant, 0).first;
+  it->second += delta;
+  if (it->second <= 0) tenant_bytes_.erase(it);
+}
+
+int64_t TieredStoreImpl::TenantBytes(const std::string& tenant) {
+  absl::MutexLock lock(&tenant_bytes_mu_);
+  auto it = tenant_bytes_.find(tenant);
+  return it == tenant_bytes_.end() ? 0 : it->second;
+}
+
 void TieredStoreImpl::DirInsert(const SpanKey& key, DirEntry entry) {
   DirShard& shard = DirFor(key.hash);
   absl::MutexLock lock(&shard.mu);
   auto& list = shard.map[key.hash];
   for (auto& [tenant, e] : list) {
     if (tenant == key.tenant) {
+      AddTenantBytes(key.tenant, entry.payload_bytes - e.payload_bytes);
       e = std::move(entry);
       return;
     }
   }
+  AddTenantBytes(key.tenant, entry.payload_bytes);
   list.emplace_back(key.tenant, std::move(entry));
 }
 
@@ -411,6 +434,7 @@ void TieredStoreImpl::DirErase(const SpanKey& key) {
   auto& list = it->second;
   for (auto e = list.begin(); e != list.end(); ++e) {
     if (e->first == key.tenant) {
+      AddTenantBytes(key.tenant, -e->second.payload_bytes);
       list.erase(e);
       break;
     }
@@ -633,6 +657,15 @@ absl::StatusOr<PutOutcome> TieredStoreImpl::Put(StoredSpan span, const PutOption
         if (memory_->Put(ptr, TierPutOptions{}, &v).ok()) victims.emplace_back(TierId::kMemory, v);
       }
     } else {
+      if (options_.tenant_stored_bytes > 0) {
+        const int64_t held = TenantBytes(key.tenant);
+        if (held + span.meta.payload_bytes > options_.tenant_stored_bytes) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              "the tenant stores ", held, " payload bytes; span ", key.hash.ToHex(), " (",
+              span.meta.payload_bytes, " bytes) would pass its quota (--tenant_stored_bytes=",
+              options_.tenant_stored_bytes, "); delete spans (DeleteSpans) to make room"));
+        }
+      }
       auto ptr = std::make_shared<const StoredSpan>(std::move(span));
       bool stored = false;
       bool rocksdb_written = false;

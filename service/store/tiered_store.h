@@ -74,10 +74,14 @@ struct TieredStoreOptions {
   //                         tenant's own least recently used spans make room
   //                         (demoted), never another tenant's
   //   tenant_pinned_bytes   payload a tenant holds pinned
-  // (The disk and RocksDB tiers have no per-tenant quota yet: bound a
-  // tenant's share of them with the memory quota and pins.)
+  //   tenant_stored_bytes   payload a tenant holds in all tiers together
+  //                         (memory, disk and RocksDB; a span in two tiers
+  //                         counts once); checked when a new span is put,
+  //                         so concurrent puts of one tenant may pass it by
+  //                         their own sizes
   int64_t tenant_memory_bytes = 0;
   int64_t tenant_pinned_bytes = 0;
+  int64_t tenant_stored_bytes = 0;
   // Miss tombstones (why a span is gone) older than this are collected, by a
   // background pass every tombstone_collect_interval. Default 7 days.
   absl::Duration tombstone_max_age = absl::Hours(24 * 7);

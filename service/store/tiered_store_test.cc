@@ -538,6 +538,33 @@ TEST_F(TieredStoreTest, TenantsAreIsolated) {
               ElementsAre(MissReason::kOtherNamespace));
 }
 
+// A tenant's bytes in every tier together (disk and RocksDB included) are
+// bounded by tenant_stored_bytes: past it a put is RESOURCE_EXHAUSTED naming
+// the quota, other tenants are unaffected, a delete makes room, and the
+// count survives a restart (recovered with the directory).
+TEST_F(TieredStoreTest, TenantStoredBytesBoundEveryTierTogether) {
+  SCOPED_TRACE(absl::StrCat("seed=", seed_));
+  TieredStoreOptions o = Options();
+  o.tenant_stored_bytes = 6 * kSpanBytes;  // more than memory (4 spans): disk counts too
+  {
+    auto store = Open(o);
+    const std::vector<StoredSpan> a = Chain(7, "tenant-a", /*durable=*/true);
+    PutAll(store.get(), std::vector<StoredSpan>(a.begin(), a.begin() + 6));
+    EXPECT_THAT(store->Put(a[6], PutOptions{}),
+                StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("--tenant_stored_bytes")));
+    PutAll(store.get(), Chain(3, "tenant-b"));  // another tenant's quota is its own
+    ExpectHit(store.get(), a[5]);                // the refused put changed nothing
+    KVR_ASSERT_OK(store->Delete(a[5].key));
+    KVR_ASSERT_OK(store->Put(a[5], PutOptions{}).status());  // its room again
+    EXPECT_THAT(store->Put(a[6], PutOptions{}),
+                StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("--tenant_stored_bytes")));
+  }
+  auto reopened = Open(o);
+  EXPECT_THAT(reopened->Put(Chain(1, "tenant-a")[0], PutOptions{}),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("--tenant_stored_bytes")));
+  KVR_EXPECT_OK(reopened->Put(Chain(1, "tenant-c")[0], PutOptions{}).status());
+}
+
 TEST_F(TieredStoreTest, WithoutATrustPredicateNoMissRevealsAnotherTenant) {
   SCOPED_TRACE(absl::StrCat("seed=", seed_));
   auto store = Open();
