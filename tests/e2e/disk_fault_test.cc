@@ -32,6 +32,9 @@ namespace kvrecall {
 namespace {
 
 using ::kvrecall::testing::DaemonProcess;
+using ::kvrecall::testing::RandomChain;
+using ::kvrecall::testing::SmallModel;
+using ::kvrecall::testing::SpanHashes;
 using ::kvrecall::testing::StatusIs;
 using ::testing::HasSubstr;
 
@@ -40,15 +43,7 @@ constexpr int kTokens = 64;
 constexpr int64_t kSpanBytes = 4 * 2 * 4 * kTokens * 16 * 2;  // 64 KiB
 
 v1::ModelGeometry Model() {
-  v1::ModelGeometry g;
-  g.set_model_id(kModel);
-  g.set_num_layers(4);
-  g.set_num_q_heads(8);
-  g.set_num_kv_heads(4);
-  g.set_head_dim(16);
-  g.set_dtype(v1::DTYPE_BF16);
-  g.set_block_tokens(kTokens);
-  return g;
+  return SmallModel(kModel, v1::DTYPE_BF16, 4, 8, 4, kTokens);
 }
 
 std::unique_ptr<client::KvStoreClient> Connect(const DaemonProcess& d) {
@@ -92,22 +87,12 @@ class Tmpfs {
 
 struct Chain {
   std::vector<client::OwnedSpan> spans;
-  std::vector<Hash128> hashes() const {
-    std::vector<Hash128> out;
-    for (const auto& s : spans) out.push_back(s.hash);
-    return out;
-  }
+  std::vector<Hash128> hashes() const { return SpanHashes(spans); }
 };
 
 Chain MakeChain(uint64_t seed, int n) {
   std::mt19937_64 rng(seed);
-  Chain c;
-  Hash128 parent = SpanRootHash(kModel);
-  for (int i = 0; i < n; ++i) {
-    c.spans.push_back(::kvrecall::testing::RandomSpan(parent, kTokens, kSpanBytes, rng));
-    parent = c.spans.back().hash;
-  }
-  return c;
+  return Chain{RandomChain(kModel, n, kTokens, kSpanBytes, rng)};
 }
 
 absl::Status Put(client::KvStoreClient& kv, const Chain& c, bool durable) {

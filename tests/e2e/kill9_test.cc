@@ -32,6 +32,9 @@ namespace kvrecall {
 namespace {
 
 using ::kvrecall::testing::DaemonProcess;
+using ::kvrecall::testing::RandomSpan;
+using ::kvrecall::testing::SmallModel;
+using ::kvrecall::testing::SpanHashes;
 
 constexpr char kModel[] = "e2e-model";
 constexpr int kTokens = 64;
@@ -39,15 +42,7 @@ constexpr int64_t kSpanBytes = 4 * 2 * 4 * kTokens * 16 * 2;  // 64 KiB
 constexpr int kSpansPerStream = 4;
 
 v1::ModelGeometry Model() {
-  v1::ModelGeometry g;
-  g.set_model_id(kModel);
-  g.set_num_layers(4);
-  g.set_num_q_heads(8);
-  g.set_num_kv_heads(4);
-  g.set_head_dim(16);
-  g.set_dtype(v1::DTYPE_BF16);
-  g.set_block_tokens(kTokens);
-  return g;
+  return SmallModel(kModel, v1::DTYPE_BF16, 4, 8, 4, kTokens);
 }
 
 // Span i of the chain of `seed`: deterministic tokens and payload, so the
@@ -56,7 +51,7 @@ struct ChainGen {
   explicit ChainGen(uint64_t seed) : seed(seed), parent(SpanRootHash(kModel)) {}
   client::OwnedSpan Next() {
     std::mt19937_64 rng(seed * 1000003 + index++);
-    client::OwnedSpan s = ::kvrecall::testing::RandomSpan(parent, kTokens, kSpanBytes, rng);
+    client::OwnedSpan s = RandomSpan(parent, kTokens, kSpanBytes, rng);
     parent = s.hash;
     return s;
   }
@@ -187,15 +182,7 @@ constexpr int64_t kCampaignSpanBytes = 2 * 2 * 2 * kCampaignTokens * 16 * 2;  //
 constexpr int kChainSpans = 4;
 
 v1::ModelGeometry CampaignModel() {
-  v1::ModelGeometry g;
-  g.set_model_id(kCampaignModel);
-  g.set_num_layers(2);
-  g.set_num_q_heads(4);
-  g.set_num_kv_heads(2);
-  g.set_head_dim(16);
-  g.set_dtype(v1::DTYPE_BF16);
-  g.set_block_tokens(kCampaignTokens);
-  return g;
+  return SmallModel(kCampaignModel, v1::DTYPE_BF16, 2, 4, 2, kCampaignTokens);
 }
 
 int EnvInt(const char* name, int fallback) {
@@ -235,12 +222,6 @@ std::vector<client::OwnedSpan> CampaignChain(uint64_t id) {
   return chain;
 }
 
-std::vector<Hash128> HashesOf(const std::vector<client::OwnedSpan>& chain) {
-  std::vector<Hash128> out;
-  for (const auto& s : chain) out.push_back(s.hash);
-  return out;
-}
-
 struct CampaignState {
   absl::Mutex mu;
   std::vector<uint64_t> acked ABSL_GUARDED_BY(mu);          // chains put and acknowledged
@@ -254,7 +235,7 @@ struct CampaignState {
 };
 
 absl::StatusOr<Hash128> OpenChain(client::RetrievalClient& rc, uint64_t id) {
-  KVR_ASSIGN_OR_RETURN(auto opened, rc.OpenContext(kCampaignModel, HashesOf(CampaignChain(id))));
+  KVR_ASSIGN_OR_RETURN(auto opened, rc.OpenContext(kCampaignModel, SpanHashes(CampaignChain(id))));
   return Hash128::FromBytes(opened.context());
 }
 
@@ -350,7 +331,7 @@ TEST(Kill9Test, CampaignOfKillsUnderMixedDurableLoad) {
           absl::MutexLock lock(&st.mu);
           st.delete_in_flight.insert(id);
         }
-        auto results = (*kv)->DeleteSpans(HashesOf(CampaignChain(id)));
+        auto results = (*kv)->DeleteSpans(SpanHashes(CampaignChain(id)));
         if (!results.ok()) return;
         absl::MutexLock lock(&st.mu);
         st.delete_in_flight.erase(id);
@@ -365,7 +346,7 @@ TEST(Kill9Test, CampaignOfKillsUnderMixedDurableLoad) {
           absl::SleepFor(absl::Milliseconds(5));
           continue;
         }
-        const auto hashes = HashesOf(CampaignChain(id));
+        const auto hashes = SpanHashes(CampaignChain(id));
         if (!(*kv)->PinSpans(hashes, absl::Seconds(30)).ok()) return;
         if (r() % 2 == 0 && !(*kv)->UnpinSpans(hashes).ok()) return;
         absl::MutexLock lock(&st.mu);
@@ -438,7 +419,7 @@ TEST(Kill9Test, CampaignOfKillsUnderMixedDurableLoad) {
       ASSERT_EQ(maybe[i].payload, may_payload[i]) << "span " << may[i].ToHex() << " is corrupt";
     }
     for (uint64_t id : st.deleted) {
-      KVR_ASSERT_OK_AND_ASSIGN(auto d, checker->GetSpans(kCampaignModel, HashesOf(CampaignChain(id))));
+      KVR_ASSERT_OK_AND_ASSIGN(auto d, checker->GetSpans(kCampaignModel, SpanHashes(CampaignChain(id))));
       for (const auto& f : d) resurrected += f.found;
     }
     // A chain put without durability that the kill took (wholly or in part)
@@ -447,7 +428,7 @@ TEST(Kill9Test, CampaignOfKillsUnderMixedDurableLoad) {
     for (uint64_t id : st.acked) {
       bool whole = true;
       if (!Durable(id) && !st.deleted.contains(id) && !st.delete_in_flight.contains(id)) {
-        KVR_ASSERT_OK_AND_ASSIGN(auto c, checker->GetSpans(kCampaignModel, HashesOf(CampaignChain(id))));
+        KVR_ASSERT_OK_AND_ASSIGN(auto c, checker->GetSpans(kCampaignModel, SpanHashes(CampaignChain(id))));
         for (const auto& f : c) whole &= f.found;
       }
       if (whole) {
@@ -469,7 +450,7 @@ TEST(Kill9Test, CampaignOfKillsUnderMixedDurableLoad) {
     st.put_in_flight.clear();
     for (uint64_t id : st.delete_in_flight) st.deleted.insert(id);  // deleted again below
     for (uint64_t id : st.deleted) {
-      (void)checker->DeleteSpans(HashesOf(CampaignChain(id)));  // settle resurrected or in-flight ones
+      (void)checker->DeleteSpans(SpanHashes(CampaignChain(id)));  // settle resurrected or in-flight ones
     }
     st.delete_in_flight.clear();
     KVR_ASSERT_OK_AND_ASSIGN(v1::StatsResponse stats, checker->Stats());

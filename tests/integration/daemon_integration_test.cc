@@ -32,40 +32,24 @@ namespace kvrecall {
 namespace {
 
 using ::kvrecall::testing::DaemonProcess;
+using ::kvrecall::testing::RandomChain;
+using ::kvrecall::testing::SmallModel;
+using ::kvrecall::testing::SpanHashes;
 using ::testing::HasSubstr;
 
 constexpr char kModel[] = "it-model";
 constexpr int64_t kSpanBytes = 64 << 10;  // 4 layers x 2 x 4 heads x 64 tokens x 16 x 2 bytes
 
 v1::ModelGeometry Model() {
-  v1::ModelGeometry g;
-  g.set_model_id(kModel);
-  g.set_num_layers(4);
-  g.set_num_q_heads(8);
-  g.set_num_kv_heads(4);
-  g.set_head_dim(16);
-  g.set_dtype(v1::DTYPE_F16);
+  v1::ModelGeometry g = SmallModel(kModel, v1::DTYPE_F16, 4, 8, 4, 64);
   g.set_keys_post_rope(true);
-  g.set_block_tokens(64);
   return g;
 }
 
 // A chain of `n` full spans with seeded tokens and payloads.
 std::vector<client::OwnedSpan> Chain(int n, uint64_t seed) {
   std::mt19937_64 rng(seed);
-  std::vector<client::OwnedSpan> spans;
-  Hash128 parent = SpanRootHash(kModel);
-  for (int i = 0; i < n; ++i) {
-    spans.push_back(::kvrecall::testing::RandomSpan(parent, 64, kSpanBytes, rng));
-    parent = spans.back().hash;
-  }
-  return spans;
-}
-
-std::vector<Hash128> Hashes(const std::vector<client::OwnedSpan>& spans) {
-  std::vector<Hash128> out;
-  for (const auto& s : spans) out.push_back(s.hash);
-  return out;
+  return RandomChain(kModel, n, 64, kSpanBytes, rng);
 }
 
 class DaemonIntegrationTest : public ::testing::Test {
@@ -148,7 +132,7 @@ TEST_F(DaemonIntegrationTest, PutGetRoundTripAcrossAllTiers) {
   EXPECT_GT(tiers[v1::TIER_ROCKSDB].hits(), 0);
   EXPECT_GT(tiers[v1::TIER_MEMORY].promotions(), 0);
 
-  KVR_ASSERT_OK_AND_ASSIGN(auto lookup, client_->Lookup(kModel, Hashes(spans)));
+  KVR_ASSERT_OK_AND_ASSIGN(auto lookup, client_->Lookup(kModel, SpanHashes(spans)));
   EXPECT_EQ(lookup.prefix_spans, 96);
   EXPECT_EQ(lookup.prefix_tokens, 96 * 64);
 }
@@ -162,7 +146,7 @@ TEST_F(DaemonIntegrationTest, EvictionAndPromotionUnderSmallCapacities) {
   const auto spans = Chain(40, seed);
   Put(spans, /*durable=*/false);
 
-  KVR_ASSERT_OK_AND_ASSIGN(auto got, client_->GetSpans(kModel, Hashes(spans)));
+  KVR_ASSERT_OK_AND_ASSIGN(auto got, client_->GetSpans(kModel, SpanHashes(spans)));
   ASSERT_EQ(got.size(), 40u);
   int found = 0, evicted = 0;
   std::vector<size_t> lower;
@@ -219,9 +203,9 @@ TEST_F(DaemonIntegrationTest, RestartKeepsEveryDurableSpan) {
   Connect();
   KVR_ASSERT_OK_AND_ASSIGN(auto models, client_->ListModels());
   ASSERT_EQ(models.size(), 1u) << "the model catalog survives restart";
-  KVR_ASSERT_OK_AND_ASSIGN(auto lookup, client_->Lookup(kModel, Hashes(durable)));
+  KVR_ASSERT_OK_AND_ASSIGN(auto lookup, client_->Lookup(kModel, SpanHashes(durable)));
   EXPECT_EQ(lookup.prefix_spans, 32);
-  KVR_ASSERT_OK_AND_ASSIGN(auto got, client_->GetSpans(kModel, Hashes(durable)));
+  KVR_ASSERT_OK_AND_ASSIGN(auto got, client_->GetSpans(kModel, SpanHashes(durable)));
   for (size_t i = 0; i < got.size(); ++i) {
     ASSERT_TRUE(got[i].found) << "durable span " << i << ": "
                               << client::MissReasonName(got[i].miss_reason);
@@ -259,7 +243,7 @@ TEST_F(DaemonIntegrationTest, CorruptRecordOnDiskIsDroppedCountedAndNeverServed)
   ASSERT_TRUE(CorruptFirstOccurrence(dir_ + "/data/segments", spans[2].payload.substr(30000, 64)))
       << "span 2's payload was not found in the segment files";
   for (int attempt = 0; attempt < 2; ++attempt) {
-    KVR_ASSERT_OK_AND_ASSIGN(auto got, client_->GetSpans(kModel, Hashes(spans)));
+    KVR_ASSERT_OK_AND_ASSIGN(auto got, client_->GetSpans(kModel, SpanHashes(spans)));
     for (int i : {0, 1, 3}) {
       ASSERT_TRUE(got[i].found) << "span " << i;
       EXPECT_EQ(got[i].payload, spans[i].payload);
@@ -280,7 +264,7 @@ TEST_F(DaemonIntegrationTest, CorruptRecordOnDiskIsDroppedCountedAndNeverServed)
       }
     }
   }
-  KVR_ASSERT_OK_AND_ASSIGN(auto lookup, client_->Lookup(kModel, Hashes(spans)));
+  KVR_ASSERT_OK_AND_ASSIGN(auto lookup, client_->Lookup(kModel, SpanHashes(spans)));
   EXPECT_EQ(lookup.prefix_spans, 2);
 
   // Corruption found while the daemon is down: recovery skips the record,
@@ -290,7 +274,7 @@ TEST_F(DaemonIntegrationTest, CorruptRecordOnDiskIsDroppedCountedAndNeverServed)
   ASSERT_TRUE(CorruptFirstOccurrence(dir_ + "/data/segments", spans[3].payload.substr(1000, 64)));
   KVR_ASSERT_OK(daemon_->Start());
   Connect();
-  KVR_ASSERT_OK_AND_ASSIGN(auto got, client_->GetSpans(kModel, Hashes(spans)));
+  KVR_ASSERT_OK_AND_ASSIGN(auto got, client_->GetSpans(kModel, SpanHashes(spans)));
   EXPECT_TRUE(got[0].found && got[0].payload == spans[0].payload);
   EXPECT_TRUE(got[1].found && got[1].payload == spans[1].payload);
   EXPECT_FALSE(got[2].found);

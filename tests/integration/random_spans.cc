@@ -21,4 +21,35 @@ client::OwnedSpan RandomSpan(const Hash128& parent, int32_t num_tokens, int64_t 
   return s;
 }
 
+std::vector<client::OwnedSpan> RandomChain(const std::string& model_id, int n, int32_t num_tokens,
+                                           int64_t payload_bytes, std::mt19937_64& rng) {
+  std::vector<client::OwnedSpan> spans;
+  Hash128 parent = SpanRootHash(model_id);
+  for (int i = 0; i < n; ++i) {
+    spans.push_back(RandomSpan(parent, num_tokens, payload_bytes, rng));
+    parent = spans.back().hash;
+  }
+  return spans;
+}
+
+std::vector<Hash128> SpanHashes(const std::vector<client::OwnedSpan>& spans) {
+  std::vector<Hash128> out;
+  out.reserve(spans.size());
+  for (const auto& s : spans) out.push_back(s.hash);
+  return out;
+}
+
+v1::ModelGeometry SmallModel(const std::string& model_id, v1::DType dtype, int32_t num_layers,
+                             int32_t num_q_heads, int32_t num_kv_heads, int32_t block_tokens) {
+  v1::ModelGeometry g;
+  g.set_model_id(model_id);
+  g.set_num_layers(num_layers);
+  g.set_num_q_heads(num_q_heads);
+  g.set_num_kv_heads(num_kv_heads);
+  g.set_head_dim(16);
+  g.set_dtype(dtype);
+  g.set_block_tokens(block_tokens);
+  return g;
+}
+
 }  // namespace kvrecall::testing
