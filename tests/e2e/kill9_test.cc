@@ -247,6 +247,277 @@ absl::Status SearchOnce(client::RetrievalClient& rc, const Hash128& ctx, const s
   return rc.Search(ctx, /*layer=*/1, q, /*num_q_heads=*/4, o).status();
 }
 
+std::vector<client::SpanToPut> ToPut(const std::vector<client::OwnedSpan>& chain, uint64_t id) {
+  std::vector<client::SpanToPut> put;
+  for (const auto& s : chain) {
+    put.push_back({s.hash, s.parent, kCampaignTokens, s.token_ids, s.payload, Durable(id)});
+  }
+  return put;
+}
+
+// What the campaign's clients did, across trials, and what the checks after
+// each restart counted. The load runs on four threads; the checks run after
+// they are joined.
+class Campaign {
+ public:
+  explicit Campaign(std::string dir) : dir_(std::move(dir)) {}
+
+  // Starts the load of one trial: durable puts, deletes, pins and index
+  // builds, each on its own thread until Stop() or the daemon dies. The
+  // deletes, pins and builds draw their choices from seeds of `rng`.
+  std::vector<std::thread> StartLoad(client::KvStoreClient* kv, client::RetrievalClient* rc,
+                                     std::mt19937_64& rng) {
+    {
+      absl::MutexLock lock(&st_.mu);
+      st_.stop = false;
+      st_.ops = 0;
+    }
+    std::vector<std::thread> load;
+    load.emplace_back([this, kv] { PutLoop(kv); });
+    load.emplace_back([this, kv, r = std::mt19937_64(rng())]() mutable { DeleteLoop(kv, r); });
+    load.emplace_back([this, kv, r = std::mt19937_64(rng())]() mutable { PinLoop(kv, r); });
+    load.emplace_back([this, rc, r = std::mt19937_64(rng())]() mutable { BuildLoop(rc, r); });
+    return load;
+  }
+
+  void Stop() {
+    absl::MutexLock lock(&st_.mu);
+    st_.stop = true;
+  }
+
+  // After a restart: every acknowledged durable span not deleted is there
+  // byte for byte, a span put in flight is absent or exact, and deleted
+  // spans found again are counted.
+  void CheckSpans(client::KvStoreClient& checker) {
+    absl::MutexLock lock(&st_.mu);
+    total_ops_ += st_.ops;
+    std::vector<Hash128> must, may;
+    std::vector<std::string> must_payload, may_payload;
+    auto add = [&](uint64_t id, bool required) {
+      for (auto& s : CampaignChain(id)) {
+        (required ? must : may).push_back(s.hash);
+        (required ? must_payload : may_payload).push_back(std::move(s.payload));
+      }
+    };
+    for (uint64_t id : st_.acked) {
+      add(id, Durable(id) && !st_.deleted.contains(id) && !st_.delete_in_flight.contains(id));
+    }
+    for (uint64_t id : st_.put_in_flight) add(id, false);
+    trial_intact_ = static_cast<int64_t>(must.size());
+    KVR_ASSERT_OK_AND_ASSIGN(auto got, checker.GetSpans(kCampaignModel, must));
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_TRUE(got[i].found) << "acknowledged span " << must[i].ToHex() << " lost: "
+                                << client::MissReasonName(got[i].miss_reason);
+      ASSERT_EQ(got[i].payload, must_payload[i]) << "acknowledged span " << must[i].ToHex();
+    }
+    KVR_ASSERT_OK_AND_ASSIGN(auto maybe, checker.GetSpans(kCampaignModel, may));
+    for (size_t i = 0; i < maybe.size(); ++i) {
+      if (!maybe[i].found) continue;
+      ASSERT_EQ(maybe[i].payload, may_payload[i]) << "span " << may[i].ToHex() << " is corrupt";
+    }
+    for (uint64_t id : st_.deleted) {
+      KVR_ASSERT_OK_AND_ASSIGN(auto d, checker.GetSpans(kCampaignModel, SpanHashes(CampaignChain(id))));
+      for (const auto& f : d) resurrected_ += f.found;
+    }
+  }
+
+  // Settles what the kill left open, so the next trial starts from known
+  // chains: a chain put without durability that the kill took (wholly or in
+  // part) leaves the campaign, one that is there stays; chains put in
+  // flight are put again (acknowledged this time); deletes in flight and
+  // resurrected spans are deleted again.
+  void SettleChains(client::KvStoreClient& checker) {
+    absl::MutexLock lock(&st_.mu);
+    std::vector<uint64_t> kept;
+    for (uint64_t id : st_.acked) {
+      bool whole = true;
+      if (!Durable(id) && !st_.deleted.contains(id) && !st_.delete_in_flight.contains(id)) {
+        KVR_ASSERT_OK_AND_ASSIGN(auto c, checker.GetSpans(kCampaignModel, SpanHashes(CampaignChain(id))));
+        for (const auto& f : c) whole &= f.found;
+      }
+      if (whole) {
+        kept.push_back(id);
+      } else {
+        ++volatile_lost_;
+      }
+    }
+    st_.acked = std::move(kept);
+    for (uint64_t id : st_.put_in_flight) {
+      KVR_ASSERT_OK(checker.PutSpans(kCampaignModel, ToPut(CampaignChain(id), id)).status());
+      st_.acked.push_back(id);
+    }
+    st_.put_in_flight.clear();
+    for (uint64_t id : st_.delete_in_flight) st_.deleted.insert(id);  // deleted again below
+    for (uint64_t id : st_.deleted) {
+      (void)checker.DeleteSpans(SpanHashes(CampaignChain(id)));  // settle resurrected or in-flight ones
+    }
+    st_.delete_in_flight.clear();
+  }
+
+  // No tier counted a checksum failure; notes the spans each tier holds and
+  // the disk segments gone since the last look (compacted or emptied).
+  void CheckTiers(client::KvStoreClient& checker) {
+    KVR_ASSERT_OK_AND_ASSIGN(v1::StatsResponse stats, checker.Stats());
+    tiers_.clear();
+    for (const auto& t : stats.tiers()) {
+      ASSERT_EQ(t.checksum_failures(), 0) << v1::Tier_Name(t.tier());
+      absl::StrAppend(&tiers_, tiers_.empty() ? "" : ", ", v1::Tier_Name(t.tier()), " ", t.spans());
+    }
+    std::set<std::string> now;
+    for (const auto& e : std::filesystem::directory_iterator(dir_ + "/data/segments")) {
+      now.insert(e.path().filename().string());
+    }
+    for (const auto& name : segments_) segments_removed_ += !now.contains(name);
+    segments_ = std::move(now);
+  }
+
+  // Indexes: every finished build loads; one in flight loads or is rebuilt.
+  void CheckIndexes(client::RetrievalClient& rchecker) {
+    absl::MutexLock lock(&st_.mu);
+    for (const auto& [id, kind] : st_.build_in_flight) {
+      KVR_ASSERT_OK_AND_ASSIGN(Hash128 ctx, OpenChain(rchecker, id));
+      if (!SearchOnce(rchecker, ctx, kind).ok()) {
+        KVR_ASSERT_OK_AND_ASSIGN(auto op, rchecker.BuildIndex(ctx, kind));
+        KVR_ASSERT_OK_AND_ASSIGN(op, rchecker.WaitOperation(op.id(), absl::Seconds(60)));
+        ASSERT_EQ(op.state(), v1::OPERATION_STATE_DONE) << op.error_message();
+        ++rebuilt_;
+      }
+      KVR_ASSERT_OK(rchecker.CloseContext(ctx));
+      st_.built.insert({id, kind});
+    }
+    st_.build_in_flight.clear();
+    for (const auto& [id, kind] : st_.built) {
+      KVR_ASSERT_OK_AND_ASSIGN(Hash128 ctx, OpenChain(rchecker, id));
+      KVR_ASSERT_OK(SearchOnce(rchecker, ctx, kind)) << "index " << kind << " of chain " << id;
+      KVR_ASSERT_OK(rchecker.CloseContext(ctx));
+      ++loaded_;
+    }
+  }
+
+  void PrintTrial(int trial, int trials) {
+    absl::MutexLock lock(&st_.mu);
+    std::cout << "kill9 campaign: trial " << trial + 1 << "/" << trials << ": " << st_.ops
+              << " operations acknowledged before the kill; " << trial_intact_
+              << " acknowledged durable spans intact, " << st_.deleted.size() << " chains deleted, "
+              << st_.built.size() << " indexes load" << std::endl;
+  }
+
+  void PrintSummary(int trials) const {
+    std::cout << "kill9 campaign: " << trials << " kills, " << total_ops_
+              << " operations acknowledged, 0 acknowledged spans lost, 0 corrupt reads, "
+              << resurrected_ << " deleted spans found again after a kill, " << volatile_lost_
+              << " chains put without durability lost by a kill, " << rebuilt_
+              << " in-flight builds rebuilt, " << loaded_ << " index loads checked, "
+              << segments_removed_ << " disk segments compacted or removed; spans held: " << tiers_
+              << std::endl;
+  }
+
+ private:
+  bool Stopped() {
+    absl::MutexLock lock(&st_.mu);
+    return st_.stop;
+  }
+
+  // An acknowledged chain of `role` (id % 3; index builds only on durable
+  // ones) that is not being deleted, or 0.
+  uint64_t Pick(std::mt19937_64& r, int role) {
+    absl::MutexLock lock(&st_.mu);
+    for (int tries = 0; tries < 16 && !st_.acked.empty(); ++tries) {
+      const uint64_t id = st_.acked[r() % st_.acked.size()];
+      if (static_cast<int>(id % 3) == role && (role != 2 || Durable(id)) &&
+          !st_.deleted.contains(id) && !st_.delete_in_flight.contains(id)) {
+        return id;
+      }
+    }
+    return 0;
+  }
+
+  // Picks a chain of `role`; false (after a short sleep) when there is none.
+  bool PickOrWait(std::mt19937_64& r, int role, uint64_t* id) {
+    *id = Pick(r, role);
+    if (*id == 0) absl::SleepFor(absl::Milliseconds(5));
+    return *id != 0;
+  }
+
+  void PutLoop(client::KvStoreClient* kv) {
+    while (!Stopped()) {
+      uint64_t id;
+      {
+        absl::MutexLock lock(&st_.mu);
+        id = next_chain_++;
+        st_.put_in_flight.insert(id);
+      }
+      auto results = kv->PutSpans(kCampaignModel, ToPut(CampaignChain(id), id));
+      if (!results.ok()) return;  // the daemon died
+      absl::MutexLock lock(&st_.mu);
+      st_.put_in_flight.erase(id);
+      st_.acked.push_back(id);
+      ++st_.ops;
+    }
+  }
+
+  void DeleteLoop(client::KvStoreClient* kv, std::mt19937_64& r) {
+    while (!Stopped()) {
+      uint64_t id;
+      if (!PickOrWait(r, 0, &id)) continue;
+      {
+        absl::MutexLock lock(&st_.mu);
+        st_.delete_in_flight.insert(id);
+      }
+      auto results = kv->DeleteSpans(SpanHashes(CampaignChain(id)));
+      if (!results.ok()) return;
+      absl::MutexLock lock(&st_.mu);
+      st_.delete_in_flight.erase(id);
+      st_.deleted.insert(id);
+      ++st_.ops;
+    }
+  }
+
+  void PinLoop(client::KvStoreClient* kv, std::mt19937_64& r) {
+    while (!Stopped()) {
+      uint64_t id;
+      if (!PickOrWait(r, 1, &id)) continue;
+      const auto hashes = SpanHashes(CampaignChain(id));
+      if (!kv->PinSpans(hashes, absl::Seconds(30)).ok()) return;
+      if (r() % 2 == 0 && !kv->UnpinSpans(hashes).ok()) return;
+      absl::MutexLock lock(&st_.mu);
+      ++st_.ops;
+    }
+  }
+
+  void BuildLoop(client::RetrievalClient* rc, std::mt19937_64& r) {
+    while (!Stopped()) {
+      uint64_t id;
+      if (!PickOrWait(r, 2, &id)) continue;
+      const std::string kind = r() % 2 == 0 ? "flat" : "quest";
+      auto ctx = OpenChain(*rc, id);
+      if (!ctx.ok()) return;
+      {
+        absl::MutexLock lock(&st_.mu);
+        st_.build_in_flight.insert({id, kind});
+      }
+      auto op = rc->BuildIndex(*ctx, kind);
+      if (op.ok()) op = rc->WaitOperation(op->id(), absl::Seconds(20));
+      if (!op.ok()) return;
+      EXPECT_EQ(op->state(), v1::OPERATION_STATE_DONE) << kind << ": " << op->error_message();
+      rc->CloseContext(*ctx).IgnoreError();
+      absl::MutexLock lock(&st_.mu);
+      st_.build_in_flight.erase({id, kind});
+      st_.built.insert({id, kind});
+      ++st_.ops;
+    }
+  }
+
+  const std::string dir_;
+  CampaignState st_;
+  uint64_t next_chain_ ABSL_GUARDED_BY(st_.mu) = 1;
+  int64_t trial_intact_ = 0;  // acknowledged durable spans checked after the last kill
+  int64_t total_ops_ = 0, resurrected_ = 0, rebuilt_ = 0, loaded_ = 0, segments_removed_ = 0;
+  int64_t volatile_lost_ = 0;
+  std::set<std::string> segments_;  // disk segment files at the last look
+  std::string tiers_;               // spans held per tier at the last look
+};
+
 TEST(Kill9Test, CampaignOfKillsUnderMixedDurableLoad) {
   const int trials = EnvInt("KVRECALL_KILL9_TRIALS", 2);
   const uint64_t seed = static_cast<uint64_t>(EnvInt("KVRECALL_KILL9_SEED", 4242));
@@ -260,19 +531,9 @@ TEST(Kill9Test, CampaignOfKillsUnderMixedDurableLoad) {
   KVR_ASSERT_OK(daemon.Start());
   KVR_ASSERT_OK(Connect(daemon, 4)->RegisterModel(CampaignModel()).status());
 
-  CampaignState st;
-  uint64_t next_chain = 1;
-  int64_t total_ops = 0, resurrected = 0, rebuilt = 0, loaded = 0, segments_removed = 0;
-  int64_t volatile_lost = 0;
-  std::set<std::string> segments;
-  std::string tiers;
+  Campaign campaign(dir);
   for (int trial = 0; trial < trials; ++trial) {
     SCOPED_TRACE(absl::StrCat("trial ", trial));
-    {
-      absl::MutexLock lock(&st.mu);
-      st.stop = false;
-      st.ops = 0;
-    }
     client::ClientOptions o;
     o.target = daemon.address();
     o.deadline_ms = 30000;
@@ -281,110 +542,11 @@ TEST(Kill9Test, CampaignOfKillsUnderMixedDurableLoad) {
     auto rc = client::RetrievalClient::Create(o);
     KVR_ASSERT_OK(kv.status());
     KVR_ASSERT_OK(rc.status());
-    auto stopped = [&st] {
-      absl::MutexLock lock(&st.mu);
-      return st.stop;
-    };
-    // Pick an acknowledged chain of a role, or 0.
-    auto pick = [&st](std::mt19937_64& r, int role) -> uint64_t {
-      absl::MutexLock lock(&st.mu);
-      for (int tries = 0; tries < 16 && !st.acked.empty(); ++tries) {
-        const uint64_t id = st.acked[r() % st.acked.size()];
-        if (static_cast<int>(id % 3) == role && (role != 2 || Durable(id)) &&
-            !st.deleted.contains(id) &&
-            !st.delete_in_flight.contains(id)) {
-          return id;
-        }
-      }
-      return 0;
-    };
-    std::vector<std::thread> load;
-    load.emplace_back([&] {  // durable puts
-      while (!stopped()) {
-        uint64_t id;
-        {
-          absl::MutexLock lock(&st.mu);
-          id = next_chain++;
-          st.put_in_flight.insert(id);
-        }
-        const auto chain = CampaignChain(id);
-        std::vector<client::SpanToPut> put;
-        for (const auto& s : chain) {
-          put.push_back({s.hash, s.parent, kCampaignTokens, s.token_ids, s.payload, Durable(id)});
-        }
-        auto results = (*kv)->PutSpans(kCampaignModel, put);
-        if (!results.ok()) return;  // the daemon died
-        absl::MutexLock lock(&st.mu);
-        st.put_in_flight.erase(id);
-        st.acked.push_back(id);
-        ++st.ops;
-      }
-    });
-    load.emplace_back([&, r = std::mt19937_64(rng())]() mutable {  // deletes
-      while (!stopped()) {
-        const uint64_t id = pick(r, 0);
-        if (id == 0) {
-          absl::SleepFor(absl::Milliseconds(5));
-          continue;
-        }
-        {
-          absl::MutexLock lock(&st.mu);
-          st.delete_in_flight.insert(id);
-        }
-        auto results = (*kv)->DeleteSpans(SpanHashes(CampaignChain(id)));
-        if (!results.ok()) return;
-        absl::MutexLock lock(&st.mu);
-        st.delete_in_flight.erase(id);
-        st.deleted.insert(id);
-        ++st.ops;
-      }
-    });
-    load.emplace_back([&, r = std::mt19937_64(rng())]() mutable {  // pins
-      while (!stopped()) {
-        const uint64_t id = pick(r, 1);
-        if (id == 0) {
-          absl::SleepFor(absl::Milliseconds(5));
-          continue;
-        }
-        const auto hashes = SpanHashes(CampaignChain(id));
-        if (!(*kv)->PinSpans(hashes, absl::Seconds(30)).ok()) return;
-        if (r() % 2 == 0 && !(*kv)->UnpinSpans(hashes).ok()) return;
-        absl::MutexLock lock(&st.mu);
-        ++st.ops;
-      }
-    });
-    load.emplace_back([&, r = std::mt19937_64(rng())]() mutable {  // index builds
-      while (!stopped()) {
-        const uint64_t id = pick(r, 2);
-        if (id == 0) {
-          absl::SleepFor(absl::Milliseconds(5));
-          continue;
-        }
-        const std::string kind = r() % 2 == 0 ? "flat" : "quest";
-        auto ctx = OpenChain(**rc, id);
-        if (!ctx.ok()) return;
-        {
-          absl::MutexLock lock(&st.mu);
-          st.build_in_flight.insert({id, kind});
-        }
-        auto op = (*rc)->BuildIndex(*ctx, kind);
-        if (op.ok()) op = (*rc)->WaitOperation(op->id(), absl::Seconds(20));
-        if (!op.ok()) return;
-        EXPECT_EQ(op->state(), v1::OPERATION_STATE_DONE) << kind << ": " << op->error_message();
-        (*rc)->CloseContext(*ctx).IgnoreError();
-        absl::MutexLock lock(&st.mu);
-        st.build_in_flight.erase({id, kind});
-        st.built.insert({id, kind});
-        ++st.ops;
-      }
-    });
+    std::vector<std::thread> load = campaign.StartLoad(kv->get(), rc->get(), rng);
     // Kill at a random moment once the load has made some progress.
     absl::SleepFor(absl::Milliseconds(200 + static_cast<int64_t>(rng() % 2500)));
     KVR_ASSERT_OK(daemon.Kill());
-    {
-      absl::MutexLock lock(&st.mu);
-      st.stop = true;
-    }
+    campaign.Stop();
     for (auto& t : load) t.join();
     KVR_ASSERT_OK(daemon.Start());
 
@@ -393,110 +555,13 @@ TEST(Kill9Test, CampaignOfKillsUnderMixedDurableLoad) {
     o.max_attempts = 4;
     auto rchecker = client::RetrievalClient::Create(o);
     KVR_ASSERT_OK(rchecker.status());
-    absl::MutexLock lock(&st.mu);
-    total_ops += st.ops;
-    std::vector<Hash128> must, may;
-    std::vector<std::string> must_payload, may_payload;
-    auto add = [&](uint64_t id, bool required) {
-      for (auto& s : CampaignChain(id)) {
-        (required ? must : may).push_back(s.hash);
-        (required ? must_payload : may_payload).push_back(std::move(s.payload));
-      }
-    };
-    for (uint64_t id : st.acked) {
-      add(id, Durable(id) && !st.deleted.contains(id) && !st.delete_in_flight.contains(id));
-    }
-    for (uint64_t id : st.put_in_flight) add(id, false);
-    KVR_ASSERT_OK_AND_ASSIGN(auto got, checker->GetSpans(kCampaignModel, must));
-    for (size_t i = 0; i < got.size(); ++i) {
-      ASSERT_TRUE(got[i].found) << "acknowledged span " << must[i].ToHex() << " lost: "
-                                << client::MissReasonName(got[i].miss_reason);
-      ASSERT_EQ(got[i].payload, must_payload[i]) << "acknowledged span " << must[i].ToHex();
-    }
-    KVR_ASSERT_OK_AND_ASSIGN(auto maybe, checker->GetSpans(kCampaignModel, may));
-    for (size_t i = 0; i < maybe.size(); ++i) {
-      if (!maybe[i].found) continue;
-      ASSERT_EQ(maybe[i].payload, may_payload[i]) << "span " << may[i].ToHex() << " is corrupt";
-    }
-    for (uint64_t id : st.deleted) {
-      KVR_ASSERT_OK_AND_ASSIGN(auto d, checker->GetSpans(kCampaignModel, SpanHashes(CampaignChain(id))));
-      for (const auto& f : d) resurrected += f.found;
-    }
-    // A chain put without durability that the kill took (wholly or in part)
-    // leaves the campaign; one that is there stays.
-    std::vector<uint64_t> kept;
-    for (uint64_t id : st.acked) {
-      bool whole = true;
-      if (!Durable(id) && !st.deleted.contains(id) && !st.delete_in_flight.contains(id)) {
-        KVR_ASSERT_OK_AND_ASSIGN(auto c, checker->GetSpans(kCampaignModel, SpanHashes(CampaignChain(id))));
-        for (const auto& f : c) whole &= f.found;
-      }
-      if (whole) {
-        kept.push_back(id);
-      } else {
-        ++volatile_lost;
-      }
-    }
-    st.acked = std::move(kept);
-    for (uint64_t id : st.put_in_flight) {  // settled: put again, acknowledged this time
-      std::vector<client::SpanToPut> put;
-      const auto chain = CampaignChain(id);
-      for (const auto& s : chain) {
-        put.push_back({s.hash, s.parent, kCampaignTokens, s.token_ids, s.payload, Durable(id)});
-      }
-      KVR_ASSERT_OK(checker->PutSpans(kCampaignModel, put).status());
-      st.acked.push_back(id);
-    }
-    st.put_in_flight.clear();
-    for (uint64_t id : st.delete_in_flight) st.deleted.insert(id);  // deleted again below
-    for (uint64_t id : st.deleted) {
-      (void)checker->DeleteSpans(SpanHashes(CampaignChain(id)));  // settle resurrected or in-flight ones
-    }
-    st.delete_in_flight.clear();
-    KVR_ASSERT_OK_AND_ASSIGN(v1::StatsResponse stats, checker->Stats());
-    tiers.clear();
-    for (const auto& t : stats.tiers()) {
-      ASSERT_EQ(t.checksum_failures(), 0) << v1::Tier_Name(t.tier());
-      absl::StrAppend(&tiers, tiers.empty() ? "" : ", ", v1::Tier_Name(t.tier()), " ", t.spans());
-    }
-    // Disk segments gone since the last look: compacted or emptied and removed.
-    std::set<std::string> now;
-    for (const auto& e : std::filesystem::directory_iterator(dir + "/data/segments")) {
-      now.insert(e.path().filename().string());
-    }
-    for (const auto& name : segments) segments_removed += !now.contains(name);
-    segments = std::move(now);
-    // Indexes: every finished build loads; one in flight loads or is rebuilt.
-    for (const auto& [id, kind] : st.build_in_flight) {
-      KVR_ASSERT_OK_AND_ASSIGN(Hash128 ctx, OpenChain(**rchecker, id));
-      if (!SearchOnce(**rchecker, ctx, kind).ok()) {
-        KVR_ASSERT_OK_AND_ASSIGN(auto op, (*rchecker)->BuildIndex(ctx, kind));
-        KVR_ASSERT_OK_AND_ASSIGN(op, (*rchecker)->WaitOperation(op.id(), absl::Seconds(60)));
-        ASSERT_EQ(op.state(), v1::OPERATION_STATE_DONE) << op.error_message();
-        ++rebuilt;
-      }
-      KVR_ASSERT_OK((*rchecker)->CloseContext(ctx));
-      st.built.insert({id, kind});
-    }
-    st.build_in_flight.clear();
-    for (const auto& [id, kind] : st.built) {
-      KVR_ASSERT_OK_AND_ASSIGN(Hash128 ctx, OpenChain(**rchecker, id));
-      KVR_ASSERT_OK(SearchOnce(**rchecker, ctx, kind)) << "index " << kind << " of chain " << id;
-      KVR_ASSERT_OK((*rchecker)->CloseContext(ctx));
-      ++loaded;
-    }
-    std::cout << "kill9 campaign: trial " << trial + 1 << "/" << trials << ": " << st.ops
-              << " operations acknowledged before the kill; " << must.size()
-              << " acknowledged durable spans intact, " << st.deleted.size() << " chains deleted, "
-              << st.built.size() << " indexes load" << std::endl;
+    ASSERT_NO_FATAL_FAILURE(campaign.CheckSpans(*checker));
+    ASSERT_NO_FATAL_FAILURE(campaign.SettleChains(*checker));
+    ASSERT_NO_FATAL_FAILURE(campaign.CheckTiers(*checker));
+    ASSERT_NO_FATAL_FAILURE(campaign.CheckIndexes(**rchecker));
+    campaign.PrintTrial(trial, trials);
   }
-  std::cout << "kill9 campaign: " << trials << " kills, " << total_ops
-            << " operations acknowledged, 0 acknowledged spans lost, 0 corrupt reads, "
-            << resurrected << " deleted spans found again after a kill, " << volatile_lost
-            << " chains put without durability lost by a kill, " << rebuilt
-            << " in-flight builds rebuilt, " << loaded << " index loads checked, "
-            << segments_removed << " disk segments compacted or removed; spans held: " << tiers
-            << std::endl;
+  campaign.PrintSummary(trials);
   KVR_EXPECT_OK(daemon.Stop());
   if (!::testing::Test::HasFailure()) std::filesystem::remove_all(dir);
 }
