@@ -32,6 +32,8 @@ namespace kvrecall {
 namespace {
 
 using ::kvrecall::testing::DaemonProcess;
+using ::kvrecall::testing::RandomChain;
+using ::kvrecall::testing::RandomPayload;
 using ::kvrecall::testing::RandomSpan;
 using ::kvrecall::testing::SmallModel;
 using ::kvrecall::testing::SpanHashes;
@@ -198,28 +200,8 @@ bool Durable(uint64_t id) { return (id / 3) % 2 == 0; }
 
 std::vector<client::OwnedSpan> CampaignChain(uint64_t id) {
   std::mt19937_64 rng(id * 7919 + 17);
-  std::vector<client::OwnedSpan> chain;
-  Hash128 parent = SpanRootHash(kCampaignModel);
-  std::uniform_real_distribution<float> value(-1.0f, 1.0f);
-  for (int i = 0; i < kChainSpans; ++i) {
-    client::OwnedSpan s;
-    s.parent = parent;
-    s.token_ids.resize(kCampaignTokens);
-    for (auto& t : s.token_ids) t = static_cast<uint32_t>(rng() % 128000);
-    s.hash = SpanHash(parent, s.token_ids);
-    // Finite bf16 values (index builds read them as keys): a float's top half.
-    s.payload.resize(kCampaignSpanBytes);
-    for (size_t b = 0; b < s.payload.size(); b += 2) {
-      const float f = value(rng);
-      uint32_t bits;
-      std::memcpy(&bits, &f, 4);
-      const uint16_t bf16 = static_cast<uint16_t>(bits >> 16);
-      std::memcpy(s.payload.data() + b, &bf16, 2);
-    }
-    parent = s.hash;
-    chain.push_back(std::move(s));
-  }
-  return chain;
+  return RandomChain(kCampaignModel, kChainSpans, kCampaignTokens, kCampaignSpanBytes, rng,
+                     RandomPayload::kFiniteBf16);
 }
 
 struct CampaignState {

@@ -16,16 +16,21 @@
 
 namespace kvrecall::testing {
 
+// What a random span's payload holds: random bytes, or finite bf16 values
+// in [-1, 1) (for spans an index build reads as keys).
+enum class RandomPayload { kBytes, kFiniteBf16 };
+
 // A span of `num_tokens` random token ids under `parent` (its hash is the
-// chained span hash) with `payload_bytes` random bytes (a multiple of 8),
-// all drawn from `rng`.
+// chained span hash) with `payload_bytes` of payload (a multiple of 8), all
+// drawn from `rng`.
 client::OwnedSpan RandomSpan(const Hash128& parent, int32_t num_tokens, int64_t payload_bytes,
-                             std::mt19937_64& rng);
+                             std::mt19937_64& rng, RandomPayload payload = RandomPayload::kBytes);
 
 // A chain of `n` RandomSpans from the root of `model_id`, each under the one
 // before.
 std::vector<client::OwnedSpan> RandomChain(const std::string& model_id, int n, int32_t num_tokens,
-                                           int64_t payload_bytes, std::mt19937_64& rng);
+                                           int64_t payload_bytes, std::mt19937_64& rng,
+                                           RandomPayload payload = RandomPayload::kBytes);
 
 // The hashes of `spans`, in order.
 std::vector<Hash128> SpanHashes(const std::vector<client::OwnedSpan>& spans);
