@@ -167,17 +167,10 @@ class RetrievalAttnDevTest : public ::testing::Test {
 };
 Capture* RetrievalAttnDevTest::capture_ = nullptr;
 
-TEST_F(RetrievalAttnDevTest, AttendMergedWithLocalPartialMatchesFullAttention) {
-  if (capture_ == nullptr) KVR_SKIP_WITHOUT_SHARED_DATA("no attn-dev capture under " << testing::SharedDir());
-  const Capture& c = *capture_;
-  testing::DaemonProcess daemon(testing::MakeTempDir("retrieval-attn-dev") + "/data", {});
-  KVR_ASSERT_OK(daemon.Start());
-  client::ClientOptions co;
-  co.target = daemon.address();
-  co.deadline_ms = 600000;
-  KVR_ASSERT_OK_AND_ASSIGN(auto kv, client::KvStoreClient::Create(co));
-  KVR_ASSERT_OK_AND_ASSIGN(auto rc, client::RetrievalClient::Create(co));
-
+// Registers the attn-dev model, stores the capture as one chain of spans
+// (durable) and opens it as a context, into `ctx`.
+void StoreCapture(const Capture& c, client::KvStoreClient& kv, client::RetrievalClient& rc,
+                  Hash128* ctx) {
   v1::ModelGeometry m;
   m.set_model_id(kModel);
   m.set_num_layers(kLayers);
@@ -187,7 +180,7 @@ TEST_F(RetrievalAttnDevTest, AttendMergedWithLocalPartialMatchesFullAttention) {
   m.set_dtype(v1::DTYPE_F16);
   m.set_keys_post_rope(true);
   m.set_block_tokens(256);
-  KVR_ASSERT_OK(kv->RegisterModel(m).status());
+  KVR_ASSERT_OK(kv.RegisterModel(m).status());
 
   // The sequence layout [layer][K|V][kv_head][token][d], f16, as captured.
   std::string seq;
@@ -203,12 +196,14 @@ TEST_F(RetrievalAttnDevTest, AttendMergedWithLocalPartialMatchesFullAttention) {
                    s.payload, true});
     chain.push_back(s.hash);
   }
-  KVR_ASSERT_OK(kv->PutSpans(kModel, put).status());
-  KVR_ASSERT_OK_AND_ASSIGN(auto opened, rc->OpenContext(kModel, chain));
+  KVR_ASSERT_OK(kv.PutSpans(kModel, put).status());
+  KVR_ASSERT_OK_AND_ASSIGN(auto opened, rc.OpenContext(kModel, chain));
   ASSERT_EQ(opened.num_tokens(), kT);
-  KVR_ASSERT_OK_AND_ASSIGN(Hash128 ctx, Hash128::FromBytes(opened.context()));
+  KVR_ASSERT_OK_AND_ASSIGN(*ctx, Hash128::FromBytes(opened.context()));
+}
 
-  // Training queries: the prefill queries of the prefix only.
+// Training queries: the prefill queries of the prefix only, every layer.
+void AddPrefixQueries(const Capture& c, client::RetrievalClient& rc, const Hash128& ctx) {
   for (int l = 0; l < kLayers; ++l) {
     std::vector<float> nhd(static_cast<size_t>(kPrefix) * kQHeads * kDim);
     for (int t = 0; t < kPrefix; ++t) {
@@ -217,73 +212,100 @@ TEST_F(RetrievalAttnDevTest, AttendMergedWithLocalPartialMatchesFullAttention) {
                     nhd.data() + (static_cast<size_t>(t) * kQHeads + h) * kDim);
       }
     }
-    KVR_ASSERT_OK(rc->AddQueries(ctx, l, 0, kQHeads, kDim, nhd).status());
+    KVR_ASSERT_OK(rc.AddQueries(ctx, l, 0, kQHeads, kDim, nhd).status());
   }
+}
+
+// Over decode steps after the prefix, `kind` retrieval merged with the
+// worker's local partial (sinks and window) is within the bound its
+// attention mass gives of full attention, and holds most of the exact top-100
+// mass.
+void CheckMergedAttention(const Capture& c, client::RetrievalClient& rc, const Hash128& ctx,
+                          const char* kind) {
+  double mass_ratio_sum = 0, worst_excess = 0;
+  int evaluated = 0;
+  for (int l = 0; l < kLayers; ++l) {
+    for (int t = kPrefix; t < kT; t += 16) {
+      const std::vector<float> q = DecodeQueries(c, l, t);
+      // The worker holds the sinks and its window [t - 63, t]; positions after
+      // t are not visible to this query at all.
+      const int64_t window = t - kWindow + 1;
+      client::RetrieveOptions o;
+      o.k = 100;
+      o.kind = kind;
+      o.exclude = {{0, kSinks}, {window, kT}};
+      KVR_ASSERT_OK_AND_ASSIGN(client::AttendResult remote, rc.Attend(ctx, l, q, kQHeads, o));
+      client::RetrieveOptions exact = o;
+      exact.kind = "all";
+      KVR_ASSERT_OK_AND_ASSIGN(client::AttendResult oracle, rc.Attend(ctx, l, q, kQHeads, exact));
+      for (int h = 0; h < kQHeads; ++h) {
+        const MergeCheck m = MergeWithLocal(c, l, h, q.data() + h * kDim, t, window, remote);
+        // The merged set holds mass P = exp(lse - lse_full) of the full attention;
+        // o_S - o* = (1 - P)(o_S - o_rest), so |o_S - o*| <= (1 - P)(|o_S| + max|v|).
+        const double mass = std::exp(m.lse - m.lse_full);
+        ASSERT_LE(mass, 1 + 1e-4) << kind << " layer " << l << " t " << t << " head " << h;
+        const double bound = (1 - std::min(1.0, mass)) * (m.out_norm + MaxValueNorm(c, l, h, t)) +
+                             1e-4 * m.ref_norm;
+        EXPECT_LE(m.err, bound)
+            << kind << " layer " << l << " t " << t << " head " << h << " mass " << mass;
+        worst_excess = std::max(worst_excess, m.err / bound);
+        mass_ratio_sum += std::exp(double(remote.lse[h]) - oracle.lse[h]);
+        ++evaluated;
+      }
+    }
+  }
+  const double mass_ratio = mass_ratio_sum / evaluated;
+  std::printf("%s: %d (query, head) pairs; retrieved mass / exact top-100 mass = %.4f; "
+              "worst error / bound = %.3f\n",
+              kind, evaluated, mass_ratio, worst_excess);
+  EXPECT_GE(mass_ratio, 0.9) << kind;
+}
+
+// At maximum effort, asking `kind` for every remote position gives full
+// attention.
+void CheckMaxEffortIsFullAttention(const Capture& c, client::RetrievalClient& rc,
+                                   const Hash128& ctx, const char* kind) {
+  for (int l = 0; l < kLayers; ++l) {
+    const int t = kT - 1 - 37 * l;
+    const std::vector<float> q = DecodeQueries(c, l, t);
+    const int64_t window = t - kWindow + 1;
+    client::RetrieveOptions o;
+    o.kind = kind;
+    o.effort = int64_t{1} << 40;
+    o.exclude = {{0, kSinks}, {window, kT}};
+    o.k = static_cast<int32_t>(window - kSinks);
+    KVR_ASSERT_OK_AND_ASSIGN(client::AttendResult remote, rc.Attend(ctx, l, q, kQHeads, o));
+    for (int h = 0; h < kQHeads; ++h) {
+      const MergeCheck m = MergeWithLocal(c, l, h, q.data() + h * kDim, t, window, remote);
+      EXPECT_LT(m.err / m.ref_norm, 1e-4) << kind << " layer " << l << " head " << h;
+      EXPECT_NEAR(m.lse, m.lse_full, 1e-4 * std::abs(m.lse_full)) << kind << " layer " << l;
+    }
+  }
+}
+
+TEST_F(RetrievalAttnDevTest, AttendMergedWithLocalPartialMatchesFullAttention) {
+  if (capture_ == nullptr) KVR_SKIP_WITHOUT_SHARED_DATA("no attn-dev capture under " << testing::SharedDir());
+  const Capture& c = *capture_;
+  testing::DaemonProcess daemon(testing::MakeTempDir("retrieval-attn-dev") + "/data", {});
+  KVR_ASSERT_OK(daemon.Start());
+  client::ClientOptions co;
+  co.target = daemon.address();
+  co.deadline_ms = 600000;
+  KVR_ASSERT_OK_AND_ASSIGN(auto kv, client::KvStoreClient::Create(co));
+  KVR_ASSERT_OK_AND_ASSIGN(auto rc, client::RetrievalClient::Create(co));
+  Hash128 ctx;
+  ASSERT_NO_FATAL_FAILURE(StoreCapture(c, *kv, *rc, &ctx));
+  ASSERT_NO_FATAL_FAILURE(AddPrefixQueries(c, *rc, ctx));
   for (const char* kind : {"roar", "loki"}) {
     KVR_ASSERT_OK_AND_ASSIGN(v1::Operation op, rc->BuildIndex(ctx, kind));
     KVR_ASSERT_OK_AND_ASSIGN(op, rc->WaitOperation(op.id(), absl::Minutes(10)));
     ASSERT_EQ(op.state(), v1::OPERATION_STATE_DONE) << kind << ": " << op.error_message();
   }
-
   for (const char* kind : {"roar", "loki"}) {
-    double mass_ratio_sum = 0, worst_excess = 0;
-    int evaluated = 0;
-    for (int l = 0; l < kLayers; ++l) {
-      for (int t = kPrefix; t < kT; t += 16) {
-        const std::vector<float> q = DecodeQueries(c, l, t);
-        // The worker holds the sinks and its window [t - 63, t]; positions after
-        // t are not visible to this query at all.
-        const int64_t window = t - kWindow + 1;
-        client::RetrieveOptions o;
-        o.k = 100;
-        o.kind = kind;
-        o.exclude = {{0, kSinks}, {window, kT}};
-        KVR_ASSERT_OK_AND_ASSIGN(client::AttendResult remote, rc->Attend(ctx, l, q, kQHeads, o));
-        client::RetrieveOptions exact = o;
-        exact.kind = "all";
-        KVR_ASSERT_OK_AND_ASSIGN(client::AttendResult oracle,
-                                 rc->Attend(ctx, l, q, kQHeads, exact));
-        for (int h = 0; h < kQHeads; ++h) {
-          const MergeCheck m = MergeWithLocal(c, l, h, q.data() + h * kDim, t, window, remote);
-          // The merged set holds mass P = exp(lse - lse_full) of the full attention;
-          // o_S - o* = (1 - P)(o_S - o_rest), so |o_S - o*| <= (1 - P)(|o_S| + max|v|).
-          const double mass = std::exp(m.lse - m.lse_full);
-          ASSERT_LE(mass, 1 + 1e-4) << kind << " layer " << l << " t " << t << " head " << h;
-          const double bound = (1 - std::min(1.0, mass)) * (m.out_norm + MaxValueNorm(c, l, h, t)) +
-                               1e-4 * m.ref_norm;
-          EXPECT_LE(m.err, bound)
-              << kind << " layer " << l << " t " << t << " head " << h << " mass " << mass;
-          worst_excess = std::max(worst_excess, m.err / bound);
-          mass_ratio_sum += std::exp(double(remote.lse[h]) - oracle.lse[h]);
-          ++evaluated;
-        }
-      }
-    }
-    const double mass_ratio = mass_ratio_sum / evaluated;
-    std::printf("%s: %d (query, head) pairs; retrieved mass / exact top-100 mass = %.4f; "
-                "worst error / bound = %.3f\n",
-                kind, evaluated, mass_ratio, worst_excess);
-    EXPECT_GE(mass_ratio, 0.9) << kind;
+    ASSERT_NO_FATAL_FAILURE(CheckMergedAttention(c, *rc, ctx, kind));
   }
-
-  // At maximum effort, asking for every remote position gives full attention.
   for (const char* kind : {"roar", "loki"}) {
-    for (int l = 0; l < kLayers; ++l) {
-      const int t = kT - 1 - 37 * l;
-      const std::vector<float> q = DecodeQueries(c, l, t);
-      const int64_t window = t - kWindow + 1;
-      client::RetrieveOptions o;
-      o.kind = kind;
-      o.effort = int64_t{1} << 40;
-      o.exclude = {{0, kSinks}, {window, kT}};
-      o.k = static_cast<int32_t>(window - kSinks);
-      KVR_ASSERT_OK_AND_ASSIGN(client::AttendResult remote, rc->Attend(ctx, l, q, kQHeads, o));
-      for (int h = 0; h < kQHeads; ++h) {
-        const MergeCheck m = MergeWithLocal(c, l, h, q.data() + h * kDim, t, window, remote);
-        EXPECT_LT(m.err / m.ref_norm, 1e-4) << kind << " layer " << l << " head " << h;
-        EXPECT_NEAR(m.lse, m.lse_full, 1e-4 * std::abs(m.lse_full)) << kind << " layer " << l;
-      }
-    }
+    ASSERT_NO_FATAL_FAILURE(CheckMaxEffortIsFullAttention(c, *rc, ctx, kind));
   }
   KVR_EXPECT_OK(daemon.Stop());
 }
