@@ -176,37 +176,50 @@ absl::StatusOr<SequenceData> ReadSequenceNpy(const std::string& path,
   return out;
 }
 
-absl::StatusOr<SequenceData> ReadSafetensors(const std::string& path,
-                                             const v1::ModelGeometry& model) {
-  KVR_ASSIGN_OR_RETURN(std::string file, ReadFileToString(path));
-  if (file.size() < 8) return absl::InvalidArgumentError(absl::StrCat(path, ": too short"));
-  uint64_t header_len = 0;
-  std::memcpy(&header_len, file.data(), 8);
-  if (header_len > file.size() - 8) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": bad safetensors header length"));
+namespace {
+
+// One tensor of a safetensors file: its dtype name, shape and bytes.
+struct SafeTensor {
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::string data;
+};
+
+// A safetensors file: an 8-byte header length, a JSON header naming each
+// tensor's dtype, shape and byte range, then the bytes.
+class SafetensorsFile {
+ public:
+  static absl::StatusOr<SafetensorsFile> Read(const std::string& path) {
+    SafetensorsFile f;
+    f.path_ = path;
+    KVR_ASSIGN_OR_RETURN(f.file_, ReadFileToString(path));
+    if (f.file_.size() < 8) return absl::InvalidArgumentError(absl::StrCat(path, ": too short"));
+    uint64_t header_len = 0;
+    std::memcpy(&header_len, f.file_.data(), 8);
+    if (header_len > f.file_.size() - 8) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": bad safetensors header length"));
+    }
+    const auto parsed = google::protobuf::util::JsonStringToMessage(
+        std::string(f.file_.data() + 8, header_len), &f.header_);
+    if (!parsed.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": bad safetensors header: ",
+                                                     parsed.ToString()));
+    }
+    f.data_start_ = 8 + header_len;
+    return f;
   }
-  google::protobuf::Struct header;
-  const auto parsed = google::protobuf::util::JsonStringToMessage(
-      std::string(file.data() + 8, header_len), &header);
-  if (!parsed.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": bad safetensors header: ",
-                                                   parsed.ToString()));
-  }
-  const size_t data_start = 8 + header_len;
-  struct Tensor {
-    std::string dtype;
-    std::vector<int64_t> shape;
-    std::string data;
-  };
-  auto tensor = [&](std::initializer_list<const char*> names,
-                    bool required) -> absl::StatusOr<std::optional<Tensor>> {
+
+  // The first tensor of `names` the file holds; none when it holds none of
+  // them (INVALID_ARGUMENT when `required`).
+  absl::StatusOr<std::optional<SafeTensor>> Find(std::initializer_list<const char*> names,
+                                                 bool required) const {
     for (const char* name : names) {
-      auto it = header.fields().find(name);
-      if (it == header.fields().end()) continue;
+      auto it = header_.fields().find(name);
+      if (it == header_.fields().end()) continue;
       const auto& f = it->second.struct_value().fields();
-      Tensor t;
+      SafeTensor t;
       if (f.count("dtype") == 0 || f.count("shape") == 0 || f.count("data_offsets") == 0) {
-        return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", name, " is malformed"));
+        return absl::InvalidArgumentError(absl::StrCat(path_, ": tensor ", name, " is malformed"));
       }
       t.dtype = f.at("dtype").string_value();
       for (const auto& v : f.at("shape").list_value().values()) {
@@ -214,28 +227,49 @@ absl::StatusOr<SequenceData> ReadSafetensors(const std::string& path,
       }
       const auto& offsets = f.at("data_offsets").list_value().values();
       if (offsets.size() != 2) {
-        return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", name, " offsets"));
+        return absl::InvalidArgumentError(absl::StrCat(path_, ": tensor ", name, " offsets"));
       }
       const auto begin = static_cast<uint64_t>(offsets[0].number_value());
       const auto end = static_cast<uint64_t>(offsets[1].number_value());
-      if (begin > end || end > file.size() - data_start) {
+      if (begin > end || end > file_.size() - data_start_) {
         return absl::InvalidArgumentError(
-            absl::StrCat(path, ": tensor ", name, " lies outside the file"));
+            absl::StrCat(path_, ": tensor ", name, " lies outside the file"));
       }
-      t.data = file.substr(data_start + begin, end - begin);
-      return std::optional<Tensor>(std::move(t));
+      t.data = file_.substr(data_start_ + begin, end - begin);
+      return std::optional<SafeTensor>(std::move(t));
     }
     if (required) {
       return absl::InvalidArgumentError(
-          absl::StrCat(path, ": no tensor named ", *names.begin(), " (or ",
+          absl::StrCat(path_, ": no tensor named ", *names.begin(), " (or ",
                        *(names.begin() + 1), ")"));
     }
-    return std::optional<Tensor>();
-  };
-  KVR_ASSIGN_OR_RETURN(std::optional<Tensor> keys, tensor({"keys", "k"}, true));
-  KVR_ASSIGN_OR_RETURN(std::optional<Tensor> values, tensor({"values", "v"}, true));
-  KVR_ASSIGN_OR_RETURN(std::optional<Tensor> tokens, tensor({"token_ids", "tokens"}, false));
-  for (const Tensor* t : {&*keys, &*values}) {
+    return std::optional<SafeTensor>();
+  }
+
+ private:
+  std::string path_;
+  std::string file_;
+  google::protobuf::Struct header_;
+  size_t data_start_ = 0;
+};
+
+// The npy descr ConvertToModelDType takes for a safetensors dtype name.
+std::string NpyDescr(const std::string& dtype) {
+  if (dtype == "F16") return "<f2";
+  if (dtype == "F32") return "<f4";
+  if (dtype == "F64") return "<f8";
+  return dtype;  // BF16, or one ConvertToModelDType refuses by name
+}
+
+}  // namespace
+
+absl::StatusOr<SequenceData> ReadSafetensors(const std::string& path,
+                                             const v1::ModelGeometry& model) {
+  KVR_ASSIGN_OR_RETURN(const SafetensorsFile file, SafetensorsFile::Read(path));
+  KVR_ASSIGN_OR_RETURN(std::optional<SafeTensor> keys, file.Find({"keys", "k"}, true));
+  KVR_ASSIGN_OR_RETURN(std::optional<SafeTensor> values, file.Find({"values", "v"}, true));
+  KVR_ASSIGN_OR_RETURN(std::optional<SafeTensor> tokens, file.Find({"token_ids", "tokens"}, false));
+  for (const SafeTensor* t : {&*keys, &*values}) {
     if (t->shape.size() != 4 || t->shape[0] != model.num_layers() ||
         t->shape[1] != model.num_kv_heads() || t->shape[3] != model.head_dim() ||
         t->shape[2] != keys->shape[2]) {
@@ -247,17 +281,11 @@ absl::StatusOr<SequenceData> ReadSafetensors(const std::string& path,
   const int64_t layers = model.num_layers();
   const int64_t tokens_n = keys->shape[2];
   const int64_t per_layer = int64_t{model.num_kv_heads()} * tokens_n * model.head_dim();
-  auto descr = [](const std::string& st) -> std::string {
-    if (st == "F16") return "<f2";
-    if (st == "F32") return "<f4";
-    if (st == "F64") return "<f8";
-    if (st == "BF16") return "BF16";
-    return st;
-  };
-  KVR_ASSIGN_OR_RETURN(std::string k, ConvertToModelDType(keys->data, descr(keys->dtype),
+  KVR_ASSIGN_OR_RETURN(std::string k, ConvertToModelDType(keys->data, NpyDescr(keys->dtype),
                                                           layers * per_layer, model.dtype()));
-  KVR_ASSIGN_OR_RETURN(std::string v, ConvertToModelDType(values->data, descr(values->dtype),
+  KVR_ASSIGN_OR_RETURN(std::string v, ConvertToModelDType(values->data, NpyDescr(values->dtype),
                                                           layers * per_layer, model.dtype()));
+  // The sequence layout: [layer][K|V][kv_head][token][d].
   SequenceData out;
   out.num_tokens = tokens_n;
   const size_t layer_bytes = static_cast<size_t>(per_layer) * client::DTypeBytes(model.dtype());
@@ -267,7 +295,7 @@ absl::StatusOr<SequenceData> ReadSafetensors(const std::string& path,
     out.kv.append(v, l * layer_bytes, layer_bytes);
   }
   if (tokens.has_value()) {
-    const Tensor& t = *tokens;
+    const SafeTensor& t = *tokens;
     if (t.shape.size() != 1 || t.shape[0] != tokens_n) {
       return absl::InvalidArgumentError(
           absl::StrCat(path, ": token_ids must be [", tokens_n, "], got ", ShapeText(t.shape)));
