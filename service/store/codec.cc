@@ -249,4 +249,33 @@ bool SameGeometry(const ModelGeometry& a, const ModelGeometry& b) {
          a.block_tokens == b.block_tokens;
 }
 
+namespace {
+constexpr uint8_t kSpanRecordVersion = 1;
+}  // namespace
+
+std::string EncodeColdRecord(const ColdRecord& r) {
+  std::string out;
+  PutU8(&out, kSpanRecordVersion);
+  EncodeSpanMeta(r.meta, &out);
+  PutU8(&out, static_cast<uint8_t>(r.compression));
+  PutU64(&out, static_cast<uint64_t>(r.stored_bytes));
+  PutU64(&out, r.stored_checksum);
+  PutU64(&out, r.seq);
+  return out;
+}
+
+bool DecodeColdRecord(absl::string_view in, bool with_token_ids, ColdRecord* r) {
+  ByteReader reader(in);
+  uint8_t version = 0, compression = 0;
+  if (!reader.ReadU8(&version) || version != kSpanRecordVersion ||
+      !DecodeSpanMeta(&reader, with_token_ids, &r->meta) || !reader.ReadU8(&compression) ||
+      !reader.ReadI64(&r->stored_bytes) || !reader.ReadU64(&r->stored_checksum) ||
+      !reader.ReadU64(&r->seq) || reader.remaining() != 0) {
+    return false;
+  }
+  if (compression > static_cast<uint8_t>(Compression::kZstd) || r->stored_bytes < 0) return false;
+  r->compression = static_cast<Compression>(compression);
+  return true;
+}
+
 }  // namespace kvrecall::store

@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/types.h"
+#include "service/store/compression.h"
 #include "service/store/span.h"
 
 namespace kvrecall::store {
@@ -77,5 +78,19 @@ absl::StatusOr<ModelGeometry> DecodeModel(absl::string_view bytes);
 absl::Status ValidateModel(const ModelGeometry& model);
 
 bool SameGeometry(const ModelGeometry& a, const ModelGeometry& b);
+
+// What the RocksDB catalog holds per cold span: version (u8 = 1) | span
+// meta (EncodeSpanMeta) | compression (u8) | stored_bytes (i64) |
+// stored_checksum (u64) | seq (u64).
+struct ColdRecord {
+  SpanMeta meta;
+  Compression compression = Compression::kNone;
+  int64_t stored_bytes = 0;
+  uint64_t stored_checksum = 0;  // XXH3-64 of the stored (compressed) bytes
+  uint64_t seq = 0;
+};
+std::string EncodeColdRecord(const ColdRecord& r);
+// False on truncated, overlong or inconsistent input.
+bool DecodeColdRecord(absl::string_view in, bool with_token_ids, ColdRecord* r);
 
 }  // namespace kvrecall::store

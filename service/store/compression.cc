@@ -3,7 +3,9 @@
 #include <lz4.h>
 #include <zstd.h>
 
+#include <algorithm>
 #include <limits>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 
@@ -51,6 +53,38 @@ Compression Compress(Compression c, absl::string_view raw, std::string* out) {
   return Compression::kNone;
 }
 
+namespace {
+
+// Streams one zstd frame into `*out`, which grows with the output (doubling,
+// from 1 MiB) rather than by `raw_size`: a damaged size allocates only what
+// really decompresses. True when the frame is whole, consumes `stored`
+// exactly and yields exactly `raw_size` bytes.
+bool DecompressZstd(absl::string_view stored, size_t raw_size, std::string* out) {
+  std::unique_ptr<ZSTD_DStream, size_t (*)(ZSTD_DStream*)> stream(ZSTD_createDStream(),
+                                                                  ZSTD_freeDStream);
+  if (stream == nullptr || ZSTD_isError(ZSTD_initDStream(stream.get()))) return false;
+  ZSTD_inBuffer in{stored.data(), stored.size(), 0};
+  size_t produced = 0;
+  out->clear();
+  while (true) {
+    // One byte past raw_size, so that an overlong frame shows.
+    const size_t room = std::min(std::max(produced, size_t{1} << 20), raw_size + 1 - produced);
+    out->resize(produced + room);
+    ZSTD_outBuffer o{out->data(), out->size(), produced};
+    const size_t r = ZSTD_decompressStream(stream.get(), &o, &in);
+    if (ZSTD_isError(r)) return false;
+    const bool progressed = o.pos > produced;
+    produced = o.pos;
+    if (produced > raw_size) return false;
+    if (r == 0) break;                                              // the frame is complete
+    if (!progressed && in.pos == in.size && o.pos < o.size) return false;  // truncated
+  }
+  out->resize(produced);
+  return produced == raw_size && in.pos == in.size;
+}
+
+}  // namespace
+
 absl::Status Decompress(Compression c, absl::string_view stored, int64_t raw_size,
                         std::string* out) {
   if (raw_size < 0 || raw_size > (int64_t{1} << 36)) {
@@ -62,8 +96,11 @@ absl::Status Decompress(Compression c, absl::string_view stored, int64_t raw_siz
       out->assign(stored.data(), stored.size());
       return absl::OkStatus();
     case Compression::kLz4: {
+      // LZ4 expands at most 255:1: a larger size is damage, refused before
+      // anything is allocated for it.
       if (raw_size > std::numeric_limits<int>::max() ||
-          stored.size() > static_cast<size_t>(std::numeric_limits<int>::max())) {
+          stored.size() > static_cast<size_t>(std::numeric_limits<int>::max()) ||
+          raw_size > static_cast<int64_t>(stored.size()) * 255 + 16) {
         break;
       }
       out->resize(static_cast<size_t>(raw_size));
@@ -72,12 +109,9 @@ absl::Status Decompress(Compression c, absl::string_view stored, int64_t raw_siz
       if (n == raw_size) return absl::OkStatus();
       break;
     }
-    case Compression::kZstd: {
-      out->resize(static_cast<size_t>(raw_size));
-      const size_t n = ZSTD_decompress(out->data(), out->size(), stored.data(), stored.size());
-      if (!ZSTD_isError(n) && static_cast<int64_t>(n) == raw_size) return absl::OkStatus();
+    case Compression::kZstd:
+      if (DecompressZstd(stored, static_cast<size_t>(raw_size), out)) return absl::OkStatus();
       break;
-    }
   }
   out->clear();
   return absl::DataLossError(absl::StrCat("stored payload does not decompress (",

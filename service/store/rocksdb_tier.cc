@@ -29,7 +29,6 @@ namespace {
 
 constexpr char kCatalogCf[] = "catalog";
 constexpr char kColdCf[] = "cold_spans";
-constexpr uint8_t kSpanRecordVersion = 1;
 
 rocksdb::Slice ToSlice(absl::string_view s) { return rocksdb::Slice(s.data(), s.size()); }
 
@@ -97,40 +96,6 @@ std::string GenericKey(absl::string_view space, absl::string_view key) {
   out.push_back('\0');
   out.append(key.data(), key.size());
   return out;
-}
-
-// What the catalog holds per cold span.
-struct ColdRecord {
-  SpanMeta meta;
-  Compression compression = Compression::kNone;
-  int64_t stored_bytes = 0;
-  uint64_t stored_checksum = 0;  // XXH3-64 of the stored (compressed) bytes
-  uint64_t seq = 0;
-};
-
-std::string EncodeColdRecord(const ColdRecord& r) {
-  std::string out;
-  PutU8(&out, kSpanRecordVersion);
-  EncodeSpanMeta(r.meta, &out);
-  PutU8(&out, static_cast<uint8_t>(r.compression));
-  PutU64(&out, static_cast<uint64_t>(r.stored_bytes));
-  PutU64(&out, r.stored_checksum);
-  PutU64(&out, r.seq);
-  return out;
-}
-
-bool DecodeColdRecord(absl::string_view in, bool with_token_ids, ColdRecord* r) {
-  ByteReader reader(in);
-  uint8_t version = 0, compression = 0;
-  if (!reader.ReadU8(&version) || version != kSpanRecordVersion ||
-      !DecodeSpanMeta(&reader, with_token_ids, &r->meta) || !reader.ReadU8(&compression) ||
-      !reader.ReadI64(&r->stored_bytes) || !reader.ReadU64(&r->stored_checksum) ||
-      !reader.ReadU64(&r->seq) || reader.remaining() != 0) {
-    return false;
-  }
-  if (compression > static_cast<uint8_t>(Compression::kZstd) || r->stored_bytes < 0) return false;
-  r->compression = static_cast<Compression>(compression);
-  return true;
 }
 
 std::string EncodeTombstone(MissReason reason, absl::Time when) {

@@ -10,6 +10,7 @@
 #include "service/store/codec.h"
 #include "service/store/compression.h"
 #include "service/store/store_test_util.h"
+#include "tests/testing/largest_allocation.h"
 #include "tests/testing/status_matchers.h"
 #include "tests/testing/test_data.h"
 
@@ -51,6 +52,30 @@ TEST(CompressionTest, RoundTripsAndRejectsGarbage) {
     EXPECT_THAT(Decompress(c, "abc", -1, &out), StatusIs(absl::StatusCode::kDataLoss));
   }
   EXPECT_THAT(ParseCompression("snappy"), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// Found by store_records_fuzz: a record claiming a large payload made
+// Decompress allocate (and zero) that size before decompressing a byte of it
+// (up to 64 GiB from a few stored bytes). Now LZ4 refuses a size beyond its
+// 255:1 ratio first, and zstd output grows only as it decompresses.
+TEST(CompressionTest, ADamagedSizeAllocatesOnlyWhatDecompresses) {
+  std::string raw(1 << 16, '\0');
+  for (size_t i = 0; i < raw.size(); ++i) raw[i] = static_cast<char>(i % 7);
+  for (Compression c : {Compression::kLz4, Compression::kZstd}) {
+    SCOPED_TRACE(CompressionName(c));
+    std::string stored;
+    ASSERT_EQ(Compress(c, raw, &stored), c);
+    for (int64_t claim : {int64_t{1} << 35, int64_t{1} << 30, static_cast<int64_t>(raw.size()) + 1,
+                          static_cast<int64_t>(raw.size()) - 1}) {
+      std::string out;
+      kvrecall::testing::LargestAllocation largest;
+      EXPECT_THAT(Decompress(c, stored, claim, &out), StatusIs(absl::StatusCode::kDataLoss));
+      EXPECT_LT(largest.bytes(), size_t{4} << 20) << "claimed " << claim;
+    }
+    std::string back;
+    KVR_ASSERT_OK(Decompress(c, stored, static_cast<int64_t>(raw.size()), &back));
+    EXPECT_EQ(back, raw);
+  }
 }
 
 TEST(CodecTest, ModelRoundTripAndValidation) {
