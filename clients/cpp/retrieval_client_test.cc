@@ -204,6 +204,29 @@ TEST_F(RetrievalClientTest, AttendByPositionsSelectKAndGatherKv) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layers [1, 3)")));
 }
 
+// A queries tensor whose shape multiplies past 2^63 (2^57 x 4 x 16 x 4
+// bytes: 0 modulo 2^64) must not pass the size check by wrapping: the server
+// multiplied the extents in int64 (undefined behaviour) and compared the
+// wrapped byte count with the empty data.
+TEST_F(RetrievalClientTest, AQueriesShapeWhoseSizeWrapsIsInvalidArgument) {
+  KVR_ASSERT_OK_AND_ASSIGN(auto opened, rc_->OpenContext(Model().model_id(), chain_));
+  auto stub = v1::Retrieval::NewStub(server_->InProcessChannel());
+  grpc::ClientContext context;
+  v1::AddQueriesResponse response;
+  auto writer = stub->AddQueries(&context, &response);
+  v1::AddQueriesRequest msg;
+  msg.set_context(opened.context());
+  msg.set_layer(0);
+  msg.mutable_queries()->set_dtype(v1::DTYPE_F32);
+  for (int64_t s : {int64_t{1} << 57, int64_t{kQHeads}, int64_t{kDim}}) {
+    msg.mutable_queries()->add_shape(s);
+  }
+  writer->Write(msg);
+  writer->WritesDone();
+  const grpc::Status status = writer->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+}
+
 TEST_F(RetrievalClientTest, QueriesAppendsAndArtifacts) {
   KVR_ASSERT_OK_AND_ASSIGN(auto opened, rc_->OpenContext(Model().model_id(), chain_));
   KVR_ASSERT_OK_AND_ASSIGN(Hash128 ctx, Hash128::FromBytes(opened.context()));

@@ -32,13 +32,27 @@ absl::StatusOr<std::vector<float>> TensorToFloats(const v1::Tensor& t, absl::str
     return absl::InvalidArgumentError(absl::StrCat(field, " must have ", want.size(),
                                                    " dimensions, has ", t.shape_size()));
   }
+  // Elements counted against what the data can hold as the extents are
+  // multiplied: a product that wrapped could match the bytes sent.
+  const int64_t fits = static_cast<int64_t>(t.data().size() / DTypeSize(dtype));
   int64_t n = 1;
+  bool too_big = false;
   for (int i = 0; i < t.shape_size(); ++i) {
     if (t.shape(i) < 0 || (want[i] >= 0 && t.shape(i) != want[i])) {
       return absl::InvalidArgumentError(absl::StrCat(field, ".shape[", i, "] is ", t.shape(i),
                                                      ", expected ", want[i]));
     }
-    n *= t.shape(i);
+    if (t.shape(i) == 0) {
+      n = 0;
+    } else if (!too_big && n > fits / t.shape(i)) {
+      too_big = true;
+    } else if (!too_big) {
+      n *= t.shape(i);
+    }
+  }
+  if (too_big && n != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".data is ", t.data().size(),
+                                                   " bytes, fewer than its shape needs"));
   }
   if (static_cast<int64_t>(t.data().size()) != n * static_cast<int64_t>(DTypeSize(dtype))) {
     return absl::InvalidArgumentError(absl::StrCat(field, ".data is ", t.data().size(),
@@ -205,7 +219,8 @@ grpc::Status RetrievalRpcService::AppendTokens(grpc::ServerContext* context,
                                                        m.model_id, " stores ", DTypeName(m.dtype)));
       }
       if (t->shape_size() != 4 || t->shape(0) != layers || t->shape(1) != m.num_kv_heads ||
-          t->shape(3) != m.head_dim || t->shape(2) <= 0) {
+          t->shape(3) != m.head_dim || t->shape(2) <= 0 ||
+          t->shape(2) > std::numeric_limits<int32_t>::max()) {
         return absl::InvalidArgumentError(absl::StrCat(name, " must be [", layers, ", ",
                                                        m.num_kv_heads, ", num_tokens, ",
                                                        m.head_dim, "]"));
