@@ -14,7 +14,7 @@ BUILD_DIR=${BUILD_DIR:-build-fuzz}
 JOBS=${JOBS:-$(nproc)}
 TARGETS=("$@")
 if ((${#TARGETS[@]} == 0)); then
-  TARGETS=(npy_fuzz tenants_fuzz store_records_fuzz put_stream_fuzz index_load_fuzz)
+  TARGETS=(npy_fuzz tenants_fuzz store_records_fuzz put_stream_fuzz request_fuzz index_load_fuzz)
 fi
 command -v clang++-16 >/dev/null || { echo "fuzz.sh: apt-get install clang-16 libfuzzer-16-dev" >&2; exit 1; }
 # FAISS's headers include <omp.h>: clang-16 finds it only with libomp-16-dev
