@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <utility>
 
+#include <grpcpp/create_channel.h>
+#include <grpcpp/support/channel_arguments.h>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "service/cluster/placement.h"
@@ -35,9 +38,22 @@ absl::StatusOr<ClusterClient::Node*> ClusterClient::NodeAt(const std::string& ad
   ClientOptions o = options_.node;
   o.target = address;
   if (absl::Status st = RpcPolicy::Validate(o); !st.ok()) return st;
+  // Reconnect within a second to a node that was down (gRPC's default
+  // backoff grows to 2 minutes: a restarted owner would be skipped that long).
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(static_cast<int>(o.max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(o.max_message_bytes));
+  args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  if (o.http2_max_frame_bytes > 0) {
+    args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, static_cast<int>(o.http2_max_frame_bytes));
+  }
+  if (!o.tls_server_name.empty()) args.SetSslTargetNameOverride(o.tls_server_name);
+  o.channel = grpc::CreateCustomChannel(address, ChannelCredentialsFor(o), args);
   auto node = std::make_unique<Node>();
   node->policy = std::make_unique<RpcPolicy>(o);
-  o.channel = node->policy->channel();
   absl::StatusOr<std::unique_ptr<KvStoreClient>> client = KvStoreClient::Create(o);
   if (!client.ok()) return client.status();
   node->client = std::move(*client);

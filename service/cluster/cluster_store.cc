@@ -101,6 +101,7 @@ void ClusterStore::OnViewChange(const MembershipViewPtr& view) {
   absl::MutexLock lock(&views_mu_);
   if (last_view_ != nullptr && last_view_->live_ids != view->live_ids) {
     previous_views_.push_front(last_view_);
+    last_change_ = absl::Now();
     while (previous_views_.size() > static_cast<size_t>(std::max(0, options_.recent_views))) {
       previous_views_.pop_back();
     }
@@ -157,8 +158,14 @@ std::vector<store::ModelGeometry> ClusterStore::ListModels() const { return loca
 
 // ---------------------------------------------------------------- placement helpers
 
+bool ClusterStore::RecentlyChanged() const {
+  absl::MutexLock lock(&views_mu_);
+  return absl::Now() - last_change_ < options_.widen_reads_after_change;
+}
+
 std::vector<ClusterStore::Candidate> ClusterStore::ReadCandidates(const MembershipView& view,
-                                                                  const Hash128& key) const {
+                                                                  const Hash128& key,
+                                                                  bool widen) const {
   std::vector<Candidate> out;
   auto add = [&](const MembershipView& v, const std::string& id) {
     if (IsSelf(id)) return;
@@ -173,6 +180,9 @@ std::vector<ClusterStore::Candidate> ClusterStore::ReadCandidates(const Membersh
   absl::MutexLock lock(&views_mu_);
   for (const MembershipViewPtr& old : previous_views_) {
     for (const std::string& id : old->Owners(key)) add(*old, id);
+  }
+  if (widen) {
+    for (const std::string& id : view.Order(key)) add(view, id);
   }
   return out;
 }
@@ -231,7 +241,7 @@ absl::Status ClusterStore::CheckParent(const store::StoredSpan& span,
   std::vector<store::MissReason> reasons;
   if (!here.missing.empty()) reasons.push_back(here.missing.front());
   bool unanswered = false;
-  for (const Candidate& c : ReadCandidates(view, parent)) {
+  for (const Candidate& c : ReadCandidates(view, parent, RecentlyChanged())) {
     absl::StatusOr<std::vector<PeerProbe>> probe =
         peers_->ProbeSpans(c.address, span.key.tenant, model.model_id, {parent});
     if (!probe.ok()) {
@@ -300,7 +310,23 @@ absl::StatusOr<store::PutOutcome> ClusterStore::Put(store::StoredSpan span,
   absl::Status last_error;
   while (copies < want && next < order.size()) {
     const std::string& node = order[next++];
-    if (IsSelf(node)) continue;
+    if (IsSelf(node)) {
+      if (self_owner) continue;  // stored above
+      // An owner failed and this node is next in placement order: it keeps
+      // a copy in the owner's place (the sweep hands it over later).
+      store::PutOptions local_options = options;
+      local_options.parent_checked = true;
+      absl::StatusOr<store::PutOutcome> here = local_->Put(span, local_options);
+      if (!here.ok()) {
+        if (!IsNodeFailure(here.status())) return here.status();
+        last_error = here.status();
+        continue;
+      }
+      ++copies;
+      outcome.already_present = outcome.already_present && here->already_present;
+      if (copies == 1) outcome.durable_tier = here->durable_tier;
+      continue;
+    }
     const v1::NodeInfo* info = view->Find(node);
     if (info == nullptr) continue;
     ++tried_owners;
@@ -348,12 +374,23 @@ store::GetResult ClusterStore::Get(const store::SpanKey& key, absl::string_view 
   const MembershipViewPtr view = membership_->view();
   std::vector<store::MissReason> reasons = {here.miss};
   std::vector<std::string> unreachable;
-  for (const Candidate& c : ReadCandidates(*view, key.hash)) {
+  std::vector<Candidate> candidates = ReadCandidates(*view, key.hash, RecentlyChanged());
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    const Candidate c = candidates[i];
     absl::StatusOr<std::vector<store::GetResult>> got =
         peers_->FetchSpans(c.address, key.tenant, model_id, {key.hash});
     if (!got.ok()) {
       counters_.failed_peer_calls->Increment();
       unreachable.push_back(c.node_id);
+      // A holder is down: a copy may have been put on a node outside the
+      // owners in its place; ask every live node.
+      if (unreachable.size() == 1) {
+        for (const Candidate& more : ReadCandidates(*view, key.hash, /*widen=*/true)) {
+          bool listed = false;
+          for (const Candidate& have : candidates) listed = listed || have.node_id == more.node_id;
+          if (!listed) candidates.push_back(more);
+        }
+      }
       continue;
     }
     store::GetResult& r = (*got)[0];
@@ -385,9 +422,10 @@ store::LookupResult ClusterStore::Lookup(absl::string_view tenant, absl::string_
     }
   }
   const MembershipViewPtr view = membership_->view();
+  const bool widen = RecentlyChanged();
   std::vector<std::vector<Candidate>> candidates(n);
   for (size_t i = 0; i < n; ++i) {
-    if (!found[i]) candidates[i] = ReadCandidates(*view, chain[i]);
+    if (!found[i]) candidates[i] = ReadCandidates(*view, chain[i], widen);
   }
   // Round k asks each still-missing span's k-th candidate, one call per node.
   for (size_t round = 0;; ++round) {
@@ -495,7 +533,9 @@ absl::Status ClusterStore::Pin(const store::SpanKey& key, absl::Duration ttl) {
   absl::Status here = local_->Pin(key, ttl);
   if (here.code() != absl::StatusCode::kNotFound) return here;
   const MembershipViewPtr view = membership_->view();
-  for (const Candidate& c : ReadCandidates(*view, key.hash)) {
+  // Every live node: pins are rare, and during churn the span may sit on a
+  // node outside its owners.
+  for (const Candidate& c : ReadCandidates(*view, key.hash, /*widen=*/true)) {
     absl::StatusOr<std::vector<absl::Status>> r =
         peers_->SpanOp(c.address, key.tenant, v1::SPAN_OP_PIN, {key.hash}, ttl);
     if (!r.ok()) {
@@ -511,7 +551,9 @@ absl::Status ClusterStore::Unpin(const store::SpanKey& key) {
   absl::Status here = local_->Unpin(key);
   if (here.code() != absl::StatusCode::kNotFound) return here;
   const MembershipViewPtr view = membership_->view();
-  for (const Candidate& c : ReadCandidates(*view, key.hash)) {
+  // Every live node: pins are rare, and during churn the span may sit on a
+  // node outside its owners.
+  for (const Candidate& c : ReadCandidates(*view, key.hash, /*widen=*/true)) {
     absl::StatusOr<std::vector<absl::Status>> r =
         peers_->SpanOp(c.address, key.tenant, v1::SPAN_OP_UNPIN, {key.hash});
     if (!r.ok()) {

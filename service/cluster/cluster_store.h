@@ -40,6 +40,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "common/metrics.h"
 #include "common/thread_pool.h"
 #include "service/cluster/membership.h"
@@ -60,6 +61,10 @@ struct ClusterStoreOptions {
   int64_t recent_puts = 65536;
   // Earlier memberships whose owners reads also ask (during rebalancing).
   int32_t recent_views = 4;
+  // After a change of the live nodes, reads that miss on a span's owners
+  // ask every live node for this long (the background sweep has handed
+  // every copy to its owners by then). Default 60 s.
+  absl::Duration widen_reads_after_change = absl::Seconds(60);
   // Threads for parallel probes and catalog fan-out. Default 4.
   int32_t fanout_threads = 4;
 };
@@ -122,9 +127,15 @@ class ClusterStore final : public store::TieredStore {
     std::string address;
   };
   // The nodes to ask for `key`, best first: the live owners, then owners
-  // under recent memberships; this node excluded.
-  std::vector<Candidate> ReadCandidates(const MembershipView& view, const Hash128& key) const
-      ABSL_LOCKS_EXCLUDED(views_mu_);
+  // under recent memberships, then (`widen`) every other live node; this
+  // node excluded.
+  std::vector<Candidate> ReadCandidates(const MembershipView& view, const Hash128& key,
+                                        bool widen = false) const ABSL_LOCKS_EXCLUDED(views_mu_);
+  // Whether the live nodes changed (or this node started) within
+  // options_.widen_reads_after_change: copies may still sit on nodes that
+  // are not owners (put while an owner was down, not handed over yet), so
+  // reads that miss on the owners ask every live node.
+  bool RecentlyChanged() const ABSL_LOCKS_EXCLUDED(views_mu_);
   // Whether a node placed to hold `key` (had every known node been live) is
   // down or did not answer.
   static bool OwnerDown(const MembershipView& view, const Hash128& key,
@@ -156,6 +167,7 @@ class ClusterStore final : public store::TieredStore {
   mutable absl::Mutex views_mu_;
   std::deque<MembershipViewPtr> previous_views_ ABSL_GUARDED_BY(views_mu_);
   MembershipViewPtr last_view_ ABSL_GUARDED_BY(views_mu_);
+  absl::Time last_change_ ABSL_GUARDED_BY(views_mu_) = absl::Now();
 
   std::unique_ptr<ThreadPool> fanout_;
 };

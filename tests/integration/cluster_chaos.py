@@ -122,6 +122,14 @@ def main():
     stats = dict(acked_spans=0, put_errors=0, gets=0, get_errors=0, get_misses=0, attends=0,
                  attend_errors=0, rounds=0, lost=0, wrong_bytes=0)
     lock = threading.Lock()
+    errors_seen = {}  # kind -> {message prefix: count}
+
+    def note(kind, e):
+        msg = f"{type(e).__name__}: {str(e)[:90]}"
+        with lock:
+            errors_seen.setdefault(kind, {}).setdefault(msg, 0)
+            errors_seen[kind][msg] += 1
+
     acked = []  # (hash, array) of acknowledged durable spans
     stop = threading.Event()
     try:
@@ -139,7 +147,8 @@ def main():
                 chain = make_chain(rng, 4)
                 try:
                     c.put_spans(MODEL, chain)
-                except Exception:  # noqa: BLE001 - a failed put is not acknowledged
+                except Exception as e:  # noqa: BLE001 - a failed put is not acknowledged
+                    note("put", e)
                     with lock:
                         stats["put_errors"] += 1
                     continue
@@ -157,13 +166,18 @@ def main():
                     continue
                 try:
                     got = c.get_spans(MODEL, [h for h, _ in sample])
-                except Exception:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001
+                    note("get", e)
                     with lock:
                         stats["get_errors"] += 1
                     continue
                 with lock:
                     stats["gets"] += len(sample)
                     stats["get_misses"] += sum(not f.found for f in got)
+                    for f in got:
+                        if not f.found:
+                            errors_seen.setdefault("miss", {}).setdefault(f.miss_reason, 0)
+                            errors_seen["miss"][f.miss_reason] += 1
 
         def attender():
             rng = np.random.default_rng(a.seed + 11)
@@ -177,13 +191,14 @@ def main():
                     start = (int(rng.integers(0, n // 4)) * 4)
                     chain = [h for h, _ in acked[start:start + 4]]
                 try:
-                    node = c.node(c._addresses(chain[-1])[0])
-                    ctx = node.open_context(MODEL, chain)
                     q = rng.standard_normal((4, HEAD_DIM)).astype(np.float32)
-                    node.attend(ctx.context, 0, q, kind="all")
+                    # To the context's owner, the next node when it is down.
+                    c._on_owner(chain[-1], lambda n: n.attend(
+                        n.open_context(MODEL, chain).context, 0, q, kind="all"))
                     with lock:
                         stats["attends"] += 1
-                except Exception:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001
+                    note("attend", e)
                     with lock:
                         stats["attend_errors"] += 1
                     time.sleep(0.1)
@@ -238,6 +253,9 @@ def main():
         etcd.kill()
         etcd.wait()
         shutil.rmtree(root, ignore_errors=True)
+    for kind, seen in errors_seen.items():
+        for msg, n in sorted(seen.items(), key=lambda x: -x[1])[:4]:
+            print(f"{kind} x{n}: {msg}", file=sys.stderr)
     if a.json:
         print(json.dumps(stats))
     else:

@@ -359,5 +359,27 @@ TEST_F(ClusterIntegrationTest, EtcdRestartDuringTrafficLosesNothing) {
   ASSERT_TRUE(WaitFor([&] { return LiveNodes() == 3; }, absl::Seconds(10)));
 }
 
+TEST_F(ClusterIntegrationTest, SpansPutWhileAnOwnerWasDownSurviveTheNextKill) {
+  StartCluster(3);
+  // n2 down (its lease still live): puts go to the next nodes in placement order.
+  KVR_ASSERT_OK(nodes_[1]->Kill());
+  const auto spans = Chain(24, 404);
+  Put(spans);
+  // n2 comes back; at once n1 dies: n3 holds every span, and reads that
+  // land on n2 (which owns some of them but got no copy yet, and has no
+  // earlier membership to go by) find them there.
+  KVR_ASSERT_OK(nodes_[1]->Start());
+  ASSERT_TRUE(WaitFor([&] { return LiveNodes() == 3; }, absl::Seconds(10)));
+  KVR_ASSERT_OK(nodes_[0]->Kill());
+  EXPECT_EQ(CountReadable(spans), 24);
+  client::ClientOptions o;
+  o.target = nodes_[1]->address();
+  KVR_ASSERT_OK_AND_ASSIGN(auto n2, client::KvStoreClient::Create(o));
+  KVR_ASSERT_OK_AND_ASSIGN(auto got, n2->GetSpans(kModel, Hashes(spans)));
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_TRUE(got[i].found) << "span " << i << ": " << client::MissReasonName(got[i].miss_reason);
+  }
+}
+
 }  // namespace
 }  // namespace kvrecall

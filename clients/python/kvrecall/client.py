@@ -136,7 +136,7 @@ class Client(RetrievalMixin):
                  chunk_bytes: int = 1 << 20, max_message_bytes: int = 16 << 20,
                  tls: bool = False, tls_ca: Optional[str] = None,
                  tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
-                 tls_server_name: Optional[str] = None):
+                 tls_server_name: Optional[str] = None, channel_options: Sequence = ()):
         if deadline_s <= 0 or max_attempts < 1 or not 0 <= jitter < 1:
             raise ValueError("need deadline_s > 0, max_attempts >= 1, 0 <= jitter < 1")
         if not 4096 <= chunk_bytes <= max_message_bytes - (64 << 10):
@@ -145,6 +145,7 @@ class Client(RetrievalMixin):
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.enable_retries", 0),
+            *channel_options,  # e.g. kvrecall.cluster's reconnect backoff
         ]
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key go together")

@@ -61,6 +61,11 @@ class ClusterClient:
         self._seeds = list(seeds)
         self._args = dict(client_args)
         self._args.setdefault("max_attempts", 1)
+        # Reconnect within a second to a node that was down (gRPC's default
+        # backoff grows to 2 minutes: a restarted owner would be skipped).
+        self._args.setdefault("channel_options", (("grpc.initial_reconnect_backoff_ms", 100),
+                                                  ("grpc.min_reconnect_backoff_ms", 100),
+                                                  ("grpc.max_reconnect_backoff_ms", 1000)))
         self._refresh_interval_s = refresh_interval_s
         self._lock = threading.Lock()
         self._clients: Dict[str, object] = {}
