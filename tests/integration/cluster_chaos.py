@@ -63,14 +63,15 @@ def start_etcd(root):
 
 
 class Node:
-    def __init__(self, root, i, etcd_port, lease_ttl_s):
+    def __init__(self, root, i, etcd_port, lease_ttl_s, replication_factor=2):
         self.id, self.port = f"n{i}", free_port()
         self.dir = root / self.id
         self.dir.mkdir()
         self.args = [str(KVRECALLD), f"--listen=127.0.0.1:{self.port}",
                      f"--port_file={self.dir / 'port'}", f"--data_dir={self.dir / 'data'}",
                      f"--etcd_endpoints=127.0.0.1:{etcd_port}", f"--node_id={self.id}",
-                     "--replication_factor=2", f"--lease_ttl_s={lease_ttl_s}",
+                     f"--replication_factor={replication_factor}",
+                     f"--lease_ttl_s={lease_ttl_s}",
                      "--replication_interval_s=2", "--memory_capacity_bytes=128MiB"]
         self.proc = None
         self.start()
