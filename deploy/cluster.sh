@@ -39,6 +39,7 @@ stop() {
   # Nodes first (they leave the membership), etcd last.
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; done
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do wait "${pids[$i]}" 2>/dev/null || true; done
+  exit 0
 }
 trap stop INT TERM EXIT
 
