@@ -41,16 +41,13 @@ DecodeWorkspace PlanWorkspace(int64_t rows, int64_t lists, int32_t tokens, int32
                               const KernelFit& fit, DecodeMerge merge) {
   const int64_t wave_blocks = fit.wave_blocks;
   DecodeWorkspace w;
-  if (merge != DecodeMerge::kKernel) {
-    const bool auto_choice = merge == DecodeMerge::kAuto;
-    if (!auto_choice || num_splits <= fit.max_cluster) {
-      const DecodeSplit c =
-          kernels::PlanClusterSplit(lists, tokens, num_splits, wave_blocks, auto_choice, fit.max_cluster);
-      if (c.num_chunks > 0) {
-        w.split = c;
-        w.cluster_merge = true;
-        return w;
-      }
+  if (merge == DecodeMerge::kCluster) {  // kAuto merges with the kernel (kernel_args.h)
+    const DecodeSplit c = kernels::PlanClusterSplit(lists, tokens, num_splits, wave_blocks,
+                                                    /*auto_choice=*/false, fit.max_cluster);
+    if (c.num_chunks > 0) {
+      w.split = c;
+      w.cluster_merge = true;
+      return w;
     }
   }
   w.split = kernels::PlanDecodeSplit(lists, tokens, num_splits, wave_blocks);

@@ -73,8 +73,8 @@ inline void SetHndStrides(PagedKvCache* kv) {
 // How the decode-attention kernels compute q·k and p·v. Every choice gives
 // the same result to f32 rounding; they differ in speed.
 enum class DecodeMath : int32_t {
-  // kMma when 5..8 query heads share a list (GQA groups 5-8), or when a
-  // split list merges in a cluster with it (small grids); else kFma.
+  // kMma when 5..8 query heads share a list (GQA groups 5-8), else kFma
+  // (measured on the H100: docs/gpu.md).
   kAuto = 0,
   // CUDA cores: each K/V row is read by head_dim / 8 lanes, partial dots
   // reduced by warp shuffles, one online softmax per row-lane group.
@@ -89,8 +89,9 @@ enum class DecodeMath : int32_t {
 // How the partial states of a list split over several thread blocks are
 // merged. Every choice gives the same result to f32 rounding.
 enum class DecodeMerge : int32_t {
-  // kCluster when the whole grid fits one wave of resident blocks and each
-  // list needs at most 8 chunks of at most 256 tokens (small batches), else kKernel.
+  // kKernel: on the H100 the cluster merge was never faster than the merge
+  // kernel in the benchmark rows that favour it (batch 1: equal at 1-2K
+  // positions per list, 10-40% slower above; docs/gpu.md), so it is opt-in.
   kAuto = 0,
   // Chunks sized to whole waves (PlanDecodeSplit), partial states in the
   // workspace, then MergeStates (a second kernel).
